@@ -1,0 +1,119 @@
+"""The ``smn`` command line: run experiments on Ray and rebuild tables from the ledger.
+
+    smn run SPEC.yaml [--results DIR] [--address ADDR] [--dry-run] [key=value ...]
+    smn table DIR [--experiment NAME] [--format markdown|latex|csv] [--metrics a,b]
+    smn validate SPEC.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG = """\
+examples:
+  smn run experiments/demo.yaml                     # the embedded default, local Ray
+  smn run experiments/demo.yaml train.epochs=2      # override any spec key
+  smn run experiments/demo.yaml --results /nfs/smn  # ledger on shared storage (or s3://bucket/prefix)
+  smn table results                                 # rebuild the tables from the ledger only
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``smn`` (every subcommand documented in ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog="smn", description="Self-Masking Networks: learn binary masks over frozen pretrained backbones, "
+        "orchestrated on Ray, with every result in a Parquet ledger.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run every cell of a spec that the ledger does not hold yet",
+                         description="Validate SPEC, start (or join) Ray, run the missing cells, print the table. "
+                         "Running the same command again resumes: finished cells are skipped, interrupted ones "
+                         "continue from their last epoch checkpoint.")
+    run.add_argument("spec", help="experiment spec (YAML), e.g. experiments/demo.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="override spec keys with dotted paths, e.g. train.epochs=3 seeds=[0,1]")
+    run.add_argument("--results", default="results",
+                     help="results folder or URI holding the ledger (default: ./results)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster to join (default: $RAY_ADDRESS, else start a local Ray on 127.0.0.1)")
+    run.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
+    run.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
+                     help="format of the table printed at the end")
+
+    val = sub.add_parser("validate", help="validate a spec and list its cells (writes nothing)",
+                         description="Validate SPEC (with overrides) and list its cells with their ids.")
+    val.add_argument("spec")
+    val.add_argument("overrides", nargs="*", metavar="key=value")
+
+    tab = sub.add_parser("table", help="rebuild the results table from the ledger alone",
+                         description="Aggregate the Parquet ledger under DIR into a table (mean ± std over seeds).")
+    tab.add_argument("results", metavar="DIR", help="results folder or URI")
+    tab.add_argument("--experiment", default=None, help="only this experiment (default: all)")
+    tab.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"))
+    tab.add_argument("--metrics", default=None,
+                     help="comma-separated metrics (default: knn_top1,linear_probe_top1,density,code_entropy,wall_s)")
+    return p
+
+
+def _table(results: str, experiment: str | None, fmt: str, metrics: str | None) -> str:
+    from . import ledger, tables
+
+    df = ledger.read_ledger(results, experiment)
+    chosen = tuple(metrics.split(",")) if metrics else tables.DEFAULT_METRICS
+    return tables.render(tables.results_table(df, chosen), fmt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``smn``; returns the process exit code (0 ok, 1 failed cells, 2 bad input)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (smn run spec --results d a=b): argparse leaves those in `extra`
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command == "table"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    from .spec import SpecError, expand_cells, load_spec
+
+    if args.command in ("run", "validate"):
+        try:
+            spec = load_spec(args.spec, args.overrides)
+        except SpecError as exc:
+            print(f"smn: {exc}", file=sys.stderr)
+            return 2
+        cells = expand_cells(spec)
+        if args.command == "validate" or args.dry_run:
+            print(f"spec {spec.name}: valid, {len(cells)} cells")
+            for c in cells:
+                print(f"  {c.cell_id}  {c.label}")
+            return 0
+        from .runner import run_experiment
+
+        t0 = time.time()
+        try:
+            summary = run_experiment(spec, args.results, address=args.address)
+        except (ValueError, RuntimeError) as exc:
+            print(f"smn: {exc}", file=sys.stderr)
+            return 2
+        print()
+        print(_table(args.results, spec.name, args.format, None))
+        print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
+              f"{len(summary['failed'])} failed; {time.time() - t0:.0f}s")
+        for cid, err in summary["failed"].items():
+            print(f"  failed {cid}: {err}", file=sys.stderr)
+        return 1 if summary["failed"] else 0
+    try:
+        print(_table(args.results, args.experiment, args.format, args.metrics))
+    except ValueError as exc:
+        print(f"smn: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

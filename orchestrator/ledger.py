@@ -1,0 +1,158 @@
+"""The Parquet ledger: one file per finished cell, one row per (cell, metric) (DESIGN.md).
+
+Layout: ``<results>/<experiment>/ledger/<cell_id>.parquet``. Each file is written to a temporary
+name and renamed, so readers (which glob the folder) never see a partial cell. ``results`` is a
+local path or any URI that ``pyarrow.fs`` understands (``s3://...``; NFS is a local path).
+
+A file that cannot be read (truncated, corrupted) is moved aside to ``<experiment>/quarantine/``
+with a warning and its cell counts as not done, so it runs again; no other file is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import smn_core
+
+__all__ = ["LEDGER_SCHEMA", "resolve", "write_cell", "read_ledger", "completed_cells", "experiment_dir",
+           "list_experiments"]
+
+LEDGER_SCHEMA = pa.schema([
+    ("cell_id", pa.string()),
+    ("experiment", pa.string()),
+    ("method", pa.string()),
+    ("backbone", pa.string()),
+    ("dataset", pa.string()),
+    ("seed", pa.int64()),
+    ("grid_json", pa.string()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("config_json", pa.string()),
+    ("started_at", pa.timestamp("ms", tz="UTC")),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ("host", pa.string()),
+    ("smn_version", pa.string()),
+])
+
+
+def resolve(results: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path or a pyarrow URI (``s3://bucket/prefix``, ``file:///...``).
+
+    Raises:
+        ValueError: if the URI's filesystem is not supported by pyarrow.
+    """
+    if "://" in str(results):
+        try:
+            return pafs.FileSystem.from_uri(str(results))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"results location {results!r} is not supported: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.fspath(results))
+
+
+def experiment_dir(results: str, experiment: str) -> str:
+    """Path (inside the results filesystem) of an experiment's folder."""
+    return f"{resolve(results)[1].rstrip('/')}/{experiment}"
+
+
+def write_cell(results: str, experiment: str, *, cell_id: str, method: str, backbone: str, dataset: str, seed: int,
+               grid: dict[str, Any], config: dict[str, Any], metrics: dict[str, float],
+               started_at: float, finished_at: float) -> str:
+    """Write one cell's rows atomically; returns the file's path.
+
+    Args:
+        metrics: ``{metric name: value}``; every value must be a finite-or-nan float.
+        started_at, finished_at: UNIX times in seconds.
+
+    Raises:
+        ValueError: if ``metrics`` is empty.
+    """
+    if not metrics:
+        raise ValueError(f"cell {cell_id} has no metrics to write")
+    fs, root = resolve(results)
+    folder = f"{root.rstrip('/')}/{experiment}/ledger"
+    fs.create_dir(folder, recursive=True)
+    n = len(metrics)
+    ms = lambda t: pd.Timestamp(t, unit="s", tz="UTC")  # noqa: E731
+    table = pa.table({
+        "cell_id": [cell_id] * n, "experiment": [experiment] * n, "method": [method] * n,
+        "backbone": [backbone] * n, "dataset": [dataset] * n, "seed": [int(seed)] * n,
+        "grid_json": [json.dumps(grid, sort_keys=True, default=str)] * n,
+        "metric": list(metrics), "value": [float(v) for v in metrics.values()],
+        "config_json": [json.dumps(config, sort_keys=True, default=str)] * n,
+        "started_at": [ms(started_at)] * n, "finished_at": [ms(finished_at)] * n,
+        "host": [socket.gethostname()] * n, "smn_version": [smn_core.__version__] * n,
+    }, schema=LEDGER_SCHEMA)
+    final = f"{folder}/{cell_id}.parquet"
+    tmp = f"{folder}/.{cell_id}.{uuid.uuid4().hex}.tmp"
+    with fs.open_output_stream(tmp) as out:
+        pq.write_table(table, out)
+    fs.move(tmp, final)
+    return final
+
+
+def _quarantine(fs: pafs.FileSystem, exp_folder: str, path: str, exc: Exception) -> None:
+    qdir = f"{exp_folder}/quarantine"
+    fs.create_dir(qdir, recursive=True)
+    dest = f"{qdir}/{os.path.basename(path)}.{int(time.time())}"
+    fs.move(path, dest)
+    warnings.warn(f"ledger file {path} is unreadable ({exc}); moved to {dest}; its cell will run again",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _read_experiment(fs: pafs.FileSystem, exp_folder: str) -> list[pa.Table]:
+    folder = f"{exp_folder}/ledger"
+    info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    tables = []
+    for fi in sorted(info, key=lambda f: f.path):
+        name = os.path.basename(fi.path)
+        if fi.type != pafs.FileType.File or not name.endswith(".parquet") or name.startswith("."):
+            continue
+        try:
+            t = pq.read_table(fi.path, filesystem=fs)
+            if not t.schema.equals(LEDGER_SCHEMA, check_metadata=False) or t.num_rows == 0:
+                raise ValueError("schema differs from the ledger schema or no rows")
+            if set(t.column("cell_id").to_pylist()) != {name[: -len(".parquet")]}:
+                raise ValueError("cell_id column does not match the file name")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is set aside
+            _quarantine(fs, exp_folder, fi.path, exc)
+            continue
+        tables.append(t)
+    return tables
+
+
+def list_experiments(results: str) -> list[str]:
+    """Names of the experiments that have a ledger folder under ``results``."""
+    fs, root = resolve(results)
+    info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(os.path.basename(f.path) for f in info
+                  if f.type == pafs.FileType.Directory
+                  and fs.get_file_info(f"{f.path}/ledger").type == pafs.FileType.Directory)
+
+
+def read_ledger(results: str, experiment: str | None = None) -> pd.DataFrame:
+    """All rows of one experiment (or of every experiment under ``results``) as a DataFrame."""
+    fs, root = resolve(results)
+    names = [experiment] if experiment else list_experiments(results)
+    tables = []
+    for name in names:
+        tables += _read_experiment(fs, f"{root.rstrip('/')}/{name}")
+    if not tables:
+        return LEDGER_SCHEMA.empty_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def completed_cells(results: str, experiment: str) -> set[str]:
+    """Ids of the cells whose rows are in the ledger (unreadable files are quarantined, not counted)."""
+    df = read_ledger(results, experiment)
+    return set(df["cell_id"].unique())

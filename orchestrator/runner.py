@@ -1,0 +1,275 @@
+"""Run an experiment's cells on Ray.
+
+* ``resources.workers == 1``: each cell is one Ray task (the cheapest correct path: no Ray Train
+  controller, whose fixed start-up is tens of seconds on a small machine). The task checkpoints
+  every epoch to ``<results>/<experiment>/checkpoints/<cell_id>/`` and resumes from it when it is
+  retried or the experiment is started again.
+* ``resources.workers > 1``: a Ray Train ``TorchTrainer`` runs DDP across the workers (gloo on CPU,
+  NCCL on GPU) and resumes from its last reported checkpoint after a worker failure
+  (``FailureConfig(max_failures=resources.max_retries)``). Rank 0 evaluates and writes the ledger.
+* Cells whose backbone uses ``weights: pipeline`` first need the pretraining artifact
+  ``<results>/<experiment>/artifacts/pretrain-<hash>.safetensors``; it is built once, as a Ray task.
+
+Every finished cell writes its own ledger file from the worker, so results survive a killed driver;
+running the same command again runs only the missing cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from pydantic import TypeAdapter
+
+from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
+from smn_core.pipeline import CellConfig, run_cell
+
+from . import ledger
+from .spec import Cell, ExperimentSpec, expand_cells
+
+__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "RunSummary"]
+
+_CELL = TypeAdapter(CellConfig)
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), or start a local one.
+
+    A local Ray listens on 127.0.0.1 only, without a dashboard. ``RAY_AUTH_MODE`` is set
+    explicitly (``disabled`` for this loopback-only local instance unless the caller set it),
+    because Ray 2.59+ silently turns token authentication on once a token file exists.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    # workers must import this checkout's packages even when it is not pip-installed
+    root = str(Path(__file__).resolve().parents[1])
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+                        "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                 log_to_driver=True, _node_ip_address="127.0.0.1")
+
+
+def _artifact_key(cell: CellConfig) -> str:
+    payload = {"arch": cell.backbone.arch, "pretrain": asdict(cell.pretrain), "seed": 0}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pretrain_artifact_path(results: str, experiment: str, cell: CellConfig) -> Path:
+    """Where the pipeline's pretrained backbone for ``cell`` lives (local results folders only)."""
+    return Path(ledger.experiment_dir(results, experiment)) / "artifacts" / f"pretrain-{_artifact_key(cell)}.safetensors"
+
+
+def _log(prefix: str) -> Callable[[str], None]:
+    def emit(line: str) -> None:
+        print(f"[{prefix}] {line}", flush=True)
+    return emit
+
+
+@ray.remote
+def _pretrain_task(cell_dict: dict, out_path: str) -> dict[str, float]:
+    from smn_core.pipeline import pretrain_backbone
+
+    cell = _CELL.validate_python(cell_dict)
+    state, metrics = pretrain_backbone(cell.backbone, cell.pretrain, progress=_log("pretrain"))
+    save_tensors(out_path, state, metadata={k: str(v) for k, v in metrics.items()})
+    return metrics
+
+
+def _cell_paths(results: str, experiment: str, cell_id: str) -> tuple[Path, Path]:
+    exp = Path(ledger.experiment_dir(results, experiment))
+    return exp / "checkpoints" / cell_id, exp / "masks" / f"{cell_id}.safetensors"
+
+
+def _finish(results: str, experiment: str, cell_id: str, cfg: CellConfig, grid: dict, outcome, started: float) -> dict:
+    ckpt_dir, mask_path = _cell_paths(results, experiment, cell_id)
+    if outcome.masks is not None:
+        save_tensors(mask_path, outcome.masks, metadata={"cell_id": cell_id, "arch": cfg.backbone.arch})
+    metrics = dict(outcome.metrics)
+    metrics["wall_s"] = time.time() - started
+    ledger.write_cell(results, experiment, cell_id=cell_id, method=cfg.method, backbone=cfg.backbone.arch,
+                      dataset=cfg.dataset.source, seed=cfg.seed, grid=grid, config=cfg.to_dict(),
+                      metrics=metrics, started_at=started, finished_at=time.time())
+    if ckpt_dir.exists():
+        for f in ckpt_dir.iterdir():
+            f.unlink()
+        ckpt_dir.rmdir()
+    return metrics
+
+
+@ray.remote
+def _cell_task(cell_dict: dict, cell_id: str, label: str, grid: dict, experiment: str, results: str,
+               pipeline_weights: str | None) -> dict[str, float]:
+    import torch
+
+    started = time.time()
+    cfg = _CELL.validate_python(cell_dict)
+    ckpt_dir, _ = _cell_paths(results, experiment, cell_id)
+    resume = load_checkpoint(ckpt_dir) if has_checkpoint(ckpt_dir) else None
+    if resume is not None:
+        print(f"[{cell_id} {label}] resuming after epoch {resume[1]['epoch'] + 1}", flush=True)
+
+    def on_epoch_end(epoch: int, metrics: dict, state_fn) -> None:
+        tensors, meta = state_fn()
+        save_checkpoint(ckpt_dir, tensors, meta)
+
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    outcome = run_cell(cfg, pipeline_weights=pipeline_weights, device=device, resume=resume,
+                       on_epoch_end=on_epoch_end, progress=_log(f"{cell_id} {label}"))
+    return _finish(results, experiment, cell_id, cfg, grid, outcome, started)
+
+
+def _ddp_worker_loop(config: dict) -> None:
+    """Ray Train worker: the same cell loop under DDP; rank 0 evaluates and writes the ledger."""
+    import ray.train
+    import ray.train.torch
+
+    started = config["started"]
+    cfg = _CELL.validate_python(config["cell"])
+    rank = ray.train.get_context().get_world_rank()
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = load_checkpoint(d)
+        if rank == 0:
+            print(f"[{config['cell_id']} {config['label']}] resuming after epoch {resume[1]['epoch'] + 1}", flush=True)
+
+    def on_epoch_end(epoch: int, metrics: dict, state_fn) -> None:
+        if rank == 0:
+            tensors, meta = state_fn()
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, tensors, meta)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    outcome = run_cell(cfg, pipeline_weights=config["pipeline_weights"], device=ray.train.torch.get_device(),
+                       resume=resume, on_epoch_end=on_epoch_end, evaluate=rank == 0,
+                       progress=_log(f"{config['cell_id']} {config['label']}"))
+    if rank == 0:
+        _finish(config["results"], config["experiment"], config["cell_id"], cfg, config["grid"], outcome, started)
+
+
+@ray.remote(num_cpus=0)
+def _ddp_cell_task(cell_dict: dict, cell_id: str, label: str, grid: dict, experiment: str, results: str,
+                   pipeline_weights: str | None, resources: dict) -> dict[str, float]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = str(Path(ledger.experiment_dir(results, experiment)) / "ray_train")
+    use_gpu = resources["gpus_per_worker"] > 0
+    per_worker = {"CPU": resources["cpus_per_worker"]}
+    if use_gpu:
+        per_worker["GPU"] = resources["gpus_per_worker"]
+    trainer = TorchTrainer(
+        _ddp_worker_loop,
+        train_loop_config={"cell": cell_dict, "cell_id": cell_id, "label": label, "grid": grid,
+                           "experiment": experiment, "results": results, "pipeline_weights": pipeline_weights,
+                           "started": time.time()},
+        scaling_config=ScalingConfig(num_workers=resources["workers"], use_gpu=use_gpu,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"cell-{cell_id}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=resources["max_retries"]),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    trainer.fit()
+    rows = ledger.read_ledger(results, experiment)
+    rows = rows[rows["cell_id"] == cell_id]
+    return dict(zip(rows["metric"], rows["value"]))
+
+
+class RunSummary(dict):
+    """``{"total", "skipped", "ran", "failed": {cell_id: error}}`` of one :func:`run_experiment` call."""
+
+
+def _check_resources(spec: ExperimentSpec) -> None:
+    need_gpu = spec.resources.gpus_per_worker > 0
+    have = ray.cluster_resources()
+    if need_gpu and have.get("GPU", 0) < spec.resources.gpus_per_worker:
+        # an autoscaling cluster may add GPU nodes; a fixed one without GPUs would wait forever
+        if not os.environ.get("SMN_ALLOW_AUTOSCALE_GPUS"):
+            raise RuntimeError(
+                f"the spec asks for {spec.resources.gpus_per_worker} GPU(s) per worker but the Ray cluster has "
+                f"{have.get('GPU', 0)}; set resources.gpus_per_worker=0 or run on a GPU cluster "
+                "(SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes autoscale from zero)")
+
+
+def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = None,
+                   echo: Callable[[str], None] = print) -> RunSummary:
+    """Run every cell of ``spec`` that the ledger does not hold yet; return a summary.
+
+    Cells run concurrently as far as the cluster's resources allow (and
+    ``resources.max_concurrent_cells``). A cell that fails after its retries is reported in
+    ``summary["failed"]``; the other cells go on.
+    """
+    cells = expand_cells(spec)
+    done = ledger.completed_cells(results, spec.name)
+    todo = [c for c in cells if c.cell_id not in done]
+    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo), ran=0, failed={})
+    echo(f"experiment {spec.name}: {len(cells)} cells, {summary['skipped']} already in the ledger, {len(todo)} to run")
+    if not todo:
+        return summary
+    ensure_ray(address)
+    _check_resources(spec)
+    res = spec.resources
+    weights: dict[str, str] = {}
+    pre = {}
+    for c in todo:
+        if c.config.backbone.weights == "pipeline":
+            path = pretrain_artifact_path(results, spec.name, c.config)
+            if not path.exists() and str(path) not in pre:
+                echo(f"pretraining {c.config.backbone.arch} on {c.config.pretrain.dataset.source} -> {path.name}")
+                pre[str(path)] = _pretrain_task.options(num_cpus=res.cpus_per_worker,
+                                                        num_gpus=res.gpus_per_worker).remote(_dump(c), str(path))
+            weights[c.cell_id] = str(path)
+    for path, ref in pre.items():
+        m = ray.get(ref)
+        echo(f"pretrained backbone ready ({', '.join(f'{k} {v:.3f}' for k, v in m.items())})")
+
+    def submit(c: Cell):
+        args = (_dump(c), c.cell_id, c.label, c.grid_values, spec.name, results, weights.get(c.cell_id))
+        if res.workers > 1:
+            return _ddp_cell_task.options(max_retries=res.max_retries, retry_exceptions=True).remote(
+                *args, res.model_dump())
+        return _cell_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+                                  max_retries=res.max_retries, retry_exceptions=True).remote(*args)
+
+    limit = res.max_concurrent_cells or len(todo)
+    pending = list(todo)
+    running: dict[Any, Cell] = {}
+    t0 = time.time()
+    finished = summary["skipped"]
+    while pending or running:
+        while pending and len(running) < limit:
+            c = pending.pop(0)
+            running[submit(c)] = c
+        ready, _ = ray.wait(list(running), num_returns=1)
+        cell = running.pop(ready[0])
+        finished += 1
+        try:
+            metrics = ray.get(ready[0])
+            summary["ran"] += 1
+            shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_probe_top1", "density")
+                              if k in metrics)
+            echo(f"[{finished}/{len(cells)} cells done, {time.time() - t0:.0f}s] {cell.cell_id} {cell.label}: {shown}")
+        except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the others
+            summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
+            echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {exc}")
+    return summary
+
+
+def _dump(cell: Cell) -> dict:
+    return json.loads(json.dumps(_CELL.dump_python(cell.config, mode="json")))
+

@@ -1,0 +1,83 @@
+"""Results tables, rebuilt from the ledger alone (Markdown, LaTeX or CSV).
+
+One row per (experiment, method, backbone, dataset, grid values); one column per metric. With
+several seeds a cell shows ``mean +- std`` (sample std, ddof=1) and the number of seeds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+__all__ = ["DEFAULT_METRICS", "results_table", "render"]
+
+DEFAULT_METRICS = ("knn_top1", "linear_probe_top1", "density", "code_entropy", "wall_s")
+FORMATS = ("markdown", "latex", "csv")
+
+
+def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) -> pd.DataFrame:
+    """Aggregate long ledger rows into a wide table of ``mean``/``std``/``n`` per metric.
+
+    Args:
+        df: rows from :func:`orchestrator.ledger.read_ledger`.
+        metrics: metric names to show (those absent from the ledger are dropped).
+
+    Returns:
+        A DataFrame indexed by (experiment, method, backbone, dataset, grid) with columns
+        ``(metric, stat)`` for stat in mean, std, n.
+    """
+    if df.empty:
+        return pd.DataFrame()
+    df = df[df["metric"].isin(metrics)].copy()
+    df["grid"] = df["grid_json"].map(lambda g: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(g).items()))
+    keys = ["experiment", "method", "backbone", "dataset", "grid"]
+    agg = df.groupby(keys + ["metric"], sort=False)["value"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    wide = agg.unstack("metric")
+    wide.columns = wide.columns.swaplevel(0, 1)
+    order = [m for m in metrics if m in wide.columns.get_level_values(0)]
+    return wide.reindex(columns=pd.MultiIndex.from_product([order, ["mean", "std", "n"]]))
+
+
+def _fmt(mean: float, std: float, n: float, metric: str) -> str:
+    if pd.isna(mean):
+        return "-"
+    digits = 1 if metric == "wall_s" else 3
+    s = f"{mean:.{digits}f}"
+    if n and n > 1 and not pd.isna(std):
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
+    """Render :func:`results_table` output as Markdown, LaTeX or CSV.
+
+    Raises:
+        ValueError: on an unknown format (lists the allowed ones).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
+    if table.empty:
+        return "(no results in the ledger yet)"
+    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    seeds = table[[(m, "n") for m in metrics]].max(axis=1)
+    rows = []
+    for idx, row in table.iterrows():
+        exp, method, backbone, dataset, grid = idx
+        cells = [_fmt(row[(m, "mean")], row[(m, "std")], row[(m, "n")], m) for m in metrics]
+        rows.append([exp, method, backbone, dataset, grid or "-", str(int(seeds[idx]))] + cells)
+    header = ["experiment", "method", "backbone", "dataset", "grid", "seeds"] + metrics
+    if fmt == "csv":
+        flat = table.copy()
+        flat.columns = [f"{m}_{s}" for m, s in flat.columns]
+        return flat.reset_index().to_csv(index=False)
+    if fmt == "latex":
+        esc = lambda s: str(s).replace("_", r"\_").replace("±", r"$\pm$")  # noqa: E731
+        lines = [r"\begin{tabular}{" + "l" * 6 + "r" * len(metrics) + "}", r"\toprule",
+                 " & ".join(map(esc, header)) + r" \\", r"\midrule"]
+        lines += [" & ".join(map(esc, r)) + r" \\" for r in rows]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])

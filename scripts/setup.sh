@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up smn from nothing on a machine that has only Python 3.10+:
+# a virtual environment in .venv with the pinned dependencies and smn itself (editable).
+# uv installs torch and torchvision together from the package index (it ignores pip's
+# find-links, where a mismatched local torch wheel may sit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! command -v uv >/dev/null 2>&1; then
+  "$PY" -m pip install --quiet --disable-pip-version-check uv
+fi
+UV="$("$PY" -c 'import shutil,sys,os; p=shutil.which("uv"); print(p or os.path.join(os.path.dirname(sys.executable),"uv"))')"
+[ -x .venv/bin/python ] || "$UV" venv --quiet --python "$PY" .venv
+"$UV" pip install --quiet --python .venv/bin/python -e ".[test]"
+echo "smn is set up in .venv ($(.venv/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"

@@ -1,0 +1,373 @@
+"""Binary weight masks learned through scores (paper Sec. 3.1-3.2).
+
+Each masked parameter tensor ``W`` (frozen, pretrained) gets a score tensor ``S`` of the same
+shape, initialised to ``S0`` (default 1). The forward pass uses ``W * M / alpha`` with the mask
+``M = 1[S > mu]`` (threshold ``mu``, default 0) and ``alpha = sqrt(mean(M))`` per tensor, which keeps
+the variance of the weights (Ramanujan et al. 2020). Scores learn through the straight-through
+("pass-through") gradient ``dL/dS := dL/dM`` (paper Eq. 2).
+
+Decisions (see NOTES.md, "Masking"):
+
+* ``alpha`` is **not differentiated** by default (``alpha_grad=False``): the score gradient is
+  exactly the paper's pass-through gradient ``dL/dM``. The reference code let the gradient flow
+  through ``alpha`` as well; ``alpha_grad=True`` reproduces that.
+* The all-zero mask is guarded: ``alpha`` is computed from ``max(mean(M), 1/N)``, so a tensor whose
+  mask is empty yields zeros, never ``inf``/``nan``.
+* Masks are attached with :mod:`torch.nn.utils.parametrize`, so they work on any ``nn.Module``; the
+  pretrained tensors stay frozen (``requires_grad=False``) and are never modified.
+
+Besides threshold masking, :class:`ScoreMask` implements the top-k% baseline of Ramanujan et al.
+(keep the fraction ``k`` of largest scores per tensor; paper Table 2).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "MaskConfig",
+    "ScoreMask",
+    "attach_masks",
+    "select_parameters",
+    "masked_parameter_names",
+    "mask_modules",
+    "score_parameters",
+    "export_masks",
+    "apply_masks",
+    "mask_density",
+    "set_topk_density",
+    "SELECTORS",
+]
+
+SELECTORS = ("conv", "linear", "conv+linear", "clip_attn_mlp", "all")
+_MASK_MODES = ("threshold", "topk")
+
+
+@dataclass
+class MaskConfig:
+    """What to mask and how (paper Sec. 3.1-3.2, Table 5b).
+
+    Attributes:
+        selector: which parameter tensors get a mask: ``"conv"`` (weights of every ``nn.Conv*``,
+            downsample convolutions included; the ResNet default), ``"linear"``, ``"conv+linear"``,
+            ``"clip_attn_mlp"`` (CLIP ViT: attention q/k/v/out projections and MLP of every block,
+            weights and biases), ``"all"`` (every floating-point parameter), or ``"re:<regex>"`` matched
+            against full parameter names.
+        include_bn: also mask BatchNorm affine parameters (weight and bias). Off by default: masking
+            BN collapses accuracy (Table 5b).
+        include_bias: also mask the biases of the selected modules.
+        init_score: ``S0``, initial score (default 1.0).
+        threshold: ``mu``, mask threshold (default 0.0). Theorem 1: only ``S0 - mu`` matters.
+        alpha_grad: differentiate through ``alpha`` (reference-code behaviour); default False.
+        mode: ``"threshold"`` (the method) or ``"topk"`` (Ramanujan et al. baseline).
+        topk_density: kept fraction per tensor for ``mode="topk"``, in (0, 1].
+
+    Raises:
+        ValueError: on an unknown selector or mode, or a density outside (0, 1].
+    """
+
+    selector: str = "conv"
+    include_bn: bool = False
+    include_bias: bool = False
+    init_score: float = 1.0
+    threshold: float = 0.0
+    alpha_grad: bool = False
+    mode: Literal["threshold", "topk"] = "threshold"
+    topk_density: float | None = None
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.selector not in SELECTORS and not self.selector.startswith("re:"):
+            raise ValueError(
+                f"mask selector {self.selector!r} is not known; allowed: {', '.join(SELECTORS)} or 're:<regex>'"
+            )
+        if self.selector.startswith("re:"):
+            try:
+                re.compile(self.selector[3:])
+            except re.error as exc:
+                raise ValueError(f"mask selector regex {self.selector[3:]!r} is invalid: {exc}") from None
+        if self.mode not in _MASK_MODES:
+            raise ValueError(f"mask mode {self.mode!r} is not known; allowed: {', '.join(_MASK_MODES)}")
+        if self.mode == "topk":
+            if self.topk_density is None or not 0.0 < self.topk_density <= 1.0:
+                raise ValueError(f"topk_density must be in (0, 1] for mode 'topk', got {self.topk_density!r}")
+        if not math.isfinite(self.init_score) or not math.isfinite(self.threshold):
+            raise ValueError(f"init_score and threshold must be finite, got {self.init_score}, {self.threshold}")
+        if self.mode == "threshold" and self.init_score <= self.threshold:
+            raise ValueError(
+                f"init_score ({self.init_score}) must exceed threshold ({self.threshold}) so training starts "
+                "from the full pretrained network"
+            )
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Binarise in the forward pass, pass the gradient through unchanged (paper Eq. 2)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:  # noqa: D401
+        return hard
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output, None
+
+
+class ScoreMask(nn.Module):
+    """Parametrization ``W -> W * M / alpha`` with a learned score tensor (paper Eq. 1-2).
+
+    Args:
+        shape: shape of the masked tensor ``W``; ``scores`` has the same shape.
+        config: a :class:`MaskConfig`.
+        dtype: dtype of the scores (float32 by default; float64 for exactness tests).
+
+    The forward takes the frozen tensor ``W`` (any shape) and returns a tensor of the same shape
+    and dtype. ``scores`` is the only trainable parameter.
+    """
+
+    def __init__(self, shape: torch.Size, config: MaskConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.scores = nn.Parameter(torch.full(tuple(shape), float(config.init_score), dtype=dtype))
+        self.topk_density = config.topk_density
+
+    @torch.no_grad()
+    def hard_mask(self) -> torch.Tensor:
+        """The current binary mask ``M`` as a bool tensor of the scores' shape."""
+        if self.config.mode == "topk":
+            n = self.scores.numel()
+            keep = max(1, int(round(float(self.topk_density) * n)))
+            if keep >= n:
+                return torch.ones_like(self.scores, dtype=torch.bool)
+            flat = self.scores.detach().flatten()
+            idx = torch.topk(flat, keep, sorted=False).indices
+            mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+            mask[idx] = True
+            return mask.view_as(self.scores)
+        return self.scores.detach() > self.config.threshold
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        hard = self.hard_mask().to(weight.dtype)
+        mask = _StraightThrough.apply(self.scores, hard).to(weight.dtype)
+        n = mask.numel()
+        density = mask.mean() if self.config.alpha_grad else hard.mean()
+        alpha = torch.sqrt(torch.clamp(density, min=1.0 / n))
+        return weight * mask / alpha
+
+
+def _norm_layers() -> tuple[type, ...]:
+    return (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def select_parameters(model: nn.Module, config: MaskConfig) -> list[str]:
+    """Full names (``"layer1.0.conv1.weight"``) of the parameters that ``config`` selects for masking.
+
+    Only parameters that are not yet parametrized are considered. Order follows
+    ``model.named_modules()``.
+
+    Raises:
+        ValueError: if nothing is selected (names the selector and the model's class).
+    """
+    names: list[str] = []
+    seen: set[str] = set()
+
+    def add(module_name: str, pname: str, module: nn.Module) -> None:
+        p = getattr(module, pname, None)
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            return
+        if parametrize.is_parametrized(module, pname):
+            return
+        full = f"{module_name}.{pname}" if module_name else pname
+        if full not in seen:
+            seen.add(full)
+            names.append(full)
+
+    sel = config.selector
+    regex = re.compile(sel[3:]) if sel.startswith("re:") else None
+    for mname, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if parametrize.is_parametrized(module):
+            own += [n for n in module.parametrizations.keys() if n not in own]
+        if regex is not None:
+            for pname in own:
+                if regex.search(f"{mname}.{pname}" if mname else pname):
+                    add(mname, pname, module)
+        elif sel == "all":
+            for pname in own:
+                add(mname, pname, module)
+        else:
+            is_conv = isinstance(module, nn.modules.conv._ConvNd)
+            is_linear = isinstance(module, nn.Linear)
+            pick = (
+                (sel in ("conv", "conv+linear") and is_conv)
+                or (sel in ("linear", "conv+linear") and is_linear)
+                or (sel == "clip_attn_mlp" and is_linear and ".resblocks." in f".{mname}.")
+            )
+            if pick:
+                add(mname, "weight", module)
+                if config.include_bias or sel == "clip_attn_mlp":
+                    add(mname, "bias", module)
+            if sel == "clip_attn_mlp" and isinstance(module, nn.MultiheadAttention):
+                add(mname, "in_proj_weight", module)
+                add(mname, "in_proj_bias", module)
+        if config.include_bn and isinstance(module, _norm_layers()) and not regex:
+            add(mname, "weight", module)
+            add(mname, "bias", module)
+    if not names:
+        raise ValueError(
+            f"mask selector {sel!r} selects no parameter of {type(model).__name__}; "
+            f"allowed selectors: {', '.join(SELECTORS)} or 're:<regex>'"
+        )
+    return names
+
+
+def _resolve(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:
+    module_name, _, pname = full_name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), pname
+
+
+def attach_masks(model: nn.Module, config: MaskConfig | None = None, *, dtype: torch.dtype | None = None) -> list[str]:
+    """Attach a :class:`ScoreMask` to every selected parameter of ``model`` and freeze the model.
+
+    Every pre-existing parameter of ``model`` gets ``requires_grad=False`` (the pretrained weights
+    are never trained nor modified); the only trainable tensors afterwards are the scores.
+
+    Args:
+        model: any ``nn.Module`` (modified in place).
+        config: what to mask; default ``MaskConfig()`` (conv weights, S0 = 1, mu = 0).
+        dtype: dtype of the scores; default: the dtype of each masked tensor.
+
+    Returns:
+        The full names of the masked parameters (e.g. ``"layer1.0.conv1.weight"``).
+
+    Raises:
+        ValueError: if the model already has masks, or the selector selects nothing.
+    """
+    config = config or MaskConfig()
+    if mask_modules(model):
+        raise ValueError(f"{type(model).__name__} already has masks attached; attach them to a fresh copy")
+    names = select_parameters(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for full in names:
+        module, pname = _resolve(model, full)
+        tensor = getattr(module, pname)
+        parametrize.register_parametrization(
+            module, pname, ScoreMask(tensor.shape, config, dtype=dtype or tensor.dtype).to(tensor.device),
+            unsafe=True,
+        )
+        getattr(module.parametrizations, pname).original.requires_grad_(False)
+    return names
+
+
+def mask_modules(model: nn.Module) -> dict[str, ScoreMask]:
+    """``{full parameter name: ScoreMask}`` for every masked tensor of ``model`` (empty if none)."""
+    out: dict[str, ScoreMask] = {}
+    for mname, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for pname, plist in module.parametrizations.items():
+            for p in plist:
+                if isinstance(p, ScoreMask):
+                    out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def masked_parameter_names(model: nn.Module) -> list[str]:
+    """Full names of the masked parameters of ``model``."""
+    return list(mask_modules(model))
+
+
+def score_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{full parameter name: scores}``: the trainable score tensors, for the optimizer and checkpoints."""
+    return {name: m.scores for name, m in mask_modules(model).items()}
+
+
+def set_topk_density(model: nn.Module, density: float) -> None:
+    """Set the kept fraction of every top-k mask (progressive top-k, App. E).
+
+    Raises:
+        ValueError: if ``density`` is outside (0, 1].
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"top-k density must be in (0, 1], got {density}")
+    for m in mask_modules(model).values():
+        m.topk_density = density
+
+
+@torch.no_grad()
+def export_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The learned binary masks: ``{full parameter name: bool tensor (same shape as the weight)}``, on CPU."""
+    return {name: m.hard_mask().cpu().clone() for name, m in mask_modules(model).items()}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], *, rescale: bool = True) -> nn.Module:
+    """Bake exported masks into a fresh (unmasked) copy of the backbone: ``W <- W * M / alpha`` in place.
+
+    The resulting plain model computes exactly what the masked model computed (up to float
+    rounding of the same arithmetic), with no parametrization left.
+
+    Args:
+        model: the backbone without masks (modified in place and returned).
+        masks: ``{full parameter name: bool tensor}`` as from :func:`export_masks`.
+        rescale: divide by ``alpha = sqrt(mean(M))`` (guarded as in :class:`ScoreMask`).
+
+    Raises:
+        ValueError: if a name is missing from the model, the model is already masked, or a shape differs.
+    """
+    if mask_modules(model):
+        raise ValueError("apply_masks expects a backbone without attached masks")
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"mask for {name!r} has no parameter in {type(model).__name__}")
+        p = params[name]
+        if tuple(mask.shape) != tuple(p.shape):
+            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(p.shape)}")
+        m = mask.to(device=p.device, dtype=p.dtype)
+        if rescale:
+            alpha = torch.sqrt(torch.clamp(m.mean(), min=1.0 / m.numel()))
+            p.copy_(p * m / alpha)
+        else:
+            p.mul_(m)
+    return model
+
+
+def mask_density(masks: dict[str, torch.Tensor] | nn.Module) -> tuple[float, dict[str, float]]:
+    """Density (kept fraction of weights) overall and per tensor.
+
+    Args:
+        masks: exported masks, or a model with attached masks.
+
+    Returns:
+        ``(overall density weighted by tensor size, {name: density})``; sparsity is ``1 - density``.
+
+    Raises:
+        ValueError: if there is no mask.
+    """
+    if isinstance(masks, nn.Module):
+        masks = export_masks(masks)
+    if not masks:
+        raise ValueError("no masks to measure")
+    per = {n: float(m.float().mean()) for n, m in masks.items()}
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return kept / total, per
+
+
+def iter_masked_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, frozen pretrained tensor)`` for every masked parameter (the ``original`` tensors)."""
+    for mname, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for pname, plist in module.parametrizations.items():
+                yield (f"{mname}.{pname}" if mname else pname), plist.original

@@ -1,0 +1,349 @@
+"""One experiment cell, end to end, in plain PyTorch: backbone -> adaptation -> evaluation.
+
+A *cell* is one fully resolved configuration (method x backbone x dataset x hyperparameters x
+seed). This module runs it in the current process (or in one distributed worker); the Ray layer
+(``orchestrator``) decides where and when. Methods (paper Sec. 4, Table 1-2):
+
+=================== ============ ============ ==================================================
+method              objective    adaptation   meaning
+=================== ============ ============ ==================================================
+``pretrained``      --           --           frozen pretrained backbone: k-NN and linear probe
+``smn``             swav         mask         self-masking network (the paper's method)
+``supervised_mask`` supervised   mask         supervised masking with a new linear head
+``fft``             supervised   full         full fine-tuning
+``stn``             swav         full         self-training network (self-supervised FFT)
+=================== ============ ============ ==================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .augment import SeededViewDataset, eval_transform
+from .backbones import Backbone, build_backbone
+from .data import ImageDataset, load_dataset
+from .evaluation import compute_embeddings, knn_top1, linear_probe
+from .masking import attach_masks, export_masks, mask_density, mask_modules
+from .training import TrainConfig, TrainResult, build_adaptation_model, train
+
+__all__ = [
+    "METHODS",
+    "BackboneSpec",
+    "DataSpec",
+    "EvalSpec",
+    "PretrainSpec",
+    "CellConfig",
+    "CellOutcome",
+    "method_training",
+    "load_cell_data",
+    "prepare_backbone",
+    "pretrain_backbone",
+    "evaluate_model",
+    "run_cell",
+]
+
+METHODS: dict[str, tuple[str, str] | None] = {
+    "pretrained": None,
+    "smn": ("swav", "mask"),
+    "supervised_mask": ("supervised", "mask"),
+    "fft": ("supervised", "full"),
+    "stn": ("swav", "full"),
+}
+
+
+def method_training(method: str) -> tuple[str, str] | None:
+    """``(objective, adaptation)`` of a method, or None for ``pretrained``.
+
+    Raises:
+        ValueError: on an unknown method (lists the allowed ones).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not known; allowed: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+@dataclass
+class BackboneSpec:
+    """Which backbone and which weights (see ``smn_core.backbones``).
+
+    ``weights``: ``"pretrained"`` (the real published weights), ``"random"``, ``"checkpoint"``
+    (a local file in ``checkpoint``), or ``"pipeline"`` (weights produced by this experiment's own
+    supervised pretraining stage, see :class:`PretrainSpec`).
+    """
+
+    arch: str = "cifar_resnet20"
+    weights: str = "pretrained"
+    checkpoint: str | None = None
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        allowed = ("pretrained", "random", "checkpoint", "pipeline")
+        if self.weights not in allowed:
+            raise ValueError(f"backbone.weights {self.weights!r} is not known; allowed: {', '.join(allowed)}")
+        if self.weights == "checkpoint" and not self.checkpoint:
+            raise ValueError("backbone.weights 'checkpoint' needs backbone.checkpoint (a file path)")
+
+
+@dataclass
+class DataSpec:
+    """A dataset and the part of it to use (see ``smn_core.data.load_dataset``).
+
+    ``image_size`` in pixels is the training and evaluation resolution (None: the backbone's).
+    ``max_train_samples`` / ``max_test_samples`` take deterministic stratified subsets.
+    """
+
+    source: str = "digits"
+    root: str | None = None
+    classes: list[int] | list[str] | None = None
+    image_size: int | None = None
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    download: bool = False
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"dataset.image_size must be >= 8 pixels, got {self.image_size}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"dataset.test_fraction must be in (0, 1), got {self.test_fraction}")
+        for name in ("max_train_samples", "max_test_samples"):
+            v = getattr(self, name)
+            if v is not None and v < 2:
+                raise ValueError(f"dataset.{name} must be >= 2 or null, got {v}")
+
+
+@dataclass
+class EvalSpec:
+    """Evaluation protocol (paper Sec. 4.1): weighted k-NN (DINO) and a logistic-regression probe."""
+
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    probe_C: float = 1.0
+    probe_max_iter: int = 1000
+    batch_size: int = 256
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.knn_k < 1:
+            raise ValueError(f"eval.knn_k must be >= 1, got {self.knn_k}")
+        if not self.knn_temperature > 0:
+            raise ValueError(f"eval.knn_temperature must be > 0, got {self.knn_temperature}")
+        if not self.probe_C > 0:
+            raise ValueError(f"eval.probe_C must be > 0, got {self.probe_C}")
+        if self.probe_max_iter < 1 or self.batch_size < 1:
+            raise ValueError("eval.probe_max_iter and eval.batch_size must be >= 1")
+
+
+@dataclass
+class PretrainSpec:
+    """The pipeline's own supervised pretraining of a randomly initialised backbone (source domain).
+
+    Used when ``backbone.weights == "pipeline"``: e.g. the demo pretrains a CIFAR ResNet on
+    digits 0-4 before self-masking it on digits 5-9.
+    """
+
+    dataset: DataSpec = field(default_factory=DataSpec)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="supervised", adaptation="full",
+                                                                   epochs=5, weight_lr=0.1, head_lr=0.1))
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.train.objective != "supervised" or self.train.adaptation != "full":
+            raise ValueError("pretrain.train must have objective 'supervised' and adaptation 'full'")
+
+
+@dataclass
+class CellConfig:
+    """One fully resolved cell. Its JSON form (``to_dict``) is what the ledger hashes."""
+
+    method: str = "smn"
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    dataset: DataSpec = field(default_factory=DataSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    pretrain: PretrainSpec | None = None
+    seed: int = 0
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        training = method_training(self.method)
+        if training is not None:
+            objective, adaptation = training
+            if self.train.objective != objective or self.train.adaptation != adaptation:
+                self.train = replace(self.train, objective=objective, adaptation=adaptation)
+        if self.train.seed != self.seed:
+            self.train = replace(self.train, seed=self.seed)
+        if self.backbone.weights == "pipeline" and self.pretrain is None:
+            raise ValueError("backbone.weights 'pipeline' needs a 'pretrain' section")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable identity of the cell (training settings dropped for ``pretrained``)."""
+        d = asdict(self)
+        if METHODS[self.method] is None:
+            d.pop("train")
+        if self.backbone.weights != "pipeline":
+            d.pop("pretrain")
+        return d
+
+
+@dataclass
+class CellOutcome:
+    """Result of :func:`run_cell`: ``metrics`` (name -> float), the exported ``masks`` (or None),
+    the per-epoch ``history`` and the training result."""
+
+    metrics: dict[str, float]
+    masks: dict[str, torch.Tensor] | None
+    history: list[dict[str, float]]
+    train_result: TrainResult | None
+
+
+def _image_size(spec: DataSpec, backbone: Backbone) -> int:
+    return spec.image_size or backbone.input_size
+
+
+def load_cell_data(spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
+    """``(train split, test split)`` of a :class:`DataSpec`."""
+    common = dict(root=spec.root, classes=spec.classes, image_size=spec.image_size,
+                  test_fraction=spec.test_fraction, split_seed=spec.split_seed, download=spec.download)
+    train_ds = load_dataset(spec.source, "train", max_samples=spec.max_train_samples, **common)
+    test_ds = load_dataset(spec.source, "test", max_samples=spec.max_test_samples, **common)
+    return train_ds, test_ds
+
+
+def prepare_backbone(spec: BackboneSpec, *, pipeline_weights: str | Path | None = None) -> Backbone:
+    """Build the backbone with its weights.
+
+    Args:
+        spec: the backbone spec.
+        pipeline_weights: the safetensors file of the pipeline's pretraining, for ``weights="pipeline"``.
+
+    Raises:
+        ValueError: if ``weights="pipeline"`` and no ``pipeline_weights`` file is given.
+    """
+    if spec.weights == "pipeline":
+        if pipeline_weights is None:
+            raise ValueError("backbone.weights 'pipeline' needs the pretraining artifact (pipeline_weights)")
+        return build_backbone(spec.arch, "checkpoint", checkpoint=str(pipeline_weights))
+    return build_backbone(spec.arch, spec.weights, checkpoint=spec.checkpoint)
+
+
+def pretrain_backbone(backbone_spec: BackboneSpec, pretrain: PretrainSpec, *, seed: int = 0,
+                      device: str | torch.device = "cpu",
+                      progress: Callable[[str], None] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Supervised pretraining of a randomly initialised backbone on the source domain.
+
+    Returns:
+        ``(backbone state_dict, metrics)`` where metrics hold the source-domain test accuracy of the
+        trained classifier (``source_test_top1``) and the final training loss.
+    """
+    torch.manual_seed(seed)
+    backbone = build_backbone(backbone_spec.arch, "random")
+    train_ds, test_ds = load_cell_data(pretrain.dataset)
+    size = _image_size(pretrain.dataset, backbone)
+    cfg = replace(pretrain.train, seed=seed)
+    torch.manual_seed(seed)
+    model = build_adaptation_model(backbone.model, backbone.feature_dim, cfg, num_classes=len(train_ds.class_names))
+    result = train(model, train_ds, cfg, image_size=size, mean=backbone.mean, std=backbone.std, device=device,
+                   progress=progress)
+    model.eval()
+    loader = torch.utils.data.DataLoader(SeededViewDataset(test_ds, eval_transform(size, backbone.mean, backbone.std)),
+                                         batch_size=256)
+    correct = 0
+    with torch.no_grad():
+        for x, y, _ in loader:
+            correct += int((model.classifier(model.backbone(x.to(device))).argmax(1).cpu() == y).sum())
+    state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    return state, {"source_test_top1": correct / len(test_ds), "pretrain_final_loss": result.history[-1]["loss"]}
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: ImageDataset, spec: EvalSpec, *,
+                   image_size: int, mean, std, device: str | torch.device = "cpu") -> dict[str, float]:
+    """k-NN (train split as bank, test split as queries) and linear probe on unaugmented embeddings.
+
+    Returns ``{"knn_top1", "linear_probe_top1", "linear_probe_train_top1", "eval_seconds"}``; accuracies in [0, 1].
+    """
+    t0 = time.perf_counter()
+    tf = eval_transform(image_size, mean, std)
+    xtr, ytr = compute_embeddings(model, SeededViewDataset(train_ds, tf), batch_size=spec.batch_size, device=device)
+    xte, yte = compute_embeddings(model, SeededViewDataset(test_ds, tf), batch_size=spec.batch_size, device=device)
+    knn = knn_top1(xtr, ytr, xte, yte, k=spec.knn_k, temperature=spec.knn_temperature,
+                   num_classes=len(train_ds.class_names))
+    probe = linear_probe(xtr, ytr, xte, yte, C=spec.probe_C, max_iter=spec.probe_max_iter)
+    return {"knn_top1": knn, "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1,
+            "eval_seconds": time.perf_counter() - t0}
+
+
+def run_cell(
+    cfg: CellConfig,
+    *,
+    pipeline_weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    on_epoch_end: Callable | None = None,
+    progress: Callable[[str], None] | None = None,
+    evaluate: bool = True,
+) -> CellOutcome:
+    """Run one cell in this process (or this distributed worker; then every worker calls it).
+
+    Args:
+        cfg: the cell.
+        pipeline_weights: pretraining artifact for ``backbone.weights == "pipeline"``.
+        device: torch device.
+        resume / on_epoch_end / progress: passed to :func:`smn_core.training.train`.
+        evaluate: run the evaluation (distributed runs evaluate on rank 0 only).
+
+    Returns:
+        A :class:`CellOutcome`. Metrics: ``knn_top1``, ``linear_probe_top1``, and for adapted models
+        ``density``, ``mask_bits`` (number of masked weights = bits of one uncompressed mask),
+        ``train_loss``, ``train_seconds``, ``steps``, ``collapsed`` (1.0 if SwAV collapse was detected).
+    """
+    torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
+    backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights)
+    train_ds, test_ds = load_cell_data(cfg.dataset)
+    size = _image_size(cfg.dataset, backbone)
+    model = backbone.model.to(device)
+    metrics: dict[str, float] = {}
+    masks = None
+    result = None
+    training = METHODS[cfg.method]
+    if training is not None:
+        if cfg.train.adaptation == "mask":
+            attach_masks(model, cfg.train.mask)
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        adapt = build_adaptation_model(model, backbone.feature_dim, cfg.train,
+                                       num_classes=len(train_ds.class_names))
+        result = train(adapt, train_ds, cfg.train, image_size=size, mean=backbone.mean, std=backbone.std,
+                       device=device, resume=resume, on_epoch_end=on_epoch_end, progress=progress)
+        metrics.update(train_seconds=time.perf_counter() - t0, steps=float(result.steps),
+                       train_loss=result.history[-1]["loss"], collapsed=float(result.collapse is not None))
+        if "code_entropy" in result.history[-1]:
+            metrics["code_entropy"] = result.history[-1]["code_entropy"]
+        if mask_modules(model):
+            masks = export_masks(model)
+            density, _ = mask_density(masks)
+            metrics.update(density=density, mask_bits=float(sum(m.numel() for m in masks.values())))
+    if evaluate:
+        metrics.update(evaluate_model(model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
+                                      std=backbone.std, device=device))
+    metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)))
+    return CellOutcome(metrics=metrics, masks=masks, history=result.history if result else [], train_result=result)
+
+
+def clone_backbone(backbone: Backbone) -> torch.nn.Module:
+    """A deep copy of the backbone's feature extractor (for applying exported masks)."""
+    return copy.deepcopy(backbone.model)

@@ -1,0 +1,243 @@
+"""SwAV self-supervised loss for self-masking (paper Sec. 3.3; Caron et al. 2020).
+
+Multi-crop views of each image are embedded by the (masked) backbone, projected to a
+``proj_dim``-d L2-normalised code space, and scored against ``K`` L2-normalised prototypes.
+Sinkhorn-Knopp turns the global crops' prototype scores into balanced soft assignments ``q``;
+every other view predicts them through a softmax with temperature ``tau`` (paper Eq. 9).
+
+Distributed data parallel: Sinkhorn's normalisations are summed over all workers with
+``torch.distributed.all_reduce`` (as in SwAV's ``distributed_sinkhorn``), so ``W`` workers with a
+per-worker batch ``B/W`` compute the same assignments as one worker with batch ``B``. The queue
+holds ``queue_length / W`` embeddings per worker, so the union over workers equals the
+single-worker queue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["SwAVConfig", "SwAVHead", "SwAV", "sinkhorn_knopp", "detect_collapse"]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if _world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+@dataclass
+class SwAVConfig:
+    """SwAV hyperparameters (paper Sec. 3.3 and 4.1; NOTES.md).
+
+    Attributes:
+        num_prototypes: ``K`` (paper: 500; Table 5a compares 50 / 500 / 5000).
+        proj_dim: code dimension (paper: 128, projection head a single Linear).
+        hidden_dim: if > 0, a 2-layer MLP projection head (Linear-BN-ReLU-Linear) instead.
+        temperature: softmax temperature ``tau`` (0.1).
+        epsilon: Sinkhorn entropic regularisation (0.05).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
+        queue_length: global queue length in embeddings (reference code: 512; 0 disables it).
+        queue_start_fraction: fraction of the epochs after which the queue is filled and used
+            (paper: epoch 30 of 150, i.e. 0.2).
+        freeze_prototypes_steps: optimisation steps during which the prototypes get no update
+            (reference code: 5005).
+        crops_for_assign: indices of the views whose assignments are computed (the global crops).
+
+    Raises:
+        ValueError: on non-positive sizes, temperature or epsilon, or a fraction outside [0, 1].
+    """
+
+    num_prototypes: int = 500
+    proj_dim: int = 128
+    hidden_dim: int = 0
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    queue_length: int = 512
+    queue_start_fraction: float = 0.2
+    freeze_prototypes_steps: int = 5005
+    crops_for_assign: tuple[int, ...] = (0, 1)
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        for name in ("num_prototypes", "proj_dim", "sinkhorn_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"swav.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("hidden_dim", "queue_length", "freeze_prototypes_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"swav.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("temperature", "epsilon"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"swav.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.queue_start_fraction <= 1.0:
+            raise ValueError(f"swav.queue_start_fraction must be in [0, 1], got {self.queue_start_fraction}")
+        self.crops_for_assign = tuple(self.crops_for_assign)
+        if not self.crops_for_assign or min(self.crops_for_assign) < 0:
+            raise ValueError(f"swav.crops_for_assign must be non-empty view indices, got {self.crops_for_assign}")
+
+
+class SwAVHead(nn.Module):
+    """Projection head and prototypes.
+
+    ``forward(features (B, F)) -> (z (B, proj_dim) L2-normalised, scores (B, K) = z @ C^T)``.
+    The prototypes ``C`` (``K x proj_dim``) are re-normalised by :meth:`normalize_prototypes`
+    before every step, as in SwAV.
+    """
+
+    def __init__(self, feature_dim: int, config: SwAVConfig) -> None:
+        super().__init__()
+        if config.hidden_dim > 0:
+            self.projection: nn.Module = nn.Sequential(
+                nn.Linear(feature_dim, config.hidden_dim),
+                nn.BatchNorm1d(config.hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(config.hidden_dim, config.proj_dim),
+            )
+        else:
+            self.projection = nn.Linear(feature_dim, config.proj_dim)
+        self.prototypes = nn.Linear(config.proj_dim, config.num_prototypes, bias=False)
+        self.normalize_prototypes()
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """L2-normalise every prototype (row of ``prototypes.weight``) in place."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.normalize(self.projection(features), dim=1)
+        return z, self.prototypes(z)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Balanced soft assignments of samples to prototypes (Cuturi 2013; SwAV Alg. 1).
+
+    Args:
+        scores: prototype scores ``(B, K)`` (cosine similarities), this worker's share of the batch.
+        epsilon: entropic regularisation; the kernel is ``exp(scores / epsilon)``.
+        iterations: Sinkhorn-Knopp iterations.
+
+    Returns:
+        ``Q`` of shape ``(B, K)``: each row sums to 1; over the global batch (all workers), each
+        prototype column sums to ``B_global / K`` after the final row step only approximately
+        (exactly so in the limit of iterations) -- the last step normalises rows, as in SwAV.
+
+    Raises:
+        ValueError: on a non-2-D input or non-positive ``epsilon``.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (B, K), got shape {tuple(scores.shape)}")
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    logits = scores.double() / epsilon
+    shift = logits.max().clone()
+    _all_reduce(shift, dist.ReduceOp.MAX if _world_size() > 1 else None)
+    q = torch.exp(logits - shift).t()  # (K, B)
+    batch = torch.tensor(float(q.shape[1]), dtype=q.dtype, device=q.device)
+    _all_reduce(batch)
+    k = q.shape[0]
+    total = q.sum()
+    _all_reduce(total)
+    q /= total
+    for _ in range(iterations):
+        rows = q.sum(dim=1, keepdim=True)
+        _all_reduce(rows)
+        q /= rows
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= batch
+    q *= batch
+    return q.t().to(scores.dtype)
+
+
+def detect_collapse(loss: float, num_prototypes: int, code_entropy: float, *, loss_tol: float = 0.02,
+                    entropy_floor: float = 0.1) -> str | None:
+    """Report SwAV collapse (NOTES.md: the loss stuck near ``ln K``).
+
+    Args:
+        loss: mean SwAV loss of an epoch (nats).
+        num_prototypes: ``K``.
+        code_entropy: normalised entropy in [0, 1] of the histogram of hard assignments
+            (``argmax q``) over an epoch; 1 = uniform over prototypes, 0 = one prototype takes all.
+        loss_tol: relative closeness to ``ln K`` that counts as collapse.
+        entropy_floor: normalised assignment entropy under which the codes count as collapsed.
+
+    Returns:
+        ``None`` if healthy, else a sentence saying which symptom was seen.
+    """
+    ln_k = math.log(num_prototypes)
+    if abs(loss - ln_k) <= loss_tol * ln_k:
+        return f"SwAV loss {loss:.4f} is within {loss_tol:.0%} of ln K = {ln_k:.4f} (uniform predictions)"
+    if code_entropy < entropy_floor:
+        return f"assignment entropy {code_entropy:.3f} < {entropy_floor} (codes collapsed onto few prototypes)"
+    return None
+
+
+class SwAV(nn.Module):
+    """The SwAV loss with its head, prototypes and queue (paper Eq. 9).
+
+    ``forward(features: list of (B, F) tensors, one per view, global views first)``
+    returns ``(loss scalar, stats)`` where ``stats`` holds ``code_counts`` (``(K,)`` histogram of
+    hard assignments of this batch, for collapse detection).
+    """
+
+    def __init__(self, feature_dim: int, config: SwAVConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.head = SwAVHead(feature_dim, config)
+        world = _world_size()
+        local = config.queue_length // world if config.queue_length else 0
+        if config.queue_length and config.queue_length % world:
+            raise ValueError(f"swav.queue_length {config.queue_length} is not divisible by {world} workers")
+        self.register_buffer("queue", torch.zeros(len(config.crops_for_assign), local, config.proj_dim))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.queue_active = False
+
+    def start_queue(self) -> None:
+        """Start filling the queue (called by the training loop at ``queue_start_fraction``)."""
+        self.queue_active = self.queue.shape[1] > 0
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        n_views = len(features)
+        if n_views < 2:
+            raise ValueError(f"SwAV needs at least 2 views, got {n_views}")
+        if max(cfg.crops_for_assign) >= n_views:
+            raise ValueError(f"crops_for_assign {cfg.crops_for_assign} refers to views beyond the {n_views} given")
+        bs = features[0].shape[0]
+        z, out = self.head(torch.cat(features))
+        z = z.detach()
+        total = out.new_zeros(())
+        counts = torch.zeros(cfg.num_prototypes, device=out.device)
+        for slot, i in enumerate(cfg.crops_for_assign):
+            with torch.no_grad():
+                scores_i = out[bs * i: bs * (i + 1)].detach()
+                use_queue = self.queue_active and int(self.queue_filled) >= self.queue.shape[1]
+                if use_queue:
+                    scores_i = torch.cat([self.queue[slot] @ self.head.prototypes.weight.t(), scores_i])
+                q = sinkhorn_knopp(scores_i, cfg.epsilon, cfg.sinkhorn_iterations)[-bs:]
+                counts += torch.bincount(q.argmax(dim=1), minlength=cfg.num_prototypes).float()
+                if self.queue_active:
+                    self.queue[slot, bs:] = self.queue[slot, :-bs].clone()
+                    self.queue[slot, :bs] = z[bs * i: bs * (i + 1)][: self.queue.shape[1]]
+            sub = out.new_zeros(())
+            for v in range(n_views):
+                if v == i:
+                    continue
+                logp = F.log_softmax(out[bs * v: bs * (v + 1)] / cfg.temperature, dim=1)
+                sub = sub - (q * logp).sum(dim=1).mean()
+            total = total + sub / (n_views - 1)
+        if self.queue_active:
+            self.queue_filled += bs
+        return total / len(cfg.crops_for_assign), {"code_counts": counts}

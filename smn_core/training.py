@@ -1,0 +1,431 @@
+"""The per-worker training loop: self-masking, supervised masking and full fine-tuning.
+
+One loop serves every adaptation method of the paper (Sec. 3, 4.1):
+
+* ``objective="swav"``: SwAV on multi-crop views (self-masking, SMN; with ``adaptation="full"`` the
+  self-training network, STN).
+* ``objective="supervised"``: cross-entropy with a new linear head (supervised masking; with
+  ``adaptation="full"`` full fine-tuning, FFT, or the pipeline's own supervised pretraining).
+
+The loop runs unchanged in-process and inside a Ray Train worker: when ``torch.distributed`` is
+initialised it wraps the model in ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU), shards the
+data with ``DistributedSampler`` and divides the global batch by the number of workers. Views are
+augmented with a per-(seed, epoch, image) random state, so a W-worker run sees exactly the global
+batches of a 1-worker run.
+
+Optimiser (paper Sec. 4.1): SGD, momentum 0.9; scores lr 50 with no weight decay; head and
+prototypes lr 0.15 (weight decay 1e-6); fine-tuned weights ``weight_lr`` with ``weight_decay``;
+a per-step cosine schedule with optional linear warmup.
+
+BatchNorm during adaptation (``bn_mode``; NOTES.md): ``"adapt"`` uses batch statistics and updates
+the running statistics on the target data (the reference code's implicit behaviour; on a GPU with
+several workers BN layers become ``SyncBatchNorm`` so all workers compute the same function;
+SyncBatchNorm does not run on CPU, there each worker normalises with its own batch); ``"frozen"``
+keeps BN in eval mode with the pretrained statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from .augment import MultiCropConfig, MultiCropTransform, SeededViewDataset, collate_views, supervised_train_transform
+from .masking import MaskConfig, mask_density, mask_modules, score_parameters, set_topk_density
+from .swav import SwAV, SwAVConfig, detect_collapse
+
+__all__ = ["TrainConfig", "TrainResult", "AdaptationModel", "train", "build_adaptation_model"]
+
+OBJECTIVES = ("swav", "supervised")
+ADAPTATIONS = ("mask", "full")
+BN_MODES = ("adapt", "frozen")
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one adaptation run (paper Sec. 4.1; defaults are the paper's).
+
+    Attributes:
+        objective: ``"swav"`` or ``"supervised"``.
+        adaptation: ``"mask"`` (learn scores; weights frozen) or ``"full"`` (train the weights: FFT / STN).
+        epochs: passes over the training set (>= 1).
+        batch_size: global batch size, divided by the number of workers (paper: 64).
+        score_lr: learning rate of the scores (paper: 50 for CNNs, 10 for CLIP).
+        head_lr: learning rate of the projection head, prototypes or linear head (0.15).
+        head_weight_decay: weight decay of the head (1e-6); scores never get weight decay.
+        weight_lr, weight_decay: for ``adaptation="full"`` (paper FFT: 0.001 / 5e-4 for timm ResNet-18).
+        momentum: SGD momentum (0.9).
+        warmup_epochs: linear warmup before the cosine decay (supervised masking: 40 of 150).
+        schedule: ``"cosine"`` or ``"constant"``.
+        bn_mode: ``"adapt"`` or ``"frozen"`` (see module docstring).
+        topk_final_density / progressive_topk: top-k masking; progressive lowers the kept fraction
+            linearly per epoch from 1.0 to the final density (App. E).
+        max_steps_per_epoch: cap on steps per epoch (quick runs, benchmarks); None = full epoch.
+        loader_workers: DataLoader worker processes (0 = in the training process).
+        seed: seeds initialisation, data order and augmentation.
+        mask, swav, multicrop: sub-configurations.
+
+    Raises:
+        ValueError: on an unknown objective, adaptation or bn_mode, or non-positive sizes and rates.
+    """
+
+    objective: Literal["swav", "supervised"] = "swav"
+    adaptation: Literal["mask", "full"] = "mask"
+    epochs: int = 150
+    batch_size: int = 64
+    score_lr: float = 50.0
+    head_lr: float = 0.15
+    head_weight_decay: float = 1e-6
+    weight_lr: float = 0.001
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    bn_mode: Literal["adapt", "frozen"] = "adapt"
+    progressive_topk: bool = False
+    max_steps_per_epoch: int | None = None
+    loader_workers: int = 0
+    seed: int = 0
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not known; allowed: {', '.join(OBJECTIVES)}")
+        if self.adaptation not in ADAPTATIONS:
+            raise ValueError(f"adaptation {self.adaptation!r} is not known; allowed: {', '.join(ADAPTATIONS)}")
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode {self.bn_mode!r} is not known; allowed: {', '.join(BN_MODES)}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule {self.schedule!r} is not known; allowed: cosine, constant")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("score_lr", "head_lr", "weight_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("head_weight_decay", "weight_decay", "momentum", "warmup_epochs", "loader_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
+        if self.progressive_topk and self.mask.mode != "topk":
+            raise ValueError("progressive_topk needs mask.mode = 'topk'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable form (used for hashing and the ledger)."""
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a training run returns.
+
+    Attributes:
+        history: one dict per epoch (``epoch``, ``loss``, ``lr``, ``code_entropy``, ``density``, ``seconds``).
+        steps: optimisation steps taken in total (including resumed ones).
+        collapse: None, or the sentence of :func:`smn_core.swav.detect_collapse` for the last epoch.
+        resumed_from_epoch: the epoch the run resumed at (0 for a fresh run).
+    """
+
+    history: list[dict[str, float]]
+    steps: int
+    collapse: str | None
+    resumed_from_epoch: int
+
+
+class AdaptationModel(nn.Module):
+    """Backbone plus the training head, with the whole step's forward in one ``forward``.
+
+    One forward per step keeps ``DistributedDataParallel`` correct when the backbone runs once per
+    crop resolution (multi-crop). ``forward(views: list of (B,3,s,s), labels (B,)) -> (loss, stats)``.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, objective: str, *,
+                 swav: SwAVConfig | None = None, num_classes: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.objective = objective
+        if objective == "swav":
+            self.swav = SwAV(feature_dim, swav or SwAVConfig())
+        else:
+            if not num_classes or num_classes < 2:
+                raise ValueError(f"supervised objective needs num_classes >= 2, got {num_classes}")
+            self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        head = self.swav.head if self.objective == "swav" else self.classifier
+        return list(head.parameters())
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.objective == "supervised":
+            logits = self.classifier(self.backbone(views[0]))
+            loss = F.cross_entropy(logits, labels)
+            return loss, {"correct": (logits.argmax(1) == labels).sum().detach()}
+        # group consecutive views of equal resolution into one backbone pass (SwAV multi-crop)
+        feats: list[torch.Tensor] = []
+        start = 0
+        while start < len(views):
+            end = start
+            while end < len(views) and views[end].shape[-1] == views[start].shape[-1]:
+                end += 1
+            out = self.backbone(torch.cat(views[start:end]))
+            feats.extend(out.chunk(end - start))
+            start = end
+        return self.swav(feats)
+
+
+def build_adaptation_model(backbone: nn.Module, feature_dim: int, config: TrainConfig,
+                           num_classes: int | None = None) -> AdaptationModel:
+    """Wrap a (masked or plain) backbone with the objective's head, seeded by ``config.seed``.
+
+    For ``adaptation="full"`` every backbone parameter is made trainable; for ``"mask"`` the
+    backbone must already carry masks (``smn_core.masking.attach_masks``).
+
+    Raises:
+        ValueError: if ``adaptation="mask"`` and the backbone has no masks.
+    """
+    if config.adaptation == "mask" and not mask_modules(backbone):
+        raise ValueError("adaptation 'mask' needs a backbone with masks attached (smn_core.masking.attach_masks)")
+    if config.adaptation == "full":
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return AdaptationModel(backbone, feature_dim, config.objective, swav=config.swav, num_classes=num_classes)
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _set_bn_mode(model: nn.Module, bn_mode: str) -> None:
+    if bn_mode == "frozen":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _trainable_state(model: AdaptationModel) -> dict[str, torch.Tensor]:
+    state = {f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({f"buffer.{n}": b.detach() for n, b in model.named_buffers()})
+    return state
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        if st.get("momentum_buffer") is not None:
+            out[f"optim.{idx}.momentum_buffer"] = st["momentum_buffer"]
+    return out
+
+
+def _restore(model: AdaptationModel, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind == "param":
+                params[name].copy_(value)
+            elif kind == "buffer":
+                buffers[name].copy_(value)
+    sd = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            idx = int(key.split(".")[1])
+            sd["state"].setdefault(idx, {})["momentum_buffer"] = value.clone()
+    opt.load_state_dict(sd)
+
+
+def train(
+    model: AdaptationModel,
+    dataset,
+    config: TrainConfig,
+    *,
+    image_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    device: str | torch.device = "cpu",
+    resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    on_epoch_end: Callable[[int, dict[str, float], Callable[[], tuple[dict, dict]]], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` (labels used only for ``objective="supervised"``).
+
+    Args:
+        model: from :func:`build_adaptation_model` (moved to ``device`` here).
+        dataset: an ``smn_core.data.ImageDataset`` (items ``(PIL image, label)``).
+        config: hyperparameters.
+        image_size: input resolution in pixels (the global crop size).
+        mean, std: input normalisation of the backbone.
+        device: ``"cpu"`` or a CUDA device.
+        resume: ``(tensors, meta)`` of a checkpoint written through ``on_epoch_end``'s state function;
+            training continues at the epoch after the one saved.
+        on_epoch_end: ``f(epoch, metrics, state_fn)`` after each epoch (on every worker); ``state_fn()``
+            returns ``(tensors, meta)`` to checkpoint. Ray Train reports checkpoints through it.
+        progress: called with one human-readable line per epoch (epoch, loss, ETA).
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: if the dataset yields fewer samples than one global batch.
+    """
+    device = torch.device(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    rank = dist.get_rank() if distributed else 0
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {world} workers")
+    local_batch = config.batch_size // world
+    if len(dataset) < config.batch_size:
+        raise ValueError(f"dataset has {len(dataset)} samples, fewer than one batch of {config.batch_size}")
+
+    if config.objective == "swav":
+        transform = MultiCropTransform(image_size, config.multicrop, mean, std)
+    else:
+        transform = supervised_train_transform(image_size, mean, std)
+        transform = _single_view(transform)
+    views = SeededViewDataset(dataset, transform, seed=config.seed)
+    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
+    loader = DataLoader(views, batch_size=local_batch, sampler=sampler, drop_last=True,
+                        num_workers=config.loader_workers, collate_fn=collate_views,
+                        persistent_workers=config.loader_workers > 0)
+    steps_per_epoch = len(loader)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+
+    model.to(device)
+    if distributed and device.type == "cuda" and config.bn_mode == "adapt":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+    core: AdaptationModel = model
+    groups = [{"params": core.head_parameters(), "lr": config.head_lr, "weight_decay": config.head_weight_decay}]
+    if config.adaptation == "mask":
+        groups.append({"params": list(score_parameters(core.backbone).values()), "lr": config.score_lr,
+                       "weight_decay": 0.0})
+    else:
+        groups.append({"params": [p for p in core.backbone.parameters() if p.requires_grad],
+                       "lr": config.weight_lr, "weight_decay": config.weight_decay})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.SGD(groups, lr=config.head_lr, momentum=config.momentum)
+
+    start_epoch, step, history = 0, 0, []
+    if resume is not None:
+        tensors, meta = resume
+        _restore(core, opt, {k: v.to(device) for k, v in tensors.items()})
+        start_epoch, step, history = int(meta["epoch"]) + 1, int(meta["step"]), list(meta.get("history", []))
+    runner: nn.Module = core
+    if distributed:
+        runner = nn.parallel.DistributedDataParallel(core, broadcast_buffers=False,
+                                                     device_ids=[device.index] if device.type == "cuda" else None)
+    queue_start_epoch = int(round(config.swav.queue_start_fraction * config.epochs))
+    is_topk = config.adaptation == "mask" and config.mask.mode == "topk"
+    t_start = time.perf_counter()
+    collapse = None
+    for epoch in range(start_epoch, config.epochs):
+        t_epoch = time.perf_counter()
+        if is_topk and config.progressive_topk:
+            final = float(config.mask.topk_density)
+            frac = epoch / max(1, config.epochs - 1)
+            set_topk_density(core.backbone, 1.0 - (1.0 - final) * frac)
+        if config.objective == "swav" and epoch >= queue_start_epoch:
+            core.swav.start_queue()
+        sampler.set_epoch(epoch)
+        views.set_epoch(epoch)
+        runner.train()
+        _set_bn_mode(runner, config.bn_mode)
+        losses, n_correct, n_seen = [], 0, 0
+        code_counts = None
+        for i, (batch_views, labels, _idx) in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            factor = _lr_factor(step, total_steps, warmup_steps, config.schedule)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            if config.objective == "swav":
+                core.swav.head.normalize_prototypes()
+            batch_views = [v.to(device, non_blocking=True) for v in batch_views]
+            labels = labels.to(device)
+            loss, stats = runner(batch_views, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.objective == "swav" and step < config.swav.freeze_prototypes_steps:
+                core.swav.head.prototypes.weight.grad = None
+            opt.step()
+            step += 1
+            losses.append(loss.detach())
+            if "code_counts" in stats:
+                code_counts = stats["code_counts"] if code_counts is None else code_counts + stats["code_counts"]
+            if "correct" in stats:
+                n_correct += int(stats["correct"])
+                n_seen += labels.shape[0]
+        epoch_loss = torch.stack(losses).mean()
+        if distributed:
+            dist.all_reduce(epoch_loss)
+            epoch_loss /= world
+        metrics: dict[str, float] = {"epoch": epoch, "loss": float(epoch_loss), "lr": opt.param_groups[0]["lr"],
+                                     "seconds": time.perf_counter() - t_epoch}
+        if code_counts is not None:
+            if distributed:
+                dist.all_reduce(code_counts)
+            p = code_counts / code_counts.sum()
+            ent = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(p)))
+            metrics["code_entropy"] = ent
+            collapse = detect_collapse(metrics["loss"], config.swav.num_prototypes, ent)
+        if n_seen:
+            metrics["train_top1"] = n_correct / n_seen
+        if config.adaptation == "mask":
+            metrics["density"] = mask_density(core.backbone)[0]
+        history.append(metrics)
+        elapsed = time.perf_counter() - t_start
+        done = epoch + 1 - start_epoch
+        eta = elapsed / done * (config.epochs - epoch - 1)
+        if progress is not None and rank == 0:
+            extra = f" density {metrics['density']:.3f}" if "density" in metrics else ""
+            progress(f"epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f}{extra} eta {eta:.0f}s")
+        if on_epoch_end is not None:
+            def state_fn(epoch=epoch) -> tuple[dict, dict]:
+                tensors = _trainable_state(core)
+                tensors.update(_optimizer_state(opt))
+                return tensors, {"epoch": epoch, "step": step, "history": history}
+            on_epoch_end(epoch, metrics, state_fn)
+    return TrainResult(history=history, steps=step, collapse=collapse, resumed_from_epoch=start_epoch)
+
+
+class _single_view:
+    """Adapt a single-image transform to the list-of-views interface of the multi-crop pipeline."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [self.transform(image)]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy (model initialisation, data order)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)

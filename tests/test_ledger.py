@@ -1,0 +1,63 @@
+"""The Parquet ledger and tables (orchestrator.ledger, orchestrator.tables) on real files."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator import ledger, tables
+
+
+def _write(results, cell_id, seed=0, method="smn", knn=0.5, experiment="exp"):
+    now = time.time()
+    return ledger.write_cell(str(results), experiment, cell_id=cell_id, method=method, backbone="cifar_resnet8",
+                             dataset="digits", seed=seed, grid={"train.swav.num_prototypes": 50},
+                             config={"seed": seed}, metrics={"knn_top1": knn, "density": 0.9},
+                             started_at=now - 1, finished_at=now)
+
+
+def test_write_and_read_long_format(tmp_path):
+    path = _write(tmp_path, "aaaa", knn=0.7)
+    t = pq.read_table(path)
+    assert t.schema.equals(ledger.LEDGER_SCHEMA, check_metadata=False)
+    df = ledger.read_ledger(str(tmp_path), "exp")
+    assert sorted(df["metric"]) == ["density", "knn_top1"]
+    assert df.loc[df["metric"] == "knn_top1", "value"].item() == pytest.approx(0.7)
+    assert ledger.completed_cells(str(tmp_path), "exp") == {"aaaa"}
+    assert ledger.list_experiments(str(tmp_path)) == ["exp"]
+    assert not list((tmp_path / "exp" / "ledger").glob(".*tmp"))  # no temporary file left behind
+
+
+def test_corrupted_and_truncated_files_are_quarantined(tmp_path):
+    _write(tmp_path, "good")
+    bad = _write(tmp_path, "bad")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 2])  # truncated
+    junk = tmp_path / "exp" / "ledger" / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        done = ledger.completed_cells(str(tmp_path), "exp")
+    assert done == {"good"}
+    quarantined = sorted(p.name.split(".")[0] for p in (tmp_path / "exp" / "quarantine").iterdir())
+    assert quarantined == ["bad", "junk"]
+    assert (tmp_path / "exp" / "ledger" / "good.parquet").exists()
+
+
+def test_table_mean_std_over_seeds_and_formats(tmp_path):
+    for seed, knn in [(0, 0.5), (1, 0.7)]:
+        _write(tmp_path, f"s{seed}", seed=seed, knn=knn)
+    _write(tmp_path, "p0", method="pretrained", knn=0.4)
+    df = ledger.read_ledger(str(tmp_path))
+    wide = tables.results_table(df)
+    smn = wide.xs("smn", level="method").iloc[0]
+    assert smn[("knn_top1", "mean")] == pytest.approx(0.6)
+    assert smn[("knn_top1", "std")] == pytest.approx(0.1414213, rel=1e-5)
+    md = tables.render(wide, "markdown")
+    assert "0.600 ± 0.141" in md and "0.400" in md
+    assert r"\begin{tabular}" in tables.render(wide, "latex")
+    assert "knn_top1_mean" in tables.render(wide, "csv")
+    with pytest.raises(ValueError, match="allowed: markdown, latex, csv"):
+        tables.render(wide, "html")
+    assert "no results" in tables.render(tables.results_table(ledger.read_ledger(str(tmp_path / "none"))))
