@@ -60,8 +60,9 @@ class MaskConfig:
             ``"clip_attn_mlp"`` (CLIP ViT: attention q/k/v/out projections and MLP of every block,
             weights and biases), ``"all"`` (every floating-point parameter), or ``"re:<regex>"`` matched
             against full parameter names.
-        include_bn: also mask BatchNorm affine parameters (weight and bias). Off by default: masking
-            BN collapses accuracy (Table 5b).
+        include_bn: also mask the affine parameters (weight and bias) of normalisation layers
+            (BatchNorm, and GroupNorm/LayerNorm where a model has them). Off by default: masking BN
+            collapses accuracy (Table 5b).
         include_bias: also mask the biases of the selected modules.
         init_score: ``S0``, initial score (default 1.0).
         threshold: ``mu``, mask threshold (default 0.0). Theorem 1: only ``S0 - mu`` matters.

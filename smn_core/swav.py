@@ -228,7 +228,7 @@ class SwAV(nn.Module):
                     scores_i = torch.cat([self.queue[slot] @ self.head.prototypes.weight.t(), scores_i])
                 q = sinkhorn_knopp(scores_i, cfg.epsilon, cfg.sinkhorn_iterations)[-bs:]
                 counts += torch.bincount(q.argmax(dim=1), minlength=cfg.num_prototypes).float()
-                if self.queue_active:
+                if self.queue_active and self.training:  # never fill the queue outside training (NOTES.md)
                     self.queue[slot, bs:] = self.queue[slot, :-bs].clone()
                     self.queue[slot, :bs] = z[bs * i: bs * (i + 1)][: self.queue.shape[1]]
             sub = out.new_zeros(())
@@ -238,6 +238,6 @@ class SwAV(nn.Module):
                 logp = F.log_softmax(out[bs * v: bs * (v + 1)] / cfg.temperature, dim=1)
                 sub = sub - (q * logp).sum(dim=1).mean()
             total = total + sub / (n_views - 1)
-        if self.queue_active:
+        if self.queue_active and self.training:
             self.queue_filled += bs
         return total / len(cfg.crops_for_assign), {"code_counts": counts}

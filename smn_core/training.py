@@ -26,6 +26,7 @@ keeps BN in eval mode with the pretrained statistics.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -226,8 +227,8 @@ def _set_bn_mode(model: nn.Module, bn_mode: str) -> None:
 
 
 def _trainable_state(model: AdaptationModel) -> dict[str, torch.Tensor]:
-    state = {f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({f"buffer.{n}": b.detach() for n, b in model.named_buffers()})
+    state = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({f"buffer.{n}": b.detach().clone() for n, b in model.named_buffers()})
     return state
 
 
@@ -235,7 +236,7 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for idx, st in opt.state_dict()["state"].items():
         if st.get("momentum_buffer") is not None:
-            out[f"optim.{idx}.momentum_buffer"] = st["momentum_buffer"]
+            out[f"optim.{idx}.momentum_buffer"] = st["momentum_buffer"].detach().clone()
     return out
 
 
@@ -349,7 +350,7 @@ def train(
         t_epoch = time.perf_counter()
         if is_topk and config.progressive_topk:
             final = float(config.mask.topk_density)
-            frac = epoch / max(1, config.epochs - 1)
+            frac = 1.0 if config.epochs == 1 else epoch / (config.epochs - 1)
             set_topk_density(core.backbone, 1.0 - (1.0 - final) * frac)
         if config.objective == "swav" and epoch >= queue_start_epoch:
             core.swav.start_queue()
@@ -359,9 +360,7 @@ def train(
         _set_bn_mode(runner, config.bn_mode)
         losses, n_correct, n_seen = [], 0, 0
         code_counts = None
-        for i, (batch_views, labels, _idx) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
+        for batch_views, labels, _idx in itertools.islice(loader, steps_per_epoch):
             factor = _lr_factor(step, total_steps, warmup_steps, config.schedule)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -410,7 +409,7 @@ def train(
             def state_fn(epoch=epoch) -> tuple[dict, dict]:
                 tensors = _trainable_state(core)
                 tensors.update(_optimizer_state(opt))
-                return tensors, {"epoch": epoch, "step": step, "history": history}
+                return tensors, {"epoch": epoch, "step": step, "history": [dict(h) for h in history]}
             on_epoch_end(epoch, metrics, state_fn)
     return TrainResult(history=history, steps=step, collapse=collapse, resumed_from_epoch=start_epoch)
 
