@@ -48,7 +48,7 @@ def _resnet20_file() -> Path:
 
 def test_available_backbones_lists_every_arch():
     assert available_backbones() == sorted([
-        "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
+        "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
         "resnet18", "resnet50", "resnet50_swav", "resnet50_dino", "clip_vit_b32",
     ])
 

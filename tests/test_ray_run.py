@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from pydantic import TypeAdapter
@@ -42,6 +44,19 @@ def test_run_writes_ledger_and_rerun_runs_nothing(ray_local, tiny_spec, tmp_path
     assert len(ledger.read_ledger(results, "ledger")) == len(df)
 
 
+def _crash(proc: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL the driver's process group and every process of its local Ray (raylet, GCS, workers start
+    their own sessions but name the Ray temp dir on their command line), as a machine crash would."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    victims = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(ray_tmp in arg for arg in (p.info["cmdline"] or [])):
+            victims.append(p)
+            p.kill()
+    psutil.wait_procs(victims, timeout=30)
+
+
 def test_killed_driver_resumes_only_missing_work(tiny_spec, tmp_path):
     """Kill `smn run` (the whole process group) once a cell has checkpointed an epoch; the same command
     then skips the finished cells, resumes the interrupted one from its checkpoint, and duplicates nothing."""
@@ -49,7 +64,8 @@ def test_killed_driver_resumes_only_missing_work(tiny_spec, tmp_path):
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--results", str(results),
            "seeds=[0,1]", "resources.max_concurrent_cells=1", "dataset.max_train_samples=192"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ray_tmp = tempfile.mkdtemp(prefix="smnk", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
@@ -66,8 +82,7 @@ def test_killed_driver_resumes_only_missing_work(tiny_spec, tmp_path):
         else:
             pytest.fail("no cell finished and checkpointed in time")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _crash(proc, ray_tmp)
     before = ledger.completed_cells(str(results), "resume")
     assert 1 <= len(before) < 4
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
