@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--experiment", default=None, help="only this experiment (default: all)")
     tab.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"))
     tab.add_argument("--metrics", default=None,
-                     help="comma-separated metrics (default: knn_top1,linear_probe_top1,density,code_entropy,wall_s)")
+                     help="comma-separated metrics (default: knn_top1,linear_probe_top1,density,code_entropy,collapsed,wall_s)")
     return p
 
 

@@ -264,6 +264,10 @@ def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = 
             shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_probe_top1", "density")
                               if k in metrics)
             echo(f"[{finished}/{len(cells)} cells done, {time.time() - t0:.0f}s] {cell.cell_id} {cell.label}: {shown}")
+            if metrics.get("collapsed"):
+                echo(f"  warning: SwAV collapse detected in {cell.cell_id} (loss {metrics.get('train_loss', float('nan')):.4f} "
+                     f"near ln K, or assignment entropy {metrics.get('code_entropy', float('nan')):.3f} near 0); "
+                     "train longer, or change prototypes / score_lr")
         except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the others
             summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
             echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {exc}")

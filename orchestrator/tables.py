@@ -12,7 +12,7 @@ import pandas as pd
 
 __all__ = ["DEFAULT_METRICS", "results_table", "render"]
 
-DEFAULT_METRICS = ("knn_top1", "linear_probe_top1", "density", "code_entropy", "wall_s")
+DEFAULT_METRICS = ("knn_top1", "linear_probe_top1", "density", "code_entropy", "collapsed", "wall_s")
 FORMATS = ("markdown", "latex", "csv")
 
 
@@ -32,7 +32,7 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     df = df[df["metric"].isin(metrics)].copy()
     df["grid"] = df["grid_json"].map(lambda g: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(g).items()))
     keys = ["experiment", "method", "backbone", "dataset", "grid"]
-    agg = df.groupby(keys + ["metric"], sort=False)["value"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    agg = df.groupby(keys + ["metric"], sort=True)["value"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
     wide = agg.unstack("metric")
     wide.columns = wide.columns.swaplevel(0, 1)
     order = [m for m in metrics if m in wide.columns.get_level_values(0)]
