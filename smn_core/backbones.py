@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .augment import IMAGENET_MEAN, IMAGENET_STD  # one definition of the ImageNet statistics
+
 __all__ = [
     "Backbone",
     "BasicBlock",
@@ -56,8 +58,6 @@ __all__ = [
     "load_checkpoint_state_dict",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 WEIGHTS_CHOICES: tuple[str, ...] = ("pretrained", "random", "checkpoint")
 
 #: Environment variable naming a folder that holds ``resnet{depth}-*.th`` CIFAR-10 checkpoints.
