@@ -17,7 +17,6 @@ method              objective    adaptation   meaning
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -343,7 +342,3 @@ def run_cell(
     metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)))
     return CellOutcome(metrics=metrics, masks=masks, history=result.history if result else [], train_result=result)
 
-
-def clone_backbone(backbone: Backbone) -> torch.nn.Module:
-    """A deep copy of the backbone's feature extractor (for applying exported masks)."""
-    return copy.deepcopy(backbone.model)

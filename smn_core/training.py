@@ -32,7 +32,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -423,8 +422,3 @@ class _single_view:
     def __call__(self, image) -> list[torch.Tensor]:
         return [self.transform(image)]
 
-
-def seed_everything(seed: int) -> None:
-    """Seed torch and numpy (model initialisation, data order)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
