@@ -1,17 +1,25 @@
 """The ``smn`` command line: run experiments on Ray and rebuild tables from the ledger.
 
     smn run SPEC.yaml [--results DIR] [--address ADDR] [--dry-run] [key=value ...]
-    smn table DIR [--experiment NAME] [--format markdown|latex|csv] [--metrics a,b]
+    smn table DIR [--experiment NAME] [--layout NAME] [--format markdown|latex|csv] [--metrics a,b]
+    smn plot DIR --figure NAME [--experiment NAME] [--out FILE.png]
     smn validate SPEC.yaml [key=value ...]
+
+Further subcommands (``smn store``, ``smn cascade``) live in the modules of :data:`CLI_PLUGINS`;
+each has ``add_parser(subparsers)``, which registers its subcommand with ``set_defaults(handler=f)``
+where ``f(args) -> exit code``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CLI_PLUGINS"]
+
+CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli", "orchestrator.sweep_cli")
 
 _EPILOG = """\
 examples:
@@ -57,15 +65,61 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"))
     tab.add_argument("--metrics", default=None,
                      help="comma-separated metrics (default: knn_top1,linear_probe_top1,density,code_entropy,collapsed,wall_s)")
+    tab.add_argument("--layout", default=None,
+                     help="a paper table (e.g. table2, table3, table5a); 'list' shows them all. Default: "
+                     "the generic one-row-per-cell-group table")
+
+    plot = sub.add_parser("plot", help="draw a paper figure from the ledger alone (PNG)",
+                          description="Draw a registered figure (e.g. fig8, fig9, fig11) from the ledger under DIR.")
+    plot.add_argument("results", metavar="DIR", help="results folder or URI")
+    plot.add_argument("--figure", required=True, help="figure name; 'list' shows them all")
+    plot.add_argument("--experiment", default=None, help="only this experiment (default: all)")
+    plot.add_argument("--out", default=None, help="output PNG (default: DIR/figures/NAME.png)")
+
+    for mod in CLI_PLUGINS:
+        try:
+            plugin = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+            continue
+        plugin.add_parser(sub)
     return p
 
 
-def _table(results: str, experiment: str | None, fmt: str, metrics: str | None) -> str:
-    from . import ledger, tables
+def _table(results: str, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None) -> str:
+    from . import ledger, reports, tables
 
+    if layout == "list":
+        return "\n".join(f"{t.name:12s} {t.description}" for t in reports.tables().values())
+    if layout is not None:
+        known = reports.tables()
+        if layout not in known:
+            raise ValueError(f"table layout {layout!r} is not known; allowed: {', '.join(known)} (or 'list')")
+        df = ledger.read_ledger(results, experiment)
+        return reports.render_frame(known[layout].build(df), fmt, title=known[layout].description)
     df = ledger.read_ledger(results, experiment)
     chosen = tuple(metrics.split(",")) if metrics else tables.DEFAULT_METRICS
     return tables.render(tables.results_table(df, chosen), fmt)
+
+
+def _plot(results: str, figure: str, experiment: str | None, out: str | None) -> str:
+    from pathlib import Path
+
+    from . import ledger, reports
+
+    known = reports.figures()
+    if figure == "list":
+        return "\n".join(f"{f.name:12s} {f.description}" for f in known.values())
+    if figure not in known:
+        raise ValueError(f"figure {figure!r} is not known; allowed: {', '.join(known)} (or 'list')")
+    df = ledger.read_ledger(results, experiment)
+    if df.empty:
+        raise ValueError(f"the ledger under {results!r} holds no results" + (f" for {experiment!r}" if experiment else ""))
+    path = Path(out) if out else Path(results) / "figures" / f"{figure}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    known[figure].draw(df, str(path))
+    return f"wrote {path}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # overrides may follow options (smn run spec --results d a=b): argparse leaves those in `extra`
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command == "table"]
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     from .spec import SpecError, expand_cells, load_spec
 
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     if args.command in ("run", "validate"):
         try:
             spec = load_spec(args.spec, args.overrides)
@@ -108,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  failed {cid}: {err}", file=sys.stderr)
         return 1 if summary["failed"] else 0
     try:
-        print(_table(args.results, args.experiment, args.format, args.metrics))
+        if args.command == "plot":
+            print(_plot(args.results, args.figure, args.experiment, args.out))
+        else:
+            print(_table(args.results, args.experiment, args.format, args.metrics, args.layout))
     except ValueError as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return 2

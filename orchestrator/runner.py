@@ -34,7 +34,7 @@ from smn_core.pipeline import CellConfig, run_cell
 from . import ledger
 from .spec import Cell, ExperimentSpec, expand_cells
 
-__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "RunSummary"]
+__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "RunSummary"]
 
 _CELL = TypeAdapter(CellConfig)
 
@@ -92,10 +92,19 @@ def _cell_paths(results: str, experiment: str, cell_id: str) -> tuple[Path, Path
     return exp / "checkpoints" / cell_id, exp / "masks" / f"{cell_id}.safetensors"
 
 
+def final_state_dir(results: str, experiment: str, cell_id: str) -> Path:
+    """Folder of a finished cell's final trainable state (``smn_core.checkpoint`` format: scores, head,
+    prototypes, buffers), written before its ledger rows; a cascade's experts start from it."""
+    return Path(ledger.experiment_dir(results, experiment)) / "states" / cell_id
+
+
 def _finish(results: str, experiment: str, cell_id: str, cfg: CellConfig, grid: dict, outcome, started: float) -> dict:
     ckpt_dir, mask_path = _cell_paths(results, experiment, cell_id)
     if outcome.masks is not None:
         save_tensors(mask_path, outcome.masks, metadata={"cell_id": cell_id, "arch": cfg.backbone.arch})
+    if outcome.state is not None:
+        save_checkpoint(final_state_dir(results, experiment, cell_id), outcome.state,
+                        {"cell_id": cell_id, "config": cfg.to_dict()})
     metrics = dict(outcome.metrics)
     metrics["wall_s"] = time.time() - started
     ledger.write_cell(results, experiment, cell_id=cell_id, method=cfg.method, backbone=cfg.backbone.arch,

@@ -29,7 +29,7 @@ from .backbones import Backbone, build_backbone
 from .data import ImageDataset, load_dataset
 from .evaluation import compute_embeddings, knn_top1, linear_probe
 from .masking import attach_masks, export_masks, mask_density, mask_modules
-from .training import TrainConfig, TrainResult, build_adaptation_model, train
+from .training import TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
 
 __all__ = [
     "METHODS",
@@ -201,12 +201,15 @@ class CellConfig:
 @dataclass
 class CellOutcome:
     """Result of :func:`run_cell`: ``metrics`` (name -> float), the exported ``masks`` (or None),
-    the per-epoch ``history`` and the training result."""
+    the per-epoch ``history``, the training result, and ``state``: the final trainable state
+    (:func:`smn_core.training.trainable_state`: scores, head, prototypes, BN buffers; None for
+    ``pretrained``), from which a cascade expert starts."""
 
     metrics: dict[str, float]
     masks: dict[str, torch.Tensor] | None
     history: list[dict[str, float]]
     train_result: TrainResult | None
+    state: dict[str, torch.Tensor] | None = None
 
 
 def _image_size(spec: DataSpec, backbone: Backbone) -> int:
@@ -292,6 +295,7 @@ def run_cell(
     pipeline_weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
     on_epoch_end: Callable | None = None,
     progress: Callable[[str], None] | None = None,
     evaluate: bool = True,
@@ -302,13 +306,16 @@ def run_cell(
         cfg: the cell.
         pipeline_weights: pretraining artifact for ``backbone.weights == "pipeline"``.
         device: torch device.
-        resume / on_epoch_end / progress: passed to :func:`smn_core.training.train`.
+        resume / init_state / on_epoch_end / progress: passed to :func:`smn_core.training.train`.
         evaluate: run the evaluation (distributed runs evaluate on rank 0 only).
 
     Returns:
         A :class:`CellOutcome`. Metrics: ``knn_top1``, ``linear_probe_top1``, and for adapted models
         ``density``, ``mask_bits`` (number of masked weights = bits of one uncompressed mask),
         ``train_loss``, ``train_seconds``, ``steps``, ``collapsed`` (1.0 if SwAV collapse was detected).
+        Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
+        task costs on top of the shared backbone (paper Table 1 "Size"): ``mask_bits`` for masking,
+        32 x backbone parameters for full fine-tuning (an fp32 copy), 0 for the frozen backbone.
     """
     torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights)
@@ -318,6 +325,8 @@ def run_cell(
     metrics: dict[str, float] = {}
     masks = None
     result = None
+    state = None
+    backbone_params = sum(p.numel() for p in model.parameters())
     training = METHODS[cfg.method]
     if training is not None:
         if cfg.train.adaptation == "mask":
@@ -327,7 +336,9 @@ def run_cell(
         adapt = build_adaptation_model(model, backbone.feature_dim, cfg.train,
                                        num_classes=len(train_ds.class_names))
         result = train(adapt, train_ds, cfg.train, image_size=size, mean=backbone.mean, std=backbone.std,
-                       device=device, resume=resume, on_epoch_end=on_epoch_end, progress=progress)
+                       device=device, resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
+                       progress=progress)
+        state = {k: v.cpu() for k, v in trainable_state(adapt).items()}
         metrics.update(train_seconds=time.perf_counter() - t0, steps=float(result.steps),
                        train_loss=result.history[-1]["loss"], collapsed=float(result.collapse is not None))
         if "code_entropy" in result.history[-1]:
@@ -339,6 +350,13 @@ def run_cell(
     if evaluate:
         metrics.update(evaluate_model(model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
                                       std=backbone.std, device=device))
-    metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)))
-    return CellOutcome(metrics=metrics, masks=masks, history=result.history if result else [], train_result=result)
+    metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)), backbone_params=float(backbone_params))
+    if training is None:
+        metrics["storage_bits"] = 0.0
+    elif cfg.train.adaptation == "mask":
+        metrics["storage_bits"] = metrics.get("mask_bits", 0.0)
+    else:
+        metrics["storage_bits"] = 32.0 * backbone_params
+    return CellOutcome(metrics=metrics, masks=masks, history=result.history if result else [], train_result=result,
+                       state=state)
 

@@ -43,7 +43,7 @@ from .augment import MultiCropConfig, MultiCropTransform, SeededViewDataset, col
 from .masking import MaskConfig, mask_density, mask_modules, score_parameters, set_topk_density
 from .swav import SwAV, SwAVConfig, detect_collapse
 
-__all__ = ["TrainConfig", "TrainResult", "AdaptationModel", "train", "build_adaptation_model"]
+__all__ = ["TrainConfig", "TrainResult", "AdaptationModel", "train", "build_adaptation_model", "trainable_state"]
 
 OBJECTIVES = ("swav", "supervised")
 ADAPTATIONS = ("mask", "full")
@@ -225,7 +225,9 @@ def _set_bn_mode(model: nn.Module, bn_mode: str) -> None:
                 m.eval()
 
 
-def _trainable_state(model: AdaptationModel) -> dict[str, torch.Tensor]:
+def trainable_state(model: AdaptationModel) -> dict[str, torch.Tensor]:
+    """Every trainable parameter (``param.<name>``: scores, head, prototypes, or all weights for full
+    fine-tuning) and every buffer (``buffer.<name>``: BN statistics, SwAV queue) of ``model``, cloned."""
     state = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     state.update({f"buffer.{n}": b.detach().clone() for n, b in model.named_buffers()})
     return state
@@ -267,6 +269,7 @@ def train(
     std: tuple[float, float, float],
     device: str | torch.device = "cpu",
     resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
     on_epoch_end: Callable[[int, dict[str, float], Callable[[], tuple[dict, dict]]], None] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
@@ -281,6 +284,9 @@ def train(
         device: ``"cpu"`` or a CUDA device.
         resume: ``(tensors, meta)`` of a checkpoint written through ``on_epoch_end``'s state function;
             training continues at the epoch after the one saved.
+        init_state: tensors of a finished run (:func:`trainable_state`, e.g. a cascade dispatcher's
+            scores, head and prototypes) to start from, at epoch 0 with a fresh optimizer and an empty
+            SwAV queue (paper Sec. 3.4: experts start from the dispatcher). Ignored when ``resume`` is given.
         on_epoch_end: ``f(epoch, metrics, state_fn)`` after each epoch (on every worker); ``state_fn()``
             returns ``(tensors, meta)`` to checkpoint. Ray Train reports checkpoints through it.
         progress: called with one human-readable line per epoch (epoch, loss, ETA).
@@ -337,6 +343,9 @@ def train(
         tensors, meta = resume
         _restore(core, opt, {k: v.to(device) for k, v in tensors.items()})
         start_epoch, step, history = int(meta["epoch"]) + 1, int(meta["step"]), list(meta.get("history", []))
+    elif init_state is not None:
+        _restore(core, opt, {k: v.to(device) for k, v in init_state.items()
+                             if k.startswith(("param.", "buffer.")) and ".queue" not in k})
     runner: nn.Module = core
     if distributed:
         runner = nn.parallel.DistributedDataParallel(core, broadcast_buffers=False,
@@ -406,7 +415,7 @@ def train(
             progress(f"epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f}{extra} eta {eta:.0f}s")
         if on_epoch_end is not None:
             def state_fn(epoch=epoch) -> tuple[dict, dict]:
-                tensors = _trainable_state(core)
+                tensors = trainable_state(core)
                 tensors.update(_optimizer_state(opt))
                 return tensors, {"epoch": epoch, "step": step, "history": [dict(h) for h in history]}
             on_epoch_end(epoch, metrics, state_fn)

@@ -1,0 +1,161 @@
+"""The paper's tables and figures, rebuilt from the ledger alone: a registry of named layouts.
+
+A *table layout* turns long ledger rows (:func:`orchestrator.ledger.read_ledger`) into a
+``pandas.DataFrame`` of display strings (index = row labels, columns = column labels), which
+:func:`render_frame` writes as Markdown, LaTeX or CSV. A *figure* draws ledger rows into a PNG
+with matplotlib. Each paper area registers its own in a module of its own (``paper_*.py``,
+listed in :data:`REPORT_MODULES`); ``smn table --layout NAME`` and ``smn plot --figure NAME`` find
+them here.
+
+    @register_table("table2", "Table 2: threshold vs top-k masking (k-NN, linear probe, density)")
+    def table2(df: pd.DataFrame) -> pd.DataFrame: ...
+
+    @register_figure("fig8", "Fig. 8: accuracy against trainable masks, per selection strategy")
+    def fig8(df: pd.DataFrame, out: str) -> None: ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+
+__all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
+           "render_frame", "mean_std", "grid_values", "metric_frame", "REPORT_MODULES"]
+
+REPORT_MODULES = (
+    "orchestrator.paper_ablations",
+    "orchestrator.paper_cascade",
+    "orchestrator.paper_baselines",
+    "orchestrator.paper_storage",
+)
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """A named table: ``build(ledger rows) -> DataFrame of strings``."""
+
+    name: str
+    description: str
+    build: Callable[[pd.DataFrame], pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A named figure: ``draw(ledger rows, output PNG path)``."""
+
+    name: str
+    description: str
+    draw: Callable[[pd.DataFrame, str], None]
+
+
+_TABLES: dict[str, TableLayout] = {}
+_FIGURES: dict[str, Figure] = {}
+
+
+def register_table(name: str, description: str):
+    """Decorator registering a table layout under ``name`` (raises ValueError on a duplicate name)."""
+    def wrap(fn):
+        if name in _TABLES and _TABLES[name].build is not fn:
+            raise ValueError(f"table layout {name!r} is registered twice")
+        _TABLES[name] = TableLayout(name, description, fn)
+        return fn
+    return wrap
+
+
+def register_figure(name: str, description: str):
+    """Decorator registering a figure under ``name`` (raises ValueError on a duplicate name)."""
+    def wrap(fn):
+        if name in _FIGURES and _FIGURES[name].draw is not fn:
+            raise ValueError(f"figure {name!r} is registered twice")
+        _FIGURES[name] = Figure(name, description, fn)
+        return fn
+    return wrap
+
+
+def _load_modules() -> None:
+    for mod in REPORT_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:  # a missing dependency inside the module is a real error
+                raise
+
+
+def tables() -> dict[str, TableLayout]:
+    """Every registered table layout, by name."""
+    _load_modules()
+    return dict(sorted(_TABLES.items()))
+
+
+def figures() -> dict[str, Figure]:
+    """Every registered figure, by name."""
+    _load_modules()
+    return dict(sorted(_FIGURES.items()))
+
+
+def grid_values(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with one column per grid axis (last dotted component, e.g. ``num_prototypes``) parsed
+    from ``grid_json``; cells without that axis get None."""
+    parsed = df["grid_json"].map(json.loads)
+    keys = sorted({k for g in parsed for k in g})
+    out = df.copy()
+    for k in keys:
+        out[k.split(".")[-1]] = parsed.map(lambda g, k=k: g.get(k))
+    return out
+
+
+def metric_frame(df: pd.DataFrame, metrics: list[str] | tuple[str, ...], by: list[str]) -> pd.DataFrame:
+    """Aggregate ledger rows over seeds: index ``by`` (columns of ``df``), columns ``(metric, mean|std|n)``."""
+    sub = df[df["metric"].isin(metrics)]
+    if sub.empty:
+        return pd.DataFrame()
+    agg = sub.groupby(by + ["metric"], dropna=False)["value"].agg(["mean", "std", "count"]).rename(
+        columns={"count": "n"})
+    wide = agg.unstack("metric")
+    wide.columns = wide.columns.swaplevel(0, 1)
+    return wide.sort_index(axis=1)
+
+
+def mean_std(mean: float, std: float | None = None, n: float | None = None, digits: int = 3) -> str:
+    """``"0.812"`` or ``"0.812 ± 0.004"`` (std shown when n > 1); ``"-"`` for a missing value."""
+    if mean is None or pd.isna(mean):
+        return "-"
+    s = f"{mean:.{digits}f}"
+    if n is not None and not pd.isna(n) and n > 1 and std is not None and not pd.isna(std):
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None = None) -> str:
+    """Render a DataFrame of display strings as Markdown, LaTeX (booktabs) or CSV.
+
+    Raises:
+        ValueError: on an unknown format (lists the allowed ones).
+    """
+    allowed = ("markdown", "latex", "csv")
+    if fmt not in allowed:
+        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(allowed)}")
+    if frame is None or frame.empty:
+        return "(no results in the ledger for this table yet)"
+    frame = frame.reset_index() if any(n is not None for n in frame.index.names) else frame
+    header = [str(c) for c in frame.columns]
+    rows = [[("-" if (v is None or (isinstance(v, float) and pd.isna(v))) else str(v)) for v in r]
+            for r in frame.itertuples(index=False)]
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "latex":
+        esc = lambda s: str(s).replace("_", r"\_").replace("±", r"$\pm$").replace("%", r"\%")  # noqa: E731
+        lines = ([r"% " + title] if title else []) + [
+            r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+            " & ".join(map(esc, header)) + r" \\", r"\midrule"]
+        lines += [" & ".join(map(esc, r)) + r" \\" for r in rows]
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    out = ([f"**{title}**", ""] if title else []) + [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(out + [line(r) for r in rows])
