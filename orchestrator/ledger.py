@@ -6,6 +6,10 @@ local path or any URI that ``pyarrow.fs`` understands (``s3://...``; NFS is a lo
 
 A file that cannot be read (truncated, corrupted) is moved aside to ``<experiment>/quarantine/``
 with a warning and its cell counts as not done, so it runs again; no other file is touched.
+
+A cell that failed after all its retries gets a failure record
+``<experiment>/failures/<cell_id>.json`` (its label and error); it is not a ledger row, so the cell
+runs again next time, and the record is removed when the cell finally lands.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pyarrow.parquet as pq
 import smn_core
 
 __all__ = ["LEDGER_SCHEMA", "resolve", "write_cell", "read_ledger", "completed_cells", "experiment_dir",
-           "list_experiments"]
+           "list_experiments", "write_failure", "read_failures", "cell_metric"]
 
 LEDGER_SCHEMA = pa.schema([
     ("cell_id", pa.string()),
@@ -98,7 +102,38 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
     with fs.open_output_stream(tmp) as out:
         pq.write_table(table, out)
     fs.move(tmp, final)
+    failure = f"{root.rstrip('/')}/{experiment}/failures/{cell_id}.json"
+    if fs.get_file_info(failure).type == pafs.FileType.File:
+        fs.delete_file(failure)
     return final
+
+
+def write_failure(results: str, experiment: str, *, cell_id: str, label: str, error: str, attempts: int) -> str:
+    """Record that a cell failed after ``attempts`` tries with ``error``; returns the record's path."""
+    fs, root = resolve(results)
+    folder = f"{root.rstrip('/')}/{experiment}/failures"
+    fs.create_dir(folder, recursive=True)
+    path = f"{folder}/{cell_id}.json"
+    blob = json.dumps({"cell_id": cell_id, "label": label, "error": error, "attempts": attempts,
+                       "failed_at": time.time(), "host": socket.gethostname()}, indent=1).encode()
+    tmp = f"{folder}/.{cell_id}.{uuid.uuid4().hex}.tmp"
+    with fs.open_output_stream(tmp) as out:
+        out.write(blob)
+    fs.move(tmp, path)
+    return path
+
+
+def read_failures(results: str, experiment: str) -> dict[str, dict]:
+    """``{cell_id: failure record}`` of the cells that failed and have not landed since."""
+    fs, root = resolve(results)
+    folder = f"{root.rstrip('/')}/{experiment}/failures"
+    out = {}
+    for fi in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        name = os.path.basename(fi.path)
+        if fi.type == pafs.FileType.File and name.endswith(".json") and not name.startswith("."):
+            with fs.open_input_stream(fi.path) as f:
+                out[name[:-5]] = json.loads(f.read())
+    return out
 
 
 def _quarantine(fs: pafs.FileSystem, exp_folder: str, path: str, exc: Exception) -> None:
@@ -150,6 +185,14 @@ def read_ledger(results: str, experiment: str | None = None) -> pd.DataFrame:
     if not tables:
         return LEDGER_SCHEMA.empty_table().to_pandas()
     return pa.concat_tables(tables).to_pandas()
+
+
+def cell_metric(results: str, experiment: str, metric: str) -> dict[str, float]:
+    """``{cell_id: value}`` of one metric over the experiment's cells (e.g. ``density`` for top-k at
+    the found density)."""
+    df = read_ledger(results, experiment)
+    df = df[df["metric"] == metric]
+    return dict(zip(df["cell_id"], df["value"].astype(float)))
 
 
 def completed_cells(results: str, experiment: str) -> set[str]:

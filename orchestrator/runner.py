@@ -117,9 +117,13 @@ def _finish(results: str, experiment: str, cell_id: str, cfg: CellConfig, grid: 
     return metrics
 
 
-@ray.remote
-def _cell_task(cell_dict: dict, cell_id: str, label: str, grid: dict, experiment: str, results: str,
-               pipeline_weights: str | None) -> dict[str, float]:
+def run_cell_here(cell_dict: dict, cell_id: str, label: str, grid: dict, experiment: str, results: str,
+                  pipeline_weights: str | None) -> dict[str, float]:
+    """Run one cell in this process (a Ray task or a Tune trial), checkpointing every epoch to
+    ``<results>/<experiment>/checkpoints/<cell_id>/`` and resuming from there; write its ledger rows.
+
+    Returns the cell's metrics.
+    """
     import torch
 
     started = time.time()
@@ -137,6 +141,9 @@ def _cell_task(cell_dict: dict, cell_id: str, label: str, grid: dict, experiment
     outcome = run_cell(cfg, pipeline_weights=pipeline_weights, device=device, resume=resume,
                        on_epoch_end=on_epoch_end, progress=_log(f"{cell_id} {label}"))
     return _finish(results, experiment, cell_id, cfg, grid, outcome, started)
+
+
+_cell_task = ray.remote(run_cell_here)
 
 
 def _ddp_worker_loop(config: dict) -> None:
@@ -171,9 +178,13 @@ def _ddp_worker_loop(config: dict) -> None:
         _finish(config["results"], config["experiment"], config["cell_id"], cfg, config["grid"], outcome, started)
 
 
-@ray.remote(num_cpus=0)
-def _ddp_cell_task(cell_dict: dict, cell_id: str, label: str, grid: dict, experiment: str, results: str,
-                   pipeline_weights: str | None, resources: dict) -> dict[str, float]:
+def run_ddp_cell(cell_dict: dict, cell_id: str, label: str, grid: dict, experiment: str, results: str,
+                 pipeline_weights: str | None, resources: dict) -> dict[str, float]:
+    """Run one cell as DDP across ``resources["workers"]`` Ray Train workers (a ``TorchTrainer``),
+    resuming from its last reported checkpoint after a worker failure; rank 0 writes the ledger.
+
+    Returns the cell's metrics (read back from the ledger).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -199,6 +210,9 @@ def _ddp_cell_task(cell_dict: dict, cell_id: str, label: str, grid: dict, experi
     return dict(zip(rows["metric"], rows["value"]))
 
 
+_ddp_cell_task = ray.remote(num_cpus=0)(run_ddp_cell)
+
+
 class RunSummary(dict):
     """``{"total", "skipped", "ran", "failed": {cell_id: error}}`` of one :func:`run_experiment` call."""
 
@@ -215,27 +229,31 @@ def _check_resources(spec: ExperimentSpec) -> None:
                 "(SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes autoscale from zero)")
 
 
-def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = None,
-                   echo: Callable[[str], None] = print) -> RunSummary:
-    """Run every cell of ``spec`` that the ledger does not hold yet; return a summary.
+def start_ray_for(spec: ExperimentSpec, results: str, address: str | None = None) -> None:
+    """Join or start Ray and check, before any work, that the cluster can run ``spec``.
 
-    Cells run concurrently as far as the cluster's resources allow (and
-    ``resources.max_concurrent_cells``). A cell that fails after its retries is reported in
-    ``summary["failed"]``; the other cells go on.
+    Raises:
+        RuntimeError: if the spec asks for GPUs the cluster does not have.
+        orchestrator.storage.StorageUnreachable, ValueError: if ``results`` is not writable from the driver
+            and shared with every alive node (:func:`orchestrator.storage.check_results_location`).
     """
-    cells = expand_cells(spec)
-    done = ledger.completed_cells(results, spec.name)
-    todo = [c for c in cells if c.cell_id not in done]
-    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo), ran=0, failed={})
-    echo(f"experiment {spec.name}: {len(cells)} cells, {summary['skipped']} already in the ledger, {len(todo)} to run")
-    if not todo:
-        return summary
+    from .storage import check_results_location
+
     ensure_ray(address)
     _check_resources(spec)
+    check_results_location(results)
+
+
+def prepare_pipeline_weights(spec: ExperimentSpec, results: str, cells: list[Cell],
+                             echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Build (once, as Ray tasks) the pretraining artifacts the ``weights: pipeline`` cells need.
+
+    Returns ``{cell_id: artifact path}`` for those cells.
+    """
     res = spec.resources
     weights: dict[str, str] = {}
     pre = {}
-    for c in todo:
+    for c in cells:
         if c.config.backbone.weights == "pipeline":
             path = pretrain_artifact_path(results, spec.name, c.config)
             if not path.exists() and str(path) not in pre:
@@ -246,6 +264,49 @@ def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = 
     for path, ref in pre.items():
         m = ray.get(ref)
         echo(f"pretrained backbone ready ({', '.join(f'{k} {v:.3f}' for k, v in m.items())})")
+    return weights
+
+
+def uses_tune(spec: ExperimentSpec) -> bool:
+    """Whether ``spec`` runs as a Ray Tune sweep (``resources.engine``; auto: it has a grid or a search)."""
+    if spec.resources.engine != "auto":
+        return spec.resources.engine == "tune"
+    return bool(spec.grid) or spec.search is not None
+
+
+def echo_cell_done(echo: Callable[[str], None], prefix: str, cell: Cell, metrics: dict[str, float]) -> None:
+    """Print one finished cell's headline metrics, and a warning when SwAV collapsed."""
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_probe_top1", "density") if k in metrics)
+    echo(f"{prefix} {cell.cell_id} {cell.label}: {shown}")
+    if metrics.get("collapsed"):
+        echo(f"  warning: SwAV collapse detected in {cell.cell_id} (loss {metrics.get('train_loss', float('nan')):.4f} "
+             f"near ln K, or assignment entropy {metrics.get('code_entropy', float('nan')):.3f} near 0); "
+             "train longer, or change prototypes / score_lr")
+
+
+def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = None,
+                   echo: Callable[[str], None] = print) -> RunSummary:
+    """Run every cell of ``spec`` that the ledger does not hold yet; return a summary.
+
+    Specs with a grid or a search run as a Ray Tune sweep (:func:`orchestrator.sweep.run_sweep`);
+    others as one Ray task per cell (or a ``TorchTrainer`` per cell for ``workers > 1``). Cells run
+    concurrently as far as the cluster's resources allow (and ``resources.max_concurrent_cells``).
+    A cell that fails after its retries is reported in ``summary["failed"]``; the other cells go on.
+    """
+    if uses_tune(spec):
+        from .sweep import run_sweep
+
+        return run_sweep(spec, results, address=address, echo=echo)
+    cells = expand_cells(spec)
+    done = ledger.completed_cells(results, spec.name)
+    todo = [c for c in cells if c.cell_id not in done]
+    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo), ran=0, failed={})
+    echo(f"experiment {spec.name}: {len(cells)} cells, {summary['skipped']} already in the ledger, {len(todo)} to run")
+    if not todo:
+        return summary
+    start_ray_for(spec, results, address)
+    res = spec.resources
+    weights = prepare_pipeline_weights(spec, results, todo, echo)
 
     def submit(c: Cell):
         args = (_dump(c), c.cell_id, c.label, c.grid_values, spec.name, results, weights.get(c.cell_id))
@@ -270,15 +331,11 @@ def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = 
         try:
             metrics = ray.get(ready[0])
             summary["ran"] += 1
-            shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_probe_top1", "density")
-                              if k in metrics)
-            echo(f"[{finished}/{len(cells)} cells done, {time.time() - t0:.0f}s] {cell.cell_id} {cell.label}: {shown}")
-            if metrics.get("collapsed"):
-                echo(f"  warning: SwAV collapse detected in {cell.cell_id} (loss {metrics.get('train_loss', float('nan')):.4f} "
-                     f"near ln K, or assignment entropy {metrics.get('code_entropy', float('nan')):.3f} near 0); "
-                     "train longer, or change prototypes / score_lr")
+            echo_cell_done(echo, f"[{finished}/{len(cells)} cells done, {time.time() - t0:.0f}s]", cell, metrics)
         except Exception as exc:  # noqa: BLE001 - a failed cell must not stop the others
             summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
+            ledger.write_failure(results, spec.name, cell_id=cell.cell_id, label=cell.label,
+                                 error=summary["failed"][cell.cell_id], attempts=res.max_retries + 1)
             echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {exc}")
     return summary
 

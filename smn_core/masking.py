@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
@@ -43,11 +44,16 @@ __all__ = [
     "apply_masks",
     "mask_density",
     "set_topk_density",
+    "trainable_mask_count",
+    "stage_of",
     "SELECTORS",
+    "SELECTIVE",
 ]
 
-SELECTORS = ("conv", "linear", "conv+linear", "clip_attn_mlp", "all")
+SELECTORS = ("conv", "linear", "conv+linear", "clip_attn_mlp", "all", "all_but_norm", "all_but_bias")
+SELECTIVE = ("none", "random", "magnitude")
 _MASK_MODES = ("threshold", "topk")
+_STAGE = re.compile(r"^(?:.*\.)?layer(\d+)\.")
 
 
 @dataclass
@@ -58,8 +64,11 @@ class MaskConfig:
         selector: which parameter tensors get a mask: ``"conv"`` (weights of every ``nn.Conv*``,
             downsample convolutions included; the ResNet default), ``"linear"``, ``"conv+linear"``,
             ``"clip_attn_mlp"`` (CLIP ViT: attention q/k/v/out projections and MLP of every block,
-            weights and biases), ``"all"`` (every floating-point parameter), or ``"re:<regex>"`` matched
-            against full parameter names.
+            weights and biases), ``"all"`` (every floating-point parameter: Table 5b "none frozen"),
+            ``"all_but_norm"`` (every parameter except those of normalisation layers: Table 5b "BNs
+            frozen", which on a ResNet backbone is the conv default), ``"all_but_bias"`` (every
+            parameter except biases: Table 5b "biases frozen"), or ``"re:<regex>"`` matched against
+            full parameter names.
         include_bn: also mask the affine parameters (weight and bias) of normalisation layers
             (BatchNorm, and GroupNorm/LayerNorm where a model has them). Off by default: masking BN
             collapses accuracy (Table 5b).
@@ -69,9 +78,20 @@ class MaskConfig:
         alpha_grad: differentiate through ``alpha`` (reference-code behaviour); default False.
         mode: ``"threshold"`` (the method) or ``"topk"`` (Ramanujan et al. baseline).
         topk_density: kept fraction per tensor for ``mode="topk"``, in (0, 1].
+        stages: selective masking (App. F, Fig. 8): mask only the parameters of the first N stages
+            of a ResNet (modules named ``layer1`` .. ``layerN``; the stem before ``layer1`` counts
+            with stage 1). None: every selected tensor.
+        selective: selective masking within each masked tensor (App. F, Figs. 8-9): ``"none"``
+            (every position has a trainable mask), ``"random"`` (a random fraction
+            ``selective_fraction`` of the positions of each tensor, drawn with ``selective_seed``)
+            or ``"magnitude"`` (the fraction with the largest ``|W|``). Positions without a trainable
+            mask stay active (mask 1) for the whole run.
+        selective_fraction: p in (0, 1] for ``selective != "none"``.
+        selective_seed: seed of the random selection (combined with each tensor's name).
 
     Raises:
-        ValueError: on an unknown selector or mode, or a density outside (0, 1].
+        ValueError: on an unknown selector, mode or selective strategy, a density or fraction outside
+            (0, 1], or selective masking combined with top-k.
     """
 
     selector: str = "conv"
@@ -82,6 +102,10 @@ class MaskConfig:
     alpha_grad: bool = False
     mode: Literal["threshold", "topk"] = "threshold"
     topk_density: float | None = None
+    stages: int | None = None
+    selective: Literal["none", "random", "magnitude"] = "none"
+    selective_fraction: float | None = None
+    selective_seed: int = 0
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -100,6 +124,16 @@ class MaskConfig:
         if self.mode == "topk":
             if self.topk_density is None or not 0.0 < self.topk_density <= 1.0:
                 raise ValueError(f"topk_density must be in (0, 1] for mode 'topk', got {self.topk_density!r}")
+        if self.stages is not None and self.stages < 1:
+            raise ValueError(f"mask stages must be >= 1 (the first N ResNet stages) or null, got {self.stages}")
+        if self.selective not in SELECTIVE:
+            raise ValueError(f"selective masking {self.selective!r} is not known; allowed: {', '.join(SELECTIVE)}")
+        if self.selective != "none":
+            if self.selective_fraction is None or not 0.0 < self.selective_fraction <= 1.0:
+                raise ValueError(f"selective_fraction must be in (0, 1] for selective {self.selective!r}, "
+                                 f"got {self.selective_fraction!r}")
+            if self.mode == "topk":
+                raise ValueError("selective masking works with threshold masks only, not mode 'topk'")
         if not math.isfinite(self.init_score) or not math.isfinite(self.threshold):
             raise ValueError(f"init_score and threshold must be finite, got {self.init_score}, {self.threshold}")
         if self.mode == "threshold" and self.init_score <= self.threshold:
@@ -128,16 +162,30 @@ class ScoreMask(nn.Module):
         shape: shape of the masked tensor ``W``; ``scores`` has the same shape.
         config: a :class:`MaskConfig`.
         dtype: dtype of the scores (float32 by default; float64 for exactness tests).
+        trainable: optional bool tensor of ``shape`` (selective masking, App. F): positions where it
+            is False keep mask 1 whatever their score; stored as the buffer ``trainable``.
 
     The forward takes the frozen tensor ``W`` (any shape) and returns a tensor of the same shape
     and dtype. ``scores`` is the only trainable parameter.
     """
 
-    def __init__(self, shape: torch.Size, config: MaskConfig, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, shape: torch.Size, config: MaskConfig, dtype: torch.dtype = torch.float32,
+                 trainable: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
         self.scores = nn.Parameter(torch.full(tuple(shape), float(config.init_score), dtype=dtype))
         self.topk_density = config.topk_density
+        if trainable is not None:
+            if tuple(trainable.shape) != tuple(shape) or trainable.dtype != torch.bool:
+                raise ValueError(f"trainable must be a bool tensor of shape {tuple(shape)}, "
+                                 f"got {trainable.dtype} {tuple(trainable.shape)}")
+            self.register_buffer("trainable", trainable.clone())
+        else:
+            self.trainable = None
+
+    def num_trainable(self) -> int:
+        """Number of positions with a trainable mask (all of them unless selective masking)."""
+        return self.scores.numel() if self.trainable is None else int(self.trainable.sum())
 
     @torch.no_grad()
     def hard_mask(self) -> torch.Tensor:
@@ -152,7 +200,10 @@ class ScoreMask(nn.Module):
             mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
             mask[idx] = True
             return mask.view_as(self.scores)
-        return self.scores.detach() > self.config.threshold
+        mask = self.scores.detach() > self.config.threshold
+        if self.trainable is not None:
+            mask = mask | ~self.trainable
+        return mask
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         hard = self.hard_mask().to(weight.dtype)
@@ -205,6 +256,14 @@ def select_parameters(model: nn.Module, config: MaskConfig) -> list[str]:
         elif sel == "all":
             for pname in own:
                 add(mname, pname, module)
+        elif sel == "all_but_norm":
+            if not isinstance(module, _norm_layers()):
+                for pname in own:
+                    add(mname, pname, module)
+        elif sel == "all_but_bias":
+            for pname in own:
+                if not pname.endswith("bias"):
+                    add(mname, pname, module)
         else:
             is_conv = isinstance(module, nn.modules.conv._ConvNd)
             is_linear = isinstance(module, nn.Linear)
@@ -223,12 +282,39 @@ def select_parameters(model: nn.Module, config: MaskConfig) -> list[str]:
         if config.include_bn and isinstance(module, _norm_layers()) and not regex:
             add(mname, "weight", module)
             add(mname, "bias", module)
+    if config.stages is not None:
+        if not any(_STAGE.match(n) for n in names):
+            raise ValueError(f"mask stages={config.stages} needs a ResNet (parameters under layer1..layerN); "
+                             f"{type(model).__name__} has none")
+        names = [n for n in names if stage_of(n) <= config.stages]
     if not names:
         raise ValueError(
             f"mask selector {sel!r} selects no parameter of {type(model).__name__}; "
             f"allowed selectors: {', '.join(SELECTORS)} or 're:<regex>'"
         )
     return names
+
+
+def stage_of(name: str) -> int:
+    """ResNet stage of a parameter name: k for names under ``layer<k>``, 0 for the stem and the rest."""
+    m = _STAGE.match(name)
+    return int(m.group(1)) if m else 0
+
+
+def _trainable_positions(name: str, weight: torch.Tensor, config: MaskConfig) -> torch.Tensor | None:
+    """Bool tensor of the positions with a trainable mask (selective masking, App. F), or None (all)."""
+    if config.selective == "none":
+        return None
+    n = weight.numel()
+    k = max(1, int(round(float(config.selective_fraction) * n)))
+    if config.selective == "random":
+        gen = torch.Generator().manual_seed(int(config.selective_seed) * 1_000_003 + zlib.crc32(name.encode()))
+        idx = torch.randperm(n, generator=gen)[:k]
+    else:
+        idx = torch.topk(weight.detach().abs().flatten().float().cpu(), k, sorted=False).indices
+    out = torch.zeros(n, dtype=torch.bool)
+    out[idx] = True
+    return out.view(weight.shape).to(weight.device)
 
 
 def _resolve(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:
@@ -263,7 +349,8 @@ def attach_masks(model: nn.Module, config: MaskConfig | None = None, *, dtype: t
         module, pname = _resolve(model, full)
         tensor = getattr(module, pname)
         parametrize.register_parametrization(
-            module, pname, ScoreMask(tensor.shape, config, dtype=dtype or tensor.dtype).to(tensor.device),
+            module, pname, ScoreMask(tensor.shape, config, dtype=dtype or tensor.dtype,
+                                     trainable=_trainable_positions(full, tensor, config)).to(tensor.device),
             unsafe=True,
         )
         getattr(module.parametrizations, pname).original.requires_grad_(False)
@@ -291,6 +378,11 @@ def masked_parameter_names(model: nn.Module) -> list[str]:
 def score_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``{full parameter name: scores}``: the trainable score tensors, for the optimizer and checkpoints."""
     return {name: m.scores for name, m in mask_modules(model).items()}
+
+
+def trainable_mask_count(model: nn.Module) -> int:
+    """Number of trainable mask positions of ``model`` (App. F: what a selective mask costs to store)."""
+    return sum(m.num_trainable() for m in mask_modules(model).values())
 
 
 def set_topk_density(model: nn.Module, density: float) -> None:

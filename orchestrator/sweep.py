@@ -1,0 +1,319 @@
+"""Ablation sweeps on Ray Tune: a spec's grid, or an Optuna search, as Tune trials of one cell each.
+
+* **Grid** (``grid:`` in the spec): every cell of methods x grid x seeds that the ledger does not
+  hold becomes one trial of a ``tune.grid_search`` over cell indices. Trials run concurrently within
+  the resources the spec asks for (``cpus_per_worker`` / ``gpus_per_worker`` per trial;
+  ``max_concurrent_cells``). A trial with ``workers > 1`` builds and fits a Ray Train
+  ``TorchTrainer`` inside the trial (DDP), as Ray 2.60 requires.
+* **Dependent cells** (``train.mask.topk_density: found``, paper Table 2): they run in a second
+  round, after the threshold cells whose ledger ``density`` they use.
+* **Search** (``search:`` in the spec): Optuna's TPE sampler (``ray.tune.search.optuna``) proposes
+  ``num_samples`` cells over continuous or categorical axes, for one metric. Cells the ledger holds
+  already are given to Optuna as evaluated points and count against the budget, so a rerun only
+  runs the missing trials.
+
+Every trial runs its cell through :func:`orchestrator.runner.run_cell_here` (per-epoch checkpoints,
+resume) and writes the cell's ledger rows itself, so a sweep stopped at any point (Ctrl-C, a killed
+driver, a lost node) and started again with the same command finishes the missing cells only.
+Failed trials are retried ``resources.max_retries`` times (Tune ``FailureConfig``); a trial that keeps
+failing gets a failure record (``ledger.write_failure``) and the rest of the sweep goes on.
+Progress: one line per trial event with trials done / running / pending / failed and the best
+metric so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+from . import ledger
+from .runner import (RunSummary, _dump, echo_cell_done, prepare_pipeline_weights, run_cell_here, run_ddp_cell,
+                     start_ray_for)
+from .spec import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
+
+__all__ = ["run_sweep", "SweepProgress"]
+
+_PROGRESS_METRIC = "knn_top1"
+
+
+class SweepProgress(tune.Callback):
+    """Live progress of a sweep: trials done / running / pending / failed and the best metric so far.
+
+    Args:
+        total: number of trials of this Tune run.
+        labels: ``{trial config key value: cell label}`` resolver, ``label(config) -> str``.
+        metric, mode: the metric to track (``"max"`` or ``"min"``).
+        echo: where lines go (``print``).
+    """
+
+    def __init__(self, total: int, label: Callable[[dict], str], metric: str, mode: str,
+                 echo: Callable[[str], None], name: str) -> None:
+        self.total, self.label, self.metric, self.mode, self.echo, self.name = total, label, metric, mode, echo, name
+        self.running: set[str] = set()
+        self.done = 0
+        self.failed = 0
+        self.best: tuple[float, str] | None = None
+        self.t0 = time.time()
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks with the experiment state; the output function stays behind
+        return {k: v for k, v in self.__dict__.items() if k != "echo"} | {"echo": None}
+
+    def _echo(self, line: str) -> None:
+        (self.echo or print)(line)
+
+    def line(self) -> str:
+        pending = max(0, self.total - self.done - self.failed - len(self.running))
+        best = f"; best {self.metric} {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
+        return (f"[sweep {self.name} {time.time() - self.t0:.0f}s] {self.done} done, {len(self.running)} running, "
+                f"{pending} pending, {self.failed} failed{best}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._echo(f"{self.line()}  <- started {self.label(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            better = self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])
+            if better:
+                self.best = (float(value), self.label(trial.config))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._echo(f"{self.line()}  <- retrying {self.label(trial.config)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.done += 1
+        self._echo(f"{self.line()}  <- finished {self.label(trial.config)}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.failed += 1
+        self._echo(f"{self.line()}  <- FAILED {self.label(trial.config)}")
+
+
+def _report(metrics: dict[str, Any], cell_id: str) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    tune.report({**clean, "cell_id": cell_id})
+
+
+def _ledger_metrics(results: str, experiment: str, cell_id: str) -> dict[str, float] | None:
+    df = ledger.read_ledger(results, experiment)
+    rows = df[df["cell_id"] == cell_id]
+    return dict(zip(rows["metric"], rows["value"])) if len(rows) else None
+
+
+def _run_one(item: dict, experiment: str, results: str, resources: dict) -> dict[str, float]:
+    args = (item["cell"], item["cell_id"], item["label"], item["grid"], experiment, results, item["pipeline_weights"])
+    if resources["workers"] > 1:
+        return run_ddp_cell(*args, resources)
+    return run_cell_here(*args)
+
+
+def _grid_trial(config: dict, *, cells: list[dict], experiment: str, results: str, resources: dict) -> None:
+    """Tune trial of a grid sweep: run cell ``cells[config["cell_index"]]`` (or read it from the ledger
+    when another driver finished it meanwhile) and report its metrics."""
+    item = cells[config["cell_index"]]
+    metrics = _ledger_metrics(results, experiment, item["cell_id"])
+    if metrics is None:
+        metrics = _run_one(item, experiment, results, resources)
+    _report(metrics, item["cell_id"])
+
+
+def _search_trial(config: dict, *, spec_json: str, space: list[str], experiment: str, results: str,
+                  resources: dict, pipeline_weights: str | None) -> None:
+    """Tune trial of an Optuna search: build the cell of the proposed values, run it (or read it from
+    the ledger when it is there already) and report its metrics."""
+    spec = ExperimentSpec.model_validate_json(spec_json)
+    cell = search_cell(spec, {k: config[k] for k in space})
+    metrics = _ledger_metrics(results, experiment, cell.cell_id)
+    if metrics is None:
+        item = {"cell": _dump(cell), "cell_id": cell.cell_id, "label": cell.label, "grid": cell.grid_values,
+                "pipeline_weights": pipeline_weights}
+        metrics = _run_one(item, experiment, results, resources)
+    _report(metrics, cell.cell_id)
+
+
+def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
+    res = spec.resources
+    if res.workers > 1:
+        # the trial only drives a TorchTrainer, whose workers ask for the real resources
+        return {"cpu": 0.01}
+    return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
+
+
+def _run_config(spec: ExperimentSpec, results: str, callbacks: list) -> tune.RunConfig:
+    if "://" in str(results):
+        storage = f"{str(results).rstrip('/')}/{spec.name}/tune"
+    else:
+        storage = f"{ledger.experiment_dir(results, spec.name)}/tune"
+        os.makedirs(storage, exist_ok=True)
+    # a fresh name each time: re-using a Tune run name in the same storage silently resumes it;
+    # resuming is the ledger's job (finished cells are skipped, running ones resume from checkpoints)
+    name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,
+                          failure_config=tune.FailureConfig(max_failures=spec.resources.max_retries))
+
+
+def _record_failures(spec: ExperimentSpec, results: str, result_grid, cell_of: Callable[[dict], Cell | None],
+                     summary: RunSummary, echo: Callable[[str], None]) -> None:
+    for r in result_grid:
+        cell = cell_of(r.config or {})
+        if cell is None:
+            continue
+        if r.error is not None:
+            err = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1] if str(r.error).strip() else ''}"
+            summary["failed"][cell.cell_id] = err
+            ledger.write_failure(results, spec.name, cell_id=cell.cell_id, label=cell.label, error=str(r.error),
+                                 attempts=spec.resources.max_retries + 1)
+            echo(f"  cell {cell.cell_id} {cell.label} failed after {spec.resources.max_retries + 1} attempt(s): {err}")
+        else:
+            summary["ran"] += 1
+            echo_cell_done(echo, "  done:", cell, r.metrics or {})
+
+
+def _quiet_tune() -> None:
+    # Tune's own console output (configuration boxes, trial tables) would interleave with our
+    # progress lines; the legacy reporter at verbose=0 prints nothing
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _grid_round(spec: ExperimentSpec, results: str, cells: list[Cell], summary: RunSummary,
+                echo: Callable[[str], None]) -> None:
+    weights = prepare_pipeline_weights(spec, results, cells, echo)
+    payload = [{"cell": _dump(c), "cell_id": c.cell_id, "label": c.label, "grid": c.grid_values,
+                "pipeline_weights": weights.get(c.cell_id)} for c in cells]
+    trainable = tune.with_parameters(_grid_trial, cells=payload, experiment=spec.name, results=results,
+                                     resources=spec.resources.model_dump())
+    trainable = tune.with_resources(trainable, _trial_resources(spec))
+    progress = SweepProgress(len(cells), lambda cfg: cells[cfg["cell_index"]].label, _PROGRESS_METRIC, "max",
+                             echo, spec.name)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell_index": tune.grid_search(list(range(len(cells))))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=False),
+        run_config=_run_config(spec, results, [progress]),
+    )
+    grid = tuner.fit()
+    _record_failures(spec, results, grid, lambda cfg: cells[cfg["cell_index"]] if "cell_index" in cfg else None,
+                     summary, echo)
+
+
+def run_sweep(spec: ExperimentSpec, results: str, *, address: str | None = None,
+              echo: Callable[[str], None] = print) -> RunSummary:
+    """Run the missing cells of a grid or search spec as a Ray Tune sweep; return the summary.
+
+    Raises:
+        RuntimeError: if the spec asks for GPUs the cluster lacks (before any work starts).
+        SpecError: if a search varies the backbone or pretraining of a ``weights: pipeline`` spec.
+    """
+    _quiet_tune()
+    if spec.search is not None:
+        return _run_search(spec, results, address=address, echo=echo)
+    summary = RunSummary(total=0, skipped=0, ran=0, failed={})
+    densities: dict[str, float] | None = None
+    seen: set[str] = set()
+    first = True
+    while True:
+        cells = expand_cells(spec, densities)
+        waiting = pending_references(spec, densities)
+        done = ledger.completed_cells(results, spec.name)
+        todo = [c for c in cells if c.cell_id not in done and c.cell_id not in summary["failed"]]
+        summary["skipped"] += sum(c.cell_id in done for c in cells if c.cell_id not in seen)
+        seen.update(c.cell_id for c in cells)
+        if first:
+            echo(f"sweep {spec.name}: {len(cells)} cells" + (f" (+ top-k cells at found densities, after their "
+                 f"{len(waiting)} threshold cells)" if waiting else "") +
+                 f", {summary['skipped']} already in the ledger, {len(todo)} to run now")
+            first = False
+        if todo:
+            start_ray_for(spec, results, address)
+            _grid_round(spec, results, todo, summary, echo)
+        if not waiting:
+            break
+        densities = ledger.cell_metric(results, spec.name, "density")
+        missing = waiting - densities.keys()
+        if missing:
+            for ref in sorted(missing):
+                summary["failed"][f"{ref}:found"] = (f"threshold cell {ref} has no density in the ledger; the top-k "
+                                                     "cells at its found density cannot run")
+            echo(f"  {len(missing)} threshold cell(s) did not land; their top-k cells at the found density are skipped")
+            if missing == waiting:
+                break
+    summary["total"] = len(expand_cells(spec, densities)) + len(pending_references(spec, densities))
+    return summary
+
+
+def _search_space(spec: ExperimentSpec) -> dict[str, Any]:
+    out = {}
+    for key, axis in spec.search.space.items():
+        if axis.type == "uniform":
+            out[key] = tune.uniform(axis.low, axis.high)
+        elif axis.type == "loguniform":
+            out[key] = tune.loguniform(axis.low, axis.high)
+        elif axis.type == "int":
+            out[key] = tune.randint(int(axis.low), int(axis.high) + 1)
+        else:
+            out[key] = tune.choice(axis.values)
+    return out
+
+
+def _run_search(spec: ExperimentSpec, results: str, *, address: str | None,
+                echo: Callable[[str], None]) -> RunSummary:
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = spec.search
+    keys = list(s.space)
+    base = search_cell(spec, {})
+    if base.config.backbone.weights == "pipeline" and any(k.startswith(("backbone.", "pretrain.")) for k in keys):
+        raise SpecError("a search over backbone.* or pretrain.* keys needs backbone.weights other than 'pipeline'")
+    df = ledger.read_ledger(results, spec.name)
+    points, rewards = [], []
+    for cid, rows in df.groupby("cell_id"):
+        grid = json.loads(rows["grid_json"].iloc[0])
+        values = dict(zip(rows["metric"], rows["value"]))
+        if set(grid) == set(keys) and s.metric in values:
+            points.append(grid)
+            rewards.append(float(values[s.metric]))
+    remaining = s.num_samples - len(points)
+    summary = RunSummary(total=s.num_samples, skipped=len(points), ran=0, failed={})
+    echo(f"search {spec.name}: Optuna TPE over {', '.join(keys)} for {s.mode} {s.metric}, budget {s.num_samples} "
+         f"trials, {len(points)} already in the ledger, {remaining} to run")
+    if remaining <= 0:
+        return summary
+    start_ray_for(spec, results, address)
+    weights = prepare_pipeline_weights(spec, results, [base], echo)
+    # the sampler's seed moves on with the trials already done: the same seed would propose the same
+    # first random points again, which the ledger already holds
+    searcher = OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed + len(points),
+                            points_to_evaluate=points or None, evaluated_rewards=rewards or None)
+    trainable = tune.with_parameters(_search_trial, spec_json=spec.model_dump_json(), space=keys,
+                                     experiment=spec.name, results=results, resources=spec.resources.model_dump(),
+                                     pipeline_weights=weights.get(base.cell_id))
+    trainable = tune.with_resources(trainable, _trial_resources(spec))
+
+    def cell_of(cfg: dict) -> Cell | None:
+        try:
+            return search_cell(spec, {k: cfg[k] for k in keys})
+        except (KeyError, SpecError):
+            return None
+
+    progress = SweepProgress(remaining, lambda cfg: (c.label if (c := cell_of(cfg)) else str(cfg)), s.metric, s.mode,
+                             echo, spec.name)
+    tuner = tune.Tuner(
+        trainable, param_space=_search_space(spec),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+                                    max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=False),
+        run_config=_run_config(spec, results, [progress]),
+    )
+    grid = tuner.fit()
+    _record_failures(spec, results, grid, cell_of, summary, echo)
+    return summary

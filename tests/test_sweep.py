@@ -1,0 +1,130 @@
+"""Ray Tune sweeps on a real local Ray: grid cells land once, failures are recorded, top-k at the found
+density runs after its threshold cell, an interrupted sweep resumes, an Optuna search lands its trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from orchestrator import ledger
+from orchestrator.runner import run_experiment
+from orchestrator.spec import load_spec
+
+from .conftest import REPO
+from .test_ray_run import _crash
+
+pytestmark = pytest.mark.slow
+
+GRID = """
+grid:
+  train.mask:
+    - {mode: threshold}
+    - {mode: topk, topk_density: found}
+  train.batch_size: [32, 4096]
+"""
+
+
+def test_grid_sweep_lands_each_cell_once_records_failures_and_orders_found_cells(ray_local, tiny_spec, tmp_path):
+    """batch 4096 > 96 images fails at run time: it is retried, recorded with its error, and the sweep goes
+    on; the top-k cell at the found density runs after its threshold cell, with the ledger's density."""
+    spec = load_spec(tiny_spec("grid", extra=GRID),
+                     ["methods=[smn]", "train.score_lr=300", "resources.max_retries=1"])
+    results = str(tmp_path / "results")
+    lines: list[str] = []
+    summary = run_experiment(spec, results, echo=lines.append)
+    text = "\n".join(lines)
+    df = ledger.read_ledger(results, "grid")
+    assert df["cell_id"].nunique() == 2 and not df.duplicated(["cell_id", "metric"]).any()
+    failures = ledger.read_failures(results, "grid")
+    assert len(failures) == 1
+    (rec,) = failures.values()
+    assert "fewer than one batch of 4096" in rec["error"] and rec["attempts"] == 2
+    assert "retrying" in text and "1 failed" in text and "best knn_top1" in text
+    assert len(summary["failed"]) == 2  # the failed threshold cell, and its top-k cell that could not run
+
+    cfg = {cid: json.loads(rows["config_json"].iloc[0]) for cid, rows in df.groupby("cell_id")}
+    by_mode = {c["train"]["mask"]["mode"]: cid for cid, c in cfg.items()}
+    thr, topk = by_mode["threshold"], by_mode["topk"]
+    density = df[(df["cell_id"] == thr) & (df["metric"] == "density")]["value"].item()
+    assert density < 1.0, "the threshold run must have flipped bits for the test to mean anything"
+    assert cfg[topk]["train"]["mask"]["topk_density"] == pytest.approx(density)
+    topk_density = df[(df["cell_id"] == topk) & (df["metric"] == "density")]["value"].item()
+    assert topk_density == pytest.approx(density, abs=0.01)  # per-tensor rounding of round(k * n)
+    started = df.groupby("cell_id")["started_at"].first()
+    finished = df.groupby("cell_id")["finished_at"].first()
+    assert started[topk] >= finished[thr]
+
+    # the same sweep without the failing axis value: everything is in the ledger, nothing runs
+    again = run_experiment(load_spec(tiny_spec("grid", extra=GRID.replace("[32, 4096]", "[32]")),
+                                     ["methods=[smn]", "train.score_lr=300"]), results, echo=lines.append)
+    assert again["ran"] == 0 and again["skipped"] == 2 and not again["failed"]
+
+
+def test_interrupted_sweep_resumes_without_recomputing_finished_cells(tiny_spec, tmp_path):
+    extra = "grid:\n  train.swav.num_prototypes: [10, 20, 30]\n"
+    spec_path = tiny_spec("isweep", epochs=3, extra=extra)
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--results", str(results),
+           "methods=[smn]", "resources.max_concurrent_cells=1"]
+    ray_tmp = tempfile.mkdtemp(prefix="smns", dir="/tmp")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    folder = results / "isweep" / "ledger"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            if folder.exists() and list(folder.glob("*.parquet")):
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("no cell finished in time")
+    finally:
+        _crash(proc, ray_tmp)
+    landed = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
+    assert 1 <= len(landed) < 3
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert f"{len(landed)} already in the ledger, {3 - len(landed)} to run now" in text
+    for name, mtime in landed.items():
+        assert (folder / name).stat().st_mtime_ns == mtime, "a finished cell was recomputed"
+    df = ledger.read_ledger(str(results), "isweep")
+    assert df["cell_id"].nunique() == 3 and not df.duplicated(["cell_id", "metric"]).any()
+
+
+SEARCH = """
+search:
+  metric: knn_top1
+  mode: max
+  num_samples: 2
+  seed: 0
+  space:
+    train.score_lr: {type: loguniform, low: 20, high: 400}
+    train.swav.num_prototypes: {type: choice, values: [10, 20]}
+"""
+
+
+def test_optuna_search_lands_its_trials_and_a_bigger_budget_runs_only_the_rest(ray_local, tiny_spec, tmp_path):
+    path = tiny_spec("optuna", extra=SEARCH)
+    results = str(tmp_path / "results")
+    lines: list[str] = []
+    first = run_experiment(load_spec(path, ["methods=[smn]"]), results, echo=lines.append)
+    assert first["ran"] == 2 and not first["failed"], "\n".join(lines)
+    df = ledger.read_ledger(results, "optuna")
+    assert df["cell_id"].nunique() == 2
+    grids = [json.loads(g) for g in df.groupby("cell_id")["grid_json"].first()]
+    for g in grids:
+        assert set(g) == {"train.score_lr", "train.swav.num_prototypes"}
+        assert 20 <= g["train.score_lr"] <= 400 and g["train.swav.num_prototypes"] in (10, 20)
+    second = run_experiment(load_spec(path, ["methods=[smn]", "search.num_samples=3"]), results, echo=lines.append)
+    assert second["skipped"] == 2 and second["ran"] == 1
+    assert ledger.read_ledger(results, "optuna")["cell_id"].nunique() == 3
