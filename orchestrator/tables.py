@@ -2,6 +2,12 @@
 
 One row per (experiment, method, backbone, dataset, grid values); one column per metric. With
 several seeds a cell shows ``mean +- std`` (sample std, ddof=1) and the number of seeds.
+
+Every table has a storage column pair (paper Table 1 "Size", App. C), derived from the cells'
+``storage_bits`` and ``backbone_params``: ``bits_per_weight`` (bits one task costs per backbone
+weight: 1 for a full mask, less for a selective one, 32 for a fine-tuned fp32 copy, 0 for the frozen
+backbone) and ``x_smaller_than_fft`` (32 / bits_per_weight: how many times smaller than a fine-tuned
+copy, uncompressed).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import pandas as pd
 
 __all__ = ["DEFAULT_METRICS", "results_table", "render"]
 
-DEFAULT_METRICS = ("knn_top1", "linear_probe_top1", "density", "code_entropy", "collapsed", "wall_s")
+DEFAULT_METRICS = ("knn_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
+                   "code_entropy", "collapsed", "wall_s")
 FORMATS = ("markdown", "latex", "csv")
 
 
@@ -29,6 +36,7 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     """
     if df.empty:
         return pd.DataFrame()
+    df = pd.concat([df, _storage_rows(df)], ignore_index=True)
     df = df[df["metric"].isin(metrics)].copy()
     df["grid"] = df["grid_json"].map(lambda g: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(g).items()))
     keys = ["experiment", "method", "backbone", "dataset", "grid"]
@@ -39,10 +47,30 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     return wide.reindex(columns=pd.MultiIndex.from_product([order, ["mean", "std", "n"]]))
 
 
+def _storage_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Derived ledger rows ``bits_per_weight`` and ``x_smaller_than_fft`` per cell (see module docstring)."""
+    wide = df[df["metric"].isin(("storage_bits", "backbone_params"))].pivot_table(
+        index="cell_id", columns="metric", values="value", aggfunc="first")
+    if wide.empty or not {"storage_bits", "backbone_params"} <= set(wide.columns):
+        return df.iloc[0:0]
+    bpw = wide["storage_bits"] / wide["backbone_params"]
+    ratio = (32.0 / bpw).where(bpw > 0, float("inf"))
+    first = df.drop_duplicates("cell_id").set_index("cell_id")
+    rows = []
+    for name, series in (("bits_per_weight", bpw), ("x_smaller_than_fft", ratio)):
+        part = first.loc[series.index].copy()
+        part["metric"] = name
+        part["value"] = series.values
+        rows.append(part.reset_index())
+    return pd.concat(rows, ignore_index=True)[df.columns]
+
+
 def _fmt(mean: float, std: float, n: float, metric: str) -> str:
     if pd.isna(mean):
         return "-"
-    digits = 1 if metric == "wall_s" else 3
+    if mean == float("inf"):
+        return "∞ (no storage)"
+    digits = 1 if metric in ("wall_s", "x_smaller_than_fft") else 3
     s = f"{mean:.{digits}f}"
     if n and n > 1 and not pd.isna(std):
         s += f" ± {std:.{digits}f}"
