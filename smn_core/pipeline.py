@@ -28,7 +28,7 @@ from .augment import SeededViewDataset, eval_transform
 from .backbones import Backbone, build_backbone
 from .data import ImageDataset, load_dataset
 from .evaluation import compute_embeddings, knn_top1, linear_probe
-from .masking import attach_masks, export_masks, mask_density, mask_modules
+from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
 from .training import TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
 
 __all__ = [
@@ -312,9 +312,10 @@ def run_cell(
     Returns:
         A :class:`CellOutcome`. Metrics: ``knn_top1``, ``linear_probe_top1``, and for adapted models
         ``density``, ``mask_bits`` (number of masked weights = bits of one uncompressed mask),
-        ``train_loss``, ``train_seconds``, ``steps``, ``collapsed`` (1.0 if SwAV collapse was detected).
-        Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
-        task costs on top of the shared backbone (paper Table 1 "Size"): ``mask_bits`` for masking,
+        ``trainable_masks`` (positions with a trainable mask: fewer than ``mask_bits`` under selective
+        masking, App. F), ``train_loss``, ``train_seconds``, ``steps``, ``collapsed`` (1.0 if SwAV
+        collapse was detected). Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
+        task costs on top of the shared backbone (paper Table 1 "Size"): ``trainable_masks`` for masking,
         32 x backbone parameters for full fine-tuning (an fp32 copy), 0 for the frozen backbone.
     """
     torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
@@ -346,7 +347,8 @@ def run_cell(
         if mask_modules(model):
             masks = export_masks(model)
             density, _ = mask_density(masks)
-            metrics.update(density=density, mask_bits=float(sum(m.numel() for m in masks.values())))
+            metrics.update(density=density, mask_bits=float(sum(m.numel() for m in masks.values())),
+                           trainable_masks=float(trainable_mask_count(model)))
     if evaluate:
         metrics.update(evaluate_model(model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
                                       std=backbone.std, device=device))
@@ -354,7 +356,7 @@ def run_cell(
     if training is None:
         metrics["storage_bits"] = 0.0
     elif cfg.train.adaptation == "mask":
-        metrics["storage_bits"] = metrics.get("mask_bits", 0.0)
+        metrics["storage_bits"] = metrics.get("trainable_masks", 0.0)
     else:
         metrics["storage_bits"] = 32.0 * backbone_params
     return CellOutcome(metrics=metrics, masks=masks, history=result.history if result else [], train_result=result,
