@@ -96,6 +96,21 @@ def _pivot(frame: pd.DataFrame, row_key: str, metric: str, row_order=None) -> pd
     return out.fillna("-")
 
 
+def _eval_rows(cells: pd.DataFrame, order: list[str], extra: pd.DataFrame | None = None) -> pd.DataFrame:
+    """k-NN then linear-probe rows (``"k-NN: <variant>"``) per dataset, variants in ``order``, then ``extra``."""
+    parts = []
+    for metric, name in EVALS:
+        t = _pivot(cells, "variant", metric, order)
+        if not t.empty:
+            t.index = [f"{name}: {i}" for i in t.index]
+            parts.append(t)
+    if extra is not None and not extra.empty:
+        parts.append(extra)
+    out = pd.concat(parts).fillna("-") if parts else pd.DataFrame()
+    out.index.name = "method"
+    return out
+
+
 def _smn(df: pd.DataFrame) -> pd.DataFrame:
     cells = cells_frame(df)
     if cells.empty:
@@ -110,21 +125,12 @@ def table2(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     cells["variant"] = cells.apply(mask_variant, axis=1)
     cells = cells[cells["variant"].notna() & ~cells["variant"].str.contains("progressive", na=False)]
-    parts = []
     order = sorted({v for v in cells["variant"] if v.startswith("top-k ") and v != "top-k found"}) + \
         ["top-k found", "SMN (threshold)"]
-    for metric, name in EVALS:
-        t = _pivot(cells, "variant", metric, order)
-        if not t.empty:
-            t.index = [f"{name}: {i}" for i in t.index]
-            parts.append(t)
     dens = _pivot(cells[cells["variant"] == "SMN (threshold)"], "variant", "density")
     if not dens.empty:
         dens.index = ["density found by SMN"]
-        parts.append(dens)
-    out = pd.concat(parts).fillna("-") if parts else pd.DataFrame()
-    out.index.name = "method"
-    return out
+    return _eval_rows(cells, order, extra=dens)
 
 
 @register_table("table5a", "Table 5a: number of prototypes (k-NN)")
@@ -164,15 +170,7 @@ def app_e(df: pd.DataFrame) -> pd.DataFrame:
     cells["variant"] = cells.apply(mask_variant, axis=1)
     cells = cells[cells["variant"].notna()]
     order = [v for v in sorted(set(cells["variant"])) if "progressive" in v] + ["top-k found", "SMN (threshold)"]
-    parts = []
-    for metric, name in EVALS:
-        t = _pivot(cells, "variant", metric, order)
-        if not t.empty:
-            t.index = [f"{name}: {i}" for i in t.index]
-            parts.append(t)
-    out = pd.concat(parts).fillna("-") if parts else pd.DataFrame()
-    out.index.name = "method"
-    return out
+    return _eval_rows(cells, order)
 
 
 def _selection_points(df: pd.DataFrame, metric: str) -> pd.DataFrame:
