@@ -176,15 +176,19 @@ def list_experiments(results: str) -> list[str]:
 
 
 def read_ledger(results: str, experiment: str | None = None) -> pd.DataFrame:
-    """All rows of one experiment (or of every experiment under ``results``) as a DataFrame."""
+    """All rows of one experiment (or of every experiment under ``results``) as a DataFrame.
+
+    ``df.attrs["results"]`` holds ``results``, so a report layout that reads masks or states next to the
+    ledger can find them.
+    """
     fs, root = resolve(results)
     names = [experiment] if experiment else list_experiments(results)
     tables = []
     for name in names:
         tables += _read_experiment(fs, f"{root.rstrip('/')}/{name}")
-    if not tables:
-        return LEDGER_SCHEMA.empty_table().to_pandas()
-    return pa.concat_tables(tables).to_pandas()
+    df = (pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()).to_pandas()
+    df.attrs["results"] = str(results)
+    return df
 
 
 def cell_metric(results: str, experiment: str, metric: str) -> dict[str, float]:

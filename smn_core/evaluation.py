@@ -11,7 +11,8 @@ Plain PyTorch + scikit-learn (never imports ray).
 * :func:`linear_probe` fits a multinomial logistic regression (scikit-learn, lbfgs) on train
   embeddings and reports test top-1 accuracy.
 * :func:`per_class_sample` draws the stratified label subsets of the low-shot experiments
-  (paper Fig. 3), never dropping a class (the reference code sampled uniformly, which can).
+  (paper Fig. 3), never dropping a class (the reference code sampled uniformly, which can);
+  :func:`lowshot_linear_probe` fits one linear probe per label fraction on such subsets.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "LinearProbeResult",
     "linear_probe",
     "per_class_sample",
+    "lowshot_linear_probe",
 ]
 
 
@@ -473,3 +475,56 @@ def per_class_sample(labels: np.ndarray | Tensor, fraction: float, *, seed: int 
         m = min(idx.size, max(1, int(round(float(fraction) * idx.size))))
         chosen.append(rng.choice(idx, size=m, replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def lowshot_linear_probe(
+    train_features: Tensor | np.ndarray,
+    train_labels: Tensor | np.ndarray,
+    test_features: Tensor | np.ndarray,
+    test_labels: Tensor | np.ndarray,
+    fractions: Sequence[float],
+    *,
+    seed: int = 0,
+    **probe_kw: Any,
+) -> dict[float, LinearProbeResult]:
+    """Low-shot linear probes: one :func:`linear_probe` per label fraction (paper Fig. 3).
+
+    The embeddings of *all* training images come from a model adapted without labels; only the
+    labels of a per-class sample (:func:`per_class_sample`, same ``seed`` for every fraction) are
+    used to fit each probe, which is scored on the whole test split.
+
+    Args:
+        train_features: ``(N, F)`` float train embeddings; train_labels: ``(N,)`` integer labels.
+        test_features: ``(Q, F)``; test_labels: ``(Q,)``.
+        fractions: label fractions, each in (0, 1] (e.g. ``[0.1, 0.01]`` for 10 % and 1 %), no duplicates.
+        seed: seed of the per-class sampling.
+        **probe_kw: forwarded to :func:`linear_probe` (``C``, ``max_iter``, ``standardize``).
+
+    Returns:
+        ``{fraction: LinearProbeResult}`` in the order given.
+
+    Raises:
+        ValueError: an empty ``fractions``, a duplicate or a fraction outside (0, 1], a training set
+            with fewer than 2 classes, and everything :func:`linear_probe` raises.
+
+    Source: paper Sec. 4.3 "Low-shot transfer", Fig. 3; per-class sampling per NOTES.md.
+    """
+    fractions = list(fractions)
+    if not fractions:
+        raise ValueError("fractions is empty: give at least one label fraction in (0, 1]")
+    if len(set(fractions)) != len(fractions):
+        raise ValueError(f"fractions must not repeat, got {fractions}")
+    for f in fractions:  # validate all before fitting any
+        if isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)) or not (
+                math.isfinite(float(f)) and 0.0 < float(f) <= 1.0):
+            raise ValueError(f"every label fraction must be in (0, 1], got {f!r}")
+    ytr = _to_numpy("train_labels", train_labels)
+    xtr = _to_numpy("train_features", train_features)
+    if ytr.ndim != 1 or xtr.ndim != 2 or ytr.shape[0] != xtr.shape[0]:
+        raise ValueError(f"train_features (N, F) and train_labels (N,) must match, "
+                         f"got shapes {xtr.shape} and {ytr.shape}")
+    out: dict[float, LinearProbeResult] = {}
+    for f in fractions:
+        idx = per_class_sample(ytr, float(f), seed=seed)
+        out[f] = linear_probe(xtr[idx], ytr[idx], test_features, test_labels, **probe_kw)
+    return out

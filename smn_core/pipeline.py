@@ -17,19 +17,21 @@ method              objective    adaptation   meaning
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from .augment import SeededViewDataset, eval_transform
-from .backbones import Backbone, build_backbone
-from .data import ImageDataset, load_dataset
-from .evaluation import compute_embeddings, knn_top1, linear_probe
+from .backbones import Backbone, build_backbone, build_clip_text_head
+from .data import ImageDataset, load_dataset, subset
+from .evaluation import compute_embeddings, knn_top1, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
-from .training import TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
+from .training import CosineClassifier, TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
 
 __all__ = [
     "METHODS",
@@ -44,6 +46,9 @@ __all__ = [
     "prepare_backbone",
     "pretrain_backbone",
     "evaluate_model",
+    "lowshot_metric",
+    "labelled_subset",
+    "clip_text_classifier",
     "run_cell",
 ]
 
@@ -96,6 +101,12 @@ class DataSpec:
 
     ``image_size`` in pixels is the training and evaluation resolution (None: the backbone's).
     ``max_train_samples`` / ``max_test_samples`` take deterministic stratified subsets.
+    ``label_fraction`` (low-shot, paper Fig. 3): the share of training labels a *supervised* objective
+    may train on, drawn per class (every class keeps at least one example; seed ``split_seed``) and
+    repeated to the length of the whole split, so that a training epoch has as many steps as with all
+    labels (the paper does not say how long its low-shot runs trained); None means all. Unlabeled
+    adaptation (SwAV) and the frozen backbone always see every training image, so
+    :class:`CellConfig` resets it to None for them (their low-shot readout is ``eval.lowshot_fractions``).
     """
 
     source: str = "digits"
@@ -107,10 +118,13 @@ class DataSpec:
     download: bool = False
     max_train_samples: int | None = None
     max_test_samples: int | None = None
+    label_fraction: float | None = None
 
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"dataset.label_fraction must be in (0, 1] or null, got {self.label_fraction}")
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"dataset.image_size must be >= 8 pixels, got {self.image_size}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -123,13 +137,20 @@ class DataSpec:
 
 @dataclass
 class EvalSpec:
-    """Evaluation protocol (paper Sec. 4.1): weighted k-NN (DINO) and a logistic-regression probe."""
+    """Evaluation protocol (paper Sec. 4.1): weighted k-NN (DINO) and a logistic-regression probe.
+
+    ``lowshot_fractions`` (paper Fig. 3; NOTES.md: CIFAR 10, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625 %, given
+    here as fractions 0.1 ... 0.000625) adds one linear probe per fraction, fitted on a per-class sample
+    of the train labels (seed ``lowshot_seed``), reported as ``lowshot_top1@<fraction>``.
+    """
 
     knn_k: int = 200
     knn_temperature: float = 0.1
     probe_C: float = 1.0
     probe_max_iter: int = 1000
     batch_size: int = 256
+    lowshot_fractions: list[float] = field(default_factory=list)
+    lowshot_seed: int = 0
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -142,6 +163,10 @@ class EvalSpec:
             raise ValueError(f"eval.probe_C must be > 0, got {self.probe_C}")
         if self.probe_max_iter < 1 or self.batch_size < 1:
             raise ValueError("eval.probe_max_iter and eval.batch_size must be >= 1")
+        bad = [f for f in self.lowshot_fractions if not 0.0 < f <= 1.0]
+        if bad or len(set(self.lowshot_fractions)) != len(self.lowshot_fractions):
+            raise ValueError(f"eval.lowshot_fractions must be distinct fractions in (0, 1] (0.01 = 1 %), "
+                             f"got {self.lowshot_fractions}")
 
 
 @dataclass
@@ -185,6 +210,13 @@ class CellConfig:
                 self.train = replace(self.train, objective=objective, adaptation=adaptation)
         if self.train.seed != self.seed:
             self.train = replace(self.train, seed=self.seed)
+        if self.dataset.label_fraction is not None and (training is None or training[0] != "supervised"):
+            # labels are used by supervised training only: one unlabeled cell serves every fraction
+            self.dataset = replace(self.dataset, label_fraction=None)
+        if (training is not None and training[0] == "supervised" and self.train.classifier == "clip_text"
+                and not self.backbone.arch.startswith("clip")):
+            raise ValueError(f"train.classifier 'clip_text' needs a CLIP backbone, got backbone.arch "
+                             f"{self.backbone.arch!r}; allowed: clip_vit_b32 (or classifier 'linear')")
         if self.backbone.weights == "pipeline" and self.pretrain is None:
             raise ValueError("backbone.weights 'pipeline' needs a 'pretrain' section")
 
@@ -271,12 +303,36 @@ def pretrain_backbone(backbone_spec: BackboneSpec, pretrain: PretrainSpec, *, se
     return state, {"source_test_top1": correct / len(test_ds), "pretrain_final_loss": result.history[-1]["loss"]}
 
 
+def lowshot_metric(fraction: float) -> str:
+    """Ledger name of the low-shot probe accuracy at a label fraction: ``lowshot_top1@0.01`` for 1 %."""
+    return f"lowshot_top1@{fraction:g}"
+
+
+class _CastInput(torch.nn.Module):
+    """Feed a model trained in another dtype (``train.dtype: float64``) with float32 image batches."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype))
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: ImageDataset, spec: EvalSpec, *,
-                   image_size: int, mean, std, device: str | torch.device = "cpu") -> dict[str, float]:
+                   image_size: int, mean, std, device: str | torch.device = "cpu",
+                   classifier: torch.nn.Module | None = None) -> dict[str, float]:
     """k-NN (train split as bank, test split as queries) and linear probe on unaugmented embeddings.
 
-    Returns ``{"knn_top1", "linear_probe_top1", "linear_probe_train_top1", "eval_seconds"}``; accuracies in [0, 1].
+    Args:
+        model: images ``(B, 3, s, s)`` -> features ``(B, F)``.
+        classifier: the trained head of a supervised run (features -> logits ``(B, C)``); when given,
+            its test accuracy is reported as ``classifier_top1`` (Table 1's "FFT" and "Mask" rows).
+
+    Returns ``{"knn_top1", "linear_probe_top1", "linear_probe_train_top1", "eval_seconds"}``, plus
+    ``classifier_top1`` and ``lowshot_top1@<fraction>`` for each ``spec.lowshot_fractions`` (see
+    :func:`lowshot_metric`); accuracies in [0, 1]. k-NN and the full probe always use every train label.
     """
     t0 = time.perf_counter()
     tf = eval_transform(image_size, mean, std)
@@ -285,8 +341,56 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
     knn = knn_top1(xtr, ytr, xte, yte, k=spec.knn_k, temperature=spec.knn_temperature,
                    num_classes=len(train_ds.class_names))
     probe = linear_probe(xtr, ytr, xte, yte, C=spec.probe_C, max_iter=spec.probe_max_iter)
-    return {"knn_top1": knn, "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1,
-            "eval_seconds": time.perf_counter() - t0}
+    out = {"knn_top1": knn, "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1}
+    if spec.lowshot_fractions:
+        lowshot = lowshot_linear_probe(xtr, ytr, xte, yte, spec.lowshot_fractions, seed=spec.lowshot_seed,
+                                       C=spec.probe_C, max_iter=spec.probe_max_iter)
+        out.update({lowshot_metric(f): r.top1 for f, r in lowshot.items()})
+    if classifier is not None:
+        was_training = classifier.training
+        classifier.eval()
+        ref = next(itertools.chain(classifier.parameters(), classifier.buffers()), None)
+        feats = xte.to(device) if ref is None else xte.to(device=ref.device, dtype=ref.dtype)
+        pred = classifier(feats).argmax(1).cpu()
+        classifier.train(was_training)
+        out["classifier_top1"] = float((pred == yte).double().mean())
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def clip_text_classifier(backbone: Backbone, class_names: Sequence[str], template: str) -> CosineClassifier:
+    """CLIP's zero-shot head for ``class_names`` (paper Sec. 4.1, "Supervised Transformers").
+
+    Encodes ``template.format(name)`` for each class with the backbone's CLIP text tower
+    (:func:`smn_core.backbones.build_clip_text_head`) and wraps the ``(C, 512)`` embeddings in a frozen
+    :class:`smn_core.training.CosineClassifier` whose logit scale is CLIP's own ``exp(logit_scale)``
+    (100 for the OpenAI weights).
+
+    Raises:
+        ValueError: if ``backbone`` is not a CLIP backbone (names its arch), or a bad template / class name.
+    """
+    if "clip_model" not in backbone.extras:
+        raise ValueError(f"classifier 'clip_text' needs a CLIP backbone, got {backbone.arch!r}; allowed: clip_vit_b32")
+    emb = build_clip_text_head(list(class_names), template, backbone=backbone)
+    scale = float(backbone.extras["clip_model"].logit_scale.detach().exp())
+    return CosineClassifier(emb.cpu(), scale)
+
+
+def labelled_subset(ds: ImageDataset, fraction: float, *, seed: int = 0, min_size: int = 1) -> ImageDataset:
+    """The labelled part of a low-shot training set (paper Fig. 3): a per-class sample of ``ds``.
+
+    ``fraction`` of each class, at least one example per class (:func:`smn_core.evaluation.per_class_sample`);
+    when that is fewer than ``min_size`` examples (one batch), the sample is repeated (each copy gets its
+    own augmentation) until an epoch holds ``min_size`` items, so a training epoch is never empty.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1] or ``min_size`` < 1.
+    """
+    if min_size < 1:
+        raise ValueError(f"min_size must be >= 1, got {min_size}")
+    keep = per_class_sample(ds.targets, fraction, seed=seed)
+    reps = -(-min_size // len(keep))
+    return subset(ds, np.tile(keep, reps))
 
 
 def run_cell(
@@ -299,6 +403,7 @@ def run_cell(
     on_epoch_end: Callable | None = None,
     progress: Callable[[str], None] | None = None,
     evaluate: bool = True,
+    train_subset: Sequence[int] | None = None,
 ) -> CellOutcome:
     """Run one cell in this process (or this distributed worker; then every worker calls it).
 
@@ -308,6 +413,8 @@ def run_cell(
         device: torch device.
         resume / init_state / on_epoch_end / progress: passed to :func:`smn_core.training.train`.
         evaluate: run the evaluation (distributed runs evaluate on rank 0 only).
+        train_subset: indices into the train split to adapt on (a cascade expert's cluster, paper
+            Sec. 3.4); None adapts on the whole split. Evaluation always uses the whole split.
 
     Returns:
         A :class:`CellOutcome`. Metrics: ``knn_top1``, ``linear_probe_top1``, and for adapted models
@@ -317,31 +424,53 @@ def run_cell(
         collapse was detected). Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
         task costs on top of the shared backbone (paper Table 1 "Size"): ``trainable_masks`` for masking,
         32 x backbone parameters for full fine-tuning (an fp32 copy), 0 for the frozen backbone.
+        Trained cells also report ``resumed_from_epoch`` (0 for an uninterrupted run),
+        ``train_loss@<epoch>`` (1-based; the loss curves of Fig. 5) and, for
+        supervised objectives, ``classifier_top1`` (the trained head's test accuracy: Table 1's FFT and
+        Mask rows) and, with ``dataset.label_fraction``, ``num_labelled``. ``eval.lowshot_fractions`` adds
+        ``lowshot_top1@<fraction>`` (Fig. 3). With ``train.dtype: float64`` the evaluation runs in float64.
+        With ``train.classifier: clip_text`` the supervised head is CLIP's frozen text-embedding head
+        (:func:`clip_text_classifier`).
     """
     torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights)
     train_ds, test_ds = load_cell_data(cfg.dataset)
     size = _image_size(cfg.dataset, backbone)
+    training = METHODS[cfg.method]
+    head = None
+    if training is not None and training[0] == "supervised" and cfg.train.classifier == "clip_text":
+        head = clip_text_classifier(backbone, train_ds.class_names, cfg.train.prompt_template)  # on the CPU
     model = backbone.model.to(device)
     metrics: dict[str, float] = {}
     masks = None
     result = None
     state = None
     backbone_params = sum(p.numel() for p in model.parameters())
-    training = METHODS[cfg.method]
+    classifier = None
     if training is not None:
         if cfg.train.adaptation == "mask":
             attach_masks(model, cfg.train.mask)
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         adapt = build_adaptation_model(model, backbone.feature_dim, cfg.train,
-                                       num_classes=len(train_ds.class_names))
-        result = train(adapt, train_ds, cfg.train, image_size=size, mean=backbone.mean, std=backbone.std,
+                                       num_classes=len(train_ds.class_names), classifier=head)
+        adapt_ds = train_ds if train_subset is None else subset(train_ds, train_subset)
+        if cfg.dataset.label_fraction is not None:  # low-shot supervised training (Fig. 3)
+            # the labelled share is repeated to the length of the whole split: a low-shot run takes as many
+            # steps as a full-label (or unlabeled SMN) run of the same epochs
+            adapt_ds = labelled_subset(adapt_ds, cfg.dataset.label_fraction, seed=cfg.dataset.split_seed,
+                                       min_size=max(len(adapt_ds), cfg.train.batch_size))
+            metrics["num_labelled"] = float(np.unique(adapt_ds.source_indices).size)
+        result = train(adapt, adapt_ds, cfg.train, image_size=size, mean=backbone.mean, std=backbone.std,
                        device=device, resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
                        progress=progress)
         state = {k: v.cpu() for k, v in trainable_state(adapt).items()}
         metrics.update(train_seconds=time.perf_counter() - t0, steps=float(result.steps),
-                       train_loss=result.history[-1]["loss"], collapsed=float(result.collapse is not None))
+                       train_loss=result.history[-1]["loss"], collapsed=float(result.collapse is not None),
+                       resumed_from_epoch=float(result.resumed_from_epoch))
+        metrics.update({f"train_loss@{int(h['epoch']) + 1}": float(h["loss"]) for h in result.history})  # Fig. 5
+        if cfg.train.objective == "supervised":
+            classifier = adapt.classifier
         if "code_entropy" in result.history[-1]:
             metrics["code_entropy"] = result.history[-1]["code_entropy"]
         if mask_modules(model):
@@ -350,8 +479,10 @@ def run_cell(
             metrics.update(density=density, mask_bits=float(sum(m.numel() for m in masks.values())),
                            trainable_masks=float(trainable_mask_count(model)))
     if evaluate:
-        metrics.update(evaluate_model(model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
-                                      std=backbone.std, device=device))
+        trained_dtype = getattr(torch, cfg.train.dtype) if training is not None else torch.float32
+        eval_model = model if trained_dtype == torch.float32 else _CastInput(model, trained_dtype)
+        metrics.update(evaluate_model(eval_model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
+                                      std=backbone.std, device=device, classifier=classifier))
     metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)), backbone_params=float(backbone_params))
     if training is None:
         metrics["storage_bits"] = 0.0

@@ -43,11 +43,14 @@ from .augment import MultiCropConfig, MultiCropTransform, SeededViewDataset, col
 from .masking import MaskConfig, mask_density, mask_modules, score_parameters, set_topk_density
 from .swav import SwAV, SwAVConfig, detect_collapse
 
-__all__ = ["TrainConfig", "TrainResult", "AdaptationModel", "train", "build_adaptation_model", "trainable_state"]
+__all__ = ["TrainConfig", "TrainResult", "AdaptationModel", "CosineClassifier", "train", "build_adaptation_model",
+           "trainable_state"]
 
 OBJECTIVES = ("swav", "supervised")
 ADAPTATIONS = ("mask", "full")
 BN_MODES = ("adapt", "frozen")
+DTYPES = ("float32", "float64")
+CLASSIFIERS = ("linear", "clip_text")
 
 
 @dataclass
@@ -65,6 +68,9 @@ class TrainConfig:
         weight_lr, weight_decay: for ``adaptation="full"`` (paper FFT: 0.001 / 5e-4 for timm ResNet-18).
         momentum: SGD momentum (0.9).
         warmup_epochs: linear warmup before the cosine decay (supervised masking: 40 of 150).
+        weight_warmup_epochs: warmup of full fine-tuning runs (``adaptation="full"``), replacing
+            ``warmup_epochs`` for them (paper Sec. 4.1: FFT baselines use a plain cosine, masks warm up to
+            epoch 40, so one spec can hold both); None: ``warmup_epochs``.
         schedule: ``"cosine"`` or ``"constant"``.
         bn_mode: ``"adapt"`` or ``"frozen"`` (see module docstring).
         topk_final_density / progressive_topk: top-k masking; progressive lowers the kept fraction
@@ -72,6 +78,13 @@ class TrainConfig:
         max_steps_per_epoch: cap on steps per epoch (quick runs, benchmarks); None = full epoch.
         loader_workers: DataLoader worker processes (0 = in the training process).
         seed: seeds initialisation, data order and augmentation.
+        dtype: ``"float32"`` (default) or ``"float64"``: the model, its scores and the inputs are cast to it
+            for training (float64 on the CPU makes Theorems 1-2 of Sec. 3.2 hold bit for bit, App. A).
+        classifier: head of the supervised objective: ``"linear"`` (a new random linear head, ResNets) or
+            ``"clip_text"`` (CLIP ViT-B/32, Sec. 4.1: frozen text embeddings of ``prompt_template`` filled with
+            each class name, cosine-similarity logits scaled by CLIP's logit scale; built by the pipeline and
+            passed to :func:`build_adaptation_model`). Ignored by the SwAV objective.
+        prompt_template: prompt with one ``{}`` for the class name (``classifier="clip_text"``).
         mask, swav, multicrop: sub-configurations.
 
     Raises:
@@ -89,12 +102,16 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     warmup_epochs: float = 0.0
+    weight_warmup_epochs: float | None = None
     schedule: Literal["cosine", "constant"] = "cosine"
     bn_mode: Literal["adapt", "frozen"] = "adapt"
     progressive_topk: bool = False
     max_steps_per_epoch: int | None = None
     loader_workers: int = 0
     seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    classifier: Literal["linear", "clip_text"] = "linear"
+    prompt_template: str = "a photo of a {}"
     mask: MaskConfig = field(default_factory=MaskConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
@@ -121,6 +138,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.weight_warmup_epochs is not None and not 0 <= self.weight_warmup_epochs <= self.epochs:
+            raise ValueError(f"weight_warmup_epochs must be in [0, epochs={self.epochs}] or null, "
+                             f"got {self.weight_warmup_epochs}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not known; allowed: {', '.join(DTYPES)}")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier {self.classifier!r} is not known; allowed: {', '.join(CLASSIFIERS)}")
+        if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
+            raise ValueError(f"prompt_template {self.prompt_template!r} is invalid; allowed: a string with exactly "
+                             "one '{}' for the class name, e.g. 'a photo of a {}'")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         if self.progressive_topk and self.mask.mode != "topk":
@@ -148,20 +175,55 @@ class TrainResult:
     resumed_from_epoch: int
 
 
+class CosineClassifier(nn.Module):
+    """Frozen zero-shot head of CLIP: ``logits = scale * normalize(f) @ normalize(W).T``.
+
+    Args:
+        class_embeddings: ``(C, F)`` text embeddings of the class prompts (e.g. from
+            :func:`smn_core.backbones.build_clip_text_head`); rows are L2-normalised here and stored as
+            the buffer ``weight`` (not trained: a mask is the only thing a task stores, Table 1).
+        logit_scale: multiplier of the cosine similarities (CLIP's ``logit_scale.exp()``: 100 for the
+            OpenAI weights), > 0.
+
+    ``forward(features (B, F)) -> logits (B, C)``. Source: paper Sec. 4.1 ("Supervised Transformers":
+    the CLIP head, cosine similarity between image and text embeddings as logits, cross-entropy).
+
+    Raises:
+        ValueError: if ``class_embeddings`` is not 2-D with at least 2 rows, or ``logit_scale`` <= 0.
+    """
+
+    def __init__(self, class_embeddings: torch.Tensor, logit_scale: float) -> None:
+        super().__init__()
+        if class_embeddings.ndim != 2 or class_embeddings.shape[0] < 2:
+            raise ValueError(f"class_embeddings must have shape (C >= 2, F), got {tuple(class_embeddings.shape)}")
+        if not math.isfinite(float(logit_scale)) or float(logit_scale) <= 0:
+            raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+        self.register_buffer("weight", F.normalize(class_embeddings.detach().clone().float(), dim=-1))
+        self.logit_scale = float(logit_scale)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * F.normalize(features, dim=-1) @ self.weight.to(features.dtype).t()
+
+
 class AdaptationModel(nn.Module):
     """Backbone plus the training head, with the whole step's forward in one ``forward``.
 
     One forward per step keeps ``DistributedDataParallel`` correct when the backbone runs once per
     crop resolution (multi-crop). ``forward(views: list of (B,3,s,s), labels (B,)) -> (loss, stats)``.
+    The supervised head is a new ``nn.Linear(feature_dim, num_classes)`` unless ``classifier`` is
+    given (e.g. a frozen :class:`CosineClassifier` for CLIP).
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, objective: str, *,
-                 swav: SwAVConfig | None = None, num_classes: int | None = None) -> None:
+                 swav: SwAVConfig | None = None, num_classes: int | None = None,
+                 classifier: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.objective = objective
         if objective == "swav":
             self.swav = SwAV(feature_dim, swav or SwAVConfig())
+        elif classifier is not None:
+            self.classifier = classifier
         else:
             if not num_classes or num_classes < 2:
                 raise ValueError(f"supervised objective needs num_classes >= 2, got {num_classes}")
@@ -190,23 +252,29 @@ class AdaptationModel(nn.Module):
 
 
 def build_adaptation_model(backbone: nn.Module, feature_dim: int, config: TrainConfig,
-                           num_classes: int | None = None) -> AdaptationModel:
+                           num_classes: int | None = None, *, classifier: nn.Module | None = None) -> AdaptationModel:
     """Wrap a (masked or plain) backbone with the objective's head, seeded by ``config.seed``.
 
     For ``adaptation="full"`` every backbone parameter is made trainable; for ``"mask"`` the
-    backbone must already carry masks (``smn_core.masking.attach_masks``).
+    backbone must already carry masks (``smn_core.masking.attach_masks``). ``classifier`` replaces the
+    new linear head of the supervised objective (required when ``config.classifier == "clip_text"``).
 
     Raises:
-        ValueError: if ``adaptation="mask"`` and the backbone has no masks.
+        ValueError: if ``adaptation="mask"`` and the backbone has no masks, or ``config.classifier`` is
+            ``"clip_text"`` for the supervised objective and no ``classifier`` is given.
     """
     if config.adaptation == "mask" and not mask_modules(backbone):
         raise ValueError("adaptation 'mask' needs a backbone with masks attached (smn_core.masking.attach_masks)")
+    if config.objective == "supervised" and config.classifier == "clip_text" and classifier is None:
+        raise ValueError("classifier 'clip_text' needs the text-embedding head (a CosineClassifier); "
+                         "smn_core.pipeline.run_cell builds it from the class names")
     if config.adaptation == "full":
         for p in backbone.parameters():
             p.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return AdaptationModel(backbone, feature_dim, config.objective, swav=config.swav, num_classes=num_classes)
+        return AdaptationModel(backbone, feature_dim, config.objective, swav=config.swav, num_classes=num_classes,
+                               classifier=classifier if config.objective == "supervised" else None)
 
 
 def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -321,9 +389,13 @@ def train(
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup_epochs = config.warmup_epochs
+    if config.adaptation == "full" and config.weight_warmup_epochs is not None:
+        warmup_epochs = config.weight_warmup_epochs
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    dtype = getattr(torch, config.dtype)
 
-    model.to(device)
+    model.to(device=device, dtype=dtype)
     if distributed and device.type == "cuda" and config.bn_mode == "adapt":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
     core: AdaptationModel = model
@@ -374,7 +446,7 @@ def train(
                 g["lr"] = g["base_lr"] * factor
             if config.objective == "swav":
                 core.swav.head.normalize_prototypes()
-            batch_views = [v.to(device, non_blocking=True) for v in batch_views]
+            batch_views = [v.to(device, dtype=dtype, non_blocking=True) for v in batch_views]
             labels = labels.to(device)
             loss, stats = runner(batch_views, labels)
             opt.zero_grad(set_to_none=True)
