@@ -19,7 +19,7 @@ import time
 
 __all__ = ["main", "build_parser", "CLI_PLUGINS"]
 
-CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli", "orchestrator.sweep_cli")
+CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli")
 
 _EPILOG = """\
 examples:
@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as exc:
             print(f"smn: {exc}", file=sys.stderr)
             return 2
+        if spec.cascade is not None and args.command == "run":
+            # a spec with a `cascade:` section is the cascade's (paper Sec. 3.4): same as `smn cascade SPEC`
+            from . import cascade_cli
+
+            return cascade_cli.main(args)
         cells = expand_cells(spec)
         if args.command == "validate" or args.dry_run:
             print(f"spec {spec.name}: valid, {len(cells)} cells")

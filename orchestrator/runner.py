@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -28,13 +29,13 @@ from typing import Any, Callable
 import ray
 from pydantic import TypeAdapter
 
-from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
+from smn_core.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 from smn_core.pipeline import CellConfig, run_cell
 
 from . import ledger
 from .spec import Cell, ExperimentSpec, expand_cells
 
-__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "RunSummary"]
+__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "ddp_checkpointing", "RunSummary"]
 
 _CELL = TypeAdapter(CellConfig)
 
@@ -110,10 +111,7 @@ def _finish(results: str, experiment: str, cell_id: str, cfg: CellConfig, grid: 
     ledger.write_cell(results, experiment, cell_id=cell_id, method=cfg.method, backbone=cfg.backbone.arch,
                       dataset=cfg.dataset.source, seed=cfg.seed, grid=grid, config=cfg.to_dict(),
                       metrics=metrics, started_at=started, finished_at=time.time())
-    if ckpt_dir.exists():
-        for f in ckpt_dir.iterdir():
-            f.unlink()
-        ckpt_dir.rmdir()
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the cell has landed: its epoch checkpoints are spent
     return metrics
 
 
@@ -146,13 +144,15 @@ def run_cell_here(cell_dict: dict, cell_id: str, label: str, grid: dict, experim
 _cell_task = ray.remote(run_cell_here)
 
 
-def _ddp_worker_loop(config: dict) -> None:
-    """Ray Train worker: the same cell loop under DDP; rank 0 evaluates and writes the ledger."""
-    import ray.train
-    import ray.train.torch
+def ddp_checkpointing(label: str) -> tuple[tuple[dict, dict] | None, Callable]:
+    """Inside a Ray Train worker: ``(resume, on_epoch_end)`` for :func:`smn_core.pipeline.run_cell`.
 
-    started = config["started"]
-    cfg = _CELL.validate_python(config["cell"])
+    ``resume`` is the ``(tensors, meta)`` of the last checkpoint Ray Train registered for this run (None
+    on a first start); ``on_epoch_end`` reports each epoch's metrics from every rank and, on rank 0, the
+    epoch checkpoint, so a restarted worker group resumes after the last reported epoch.
+    """
+    import ray.train
+
     rank = ray.train.get_context().get_world_rank()
     resume = None
     ckpt = ray.train.get_checkpoint()
@@ -160,7 +160,7 @@ def _ddp_worker_loop(config: dict) -> None:
         with ckpt.as_directory() as d:
             resume = load_checkpoint(d)
         if rank == 0:
-            print(f"[{config['cell_id']} {config['label']}] resuming after epoch {resume[1]['epoch'] + 1}", flush=True)
+            print(f"[{label}] resuming after epoch {resume[1]['epoch'] + 1}", flush=True)
 
     def on_epoch_end(epoch: int, metrics: dict, state_fn) -> None:
         if rank == 0:
@@ -171,6 +171,18 @@ def _ddp_worker_loop(config: dict) -> None:
         else:
             ray.train.report(metrics)
 
+    return resume, on_epoch_end
+
+
+def _ddp_worker_loop(config: dict) -> None:
+    """Ray Train worker: the same cell loop under DDP; rank 0 evaluates and writes the ledger."""
+    import ray.train
+    import ray.train.torch
+
+    started = config["started"]
+    cfg = _CELL.validate_python(config["cell"])
+    rank = ray.train.get_context().get_world_rank()
+    resume, on_epoch_end = ddp_checkpointing(f"{config['cell_id']} {config['label']}")
     outcome = run_cell(cfg, pipeline_weights=config["pipeline_weights"], device=ray.train.torch.get_device(),
                        resume=resume, on_epoch_end=on_epoch_end, evaluate=rank == 0,
                        progress=_log(f"{config['cell_id']} {config['label']}"))
