@@ -30,7 +30,6 @@ import time
 import uuid
 from typing import Any, Callable
 
-import ray
 from ray import tune
 
 from . import ledger

@@ -10,7 +10,6 @@ from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.func import functional_call

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from orchestrator import ledger, reports
 from orchestrator.cli import main
