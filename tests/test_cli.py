@@ -55,3 +55,13 @@ def test_table_command_reads_the_ledger(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "table", str(tmp_path), "--format", "xml"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_run_hands_a_spec_with_a_cascade_section_to_the_cascade(capsys, tmp_path):
+    spec = REPO / "experiments" / "table3_cascade_small.yaml"
+    assert main(["run", str(spec), "--results", str(tmp_path / "r"), "--dry-run", "cascade.router.clusters=3"]) == 0
+    out = capsys.readouterr().out
+    assert "1 cascade(s), 3 experts each" in out
+    assert [line.split()[:2] for line in out.splitlines() if line.strip().startswith("expert ")] == [
+        ["expert", "0"], ["expert", "1"], ["expert", "2"]]
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
