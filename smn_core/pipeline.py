@@ -28,6 +28,7 @@ import torch
 
 from .augment import SeededViewDataset, eval_transform
 from .backbones import Backbone, build_backbone, build_clip_text_head
+from .checkpoint import local_copy
 from .data import ImageDataset, load_dataset, subset
 from .evaluation import compute_embeddings, knn_top1, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
@@ -262,15 +263,18 @@ def prepare_backbone(spec: BackboneSpec, *, pipeline_weights: str | Path | None 
 
     Args:
         spec: the backbone spec.
-        pipeline_weights: the safetensors file of the pipeline's pretraining, for ``weights="pipeline"``.
+        pipeline_weights: the safetensors file of the pipeline's pretraining, for ``weights="pipeline"``: a
+            local path or a ``pyarrow.fs`` URI (``s3://...``), which is fetched to a temporary file first.
 
     Raises:
         ValueError: if ``weights="pipeline"`` and no ``pipeline_weights`` file is given.
+        FileNotFoundError: if the ``pipeline_weights`` file does not exist.
     """
     if spec.weights == "pipeline":
         if pipeline_weights is None:
             raise ValueError("backbone.weights 'pipeline' needs the pretraining artifact (pipeline_weights)")
-        return build_backbone(spec.arch, "checkpoint", checkpoint=str(pipeline_weights))
+        with local_copy(str(pipeline_weights)) as local:
+            return build_backbone(spec.arch, "checkpoint", checkpoint=local)
     return build_backbone(spec.arch, spec.weights, checkpoint=spec.checkpoint)
 
 
