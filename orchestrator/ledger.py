@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import smn_core
 
 __all__ = ["LEDGER_SCHEMA", "resolve", "write_cell", "read_ledger", "completed_cells", "experiment_dir",
-           "list_experiments", "write_failure", "read_failures", "cell_metric"]
+           "artifact_location", "list_experiments", "write_failure", "read_failures", "cell_metric"]
 
 LEDGER_SCHEMA = pa.schema([
     ("cell_id", pa.string()),
@@ -65,8 +65,31 @@ def resolve(results: str) -> tuple[pafs.FileSystem, str]:
 
 
 def experiment_dir(results: str, experiment: str) -> str:
-    """Path (inside the results filesystem) of an experiment's folder."""
+    """Path (inside the results filesystem, without a URI's scheme) of an experiment's folder."""
     return f"{resolve(results)[1].rstrip('/')}/{experiment}"
+
+
+def artifact_location(results: str, experiment: str, *parts: str) -> str:
+    """Where an experiment's artifact lives: ``<results>/<experiment>/<parts...>``.
+
+    For local results (a path, NFS included) this is an absolute local path; for URI results it is a URI
+    on the same filesystem that keeps the results URI's query, e.g. ``artifact_location("s3://b/r?scheme=http",
+    "exp", "masks", "c1.safetensors") == "s3://b/r/exp/masks/c1.safetensors?scheme=http"``, which
+    ``smn_core.checkpoint``, Ray Train and Ray Tune all accept. (Do not build these with ``pathlib``:
+    ``Path("s3://b/x")`` collapses the ``//``.)
+
+    Raises:
+        ValueError: if ``experiment`` or a part is empty, ``.`` or ``..``, or holds ``?`` or ``#``.
+    """
+    for name in (experiment, *parts):
+        if not name or name in (".", "..") or any(c in name for c in "?#"):
+            raise ValueError(f"artifact path part {name!r} (experiment {experiment!r}) is not a plain name")
+    if "://" in str(results):
+        from urllib.parse import urlsplit, urlunsplit
+
+        split = urlsplit(str(results))
+        return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), experiment, *parts])))
+    return "/".join([experiment_dir(results, experiment), *parts])
 
 
 def write_cell(results: str, experiment: str, *, cell_id: str, method: str, backbone: str, dataset: str, seed: int,

@@ -10,6 +10,12 @@
 * Cells whose backbone uses ``weights: pipeline`` first need the pretraining artifact
   ``<results>/<experiment>/artifacts/pretrain-<hash>.safetensors``; it is built once, as a Ray task.
 
+``results`` is a local path (an NFS mount on a cluster) or a ``pyarrow.fs`` URI (``s3://bucket/prefix``):
+every artifact location comes from :func:`orchestrator.ledger.artifact_location`, files go through
+:mod:`smn_core.checkpoint` (which writes URIs through ``pyarrow.fs``), and Ray Train / Ray Tune get the
+URI itself as their ``storage_path``. Workers read S3 credentials and endpoints from the URI's query or
+from the ``AWS_*`` variables, which :func:`ensure_ray` passes on to them.
+
 Every finished cell writes its own ledger file from the worker, so results survive a killed driver;
 running the same command again runs only the missing cells.
 """
@@ -19,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -29,15 +34,21 @@ from typing import Any, Callable
 import ray
 from pydantic import TypeAdapter
 
-from smn_core.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, save_tensors
+from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpoint, location_exists, save_checkpoint,
+                                 save_tensors)
 from smn_core.pipeline import CellConfig, run_cell
 
 from . import ledger
 from .spec import Cell, ExperimentSpec, expand_cells
 
-__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "ddp_checkpointing", "RunSummary"]
+__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "ddp_checkpointing", "RunSummary",
+           "FORWARDED_ENV"]
 
 _CELL = TypeAdapter(CellConfig)
+
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+"""Environment variables :func:`ensure_ray` passes from the driver to the Ray workers (S3 access)."""
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -46,6 +57,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     A local Ray listens on 127.0.0.1 only, without a dashboard. ``RAY_AUTH_MODE`` is set
     explicitly (``disabled`` for this loopback-only local instance unless the caller set it),
     because Ray 2.59+ silently turns token authentication on once a token file exists.
+    The driver's ``AWS_*`` variables (:data:`FORWARDED_ENV`: S3 endpoint, region, credentials) are passed
+    to the workers, so they reach an ``s3://`` results location the way the driver does.
     """
     if ray.is_initialized():
         return
@@ -54,7 +67,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     # workers must import this checkout's packages even when it is not pip-installed
     root = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                        "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}}
+                        "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                        **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
@@ -67,9 +81,9 @@ def _artifact_key(cell: CellConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pretrain_artifact_path(results: str, experiment: str, cell: CellConfig) -> Path:
-    """Where the pipeline's pretrained backbone for ``cell`` lives (local results folders only)."""
-    return Path(ledger.experiment_dir(results, experiment)) / "artifacts" / f"pretrain-{_artifact_key(cell)}.safetensors"
+def pretrain_artifact_path(results: str, experiment: str, cell: CellConfig) -> str:
+    """Where the pipeline's pretrained backbone for ``cell`` lives (a local path, or a URI for URI results)."""
+    return ledger.artifact_location(results, experiment, "artifacts", f"pretrain-{_artifact_key(cell)}.safetensors")
 
 
 def _log(prefix: str) -> Callable[[str], None]:
@@ -88,15 +102,16 @@ def _pretrain_task(cell_dict: dict, out_path: str) -> dict[str, float]:
     return metrics
 
 
-def _cell_paths(results: str, experiment: str, cell_id: str) -> tuple[Path, Path]:
-    exp = Path(ledger.experiment_dir(results, experiment))
-    return exp / "checkpoints" / cell_id, exp / "masks" / f"{cell_id}.safetensors"
+def _cell_paths(results: str, experiment: str, cell_id: str) -> tuple[str, str]:
+    return (ledger.artifact_location(results, experiment, "checkpoints", cell_id),
+            ledger.artifact_location(results, experiment, "masks", f"{cell_id}.safetensors"))
 
 
-def final_state_dir(results: str, experiment: str, cell_id: str) -> Path:
+def final_state_dir(results: str, experiment: str, cell_id: str) -> str:
     """Folder of a finished cell's final trainable state (``smn_core.checkpoint`` format: scores, head,
-    prototypes, buffers), written before its ledger rows; a cascade's experts start from it."""
-    return Path(ledger.experiment_dir(results, experiment)) / "states" / cell_id
+    prototypes, buffers), written before its ledger rows; a cascade's experts start from it. A local path,
+    or a URI for URI results (:func:`orchestrator.ledger.artifact_location`)."""
+    return ledger.artifact_location(results, experiment, "states", cell_id)
 
 
 def _finish(results: str, experiment: str, cell_id: str, cfg: CellConfig, grid: dict, outcome, started: float) -> dict:
@@ -111,7 +126,7 @@ def _finish(results: str, experiment: str, cell_id: str, cfg: CellConfig, grid: 
     ledger.write_cell(results, experiment, cell_id=cell_id, method=cfg.method, backbone=cfg.backbone.arch,
                       dataset=cfg.dataset.source, seed=cfg.seed, grid=grid, config=cfg.to_dict(),
                       metrics=metrics, started_at=started, finished_at=time.time())
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the cell has landed: its epoch checkpoints are spent
+    delete_checkpoint(ckpt_dir)  # the cell has landed: its epoch checkpoints are spent
     return metrics
 
 
@@ -200,7 +215,7 @@ def run_ddp_cell(cell_dict: dict, cell_id: str, label: str, grid: dict, experime
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = str(Path(ledger.experiment_dir(results, experiment)) / "ray_train")
+    storage = ledger.artifact_location(results, experiment, "ray_train")  # Ray Train takes s3:// URIs as they are
     use_gpu = resources["gpus_per_worker"] > 0
     per_worker = {"CPU": resources["cpus_per_worker"]}
     if use_gpu:
@@ -241,6 +256,22 @@ def _check_resources(spec: ExperimentSpec) -> None:
                 "(SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes autoscale from zero)")
 
 
+def completed_cells(results: str, experiment: str) -> set[str]:
+    """:func:`orchestrator.ledger.completed_cells`, read by the driver before anything runs.
+
+    Raises:
+        orchestrator.storage.StorageUnreachable: if the ledger's storage cannot be read (an ``s3://``
+            endpoint that does not answer, a bucket the credentials cannot list); names the location.
+    """
+    from .storage import StorageUnreachable
+
+    try:
+        return ledger.completed_cells(results, experiment)
+    except OSError as exc:
+        raise StorageUnreachable(f"cannot read the ledger of {experiment!r} under results location {results!r} from "
+                                 f"the driver: {exc}") from None
+
+
 def start_ray_for(spec: ExperimentSpec, results: str, address: str | None = None) -> None:
     """Join or start Ray and check, before any work, that the cluster can run ``spec``.
 
@@ -268,11 +299,12 @@ def prepare_pipeline_weights(spec: ExperimentSpec, results: str, cells: list[Cel
     for c in cells:
         if c.config.backbone.weights == "pipeline":
             path = pretrain_artifact_path(results, spec.name, c.config)
-            if not path.exists() and str(path) not in pre:
-                echo(f"pretraining {c.config.backbone.arch} on {c.config.pretrain.dataset.source} -> {path.name}")
-                pre[str(path)] = _pretrain_task.options(num_cpus=res.cpus_per_worker,
-                                                        num_gpus=res.gpus_per_worker).remote(_dump(c), str(path))
-            weights[c.cell_id] = str(path)
+            if path not in pre and not location_exists(path):
+                name = path.split("?")[0].rsplit("/", 1)[-1]
+                echo(f"pretraining {c.config.backbone.arch} on {c.config.pretrain.dataset.source} -> {name}")
+                pre[path] = _pretrain_task.options(num_cpus=res.cpus_per_worker,
+                                                   num_gpus=res.gpus_per_worker).remote(_dump(c), path)
+            weights[c.cell_id] = path
     for path, ref in pre.items():
         m = ray.get(ref)
         echo(f"pretrained backbone ready ({', '.join(f'{k} {v:.3f}' for k, v in m.items())})")
@@ -304,13 +336,20 @@ def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = 
     others as one Ray task per cell (or a ``TorchTrainer`` per cell for ``workers > 1``). Cells run
     concurrently as far as the cluster's resources allow (and ``resources.max_concurrent_cells``).
     A cell that fails after its retries is reported in ``summary["failed"]``; the other cells go on.
+    ``results`` is a local path or a ``pyarrow.fs`` URI (``s3://bucket/prefix``).
+
+    Raises:
+        orchestrator.storage.StorageUnreachable: if the ledger cannot be read, or (before any cell runs) the
+            results location is not writable from the driver or not shared with every alive node.
+        RuntimeError: if the spec asks for GPUs the cluster does not have.
+        ValueError: if ``results`` is a URI that pyarrow does not support.
     """
     if uses_tune(spec):
         from .sweep import run_sweep
 
         return run_sweep(spec, results, address=address, echo=echo)
     cells = expand_cells(spec)
-    done = ledger.completed_cells(results, spec.name)
+    done = completed_cells(results, spec.name)
     todo = [c for c in cells if c.cell_id not in done]
     summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo), ran=0, failed={})
     echo(f"experiment {spec.name}: {len(cells)} cells, {summary['skipped']} already in the ledger, {len(todo)} to run")

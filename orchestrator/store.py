@@ -434,8 +434,7 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
                                     "refusing to add it")
     state_dir = f"{exp}/states/{cell_id}"
     has_state = _exists(fs, f"{state_dir}/tensors.safetensors")
-    uri = results if "://" in str(results) else None
-    masks_uri = f"{results.rstrip('/')}/{experiment}/masks/{cell_id}.safetensors" if uri else masks_path
-    state_uri = (f"{results.rstrip('/')}/{experiment}/states/{cell_id}" if uri else state_dir) if has_state else None
+    masks_uri = ledger.artifact_location(results, experiment, "masks", f"{cell_id}.safetensors")
+    state_uri = ledger.artifact_location(results, experiment, "states", cell_id) if has_state else None
     spec = {"cell_id": cell_id, "experiment": experiment, "config": config}
     return task_from_masks_file(masks_uri, backbone, arch=cfg.backbone.arch, state_dir=state_uri, spec=spec)

@@ -33,8 +33,8 @@ from typing import Any, Callable
 from ray import tune
 
 from . import ledger
-from .runner import (RunSummary, _dump, echo_cell_done, prepare_pipeline_weights, run_cell_here, run_ddp_cell,
-                     start_ray_for)
+from .runner import (RunSummary, _dump, completed_cells, echo_cell_done, prepare_pipeline_weights, run_cell_here,
+                     run_ddp_cell, start_ray_for)
 from .spec import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
 
 __all__ = ["run_sweep", "SweepProgress"]
@@ -150,10 +150,9 @@ def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
 
 
 def _run_config(spec: ExperimentSpec, results: str, callbacks: list) -> tune.RunConfig:
-    if "://" in str(results):
-        storage = f"{str(results).rstrip('/')}/{spec.name}/tune"
-    else:
-        storage = f"{ledger.experiment_dir(results, spec.name)}/tune"
+    # a URI (s3://...) goes to Tune as it is, query included: Tune opens it with pyarrow.fs itself
+    storage = ledger.artifact_location(results, spec.name, "tune")
+    if "://" not in str(results):
         os.makedirs(storage, exist_ok=True)
     # a fresh name each time: re-using a Tune run name in the same storage silently resumes it;
     # resuming is the ledger's job (finished cells are skipped, running ones resume from checkpoints)
@@ -224,7 +223,7 @@ def run_sweep(spec: ExperimentSpec, results: str, *, address: str | None = None,
     while True:
         cells = expand_cells(spec, densities)
         waiting = pending_references(spec, densities)
-        done = ledger.completed_cells(results, spec.name)
+        done = completed_cells(results, spec.name)
         todo = [c for c in cells if c.cell_id not in done and c.cell_id not in summary["failed"]]
         summary["skipped"] += sum(c.cell_id in done for c in cells if c.cell_id not in seen)
         seen.update(c.cell_id for c in cells)
@@ -274,6 +273,7 @@ def _run_search(spec: ExperimentSpec, results: str, *, address: str | None,
     base = search_cell(spec, {})
     if base.config.backbone.weights == "pipeline" and any(k.startswith(("backbone.", "pretrain.")) for k in keys):
         raise SpecError("a search over backbone.* or pretrain.* keys needs backbone.weights other than 'pipeline'")
+    completed_cells(results, spec.name)  # a clear StorageUnreachable when the ledger cannot be read
     df = ledger.read_ledger(results, spec.name)
     points, rewards = [], []
     for cid, rows in df.groupby("cell_id"):
