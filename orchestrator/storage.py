@@ -12,10 +12,12 @@ empty local folder there, and results written into it would be lost to the other
 the driver reads back. Any failure raises :class:`StorageUnreachable` naming the machine and the
 location. Nodes that join later (an autoscaler adding GPU workers) are not checked here.
 
-Object stores (``s3://``) hold the ledger (``orchestrator.ledger``, ``smn table``), but the runner still
-writes masks, epoch checkpoints, final states and pretrained backbones with local file paths, which an
-object-store URI would turn into node-local folders; until those go through ``pyarrow.fs`` too,
-:func:`check_results_location` refuses a non-local filesystem for a run, before anything is written.
+Object stores work the same way: for a URI (``s3://bucket/prefix``) the probes go through the URI's
+``pyarrow.fs`` filesystem from the driver and from every node, so a node without a route to the endpoint,
+without credentials (``AWS_*`` variables, which :func:`orchestrator.runner.ensure_ray` passes to the
+workers, or the URI's own query) or without access to the bucket is named before any cell runs. Every
+file of a run (ledger, masks, epoch checkpoints, final states, pretrained backbones, failure records,
+Ray Train and Ray Tune storage) then goes to that filesystem too.
 """
 
 from __future__ import annotations
@@ -109,18 +111,13 @@ def check_results_location(results: str, *, timeout_s: float = 120.0) -> None:
         timeout_s: seconds to wait for all nodes' probes (a node's first task starts a worker process).
 
     Raises:
-        ValueError: if the URI's filesystem is not supported by pyarrow, or is not a local (POSIX) one
-            (see the module's note on object stores).
+        ValueError: if the URI's filesystem is not supported by pyarrow.
         StorageUnreachable: if the driver cannot write and read back a probe file, if a node cannot read
             the driver's probe or write its own, if the driver cannot read a node's probe, or if a node
             does not answer within ``timeout_s``; the message names the machine and the location.
     """
     fs, _ = ledger.resolve(results)
-    if not isinstance(fs, pafs.LocalFileSystem):
-        raise ValueError(
-            f"results location {results!r} is on {fs.type_name}: the ledger can live there, but `smn run` still "
-            "writes masks, checkpoints and pretrained backbones with local file paths, which would stay on "
-            "each node; give a path that every node mounts (NFS, e.g. /mnt/smn) instead")
+    local = isinstance(fs, pafs.LocalFileSystem)
     probe = _Probe(results, uuid.uuid4().hex)
     host = socket.gethostname()
     try:
@@ -129,8 +126,10 @@ def check_results_location(results: str, *, timeout_s: float = 120.0) -> None:
     except OSError as exc:
         raise StorageUnreachable(
             f"results location {results!r} is not writable from the driver (host {host}): {exc}; "
-            "give a folder this machine can create and write (on a cluster: a path every node mounts, "
-            "e.g. NFS at /mnt/smn)") from None
+            + ("give a folder this machine can create and write (on a cluster: a path every node mounts, "
+               "e.g. NFS at /mnt/smn)" if local else
+               f"check that the {fs.type_name} endpoint is reachable from here, that the bucket exists and that "
+               "the credentials (AWS_* variables, or the URI's query) allow writing under that prefix")) from None
     try:
         if ray.is_initialized():
             _check_nodes(fs, probe, timeout_s)
@@ -176,10 +175,15 @@ def _check_nodes(fs: pafs.FileSystem, probe: _Probe, timeout_s: float) -> None:
             problems.append(f"{_describe(node)}: {error}")
     if problems:
         relative = "://" not in probe.results and not os.path.isabs(probe.results)
+        if isinstance(fs, pafs.LocalFileSystem):
+            advice = ("every node must see the same files there: mount the same NFS export at that path on every "
+                      "node; a plain local folder is only shared on a single machine"
+                      + ("; and a relative path is resolved against each process's working directory: give an "
+                         "absolute one" if relative else ""))
+        else:
+            advice = (f"every node must reach the same {fs.type_name} storage: check the node's route to the "
+                      "endpoint and its credentials (the driver's AWS_* variables reach the workers when "
+                      "`smn run` starts or joins Ray; a cluster started elsewhere needs them on every node)")
         raise StorageUnreachable(
             f"results location {probe.results!r} is not shared by every node of the Ray cluster:\n  "
-            + "\n  ".join(problems)
-            + "\nevery node must see the same files there: mount the same NFS export at that path on every "
-            "node; a plain local folder is only shared on a single machine"
-            + ("; and a relative path is resolved against each process's working directory: give an "
-               "absolute one" if relative else ""))
+            + "\n  ".join(problems) + "\n" + advice)
