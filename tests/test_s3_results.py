@@ -195,3 +195,29 @@ def test_smn_run_results_on_s3(ray_local, s3, tiny_spec, capsys):
 
     assert smn_main(["run", str(spec_path), "--results", uri]) == 0
     assert "0 cells ran, 2 were already done, 0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tune_sweep_with_ddp_cell_on_s3(ray_local, s3, tiny_spec):
+    """A grid spec runs as a Ray Tune sweep whose trial drives a 2-worker TorchTrainer: Tune's and Ray Train's
+    storage take the s3:// URI as it is, the epoch checkpoints go through Ray Train to the bucket, and the
+    cell's ledger rows, masks and final state land there."""
+    from orchestrator.runner import run_experiment
+
+    endpoint, fs = s3
+    prefix = f"sweep-{uuid.uuid4().hex[:8]}"
+    uri = _uri(endpoint, prefix)
+    spec = load_spec(tiny_spec("s3sweep", workers=2, extra="grid:\n  train.batch_size: [32]\n"), ["methods=[smn]"])
+    lines: list[str] = []
+    summary = run_experiment(spec, uri, echo=lines.append)
+    assert summary["ran"] == 1 and not summary["failed"], "\n".join(lines)
+    (cell,) = expand_cells(spec)
+    keys = _keys(fs, prefix)
+    assert f"s3sweep/ledger/{cell.cell_id}.parquet" in keys
+    assert f"s3sweep/masks/{cell.cell_id}.safetensors" in keys
+    assert f"s3sweep/states/{cell.cell_id}/meta.json" in keys
+    assert any(k.startswith("s3sweep/tune/sweep-") for k in keys), keys
+    assert any(k.startswith(f"s3sweep/ray_train/cell-{cell.cell_id}/") and k.endswith("tensors.safetensors")
+               for k in keys), keys  # the epoch checkpoint Ray Train reported
+    assert set(ledger.read_ledger(uri, "s3sweep")["cell_id"]) == {cell.cell_id}
+    assert run_experiment(spec, uri, echo=lines.append)["ran"] == 0
