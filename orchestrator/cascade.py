@@ -35,7 +35,9 @@ semantics alone, tasks with ``max_retries=-1`` would behave the same.
 Files (``<results>/<experiment>/``): ``cascade/<router id>/router.safetensors`` (PCA and mixture
 parameters), ``cascade/<router id>/routes.safetensors`` (dispatcher embeddings, labels, routes),
 ``cascade/<expert id>/embeddings.safetensors``, ``masks/<expert id>.safetensors``,
-``states/<expert id>/``. Results must be a local or shared (NFS) folder, as for the runner.
+``states/<expert id>/``. As for the runner, results may be a local or shared (NFS) folder or a
+``pyarrow.fs`` URI (``s3://bucket/prefix``): every location comes from
+:func:`orchestrator.ledger.artifact_location` and every file goes through :mod:`smn_core.checkpoint`.
 """
 
 from __future__ import annotations
@@ -43,10 +45,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -54,7 +54,8 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from smn_core.cascade import COVARIANCE_TYPES, MODES, SCALINGS
-from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
+from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpoint, load_tensors, location_exists,
+                                 save_checkpoint, save_tensors)
 from smn_core.pipeline import CellConfig
 
 from . import ledger
@@ -182,12 +183,13 @@ def plan_cascades(spec: ExperimentSpec, cs: CascadeSpec) -> list[CascadePlan]:
     return plans
 
 
-def _cascade_dir(results: str, experiment: str, cid: str) -> Path:
-    return Path(ledger.experiment_dir(results, experiment)) / "cascade" / cid
+def _cascade_dir(results: str, experiment: str, cid: str, *parts: str) -> str:
+    """``<results>/<experiment>/cascade/<cid>/<parts...>`` (a local path, or a URI for URI results)."""
+    return ledger.artifact_location(results, experiment, "cascade", cid, *parts)
 
 
-def _ckpt_dir(results: str, experiment: str, cid: str) -> Path:
-    return Path(ledger.experiment_dir(results, experiment)) / "checkpoints" / cid
+def _ckpt_dir(results: str, experiment: str, cid: str) -> str:
+    return ledger.artifact_location(results, experiment, "checkpoints", cid)
 
 
 def _log(prefix: str) -> Callable[[str], None]:
@@ -240,11 +242,11 @@ def _router_stage(job: dict) -> dict[str, float]:
     router = fit_router(xtr, components=r["components"], clusters=r["clusters"], seed=r["seed"],
                         covariance_type=r["covariance_type"], reg_covar=r["reg_covar"], n_init=r["n_init"])
     rtr, rte = router.route(xtr), router.route(xte)
-    out = Path(job["out_dir"])
-    save_tensors(out / "router.safetensors", router.to_tensors(), metadata={"router_id": job["cell_id"]})
+    save_tensors(_cascade_dir(job["results"], job["experiment"], job["cell_id"], "router.safetensors"),
+                 router.to_tensors(), metadata={"router_id": job["cell_id"]})
     import torch
 
-    save_tensors(out / "routes.safetensors", {
+    save_tensors(job["routes"], {
         "train_embeddings": xtr, "test_embeddings": xte, "train_labels": ytr, "test_labels": yte,
         "train_routes": torch.from_numpy(rtr), "test_routes": torch.from_numpy(rte)},
         metadata={"router_id": job["cell_id"], "dispatcher": job["dispatcher_id"]})
@@ -299,9 +301,9 @@ def _expert_ddp_loop(config: dict) -> None:
 
 def _save_expert(job: dict, cfg: CellConfig, outcome) -> None:
     """Masks and final state (metrics in its meta) of a trained expert, before its ledger rows."""
-    exp_dir = Path(ledger.experiment_dir(job["results"], job["experiment"]))
     if outcome.masks is not None:
-        save_tensors(exp_dir / "masks" / f"{job['cell_id']}.safetensors", outcome.masks,
+        save_tensors(ledger.artifact_location(job["results"], job["experiment"], "masks", f"{job['cell_id']}.safetensors"),
+                     outcome.masks,
                      metadata={"cell_id": job["cell_id"], "arch": cfg.backbone.arch})
     metrics = dict(outcome.metrics)
     metrics["resumed_from_epoch"] = float(outcome.train_result.resumed_from_epoch if outcome.train_result else 0)
@@ -375,7 +377,7 @@ class ExpertActor:
         state, meta = load_checkpoint(state_dir)
         metrics = dict(meta["metrics"])
         _, _, (xtr, _), (xte, _) = _embed_splits(cfg, state, job["pipeline_weights"], device)
-        save_tensors(_cascade_dir(job["results"], job["experiment"], job["cell_id"]) / "embeddings.safetensors",
+        save_tensors(_cascade_dir(job["results"], job["experiment"], job["cell_id"], "embeddings.safetensors"),
                      {"train_embeddings": xtr, "test_embeddings": xte}, metadata={"cell_id": job["cell_id"]})
         metrics.update(expert=float(job["expert"]), cluster_size=float(len(indices)),
                        epochs=float(cfg.train.epochs), wall_s=time.time() - started)
@@ -385,7 +387,7 @@ class ExpertActor:
                           config={"role": "expert", "expert": job["expert"], "dispatcher_cell_id": job["dispatcher_id"],
                                   "router_cell_id": job["router_id"], "cell": cfg.to_dict()},
                           metrics=metrics, started_at=started, finished_at=time.time())
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the cell has landed: its epoch checkpoints are spent
+        delete_checkpoint(ckpt_dir)  # the cell has landed: its epoch checkpoints are spent
         return metrics
 
     def _train_ddp(self, cfg: CellConfig, indices: np.ndarray) -> None:
@@ -397,7 +399,7 @@ class ExpertActor:
         job, res = self.job, self.job["resources"]
         use_gpu = res["gpus_per_worker"] > 0
         per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
-        storage = str(Path(ledger.experiment_dir(job["results"], job["experiment"])) / "ray_train")
+        storage = ledger.artifact_location(job["results"], job["experiment"], "ray_train")  # URIs as they are
         trainer = TorchTrainer(
             _expert_ddp_loop,
             train_loop_config={**job, "indices": indices.tolist()},
@@ -425,7 +427,7 @@ def _combination_stage(job: dict) -> dict[str, dict[str, float]]:
     d_tr, d_te = routes["train_embeddings"], routes["test_embeddings"]
     e_tr, e_te = [], []
     for eid in job["expert_ids"]:
-        t = load_tensors(_cascade_dir(job["results"], job["experiment"], eid) / "embeddings.safetensors")
+        t = load_tensors(_cascade_dir(job["results"], job["experiment"], eid, "embeddings.safetensors"))
         e_tr.append(t["train_embeddings"])
         e_te.append(t["test_embeddings"])
     k = len(job["expert_ids"])
@@ -511,7 +513,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
 
     Args:
         spec: a validated spec with the ``smn`` method (its ``cascade`` section configures the rest).
-        results: results folder (local or shared by every node).
+        results: results folder (local or shared by every node) or ``pyarrow.fs`` URI (``s3://bucket/prefix``).
         address: Ray cluster to join (default ``$RAY_ADDRESS`` or a local Ray).
         echo: where progress lines go.
         cascade: the validated section (default: :func:`cascade_spec` of ``spec``).
@@ -556,24 +558,23 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
             raise RuntimeError(f"dispatcher {cell.cell_id} ({cell.label}) is in the ledger but its final state "
                                f"{state_dir} is missing (written by runs since the cascade was added); move its "
                                f"ledger file {cell.cell_id}.parquet aside to train it again")
-        weights = (str(pretrain_artifact_path(results, exp, cell.config))
+        weights = (pretrain_artifact_path(results, exp, cell.config)
                    if cell.config.backbone.weights == "pipeline" else None)
         info[p.router_id] = {"cell": json.loads(json.dumps(_CELL.dump_python(cell.config, mode="json"))),
-                             "dispatcher_state": str(state_dir), "pipeline_weights": weights,
+                             "dispatcher_state": state_dir, "pipeline_weights": weights,
                              "dispatcher_id": cell.cell_id, "grid": dict(cell.grid_values),
-                             "routes": str(_cascade_dir(results, exp, p.router_id) / "routes.safetensors"),
+                             "routes": _cascade_dir(results, exp, p.router_id, "routes.safetensors"),
                              "router_id": p.router_id}
     # --- 2. routers
     res = spec.resources
     refs = {}
     for p in plans:
-        if p.router_id in done and Path(info[p.router_id]["routes"]).is_file():
+        if p.router_id in done and location_exists(info[p.router_id]["routes"]):
             summary["router"]["skipped"] += 1
             continue
         echo(f"router {p.router_id}: embedding with dispatcher {p.dispatcher.cell_id} and fitting "
              f"PCA({cs.router.components}) + GMM({cs.router.clusters}, seed {cs.router.seed})")
-        job = {**jobs_common, **info[p.router_id], "cell_id": p.router_id, "router": cs.router.model_dump(),
-               "out_dir": str(_cascade_dir(results, exp, p.router_id))}
+        job = {**jobs_common, **info[p.router_id], "cell_id": p.router_id, "router": cs.router.model_dump()}
         refs[p.router_id] = _router_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
                                                  max_retries=res.max_retries).remote(job)
     for rid, ref in refs.items():
@@ -596,7 +597,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
                                f"one batch of {cfg.train.batch_size}; use fewer cascade.router.clusters or a smaller "
                                "train.batch_size")
         for k, eid in enumerate(p.expert_ids):
-            if eid in done and (_cascade_dir(results, exp, eid) / "embeddings.safetensors").is_file():
+            if eid in done and location_exists(_cascade_dir(results, exp, eid, "embeddings.safetensors")):
                 summary["experts"]["skipped"] += 1
                 continue
             epochs = cs.experts.epochs or _budget(len(routes), int(sizes[k]), cfg.train.epochs)

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("spec", help="experiment spec (YAML) with the smn method and an optional cascade section")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="override spec keys with dotted paths, e.g. cascade.router.clusters=3 train.epochs=4")
-    p.add_argument("--results", default="results", help="results folder holding the ledger (default: ./results)")
+    p.add_argument("--results", default="results", help="results folder or URI (s3://bucket/prefix) holding the ledger (default: ./results)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cascade's cells; run nothing")

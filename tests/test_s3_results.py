@@ -221,3 +221,35 @@ def test_tune_sweep_with_ddp_cell_on_s3(ray_local, s3, tiny_spec):
                for k in keys), keys  # the epoch checkpoint Ray Train reported
     assert set(ledger.read_ledger(uri, "s3sweep")["cell_id"]) == {cell.cell_id}
     assert run_experiment(spec, uri, echo=lines.append)["ran"] == 0
+
+
+@pytest.mark.slow
+def test_cascade_on_s3(ray_local, s3, tmp_path, capsys):
+    """`smn run` of a cascade spec with results on S3: dispatcher, router, experts (actors) and combinations
+    write their ledger cells, routes, embeddings, masks and states to the bucket; a rerun runs nothing."""
+    from orchestrator.cascade import cascade_spec, plan_cascades
+
+    from .test_cascade_ray import write_cascade_spec
+
+    endpoint, fs = s3
+    prefix = f"casc-{uuid.uuid4().hex[:8]}"
+    uri = _uri(endpoint, prefix)
+    path = write_cascade_spec(tmp_path, "s3casc", epochs=1)
+    overrides = ["cascade.router.clusters=2", "cascade.router.components=2"]
+    assert smn_main(["run", str(path), "--results", uri, *overrides]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    spec = load_spec(path, overrides)
+    (plan,) = plan_cascades(spec, cascade_spec(spec))
+    keys = _keys(fs, prefix)
+    for cid in (plan.dispatcher.cell_id, plan.router_id, *plan.expert_ids, *plan.combination_ids.values()):
+        assert f"s3casc/ledger/{cid}.parquet" in keys, (cid, keys)
+    assert f"s3casc/cascade/{plan.router_id}/routes.safetensors" in keys
+    for eid in plan.expert_ids:
+        assert f"s3casc/cascade/{eid}/embeddings.safetensors" in keys
+        assert f"s3casc/states/{eid}/meta.json" in keys and f"s3casc/masks/{eid}.safetensors" in keys
+    assert not any(k.startswith("s3casc/checkpoints/") for k in keys), keys
+    assert smn_main(["run", str(path), "--results", uri, *overrides]) == 0
+    out = capsys.readouterr().out
+    assert (f"router: 0 ran, 1 done before; experts: 0 ran, 2 done before; combinations: 0 ran, "
+            f"{len(plan.combination_ids)} done before") in out
+    assert ledger.read_ledger(uri, "s3casc")["cell_id"].nunique() == 2 + 2 + len(plan.combination_ids)
