@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("results", metavar="DIR", help="results folder or URI")
     plot.add_argument("--figure", required=True, help="figure name; 'list' shows them all")
     plot.add_argument("--experiment", default=None, help="only this experiment (default: all)")
-    plot.add_argument("--out", default=None, help="output PNG (default: DIR/figures/NAME.png)")
+    plot.add_argument("--out", default=None, help="output PNG (default: DIR/figures/NAME.png, also for a URI DIR)")
 
     for mod in CLI_PLUGINS:
         try:
@@ -116,6 +116,19 @@ def _plot(results: str, figure: str, experiment: str | None, out: str | None) ->
     df = ledger.read_ledger(results, experiment)
     if df.empty:
         raise ValueError(f"the ledger under {results!r} holds no results" + (f" for {experiment!r}" if experiment else ""))
+    if out is None and "://" in str(results):
+        # URI results: draw to a local file, then store it next to the ledger through pyarrow.fs
+        import tempfile
+
+        target = ledger.artifact_location(results, "figures", f"{figure}.png")
+        with tempfile.TemporaryDirectory(prefix="smn-plot-") as tmp:
+            local = Path(tmp) / f"{figure}.png"
+            known[figure].draw(df, str(local))
+            fs, inner = ledger.resolve(target)
+            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(inner) as dst:
+                dst.write(local.read_bytes())
+        return f"wrote {target}"
     path = Path(out) if out else Path(results) / "figures" / f"{figure}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     known[figure].draw(df, str(path))

@@ -4,6 +4,12 @@ Layout: ``<results>/<experiment>/ledger/<cell_id>.parquet``. Each file is writte
 name and renamed, so readers (which glob the folder) never see a partial cell. ``results`` is a
 local path or any URI that ``pyarrow.fs`` understands (``s3://...``; NFS is a local path).
 
+The experiment's other files (``masks/``, ``states/``, ``checkpoints/``, ``artifacts/``, ``cascade/``,
+``ray_train/``, ``tune/``) live next to the ledger, on the same filesystem: build their locations with
+:func:`artifact_location` (a local path for local results, a URI for URI results), which
+``smn_core.checkpoint``, Ray Train and Ray Tune all accept; :func:`experiment_dir` is the path *inside*
+the filesystem, without a URI's scheme, for use with :func:`resolve`'s filesystem only.
+
 A file that cannot be read (truncated, corrupted) is moved aside to ``<experiment>/quarantine/``
 with a warning and its cell counts as not done, so it runs again; no other file is touched.
 

@@ -253,3 +253,5 @@ def test_cascade_on_s3(ray_local, s3, tmp_path, capsys):
     assert (f"router: 0 ran, 1 done before; experts: 0 ran, 2 done before; combinations: 0 ran, "
             f"{len(plan.combination_ids)} done before") in out
     assert ledger.read_ledger(uri, "s3casc")["cell_id"].nunique() == 2 + 2 + len(plan.combination_ids)
+    assert smn_main(["plot", uri, "--figure", "fig11"]) == 0  # the figure goes next to the ledger, in the bucket
+    assert "figures/fig11.png" in _keys(fs, prefix)
