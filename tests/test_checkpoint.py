@@ -107,3 +107,25 @@ def test_meta_must_be_json_serialisable(tmp_path):
     # the failed write leaves no meta (and no temporary file) behind: not a complete checkpoint
     assert not has_checkpoint(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tensors.safetensors"]
+
+
+def test_checkpoint_round_trip_on_a_file_uri(tmp_path):
+    """A ``file://`` URI goes through pyarrow.fs (temporary name + move), with the same results."""
+    from smn_core.checkpoint import delete_checkpoint, location_exists
+
+    folder = f"file://{tmp_path}/uri/ckpt"
+    tensors = _tensors()
+    assert not has_checkpoint(folder)
+    assert save_checkpoint(folder, tensors, {"epoch": 2}) == folder
+    assert has_checkpoint(folder) and location_exists(f"{folder}/tensors.safetensors")
+    loaded, meta = load_checkpoint(folder)
+    assert meta == {"epoch": 2} and all(torch.equal(loaded[k], t) for k, t in tensors.items())
+    assert sorted(p.name for p in (tmp_path / "uri" / "ckpt").iterdir()) == ["meta.json", "tensors.safetensors"]
+    (tmp_path / "uri" / "ckpt" / "meta.json").unlink()  # tensors without meta.json: half-written
+    assert not has_checkpoint(folder)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(folder)
+    delete_checkpoint(folder)
+    assert not (tmp_path / "uri" / "ckpt").exists()
+    with pytest.raises(ValueError, match="not a URI that pyarrow.fs supports"):
+        save_tensors("ftp://host/x.safetensors", tensors)
