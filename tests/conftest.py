@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,31 @@ SHARED = REPO.parent / "shared"
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # explicit: Ray 2.59+ enables token auth silently
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def kill_driver_tree(proc: subprocess.Popen, marker: str) -> None:
+    """SIGKILL a driver started with ``start_new_session=True`` as a machine crash would: its process group,
+    all its descendants (Ray workers rename themselves ``ray::...``, so they are found through the process
+    tree, before the kill orphans them) and every process naming ``marker`` (its Ray temp dir) on its
+    command line (GCS, raylet)."""
+    import psutil
+
+    try:
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        victims = []
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    me = os.getpid()
+    victims += [p for p in psutil.process_iter(["cmdline"])
+                if p.pid != me and any(marker in a for a in (p.info["cmdline"] or []))]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait(timeout=30)
 
 
 def shared_path(*parts: str) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,30 +25,9 @@ from orchestrator.cli import main as smn_main
 from orchestrator.runner import run_experiment
 from orchestrator.spec import expand_cells, load_spec
 
-from .conftest import REPO
+from .conftest import REPO, kill_driver_tree
 
 pytestmark = pytest.mark.slow
-
-
-def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
-    """SIGKILL a driver's process group, its descendants and every process naming its Ray temp dir."""
-    victims = []
-    try:
-        victims = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        pass
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    me = os.getpid()
-    victims += [p for p in psutil.process_iter(["cmdline"])
-                if p.pid != me and any(marker in a for a in (p.info["cmdline"] or []))]
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=30)
-    proc.wait(timeout=30)
 
 
 def test_killed_ddp_worker_resumes_from_its_last_checkpoint(tiny_spec, tmp_path):
@@ -85,7 +63,7 @@ def test_killed_ddp_worker_resumes_from_its_last_checkpoint(tiny_spec, tmp_path)
         killed_at = time.time()
         rc = proc.wait(timeout=600)
     finally:
-        _kill_tree(proc, ray_tmp)
+        kill_driver_tree(proc, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     text = log.read_text()
     assert rc == 0, text

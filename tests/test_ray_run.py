@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from pydantic import TypeAdapter
@@ -21,7 +19,7 @@ from orchestrator.spec import expand_cells, load_spec
 from smn_core.checkpoint import load_tensors
 from smn_core.pipeline import CellConfig, run_cell
 
-from .conftest import REPO
+from .conftest import REPO, kill_driver_tree
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +40,6 @@ def test_run_writes_ledger_and_rerun_runs_nothing(ray_local, tiny_spec, tmp_path
     second = run_experiment(spec, results, echo=lambda s: None)
     assert second["ran"] == 0 and second["skipped"] == 2
     assert len(ledger.read_ledger(results, "ledger")) == len(df)
-
-
-def _crash(proc: subprocess.Popen, ray_tmp: str) -> None:
-    """SIGKILL the driver's process group and every process of its local Ray (raylet, GCS, workers start
-    their own sessions but name the Ray temp dir on their command line), as a machine crash would."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    victims = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(ray_tmp in arg for arg in (p.info["cmdline"] or [])):
-            victims.append(p)
-            p.kill()
-    psutil.wait_procs(victims, timeout=30)
 
 
 def test_killed_driver_resumes_only_missing_work(tiny_spec, tmp_path):
@@ -82,7 +67,7 @@ def test_killed_driver_resumes_only_missing_work(tiny_spec, tmp_path):
         else:
             pytest.fail("no cell finished and checkpointed in time")
     finally:
-        _crash(proc, ray_tmp)
+        kill_driver_tree(proc, ray_tmp)
     before = ledger.completed_cells(str(results), "resume")
     assert 1 <= len(before) < 4
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -16,8 +16,7 @@ from orchestrator import ledger
 from orchestrator.runner import run_experiment
 from orchestrator.spec import load_spec
 
-from .conftest import REPO
-from .test_ray_run import _crash
+from .conftest import REPO, kill_driver_tree
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +87,7 @@ def test_interrupted_sweep_resumes_without_recomputing_finished_cells(tiny_spec,
         else:
             pytest.fail("no cell finished in time")
     finally:
-        _crash(proc, ray_tmp)
+        kill_driver_tree(proc, ray_tmp)
     landed = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.parquet")}
     assert 1 <= len(landed) < 3
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
