@@ -18,7 +18,7 @@ import json
 
 import pandas as pd
 
-from .reports import mean_std, register_figure, register_table
+from .reports import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["cells_frame", "mask_variant", "frozen_label", "selection_strategy"]
 
@@ -213,9 +213,7 @@ def _plot_selection(df: pd.DataFrame, out: str, metric: str, strategies: tuple[s
         ax.set_title(f"{title} ({ds})")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 @register_figure("fig8", "Fig. 8: k-NN accuracy against trainable masks: first N stages vs random fraction")

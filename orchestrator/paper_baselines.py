@@ -41,7 +41,7 @@ import pandas as pd
 from smn_core.analysis import mask_agreement, tensor_densities
 
 from . import ledger
-from .reports import mean_std, register_figure, register_table
+from .reports import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["cell_frame", "load_cell_masks", "table1", "lowshot", "invariance", "table8", "sparsity_blocks",
            "table10", "fig3", "fig5", "fig6", "fig7"]
@@ -312,9 +312,7 @@ def fig3(df: pd.DataFrame, out: str) -> None:
         ax.set_title(f"{backbone} on {data}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,9 +461,7 @@ def fig5(df: pd.DataFrame, out: str) -> None:
             ax.set_title(f"{title}\n{_group_label(g)}", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,9 +568,7 @@ def fig6(df: pd.DataFrame, out: str) -> None:
         ax.set_title(f"{kind}s ({', '.join(sorted(dens['data'].unique()))})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def _short(name: str) -> str:
@@ -615,9 +609,7 @@ def fig7(df: pd.DataFrame, out: str) -> None:
         ax.set_title(f"{backbone}: {', '.join(sorted(sub['data'].unique()))}", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import re
 
 import pandas as pd
 
-from .reports import mean_std, register_figure, register_table
+from .reports import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["table3", "fig11"]
 
@@ -124,6 +124,4 @@ def fig11(df: pd.DataFrame, out: str) -> None:
         ax.set_title(f"{dataset}, seed {seed} (router {cid[:8]})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)

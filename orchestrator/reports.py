@@ -24,7 +24,7 @@ from typing import Callable
 import pandas as pd
 
 __all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
-           "render_frame", "mean_std", "grid_values", "metric_frame", "REPORT_MODULES"]
+           "render_frame", "mean_std", "grid_values", "metric_frame", "save_figure", "REPORT_MODULES"]
 
 REPORT_MODULES = (
     "orchestrator.paper_ablations",
@@ -128,6 +128,15 @@ def mean_std(mean: float, std: float | None = None, n: float | None = None, digi
     if n is not None and not pd.isna(n) and n > 1 and std is not None and not pd.isna(std):
         s += f" ± {std:.{digits}f}"
     return s
+
+
+def save_figure(fig, out: str) -> None:
+    """Lay out a finished matplotlib figure, write it to ``out`` (PNG, 120 dpi) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None = None) -> str:
