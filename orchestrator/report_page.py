@@ -278,7 +278,20 @@ def _html(sections: list[ExperimentSection], env: dict[str, str], results: str) 
     body.append("<h2>Environment</h2>" + _html_table(pd.DataFrame({"": list(env), "value": list(env.values())}),
                                                      "environment"))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>smn report</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+            f"<style>{_CSS}</style></head><body>{''.join(body)}<script>{_RENDER_CHECK}</script></body></html>\n")
+
+
+_RENDER_CHECK = """window.addEventListener('load', function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) {
+    var good = imgs[i].complete && imgs[i].naturalWidth > 0;
+    imgs[i].setAttribute('data-rendered', good ? imgs[i].naturalWidth + 'x' + imgs[i].naturalHeight : 'no');
+    if (good) ok++;
+  }
+  document.body.setAttribute('data-figures-rendered', ok + '/' + imgs.length);
+});"""
+"""A few lines of script in the page: after loading, each figure gets ``data-rendered="WxH"`` (or ``no``) and
+the body ``data-figures-rendered="k/n"``, so a headless browser's DOM dump shows whether the figures decoded."""
 
 
 def _experiments_with_anything(results: str) -> list[str]:

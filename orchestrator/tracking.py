@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -286,8 +287,13 @@ def log_cell_wandb(target: WandbTarget, record: CellRecord, folder: str) -> bool
             for path in record.artifacts:
                 art.add_file(path)
             run.log_artifact(art)
-    finally:
-        run.finish(quiet=True)
+    except Exception:
+        run.finish(exit_code=1)
+        if target.mode == "offline":  # a half-written offline run would block the cell's next attempt
+            for d in Path(folder, "wandb").glob(f"offline-run-*-{run_id}"):
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+    run.finish()
     return True
 
 
