@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.time()
         try:
-            with report_cli.quiet_output(args):  # --json: progress to stderr; --quiet: no progress
+            # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.progress)
+            with report_cli.quiet_output(args, len(cells), spec.name):
                 summary = run_experiment(spec, args.results, address=args.address)
         except (ValueError, RuntimeError) as exc:
             print(f"smn: {exc}", file=sys.stderr)

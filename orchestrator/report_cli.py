@@ -78,9 +78,10 @@ def add_run_options(run) -> None:
 
 
 @contextlib.contextmanager
-def quiet_output(args) -> Iterator[None]:
+def quiet_output(args, total: int = 0, name: str = "") -> Iterator[None]:
     """While a run goes on: progress to stderr for ``--json`` (stdout keeps the summary object only),
-    nowhere for ``--quiet``; unchanged otherwise."""
+    nowhere for ``--quiet``; rich bars above the lines when stdout is a terminal
+    (:func:`orchestrator.progress.run_progress`, ``total`` cells of experiment ``name``); plain lines otherwise."""
     if getattr(args, "json", False):
         with contextlib.redirect_stdout(sys.stderr):
             yield
@@ -88,7 +89,10 @@ def quiet_output(args) -> Iterator[None]:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     else:
-        yield
+        from .progress import run_progress
+
+        with run_progress(total, name):
+            yield
 
 
 def tracking_section(spec, args) -> dict[str, Any] | None:

@@ -181,6 +181,7 @@ def _curves_figure(df: pd.DataFrame, experiment: str, path: Path) -> Path | None
             if q in c.columns:
                 ax.plot(c["epoch"] + 1, c[q], marker="o", ms=3, label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(q.replace("_", " "))
     axes[0][0].legend(fontsize=7)
     reports.save_figure(fig, str(path))
@@ -239,13 +240,14 @@ def _markdown(sections: list[ExperimentSection], env: dict[str, str], results: s
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px}
-th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+th{background:#f3f3f3;text-align:left}td{text-align:left;white-space:nowrap}.scroll{overflow-x:auto}img{max-width:100%;border:1px solid #eee}
 code,pre{background:#f6f6f6;padding:2px 4px}h2{border-bottom:2px solid #333;margin-top:2em}.none{color:#777}"""
 
 
 def _html_table(frame: pd.DataFrame, cls: str) -> str:
     flat = reports.flat_frame(frame)
-    return flat.astype(object).where(flat.notna(), "-").to_html(index=False, escape=True, classes=cls, border=0)
+    table = flat.astype(object).where(flat.notna(), "-").to_html(index=False, escape=True, classes=cls, border=0)
+    return f'<div class="scroll">{table}</div>'
 
 
 def _html(sections: list[ExperimentSection], env: dict[str, str], results: str) -> str:

@@ -230,7 +230,7 @@ def test_report_renders_in_headless_chromium(sweep, tmp_path):
 
     img = Image.open(shot).convert("L")
     assert img.size == (1280, 2400)
-    assert len(set(img.resize((64, 120)).getdata())) > 20  # text, table rules and plots, not a blank page
+    assert len(set(img.resize((64, 120)).tobytes())) > 20  # text, table rules and plots, not a blank page
     keep = os.environ.get("SMN_SCREENSHOT_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
