@@ -40,7 +40,9 @@ def test_dry_run_lists_cells(capsys, tmp_path):
     assert main(["run", str(REPO / "experiments" / "demo.yaml"), "--dry-run", "--results", str(tmp_path),
                  "seeds=[0,1]"]) == 0
     out = capsys.readouterr().out
-    assert "4 cells" in out and out.count("smn seed=") == 2
+    listing, estimate = out.split("cost estimate")
+    assert "4 cells" in listing and listing.count("smn seed=") == 2
+    assert estimate.count("smn seed=") == 2 and "CPU-hours" in estimate
     assert not any(tmp_path.iterdir())
 
 
