@@ -62,7 +62,7 @@ def _ls(args) -> int:
     elif frame.empty:
         print(f"(no experiments under {args.results})")
     else:
-        print(frame.to_string(index=False))
+        print(frame.astype(object).where(frame.notna(), "-").to_string(index=False))
     return 0
 
 

@@ -195,6 +195,8 @@ def _curve_steps(curves: pd.DataFrame | None) -> list[tuple[int, dict[str, float
 
 
 def _mlflow_uri(uri: str) -> str:
+    """A tracking URI for ``uri``; a plain folder becomes a ``file://`` URI of MLflow's file store (which
+    MLflow 3 keeps behind ``MLFLOW_ALLOW_FILE_STORE``)."""
     if "://" in uri or uri.startswith(("file:", "sqlite:", "databricks")):
         return uri
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a plain folder: MLflow's file store
@@ -203,11 +205,9 @@ def _mlflow_uri(uri: str) -> str:
 
 def log_cell_mlflow(target: MlflowTarget, record: CellRecord) -> bool:
     """Log one cell as an MLflow run unless a run tagged with its cell id exists; returns True if logged."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = _mlflow_uri(target.uri)
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=uri)
     name = target.experiment or record.experiment
     exp = client.get_experiment_by_name(name)
@@ -237,7 +237,6 @@ def log_cell_mlflow(target: MlflowTarget, record: CellRecord) -> bool:
         client.set_terminated(rid, "FAILED")
         client.delete_run(rid)  # a half-logged run would block the cell's next attempt
         raise
-    del mlflow
     return True
 
 
