@@ -25,12 +25,13 @@ from typing import Iterator, TextIO
 __all__ = ["RunProgress", "run_progress", "wants_bars"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_EPOCH = re.compile(r"\[(?P<key>[0-9a-f]{16}|pretrain)(?: (?P<label>[^\]]*))?\] epoch (?P<k>\d+)/(?P<n>\d+) "
+_EPOCH = re.compile(r"\[(?P<key>[^\[\]]+)\] epoch (?P<k>\d+)/(?P<n>\d+) "
                     r"loss (?P<loss>[-\d.e+naif]+)(?: density (?P<density>[\d.]+))?(?: eta (?P<eta>\d+)s)?")
 _CELLS_DONE = re.compile(r"\[(?P<k>\d+)/(?P<n>\d+) cells done[^\]]*\] (?P<cell>[0-9a-f]{16})(?P<rest>.*)")
 _SWEEP = re.compile(r"(?P<done>\d+) done, (?P<running>\d+) running, (?P<pending>\d+) pending, (?P<failed>\d+) failed"
                     r"(?:; best (?P<metric>\S+) (?P<best>[\d.]+))?")
 _ALREADY = re.compile(r"(?P<total>\d+) cells.*?, (?P<skipped>\d+) already in the ledger")
+_CELL_ID = re.compile(r"\b[0-9a-f]{16}\b")
 _BEST = re.compile(r"knn_top1 (?P<v>[\d.]+)")
 
 
@@ -98,7 +99,9 @@ class RunProgress(io.TextIOBase):
         if (m := _EPOCH.search(plain)) is not None:
             key = m["key"]
             if key not in self.tasks:
-                label = "pretraining" if key == "pretrain" else f"{m['label'] or ''} {key[:8]}".strip()
+                cid = _CELL_ID.search(key)
+                label = "pretraining" if key == "pretrain" else (
+                    f"{' '.join(_CELL_ID.sub('', key).split())} {cid.group(0)[:8]}" if cid else key).strip()
                 self.tasks[key] = self.progress.add_task(f"  {label}: epochs", total=int(m["n"]), info="")
             info = f"loss {float(m['loss']):.3f}" + (f" density {float(m['density']):.3f}" if m["density"] else "")
             self.progress.update(self.tasks[key], completed=int(m["k"]), info=info)
@@ -114,8 +117,7 @@ class RunProgress(io.TextIOBase):
                 self.best = float(m["best"])
             if (c := re.search(r"<- (?:finished|FAILED) (.*)$", plain)) is not None:
                 for key in [k for k in self.tasks if k != "pretrain"]:
-                    desc = self.progress.tasks[self._index(self.tasks[key])].description
-                    if c.group(1).strip() in desc:
+                    if " ".join(_CELL_ID.sub("", key).split()) == c.group(1).strip():
                         self._finish_cell(key)
             self.progress.update(self.overall, completed=self.skipped + int(m["done"]) + int(m["failed"]),
                                  info=self._info(running=int(m["running"])))
@@ -125,12 +127,9 @@ class RunProgress(io.TextIOBase):
         elif "pretrained backbone ready" in plain and "pretrain" in self.tasks:
             self._finish_cell("pretrain")
 
-    def _index(self, task_id: int) -> int:
-        return next(i for i, t in enumerate(self.progress.tasks) if t.id == task_id)
-
     def _finish_cell(self, key: str) -> None:
-        if key in self.tasks:
-            self.progress.remove_task(self.tasks.pop(key))
+        for k in [k for k in self.tasks if k == key or key in k]:  # a cell id finishes its bar
+            self.progress.remove_task(self.tasks.pop(k))
 
     def _info(self, running: int | None) -> str:
         parts = []

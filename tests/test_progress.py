@@ -83,3 +83,14 @@ def test_a_run_progress_reads_the_engine_lines(tmp_path):
         assert len(tap.progress.tasks) == 1  # the finished cell's bar is gone
     text = out.getvalue()
     assert "epoch 2/8 loss 4.6164" in text and "cells done" in text
+
+
+def test_cascade_expert_lines_get_their_own_bars():
+    import io
+
+    with RunProgress(1, "cascade", stream=io.StringIO()) as tap:
+        tap.write("\x1b[36m(ExpertActor pid=19548)\x1b[0m [expert 1 63cc2989a756bf5e (59 images, 64 epochs)] epoch 9/64 "
+                  "loss 6.9052 density 0.960 eta 161s\x1b[32m [repeated 5x across cluster]\x1b[0m\n")
+        (bar,) = tap.progress.tasks[1:]
+        assert bar.description.strip() == "expert 1 (59 images, 64 epochs) 63cc2989: epochs"
+        assert (bar.completed, bar.total) == (9, 64)
