@@ -31,6 +31,7 @@ _CELLS_DONE = re.compile(r"\[(?P<k>\d+)/(?P<n>\d+) cells done[^\]]*\] (?P<cell>[
 _SWEEP = re.compile(r"(?P<done>\d+) done, (?P<running>\d+) running, (?P<pending>\d+) pending, (?P<failed>\d+) failed"
                     r"(?:; best (?P<metric>\S+) (?P<best>[\d.]+))?")
 _ALREADY = re.compile(r"(?P<total>\d+) cells.*?, (?P<skipped>\d+) already in the ledger")
+_DONE_IN = re.compile(r"\[(?P<key>[^\[\]]+)\] done in \d")
 _CELL_ID = re.compile(r"\b[0-9a-f]{16}\b")
 _BEST = re.compile(r"knn_top1 (?P<v>[\d.]+)")
 
@@ -124,6 +125,8 @@ class RunProgress(io.TextIOBase):
         elif (m := _ALREADY.search(plain)) is not None:
             self.skipped = int(m["skipped"])
             self.progress.update(self.overall, completed=self.skipped, info=self._info(running=None))
+        elif (m := _DONE_IN.search(plain)) is not None:  # a cascade expert: "[expert 4 <id> (...)] done in 311s"
+            self._finish_cell(m["key"])
         elif "pretrained backbone ready" in plain and "pretrain" in self.tasks:
             self._finish_cell("pretrain")
 

@@ -94,3 +94,5 @@ def test_cascade_expert_lines_get_their_own_bars():
         (bar,) = tap.progress.tasks[1:]
         assert bar.description.strip() == "expert 1 (59 images, 64 epochs) 63cc2989: epochs"
         assert (bar.completed, bar.total) == (9, 64)
+        tap.write("[expert 1 63cc2989a756bf5e (59 images, 64 epochs)] done in 311s: loss 2.3650, density 0.932\n")
+        assert len(tap.progress.tasks) == 1

@@ -260,3 +260,19 @@ def test_dry_run_prints_a_cost_estimate_from_the_benchmark_or_a_default(tmp_path
     assert main(["run", spec, "--dry-run", "--results", str(tmp_path / "r"), "resources.gpus_per_worker=1"]) == 0
     assert "GPU-hours" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_track_flag_logs_the_ledger_into_a_store_beside_it(sweep, capsys):
+    """``smn run --track mlflow`` on a finished sweep: no cell runs, the 3 cells land in RESULTS/mlruns once."""
+    import mlflow
+
+    args = ["run", str(sweep["spec"]), "--results", sweep["results"], "methods=[smn]", "tracking=null",
+            "--track", "mlflow", "--json"]
+    for expected in (3, 0):
+        assert main(args) == 0
+        summary = last_json(capsys.readouterr().out)
+        assert summary["ran"] == 0 and summary["tracking"] == {"mlflow": expected}
+    mlflow.set_tracking_uri((Path(sweep["results"]) / "mlruns").as_uri())
+    runs = mlflow.search_runs(experiment_names=["sweep3"])
+    assert len(runs) == 3 and runs["params.train.swav.num_prototypes"].notna().all()
