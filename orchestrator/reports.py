@@ -171,16 +171,31 @@ def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None =
         return "(no results in the ledger for this table yet)"
     flat = flat_frame(frame)
     if fmt == "csv":
-        return flat.to_csv(index=False)
+        return flat.to_csv(index=False).rstrip("\n")
     if fmt == "json":
-        return flat.to_json(orient="records", indent=1, force_ascii=False)
+        records = flat.astype(object).where(flat.notna(), None).to_dict(orient="records")
+        return json.dumps(records, indent=1, ensure_ascii=False, default=str)
     shown = flat.astype(object).where(flat.notna(), "-")
     if fmt == "latex":
         styler = shown.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
         body = styler.to_latex(hrules=True, column_format="l" + "r" * (shown.shape[1] - 1))
-        body = body.replace("±", r"$\pm$").replace("∞", r"$\infty$")
+        for char, tex in (("±", r"$\pm$"), ("∞", r"$\infty$"), ("β", r"$\beta$"), ("≈", r"$\approx$")):
+            body = body.replace(char, tex)
         return (f"% {title}\n" if title else "") + body.rstrip("\n")
-    return (f"**{title}**\n\n" if title else "") + shown.to_markdown(index=False)
+    # display strings stay as they are ("0.900" is not re-read as 0.9); numbers right-aligned as strings
+    align = ["right" if shown[c].map(_numeric_text).all() and (shown[c] != "-").any() else "left"
+             for c in shown.columns]
+    return (f"**{title}**\n\n" if title else "") + shown.to_markdown(index=False, disable_numparse=True,
+                                                                       colalign=align)
+
+
+def _numeric_text(v) -> bool:
+    text = str(v).split(" ± ")[0].rstrip("%")
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text == "-"
 
 
 def write_frame(frame: pd.DataFrame, path: str, fmt: str = "parquet") -> str:

@@ -276,3 +276,27 @@ def test_track_flag_logs_the_ledger_into_a_store_beside_it(sweep, capsys):
     mlflow.set_tracking_uri((Path(sweep["results"]) / "mlruns").as_uri())
     runs = mlflow.search_runs(experiment_names=["sweep3"])
     assert len(runs) == 3 and runs["params.train.swav.num_prototypes"].notna().all()
+
+
+def test_one_pandas_renderer_for_every_format(tmp_path, capsys):
+    """The generic table and a paper layout through the one renderer: display strings kept exactly in Markdown
+    and LaTeX, numbers in CSV / JSON / Parquet."""
+    import time
+
+    now = time.time()
+    for seed, knn in ((0, 0.9), (1, 0.9)):
+        ledger.write_cell(str(tmp_path), "exp", cell_id=f"c{seed}", method="smn", backbone="cifar_resnet8",
+                          dataset="digits", seed=seed, grid={}, config={}, started_at=now, finished_at=now,
+                          metrics={"knn_top1": knn, "density": 0.5 + seed / 10})
+    assert main(["table", str(tmp_path)]) == 0
+    md = capsys.readouterr().out
+    assert "0.900 ± 0.000" in md and "0.550 ± 0.071" in md and "|:---" in md
+    assert main(["table", str(tmp_path), "--format", "latex", "--layout", "table10"]) == 0
+    tex = capsys.readouterr().out
+    assert r"\toprule" in tex and r"\bottomrule" in tex and "STD (ddof=1)" in tex
+    assert main(["table", str(tmp_path), "--format", "json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["knn_top1_mean"] == pytest.approx(0.9) and row["density_n"] == 2 and row["grid"] == ""
+    assert main(["table", str(tmp_path), "--format", "csv", "--metrics", "density"]) == 0
+    csv = capsys.readouterr().out.splitlines()
+    assert csv[0].endswith("density_mean,density_std,density_n") and len(csv) == 2
