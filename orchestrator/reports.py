@@ -158,7 +158,7 @@ def flat_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None = None) -> str:
     """Render a table with pandas: Markdown (``DataFrame.to_markdown``), LaTeX (``Styler.to_latex``,
-    booktabs rules), CSV (``to_csv``) or JSON (``to_json``, one object per row).
+    booktabs rules), CSV (``to_csv``) or JSON (one object per row, ``to_dict(orient="records")``).
 
     Markdown and LaTeX show a missing value as ``-``; CSV and JSON keep it empty / null.
 
