@@ -185,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             # a spec with a `cascade:` section is the cascade's (paper Sec. 3.4): same as `smn cascade SPEC`
             from . import cascade_cli, report_cli
 
-            code = cascade_cli.main(args)
-            if not args.dry_run:
-                report_cli.track(spec, args)  # trackers (spec tracking: / --track), from the ledger
+            if args.dry_run:
+                return cascade_cli.main(args)
+            with report_cli.quiet_output(args, None, spec.name):  # --json / --quiet / bars, as for cells
+                code = cascade_cli.main(args)
+            report_cli.finish_cascade(args, spec, code)  # trackers; the JSON summary or the --quiet table
             return code
         cells = expand_cells(spec)
         if args.command == "validate" or args.dry_run:

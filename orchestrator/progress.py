@@ -49,12 +49,12 @@ class RunProgress(io.TextIOBase):
     """A stdout tap for one ``smn run``: prints every line above rich bars and moves the bars from the lines.
 
     Args:
-        total: cells of the run (all of them, those the ledger holds included).
+        total: cells of the run (all of them, those the ledger holds included; None: not known).
         name: the experiment's name.
         stream: the terminal (default: the current stdout).
     """
 
-    def __init__(self, total: int, name: str, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int | None, name: str, stream: TextIO | None = None) -> None:
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
@@ -155,7 +155,7 @@ class RunProgress(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def run_progress(total: int, name: str, enabled: bool | None = None) -> Iterator[RunProgress | None]:
+def run_progress(total: int | None, name: str, enabled: bool | None = None) -> Iterator[RunProgress | None]:
     """Bars for a run while the block runs, when stdout is a terminal (``enabled=None``) or when asked;
     otherwise nothing changes (plain lines). Yields the :class:`RunProgress` or None."""
     if enabled is None:

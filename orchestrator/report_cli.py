@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Iterator
 
-__all__ = ["add_parser", "add_run_options", "quiet_output", "finish_run", "track", "tracking_section",
+__all__ = ["add_parser", "add_run_options", "quiet_output", "finish_run", "finish_cascade", "track", "tracking_section",
            "write_table"]
 
 
@@ -78,10 +78,11 @@ def add_run_options(run) -> None:
 
 
 @contextlib.contextmanager
-def quiet_output(args, total: int = 0, name: str = "") -> Iterator[None]:
+def quiet_output(args, total: int | None = 0, name: str = "") -> Iterator[None]:
     """While a run goes on: progress to stderr for ``--json`` (stdout keeps the summary object only),
     nowhere for ``--quiet``; rich bars above the lines when stdout is a terminal
-    (:func:`orchestrator.progress.run_progress`, ``total`` cells of experiment ``name``); plain lines otherwise."""
+    (:func:`orchestrator.progress.run_progress`, ``total`` cells of experiment ``name``, None: not known);
+    plain lines otherwise."""
     if getattr(args, "json", False):
         with contextlib.redirect_stdout(sys.stderr):
             yield
@@ -140,6 +141,28 @@ def finish_run(args, spec, summary: dict, started: float, table_text: str) -> No
         return
     print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
           f"{len(summary['failed'])} failed; {time.time() - started:.0f}s")
+
+
+def finish_cascade(args, spec, code: int) -> None:
+    """The end of ``smn run`` for a cascade spec: trackers, then the JSON summary (``--json``) or the Table 3
+    layout (``--quiet``; without it the cascade printed its table already)."""
+    quiet = args.json or args.quiet
+    tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if quiet else print)
+    from . import ledger, reports, tables
+
+    rows = ledger.read_ledger(args.results, spec.name)
+    if args.json:
+        table = tables.results_table(rows)
+        layout = reports.tables()["table3"].build(rows) if not rows.empty else None
+        print(json.dumps({"experiment": spec.name, "results": str(args.results), "exit_code": code,
+                          "cells": int(rows["cell_id"].nunique()) if len(rows) else 0, "tracking": tracked,
+                          "ledger": ledger.artifact_location(args.results, spec.name, "ledger"),
+                          "table": json.loads(tables.render(table, "json")) if not table.empty else [],
+                          "table3": json.loads(reports.render_frame(layout, "json"))
+                          if layout is not None and not layout.empty else []}, indent=1))
+    elif args.quiet:
+        layout = reports.tables()["table3"]
+        print(reports.render_frame(layout.build(rows), args.format, title=layout.description))
 
 
 def write_table(frame, fmt: str, out: str | None) -> str:
