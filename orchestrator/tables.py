@@ -21,7 +21,7 @@ from .reports import FORMATS, mean_std, register_table, render_frame
 
 __all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render"]
 
-DEFAULT_METRICS = ("knn_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
+DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
                    "code_entropy", "collapsed", "wall_s")
 
 
