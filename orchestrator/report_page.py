@@ -202,8 +202,8 @@ def collect(results: str, experiment: str, figures_dir: Path) -> ExperimentSecti
     first = df.drop_duplicates("cell_id").set_index("cell_id")
     wide = df.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
     collapsed = pd.DataFrame([{"cell_id": cid, "method": first.at[cid, "method"], "seed": int(first.at[cid, "seed"]),
-                               "train_loss": wide.at[cid, "train_loss"] if "train_loss" in wide else None,
-                               "code_entropy": wide.at[cid, "code_entropy"] if "code_entropy" in wide else None}
+                               "train_loss": round(float(wide.at[cid, "train_loss"]), 4) if "train_loss" in wide else None,
+                               "code_entropy": round(float(wide.at[cid, "code_entropy"]), 3) if "code_entropy" in wide else None}
                               for cid in sorted(collapsed_ids)])
     shown = related(experiment)
     tables = _applicable_tables(df)
