@@ -96,3 +96,17 @@ def test_cascade_expert_lines_get_their_own_bars():
         assert (bar.completed, bar.total) == (9, 64)
         tap.write("[expert 1 63cc2989a756bf5e (59 images, 64 epochs)] done in 311s: loss 2.3650, density 0.932\n")
         assert len(tap.progress.tasks) == 1
+
+
+def test_sweep_lines_move_the_run_bar_and_close_finished_cells():
+    """The sweep's own progress lines (orchestrator.sweep.SweepProgress) drive the run's bar."""
+    import io
+
+    with RunProgress(4, "sw", stream=io.StringIO()) as tap:
+        tap.write("sweep sw: 4 cells, 1 already in the ledger, 3 to run now\n")
+        tap.write("[0123456789abcdef smn num_prototypes=10 seed=0] epoch 1/2 loss 3.7100 density 0.999 eta 4s\n")
+        assert len(tap.progress.tasks) == 2
+        tap.write("[sweep sw 12s] 1 done, 2 running, 0 pending, 0 failed; best knn_top1 0.783 (smn num_prototypes=10 "
+                  "seed=0)  <- finished smn num_prototypes=10 seed=0\n")
+        (run,) = tap.progress.tasks
+        assert run.completed == 2 and run.fields["info"] == "2 running, 0 failed, best knn 0.783"
