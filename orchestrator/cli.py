@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError) as exc:
             print(f"smn: {exc}", file=sys.stderr)
             return 2
-        report_cli.finish_run(args, spec, summary, t0, _table(args.results, spec.name, args.format, None))
+        table_text = _table(args.results, spec.name, args.format, None)
+        if "pretrained" in spec.methods and len(spec.methods) > 1:  # the method against its own baseline
+            table_text += "\n\n" + _table(args.results, spec.name, args.format, None, "vs_frozen")
+        report_cli.finish_run(args, spec, summary, t0, table_text)
         for cid, err in summary["failed"].items():
             print(f"  failed {cid}: {err}", file=sys.stderr)
         return 1 if summary["failed"] else 0

@@ -109,14 +109,15 @@ RELATED = {
     "table5a": ("table5a",), "table5b": ("table5b",), "table5c": ("table5c",), "appE": ("appE",),
 }
 """Which registered layouts and figures an experiment shows in full, by the first word of its name (the
-paper specs' naming: ``table2_masking_small`` -> Table 2). The generic ``results`` table and the training
-curves are always shown; any other layout that builds from the cells is listed with its command."""
+paper specs' naming: ``table2_masking_small`` -> Table 2). The generic ``results`` table, ``vs_frozen``
+(when the experiment has the frozen backbone beside an adapted method) and the training curves are always
+shown; any other layout that builds from the cells is listed with its command."""
 
 
 def related(experiment: str) -> tuple[str, ...]:
     """Layout and figure names shown in full for ``experiment`` (see :data:`RELATED`)."""
     head = experiment.split("_")[0]
-    return ("results",) + RELATED.get(head, RELATED.get(experiment, ()))
+    return ("results", "vs_frozen") + RELATED.get(head, RELATED.get(experiment, ()))
 
 
 def _applicable_tables(df: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
