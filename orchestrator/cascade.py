@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
@@ -59,6 +58,7 @@ from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpo
 from smn_core.pipeline import CellConfig
 
 from . import ledger
+from .ray_session import check_cluster_fits
 from .runner import ddp_checkpointing, ensure_ray, final_state_dir, pretrain_artifact_path, run_experiment
 from .spec import Cell, ExperimentSpec, Resources, SpecError, expand_cells
 
@@ -536,11 +536,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
     exp = spec.name
     eres = cs.experts.resources or spec.resources
     ensure_ray(address)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if eres.gpus_per_worker > gpus and not os.environ.get("SMN_ALLOW_AUTOSCALE_GPUS"):
-        raise RuntimeError(f"cascade.experts.resources asks for {eres.gpus_per_worker} GPU(s) per expert worker but the "
-                           f"Ray cluster has {gpus}; set cascade.experts.resources.gpus_per_worker=0 or run on a GPU "
-                           "cluster (SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes autoscale from zero)")
+    check_cluster_fits(eres.cpus_per_worker, eres.gpus_per_worker, eres.workers, what="cascade.experts.resources")
     # --- 1. dispatchers
     run = run_experiment(spec, results, address=address, echo=echo)
     bad = {p.dispatcher.cell_id: run["failed"][p.dispatcher.cell_id] for p in plans
