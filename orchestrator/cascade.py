@@ -130,14 +130,14 @@ def cascade_spec(spec: ExperimentSpec) -> CascadeSpec:
         SpecError: an unknown key, a wrong type or value in the section (each named with
             ``cascade.`` and what is allowed), or a spec without the ``smn`` method.
     """
-    from .spec import _format_validation_error
+    from .spec import format_validation_error
 
     try:
         cs = CascadeSpec.model_validate(spec.cascade or {})
     except ValidationError as exc:
-        msg = _format_validation_error(exc, f"cascade section of spec {spec.name!r}")
-        msg = msg.replace("\n  ", "\n  cascade.").replace("see experiments/demo.yaml for the keys",
-                                                          "see experiments/table3_cascade_small.yaml for the cascade keys")
+        msg = format_validation_error(exc, f"cascade section of spec {spec.name!r}", prefix="cascade.")
+        msg = msg.replace("see experiments/demo.yaml for the keys",
+                          "see experiments/table3_cascade_small.yaml for the cascade keys")
         raise SpecError(msg) from None
     if "smn" not in spec.methods:
         raise SpecError(f"a cascade needs the self-masking dispatcher: spec {spec.name!r} has methods "
