@@ -186,7 +186,7 @@ def format_validation_error(exc: ValidationError, where: str, prefix: str = "") 
             msg = f"must be letters, digits, '.', '_' or '-', starting with a letter or digit, got {given!r}"
         elif err["type"] == "too_short" and isinstance(given, list):
             msg = f"needs at least 1 item, got {given!r}"
-        elif not isinstance(given, dict) and "got " not in msg:
+        elif not isinstance(given, dict) and repr(given) not in msg:
             msg = f"{msg}, got {given!r}"
         parts.append(f"{loc}: {msg}")
     return f"invalid {where}: " + "; ".join(parts)
@@ -349,6 +349,10 @@ LIMITS: dict[str, tuple[float, float]] = {
 """``{dotted key: (lowest, highest)}`` of the sizes a spec may ask for (``pretrain.`` keys share the
 ``train.`` / ``dataset.`` limits); anything outside is refused before work starts."""
 
+POSITIVE = ("train.score_lr", "train.head_lr", "train.weight_lr", "train.swav.temperature", "train.swav.epsilon",
+            "eval.knn_temperature", "eval.probe_C")
+"""Keys that must be > 0 (``pretrain.`` keys too)."""
+
 MAX_SEEDS = 1_000
 MAX_CELLS = 100_000
 
@@ -420,6 +424,8 @@ def _check_value(value: Any, tp: Any, path: str) -> None:
         return
     if isinstance(value, float) and not math.isfinite(value):
         raise SpecError(f"{path}: got {value!r}; allowed: a finite number")
+    if _limit_key(path) in POSITIVE and isinstance(value, (int, float)) and not value > 0:
+        raise SpecError(f"{path}: got {value!r}; allowed: a number > 0")
     lim = LIMITS.get(_limit_key(path))
     if lim is not None and isinstance(value, (int, float)) and not lim[0] <= value <= lim[1]:
         lo, hi = (f"{x:,}" if float(x).is_integer() else str(x) for x in lim)

@@ -8,8 +8,9 @@
     smn store export STORE TASK OUT [--format masks|weights|mask-file] [--codec C]
     smn store bench-codecs STORE TASK --results DIR [--experiment storage] [--fp32 FILE|DIR] [--repeats 3]
 
-``STORE`` is a folder or a ``pyarrow.fs`` URI (``s3://bucket/prefix``). Exit codes: 0 done, 2 refused
-(bad input: the message names the bad value and what is allowed; nothing was written).
+``STORE`` is a folder or a ``pyarrow.fs`` URI (``s3://bucket/prefix``). Exit codes: 0 done, 1 a stored
+task file is corrupted, 2 refused (bad input: the message names the bad value and what is allowed; nothing
+was written). ``add --masks`` checks the file's recorded arch and backbone hash against the store's.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--results", default=None, help="results folder of `smn run` (with --experiment and --cell)")
     p.add_argument("--experiment", default=None)
     p.add_argument("--cell", default=None, help="cell id (see `smn table` / the ledger)")
-    p.add_argument("--codec", default=DEFAULT_CODEC, choices=codecs, help=f"mask codec (default {DEFAULT_CODEC})")
+    p.add_argument("--codec", default=DEFAULT_CODEC, choices=codecs, help="mask codec")
     p.set_defaults(handler=handle)
 
     p = sub.add_parser("list", help="list the tasks (name, codec, bytes, bits/weight, density)")
@@ -100,7 +101,7 @@ def add_parser(subparsers) -> None:
 
 
 def _fail(msg: str) -> int:
-    print(f"smn store: {msg}", file=sys.stderr)
+    print(f"smn store: {' '.join(str(msg).split())}", file=sys.stderr)
     return 2
 
 
@@ -208,6 +209,12 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
             print()
             print(render_frame(codec_table(df, "fp32"), title="fp32 weights per codec (table7)"))
             return 0
-    except (StoreError, MaskFileError, BackboneMismatchError, ValueError, FileNotFoundError, ImportError) as exc:
+    except MaskFileError as exc:
+        if cmd == "add":
+            return _fail(str(exc))
+        print(f"smn store: {' '.join(str(exc).split())} (a stored task file is corrupted; remove it with its "
+              "task, or restore it)", file=sys.stderr)
+        return 1
+    except (StoreError, BackboneMismatchError, ValueError, FileNotFoundError, ImportError) as exc:
         return _fail(str(exc))
     return _fail(f"unknown store command {cmd!r}")
