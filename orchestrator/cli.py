@@ -310,11 +310,17 @@ def _run(args) -> int:
         for c in cells:
             print(f"  {c.cell_id}  {c.label}")
         return EXIT_OK
+    from . import ray_session
     from .runner import run_experiment
     from .storage import StorageUnreachable
 
     t0 = time.time()
     try:
+        import ray
+
+        if not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+            res = spec.resources
+            ray_session.check_local_fits(res.cpus_per_worker, res.workers)  # before a local Ray starts
         summary = run_experiment(spec, args.results, address=args.address)
     except (ClusterTooSmall, StorageUnreachable) as exc:
         print(f"smn: {exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["AUTH_ENV", "ClusterTooSmall", "configure_auth", "token_path", "ensure_token_file",
-           "check_cluster_fits", "DISABLED_WARNING"]
+           "check_cluster_fits", "check_local_fits", "DISABLED_WARNING"]
 
 AUTH_ENV = "RAY_AUTH_MODE"
 DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts any client that reaches "
@@ -131,3 +131,21 @@ def check_cluster_fits(cpus_per_worker: float, gpus_per_worker: float = 0.0, wor
                 f"the spec asks for {gpus_per_worker} GPU(s) per worker but the Ray cluster has {have}; set "
                 f"{what}.gpus_per_worker=0 or run on a GPU cluster (SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes "
                 "autoscale from zero)")
+
+
+def check_local_fits(cpus_per_worker: float, workers: int = 1, *, what: str = "resources") -> None:
+    """Before a local Ray is started (seconds earlier than :func:`check_cluster_fits`): refuse CPUs this
+    machine does not have (``os.cpu_count()``; ``SMN_ALLOW_AUTOSCALE_CPUS=1`` skips the check).
+
+    Raises:
+        ClusterTooSmall: naming the request, the machine's CPUs and the way out.
+    """
+    if os.environ.get("SMN_ALLOW_AUTOSCALE_CPUS"):
+        return
+    have = float(os.cpu_count() or 1)
+    if cpus_per_worker > have or workers * cpus_per_worker > have:
+        asked = (f"{what}.cpus_per_worker={cpus_per_worker:g}" if cpus_per_worker > have else
+                 f"{what}: {workers} workers x {cpus_per_worker:g} CPUs")
+        raise ClusterTooSmall(f"{asked} but this machine (a local Ray) has {have:g} CPUs; set {what}.cpus_per_worker"
+                              f"<={have:g} / fewer workers, or join a larger cluster with --address "
+                              "(SMN_ALLOW_AUTOSCALE_CPUS=1 skips this check)")

@@ -455,7 +455,10 @@ def _check_raw(raw: dict) -> None:
             tp = _dotted_type(str(key))
             if isinstance(values, list) and tp is not None:
                 for v in values:
-                    _check_value(v, tp, str(key))
+                    try:
+                        _check_value(v, tp, str(key))
+                    except SpecError as exc:
+                        raise SpecError(f"grid value {key}={v!r}: {exc}") from None
     search = raw.get("search")
     if isinstance(search, dict):
         _check_value({k: v for k, v in search.items() if k != "space"}, SearchSpec, "search")
