@@ -58,7 +58,7 @@ from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpo
 from smn_core.pipeline import CellConfig
 
 from . import ledger
-from .ray_session import check_cluster_fits
+from .ray_session import check_cluster_fits, error_cause
 from .runner import ddp_checkpointing, ensure_ray, final_state_dir, pretrain_artifact_path, run_experiment
 from .spec import Cell, ExperimentSpec, Resources, SpecError, expand_cells
 
@@ -633,7 +633,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
                     if m.get("collapsed") else ""))
         except Exception as exc:  # noqa: BLE001 - one failed expert must not stop the others
             summary["failed"][job["cell_id"]] = f"{type(exc).__name__}: {exc}"
-            echo(f"[{job['label']}] FAILED: {exc}")
+            echo(f"[{job['label']}] FAILED: {error_cause(exc)}")
         finally:
             ray.kill(actor, no_restart=True)
     summary["expert_stage_s"] = time.time() - t_stage if jobs else 0.0
@@ -662,7 +662,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
             out = ray.get(ref)
         except Exception as exc:  # noqa: BLE001
             summary["failed"][rid] = f"combination: {type(exc).__name__}: {exc}"
-            echo(f"combination for router {rid} FAILED: {exc}")
+            echo(f"combination for router {rid} FAILED: {error_cause(exc)}")
             continue
         summary["combinations"]["ran"] += len(out)
         for mode, m in out.items():

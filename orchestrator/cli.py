@@ -267,13 +267,9 @@ def _one_line_warnings() -> None:
 
 
 def _cause(error: str) -> str:
-    """The one-line cause of a remote failure: the last ``SomeError: message`` line of its text."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        head = ln.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Interrupt", "Exit")) and " " not in head:
-            return ln[:300]
-    return (lines[-1] if lines else str(error))[:300]
+    from .ray_session import error_cause
+
+    return error_cause(error)
 
 
 def _internal_error(exc: BaseException) -> int:
@@ -331,8 +327,11 @@ def _run(args) -> int:
     except RuntimeError as exc:
         print(f"smn: {_cause(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
+    from . import ledger
+
     print()
-    print(_table(args.results, spec.name, args.format, None))
+    if spec.name in ledger.list_experiments(args.results):
+        print(_table(args.results, spec.name, args.format, None))
     print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
           f"{len(summary['failed'])} failed; {time.time() - t0:.0f}s")
     for cid, err in summary["failed"].items():

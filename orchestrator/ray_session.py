@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["AUTH_ENV", "ClusterTooSmall", "configure_auth", "token_path", "ensure_token_file",
-           "check_cluster_fits", "check_local_fits", "DISABLED_WARNING"]
+           "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING"]
 
 AUTH_ENV = "RAY_AUTH_MODE"
 DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts any client that reaches "
@@ -149,3 +149,14 @@ def check_local_fits(cpus_per_worker: float, workers: int = 1, *, what: str = "r
         raise ClusterTooSmall(f"{asked} but this machine (a local Ray) has {have:g} CPUs; set {what}.cpus_per_worker"
                               f"<={have:g} / fewer workers, or join a larger cluster with --address "
                               "(SMN_ALLOW_AUTOSCALE_CPUS=1 skips this check)")
+
+
+def error_cause(error: object) -> str:
+    """The one-line cause of a (remote) failure: the last ``SomeError: message`` line of its text, as a
+    Ray task error carries the whole remote stack (the full text stays in the cell's failure record)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if " " not in head and head.endswith(("Error", "Exception", "Interrupt", "Exit", "Unreachable", "Small")):
+            return ln[:300]
+    return (lines[-1] if lines else str(error))[:300]

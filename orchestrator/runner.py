@@ -380,7 +380,7 @@ def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = 
             summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
             ledger.write_failure(results, spec.name, cell_id=cell.cell_id, label=cell.label,
                                  error=summary["failed"][cell.cell_id], attempts=res.max_retries + 1)
-            echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {exc}")
+            echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {ray_session.error_cause(exc)}")
     return summary
 
 

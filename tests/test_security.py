@@ -182,3 +182,19 @@ def test_unsatisfiable_cpus_fail_in_a_fresh_smn_run_before_ray_starts(tiny_spec,
     assert f"resources.cpus_per_worker={need} but this machine" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "home" / ".ray").exists()  # no Ray was started (it would have made a token)
     print(f"refused in {took:.1f}s (a fresh process, imports included)")
+
+
+def test_a_remote_failure_is_one_line_naming_the_cell_and_the_stack_is_kept(ray_local, tiny_spec, tmp_path, capsys):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a checkpoint" * 8)
+    results = tmp_path / "results"
+    code = smn_main(["run", str(tiny_spec("remote")), "--results", str(results), "methods=[smn]",
+                     "backbone.weights=checkpoint", f"backbone.checkpoint={bad}", "resources.max_retries=0"])
+    captured = capsys.readouterr()
+    assert code == 1
+    ours = [ln for ln in captured.err.splitlines() if ln.startswith("smn:")]
+    assert len(ours) == 1 and ours[0].startswith("smn: cell ") and " failed: " in ours[0], captured.err[-3000:]
+    assert "Traceback" not in ours[0] and "weights.pth" in ours[0] or "checkpoint" in ours[0]
+    (record,) = (results / "remote" / "failures").glob("*.json")
+    assert record.stem in ours[0] and str(record) in ours[0]
+    assert "Traceback" in record.read_text() or "File " in record.read_text()  # the whole stack is kept
