@@ -398,7 +398,10 @@ def _inner(tp: Any, key: str | None = None) -> Any:
 
 
 def _limit_key(path: str) -> str:
-    return path[len("pretrain."):] if path.startswith("pretrain.") else path
+    for prefix in ("pretrain.", "cascade.experts."):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
 
 
 def _check_value(value: Any, tp: Any, path: str) -> None:

@@ -574,6 +574,14 @@ def test_bad_input_is_refused_before_any_work(case, template, tmp_path):
     assert o.seconds < 30, f"took {o.seconds:.1f}s"
 
 
+@pytest.mark.parametrize("spec", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_still_validates(spec):
+    """The checks refuse bad input only: every spec of the paper (GPU-scale ones included) passes them."""
+    from orchestrator.spec import load_spec
+
+    load_spec(spec)
+
+
 def test_there_are_at_least_80_cases():
     assert len(CASES) >= 80 and len({c.id for c in CASES}) == len(CASES)
 
