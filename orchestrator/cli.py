@@ -332,6 +332,9 @@ def _run(args) -> int:
     print()
     if spec.name in ledger.list_experiments(args.results):
         print(_table(args.results, spec.name, args.format, None))
+        if "pretrained" in spec.methods and len(spec.methods) > 1:  # the method against its own baseline
+            print()
+            print(_table(args.results, spec.name, args.format, None, "vs_frozen"))
     print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
           f"{len(summary['failed'])} failed; {time.time() - t0:.0f}s")
     for cid, err in summary["failed"].items():

@@ -47,6 +47,11 @@ class SwAVConfig:
         num_prototypes: ``K`` (paper: 500; Table 5a compares 50 / 500 / 5000).
         proj_dim: code dimension (paper: 128, projection head a single Linear).
         hidden_dim: if > 0, a 2-layer MLP projection head (Linear-BN-ReLU-Linear) instead.
+        input_norm: standardise the backbone features with a ``BatchNorm1d`` without affine parameters
+            before the projection (batch statistics in training). A mask can shrink the features of a
+            frozen backbone until ``W f + b`` is the same vector for every image: all codes alike, every
+            prototype equally far, loss ``ln K``. Batch standardisation takes that constant part out, so
+            this collapse is closed to the scores. Off by default (the paper's head is a single Linear).
         temperature: softmax temperature ``tau`` (0.1).
         epsilon: Sinkhorn entropic regularisation (0.05).
         sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
@@ -71,6 +76,7 @@ class SwAVConfig:
     num_prototypes: int = 500
     proj_dim: int = 128
     hidden_dim: int = 0
+    input_norm: bool = False
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
@@ -107,13 +113,15 @@ class SwAVConfig:
 class SwAVHead(nn.Module):
     """Projection head and prototypes.
 
-    ``forward(features (B, F)) -> (z (B, proj_dim) L2-normalised, scores (B, K) = z @ C^T)``.
+    ``forward(features (B, F)) -> (z (B, proj_dim) L2-normalised, scores (B, K) = z @ C^T)``; with
+    ``input_norm`` the features are batch-standardised first (``BatchNorm1d(F, affine=False)``).
     The prototypes ``C`` (``K x proj_dim``) are re-normalised by :meth:`normalize_prototypes`
     before every step, as in SwAV.
     """
 
     def __init__(self, feature_dim: int, config: SwAVConfig) -> None:
         super().__init__()
+        self.input_norm: nn.Module = nn.BatchNorm1d(feature_dim, affine=False) if config.input_norm else nn.Identity()
         if config.hidden_dim > 0:
             self.projection: nn.Module = nn.Sequential(
                 nn.Linear(feature_dim, config.hidden_dim),
@@ -132,7 +140,7 @@ class SwAVHead(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = F.normalize(self.projection(features), dim=1)
+        z = F.normalize(self.projection(self.input_norm(features)), dim=1)
         return z, self.prototypes(z)
 
 
@@ -162,6 +170,12 @@ def init_head_from_features(head: SwAVHead, features: torch.Tensor, *, seed: int
     x = features.double().cpu().numpy()
     if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] != proj.in_features:
         raise ValueError(f"features must be (N >= 2, {proj.in_features}), got {tuple(features.shape)}")
+    if isinstance(head.input_norm, nn.BatchNorm1d):  # the projection sees standardised features
+        bn = head.input_norm
+        mean, var = x.mean(0), x.var(0)
+        bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+        bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
+        x = (x - mean) / np.sqrt(var + bn.eps)
     n_comp = min(proj.out_features, x.shape[0] - 1, x.shape[1])
     pca = PCA(n_components=n_comp, whiten=True, random_state=seed).fit(x)
     scale = 1.0 / np.sqrt(np.maximum(pca.explained_variance_, 1e-12))

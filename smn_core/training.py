@@ -477,7 +477,7 @@ def train(
         sampler.set_epoch(epoch)
         views.set_epoch(epoch)
         runner.train()
-        _set_bn_mode(runner, config.bn_mode)
+        _set_bn_mode(core.backbone, config.bn_mode)  # the backbone's BN only: a head's own BN always trains
         losses, n_correct, n_seen = [], 0, 0
         code_counts = None
         for batch_views, labels, _idx in itertools.islice(loader, steps_per_epoch):

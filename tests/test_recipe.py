@@ -261,3 +261,54 @@ def test_view_similarity_separates_weak_from_strong_views():
     assert w.gap > s.gap and w.same > s.same
     assert s.warning is not None and "too strong" in s.warning
     assert -1.0 <= s.other <= w.same <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the head can start from the frozen features (PCA whitening + k-means prototypes)
+
+
+def test_pca_kmeans_head_init_whitens_the_features_and_puts_prototypes_on_the_clusters():
+    from smn_core.swav import SwAVConfig, SwAVHead, init_head_from_features
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6)) * 5.0 + 3.0  # 4 well separated clusters, far from the origin
+    labels = np.repeat(np.arange(4), 50)
+    feats = torch.tensor(centres[labels] + rng.normal(size=(200, 6)) * 0.3, dtype=torch.float32)
+    head = SwAVHead(6, SwAVConfig(num_prototypes=4, proj_dim=10, head_init="pca_kmeans"))
+    init_head_from_features(head, feats, seed=0)
+    with torch.no_grad():
+        raw = head.projection(feats)
+    assert torch.allclose(raw[:, :6].mean(0), torch.zeros(6), atol=1e-4)  # centred
+    assert torch.allclose(raw[:, :6].var(0, unbiased=True), torch.ones(6), atol=1e-2)  # whitened
+    assert torch.all(raw[:, 6:] == 0)  # outputs beyond min(N - 1, F) = 6 components start at zero
+    z, scores = head(feats)
+    assigned = scores.argmax(1).numpy()
+    # every cluster's points go to one prototype, and different clusters to different ones
+    per_cluster = [np.unique(assigned[labels == c]) for c in range(4)]
+    assert all(len(p) == 1 for p in per_cluster) and len({int(p[0]) for p in per_cluster}) == 4
+    assert torch.allclose(head.prototypes.weight.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_pca_kmeans_head_init_with_input_norm_standardises_first():
+    from smn_core.swav import SwAVConfig, SwAVHead, init_head_from_features
+    rng = np.random.default_rng(1)
+    feats = torch.tensor(rng.normal(size=(100, 5)) * np.array([100.0, 1, 1, 1, 0.1]) + 7.0, dtype=torch.float32)
+    head = SwAVHead(5, SwAVConfig(num_prototypes=3, proj_dim=5, head_init="pca_kmeans", input_norm=True))
+    init_head_from_features(head, feats, seed=0)
+    assert torch.allclose(head.input_norm.running_mean, feats.mean(0), rtol=1e-4)
+    head.train()
+    with torch.no_grad():
+        raw = head.projection(head.input_norm(feats))
+    assert torch.allclose(raw.mean(0), torch.zeros(5), atol=1e-3)
+    assert torch.allclose(raw.var(0, unbiased=True), torch.ones(5), atol=5e-2)
+    # a constant shift of every feature (what a shrinking mask does) changes nothing after the norm
+    z1, _ = head(feats)
+    z2, _ = head(feats * 0.5 + 3.0)
+    assert torch.allclose(z1, z2, atol=1e-3)
+
+
+def test_pca_kmeans_head_init_is_refused_for_an_mlp_head():
+    from smn_core.swav import SwAVConfig
+    with pytest.raises(ValueError, match="head_init 'pca_kmeans'.*hidden_dim"):
+        SwAVConfig(hidden_dim=64, head_init="pca_kmeans")
+    with pytest.raises(ValueError, match="head_init 'pretrained' is not known"):
+        SwAVConfig(head_init="pretrained")
