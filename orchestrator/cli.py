@@ -1,7 +1,9 @@
 """The ``smn`` command line: run experiments on Ray and rebuild tables from the ledger.
 
     smn run SPEC.yaml [--results DIR] [--address ADDR] [--dry-run] [key=value ...]
-    smn table [DIR] [--experiment NAME] [--layout NAME|list] [--format markdown|latex|csv] [--metrics a,b]
+    smn table [DIR] [--experiment NAME] [--layout NAME|list] [--format markdown|latex|csv|json|parquet] [--out FILE]
+    smn report DIR [--experiment NAME] [--out DIR]     # report.md + report.html with every table and figure
+    smn ls DIR [--json]                                # experiments, cells done / failed / collapsed
     smn plot [DIR] --figure NAME|list [--experiment NAME] [--out FILE.png]
     smn validate SPEC.yaml [key=value ...]
 
@@ -33,7 +35,7 @@ EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "runtime failure (cells failed, n
               EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume"}
 INTERRUPTED = "interrupted: run the same command again to resume"
 
-CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli")
+CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli", "orchestrator.report_cli")
 
 _EPILOG = """\
 examples:
@@ -41,6 +43,7 @@ examples:
   smn run experiments/demo.yaml train.epochs=2      # override any spec key
   smn run experiments/demo.yaml --results /nfs/smn  # ledger on shared storage (or s3://bucket/prefix)
   smn table results                                 # rebuild the tables from the ledger only
+  smn report results                                # one page (HTML + Markdown) with every table and figure
 
 environment:
   RAY_ADDRESS               Ray cluster to join (as --address); unset: start a local Ray
@@ -104,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
     run.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
                      help="format of the table printed at the end")
+    # --- output and tracking options (orchestrator.report_cli): --json, --quiet, --track ---
+    from . import report_cli
+
+    report_cli.add_run_options(run)
+    # --- end output and tracking options ---
 
     val = sub.add_parser("validate", help="validate a spec and list its cells (writes nothing)",
                          formatter_class=HelpFormatter,
@@ -119,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("results", metavar="DIR", nargs="?", default=None,
                      help="results folder or URI (not needed for --layout list)")
     tab.add_argument("--experiment", default=None, help="only this experiment; None: all")
-    tab.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"), help="output format")
+    tab.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv", "json", "parquet"),
+                     help="markdown / latex (display strings), csv / json (numbers), parquet (a file: --out)")
+    tab.add_argument("--out", default=None, help="write the table to this file instead of printing it")
     tab.add_argument("--metrics", default=None,
                      help="comma-separated metrics; None: knn_top1,linear_probe_top1,density,code_entropy,collapsed,wall_s")
     tab.add_argument("--layout", default=None,
@@ -191,8 +201,28 @@ def _check_experiment(results: str, experiment: str | None) -> None:
                          f"{', '.join(known) or '(none yet: run a spec first)'}")
 
 
-def _table(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None) -> str:
+def _table_frame(results: str, experiment: str | None, fmt: str, metrics: str | None, layout: str | None):
+    """``(frame, title)`` of a table: a registered layout's display strings, or the generic table (numbers
+    for csv / json / parquet, display strings otherwise)."""
     from . import ledger, reports, tables
+
+    df = ledger.read_ledger(results, experiment)
+    if layout is not None:
+        known = reports.tables()
+        return known[layout].build(df), known[layout].description
+    chosen = tuple(m.strip() for m in metrics.split(",")) if metrics else tables.DEFAULT_METRICS
+    if metrics and not df.empty:
+        have = sorted(df["metric"].unique())
+        unknown = [m for m in chosen if m not in have]
+        if unknown:
+            raise ValueError(f"metric(s) {', '.join(map(repr, unknown))} not in the ledger; allowed: {', '.join(have)}")
+    table = tables.results_table(df, chosen)
+    return (table if fmt in ("csv", "json", "parquet") or table.empty else tables.display_table(table)), None
+
+
+def _table(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
+           out: str | None = None) -> str:
+    from . import reports
 
     if layout == "list":
         return "\n".join(f"{t.name:12s} {t.description}" for t in reports.tables().values())
@@ -201,17 +231,14 @@ def _table(results: str | None, experiment: str | None, fmt: str, metrics: str |
         raise ValueError(f"table layout {layout!r} is not known; allowed: {', '.join(known)} (or 'list')")
     results = check_results_dir(results, "table")
     _check_experiment(results, experiment)
-    if layout is not None:
-        df = ledger.read_ledger(results, experiment)
-        return reports.render_frame(known[layout].build(df), fmt, title=known[layout].description)
-    df = ledger.read_ledger(results, experiment)
-    chosen = tuple(m.strip() for m in metrics.split(",")) if metrics else tables.DEFAULT_METRICS
-    if metrics and not df.empty:
-        have = sorted(df["metric"].unique())
-        unknown = [m for m in chosen if m not in have]
-        if unknown:
-            raise ValueError(f"metric(s) {', '.join(map(repr, unknown))} not in the ledger; allowed: {', '.join(have)}")
-    return tables.render(tables.results_table(df, chosen), fmt)
+    frame, title = _table_frame(results, experiment, fmt, metrics, layout)
+    if out is not None or fmt == "parquet":
+        from .report_cli import write_table
+
+        return write_table(frame, fmt, out)
+    if frame is None or frame.empty:
+        return "(no results in the ledger yet)"
+    return reports.render_frame(frame, fmt, title=title)
 
 
 def _plot(results: str | None, figure: str, experiment: str | None, out: str | None) -> str:
@@ -297,16 +324,27 @@ def _run(args) -> int:
         return EXIT_USAGE
     if spec.cascade is not None and args.command == "run":
         # a spec with a `cascade:` section is the cascade's (paper Sec. 3.4): same as `smn cascade SPEC`
-        from . import cascade_cli
+        from . import cascade_cli, report_cli
 
-        return cascade_cli.main(args)
+        if args.dry_run:
+            return cascade_cli.main(args)
+        with report_cli.quiet_output(args, None, spec.name):  # --json / --quiet / bars, as for cells
+            code = cascade_cli.main(args)
+        report_cli.finish_cascade(args, spec, code)  # trackers; the JSON summary or the --quiet table
+        return code
     cells = expand_cells(spec)
     if args.command == "validate" or args.dry_run:
         print(f"spec {spec.name}: valid, {len(cells)} cells")
         for c in cells:
             print(f"  {c.cell_id}  {c.label}")
+        # --- dry-run cost estimate (orchestrator.estimate) ---
+        if args.command == "run":
+            from .estimate import estimate_text
+
+            print(estimate_text(spec, cells))
+        # --- end dry-run cost estimate ---
         return EXIT_OK
-    from . import ray_session
+    from . import ray_session, report_cli
     from .runner import run_experiment
     from .storage import StorageUnreachable
 
@@ -317,7 +355,9 @@ def _run(args) -> int:
         if not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
             res = spec.resources
             ray_session.check_local_fits(res.cpus_per_worker, res.workers)  # before a local Ray starts
-        summary = run_experiment(spec, args.results, address=args.address)
+        # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.progress)
+        with report_cli.quiet_output(args, len(cells), spec.name):
+            summary = run_experiment(spec, args.results, address=args.address)
     except (ClusterTooSmall, StorageUnreachable) as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -329,14 +369,12 @@ def _run(args) -> int:
         return EXIT_FAILED
     from . import ledger
 
-    print()
+    table_text = "(no results in the ledger yet)"
     if spec.name in ledger.list_experiments(args.results):
-        print(_table(args.results, spec.name, args.format, None))
+        table_text = _table(args.results, spec.name, args.format, None)
         if "pretrained" in spec.methods and len(spec.methods) > 1:  # the method against its own baseline
-            print()
-            print(_table(args.results, spec.name, args.format, None, "vs_frozen"))
-    print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
-          f"{len(summary['failed'])} failed; {time.time() - t0:.0f}s")
+            table_text += "\n\n" + _table(args.results, spec.name, args.format, None, "vs_frozen")
+    report_cli.finish_run(args, spec, summary, t0, table_text)
     for cid, err in summary["failed"].items():
         print(f"smn: cell {cid} failed: {_cause(err)} (full error in {args.results}/{spec.name}/failures/{cid}.json)",
               file=sys.stderr)
@@ -403,7 +441,7 @@ def _dispatch(args) -> int:
     if args.command == "plot":
         print(_plot(args.results, args.figure, args.experiment, args.out))
     else:
-        print(_table(args.results, args.experiment, args.format, args.metrics, args.layout))
+        print(_table(args.results, args.experiment, args.format, args.metrics, args.layout, args.out))
     return EXIT_OK
 
 

@@ -39,6 +39,7 @@ from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpo
 from smn_core.pipeline import CellConfig, run_cell
 
 from . import ledger, ray_session
+from .curves import write_curves
 from .spec import Cell, ExperimentSpec, expand_cells
 
 __all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "ddp_checkpointing", "RunSummary",
@@ -122,6 +123,7 @@ def _finish(results: str, experiment: str, cell_id: str, cfg: CellConfig, grid: 
                         {"cell_id": cell_id, "config": cfg.to_dict()})
     metrics = dict(outcome.metrics)
     metrics["wall_s"] = time.time() - started
+    write_curves(results, experiment, cell_id, outcome.history)  # per-epoch loss / density / code entropy
     ledger.write_cell(results, experiment, cell_id=cell_id, method=cfg.method, backbone=cfg.backbone.arch,
                       dataset=cfg.dataset.source, seed=cfg.seed, grid=grid, config=cfg.to_dict(),
                       metrics=metrics, started_at=started, finished_at=time.time())
