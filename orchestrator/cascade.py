@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
@@ -59,6 +58,7 @@ from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpo
 from smn_core.pipeline import CellConfig
 
 from . import ledger
+from .ray_session import check_cluster_fits, error_cause
 from .runner import ddp_checkpointing, ensure_ray, final_state_dir, pretrain_artifact_path, run_experiment
 from .spec import Cell, ExperimentSpec, Resources, SpecError, expand_cells
 
@@ -130,14 +130,14 @@ def cascade_spec(spec: ExperimentSpec) -> CascadeSpec:
         SpecError: an unknown key, a wrong type or value in the section (each named with
             ``cascade.`` and what is allowed), or a spec without the ``smn`` method.
     """
-    from .spec import _format_validation_error
+    from .spec import format_validation_error
 
     try:
         cs = CascadeSpec.model_validate(spec.cascade or {})
     except ValidationError as exc:
-        msg = _format_validation_error(exc, f"cascade section of spec {spec.name!r}")
-        msg = msg.replace("\n  ", "\n  cascade.").replace("see experiments/demo.yaml for the keys",
-                                                          "see experiments/table3_cascade_small.yaml for the cascade keys")
+        msg = format_validation_error(exc, f"cascade section of spec {spec.name!r}", prefix="cascade.")
+        msg = msg.replace("see experiments/demo.yaml for the keys",
+                          "see experiments/table3_cascade_small.yaml for the cascade keys")
         raise SpecError(msg) from None
     if "smn" not in spec.methods:
         raise SpecError(f"a cascade needs the self-masking dispatcher: spec {spec.name!r} has methods "
@@ -536,11 +536,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
     exp = spec.name
     eres = cs.experts.resources or spec.resources
     ensure_ray(address)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if eres.gpus_per_worker > gpus and not os.environ.get("SMN_ALLOW_AUTOSCALE_GPUS"):
-        raise RuntimeError(f"cascade.experts.resources asks for {eres.gpus_per_worker} GPU(s) per expert worker but the "
-                           f"Ray cluster has {gpus}; set cascade.experts.resources.gpus_per_worker=0 or run on a GPU "
-                           "cluster (SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes autoscale from zero)")
+    check_cluster_fits(eres.cpus_per_worker, eres.gpus_per_worker, eres.workers, what="cascade.experts.resources")
     # --- 1. dispatchers
     run = run_experiment(spec, results, address=address, echo=echo)
     bad = {p.dispatcher.cell_id: run["failed"][p.dispatcher.cell_id] for p in plans
@@ -637,7 +633,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
                     if m.get("collapsed") else ""))
         except Exception as exc:  # noqa: BLE001 - one failed expert must not stop the others
             summary["failed"][job["cell_id"]] = f"{type(exc).__name__}: {exc}"
-            echo(f"[{job['label']}] FAILED: {exc}")
+            echo(f"[{job['label']}] FAILED: {error_cause(exc)}")
         finally:
             ray.kill(actor, no_restart=True)
     summary["expert_stage_s"] = time.time() - t_stage if jobs else 0.0
@@ -666,7 +662,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
             out = ray.get(ref)
         except Exception as exc:  # noqa: BLE001
             summary["failed"][rid] = f"combination: {type(exc).__name__}: {exc}"
-            echo(f"combination for router {rid} FAILED: {exc}")
+            echo(f"combination for router {rid} FAILED: {error_cause(exc)}")
             continue
         summary["combinations"]["ran"] += len(out)
         for mode, m in out.items():

@@ -73,11 +73,16 @@ def main(args: argparse.Namespace) -> int:
     from .cascade import run_cascade
 
     t0 = time.time()
+    from .ray_session import error_cause
+
     try:
         summary = run_cascade(spec, args.results, address=args.address, cascade=cs)
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # too few CPUs / GPUs, storage unreachable, a stage that failed
+        print(f"smn: {error_cause(exc) if 'Traceback' in str(exc) else exc}", file=sys.stderr)
+        return 1
     df = ledger.read_ledger(args.results, spec.name)
     layout = reports.tables().get("table3")
     print()
@@ -91,5 +96,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"expert stage: {summary['expert_stage_s']:.0f}s wall for {ex['ran']} experts whose own wall times "
               f"sum to {summary['expert_sum_s']:.0f}s")
     for cid, err in summary["failed"].items():
-        print(f"  failed {cid}: {err}", file=sys.stderr)
+        print(f"smn: {cid} failed: {error_cause(err)}", file=sys.stderr)
     return 1 if summary["failed"] else 0

@@ -10,8 +10,10 @@ The experiment's other files (``masks/``, ``states/``, ``checkpoints/``, ``artif
 ``smn_core.checkpoint``, Ray Train and Ray Tune all accept; :func:`experiment_dir` is the path *inside*
 the filesystem, without a URI's scheme, for use with :func:`resolve`'s filesystem only.
 
-A file that cannot be read (truncated, corrupted) is moved aside to ``<experiment>/quarantine/``
-with a warning and its cell counts as not done, so it runs again; no other file is touched.
+Readers accept any file whose schema casts to the ledger's (a copy saved back by pandas, an extra
+column, a renamed copy). A file that cannot be read (truncated, corrupted) is skipped with a warning by
+read-only commands (``smn table``, ``smn plot``); only a run (:func:`completed_cells`) moves it aside to
+``<experiment>/quarantine/``, inside the results folder, and its cell runs again.
 
 A cell that failed after all its retries gets a failure record
 ``<experiment>/failures/<cell_id>.json`` (its label and error); it is not a ledger row, so the cell
@@ -36,7 +38,8 @@ import pyarrow.parquet as pq
 import smn_core
 
 __all__ = ["LEDGER_SCHEMA", "resolve", "write_cell", "read_ledger", "completed_cells", "experiment_dir",
-           "artifact_location", "list_experiments", "write_failure", "read_failures", "cell_metric"]
+           "artifact_location", "list_experiments", "write_failure", "read_failures", "cell_metric",
+           "as_ledger_table", "check_experiment_name"]
 
 LEDGER_SCHEMA = pa.schema([
     ("cell_id", pa.string()),
@@ -174,7 +177,35 @@ def _quarantine(fs: pafs.FileSystem, exp_folder: str, path: str, exc: Exception)
                   RuntimeWarning, stacklevel=3)
 
 
-def _read_experiment(fs: pafs.FileSystem, exp_folder: str) -> list[pa.Table]:
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] + (" ..." if len(text) > 200 else "")
+
+
+def as_ledger_table(table: pa.Table) -> pa.Table:
+    """``table`` cast to :data:`LEDGER_SCHEMA`: extra columns are dropped, types that cast safely
+    (``large_string`` from pandas, ``int32``, other timestamp units) are cast.
+
+    Raises:
+        ValueError: a ledger column is missing or does not cast (names it).
+    """
+    missing = [f.name for f in LEDGER_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"missing ledger column(s) {', '.join(missing)}")
+    cols = []
+    for f in LEDGER_SCHEMA:
+        col = table.column(f.name)
+        if not col.type.equals(f.type):
+            try:
+                col = col.cast(f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise ValueError(f"column {f.name!r} of type {col.type} does not cast to {f.type}: "
+                                 f"{_one_line(exc)}") from None
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=LEDGER_SCHEMA)
+
+
+def _read_experiment(fs: pafs.FileSystem, exp_folder: str, quarantine: bool = False) -> list[pa.Table]:
     folder = f"{exp_folder}/ledger"
     info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
     tables = []
@@ -183,16 +214,36 @@ def _read_experiment(fs: pafs.FileSystem, exp_folder: str) -> list[pa.Table]:
         if fi.type != pafs.FileType.File or not name.endswith(".parquet") or name.startswith("."):
             continue
         try:
-            t = pq.read_table(fi.path, filesystem=fs)
-            if not t.schema.equals(LEDGER_SCHEMA, check_metadata=False) or t.num_rows == 0:
-                raise ValueError("schema differs from the ledger schema or no rows")
-            if set(t.column("cell_id").to_pylist()) != {name[: -len(".parquet")]}:
-                raise ValueError("cell_id column does not match the file name")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is set aside
-            _quarantine(fs, exp_folder, fi.path, exc)
+            t = as_ledger_table(pq.read_table(fi.path, filesystem=fs))
+            if t.num_rows == 0:
+                raise ValueError("no rows")
+            if len(set(t.column("cell_id").to_pylist())) != 1:
+                raise ValueError("rows of more than one cell")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is set aside (run) or skipped (read)
+            if quarantine:
+                _quarantine(fs, exp_folder, fi.path, exc)
+            else:
+                warnings.warn(f"skipped unreadable ledger file {fi.path} ({_one_line(exc)}); left in place",
+                              RuntimeWarning, stacklevel=3)
             continue
         tables.append(t)
     return tables
+
+
+def check_experiment_name(experiment: str) -> str:
+    """``experiment`` if it is a plain folder name (letters, digits, ``.``, ``_``, ``-``; no ``/``, no
+    ``..``), so that nothing a reader or quarantine does can reach outside the results folder.
+
+    Raises:
+        ValueError: naming the value and what is allowed.
+    """
+    import re
+
+    if not isinstance(experiment, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", experiment) \
+            or ".." in experiment:
+        raise ValueError(f"experiment {experiment!r} is not a plain name; allowed: letters, digits, '.', '_', '-' "
+                         "(an experiment folder directly under the results folder)")
+    return experiment
 
 
 def list_experiments(results: str) -> list[str]:
@@ -204,18 +255,27 @@ def list_experiments(results: str) -> list[str]:
                   and fs.get_file_info(f"{f.path}/ledger").type == pafs.FileType.Directory)
 
 
-def read_ledger(results: str, experiment: str | None = None) -> pd.DataFrame:
+def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool = False) -> pd.DataFrame:
     """All rows of one experiment (or of every experiment under ``results``) as a DataFrame.
 
+    Read-only by default: a file whose schema casts to :data:`LEDGER_SCHEMA` is read (extra columns,
+    ``large_string``, a renamed copy); one that cannot be read is skipped with a warning and left where it
+    is. ``quarantine=True`` (``smn run`` only, through :func:`completed_cells`) moves it to
+    ``<experiment>/quarantine/`` instead, so its cell runs again. Rows are unique by (cell, metric).
     ``df.attrs["results"]`` holds ``results``, so a report layout that reads masks or states next to the
     ledger can find them.
+
+    Raises:
+        ValueError: ``experiment`` is not a plain name (:func:`check_experiment_name`).
     """
     fs, root = resolve(results)
-    names = [experiment] if experiment else list_experiments(results)
+    names = [check_experiment_name(experiment)] if experiment else list_experiments(results)
     tables = []
     for name in names:
-        tables += _read_experiment(fs, f"{root.rstrip('/')}/{name}")
+        tables += _read_experiment(fs, f"{root.rstrip('/')}/{name}", quarantine=quarantine)
     df = (pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()).to_pandas()
+    if tables:
+        df = df.drop_duplicates(["experiment", "cell_id", "metric"], keep="first").reset_index(drop=True)
     df.attrs["results"] = str(results)
     return df
 
@@ -229,6 +289,7 @@ def cell_metric(results: str, experiment: str, metric: str) -> dict[str, float]:
 
 
 def completed_cells(results: str, experiment: str) -> set[str]:
-    """Ids of the cells whose rows are in the ledger (unreadable files are quarantined, not counted)."""
-    df = read_ledger(results, experiment)
+    """Ids of the cells whose rows are in the ledger; called before a run, so unreadable files are
+    quarantined (moved to ``<experiment>/quarantine/``) and their cells run again."""
+    df = read_ledger(results, experiment, quarantine=True)
     return set(df["cell_id"].unique())

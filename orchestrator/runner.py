@@ -38,7 +38,7 @@ from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpo
                                  save_tensors)
 from smn_core.pipeline import CellConfig, run_cell
 
-from . import ledger
+from . import ledger, ray_session
 from .curves import write_curves
 from .spec import Cell, ExperimentSpec, expand_cells
 
@@ -55,21 +55,20 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), or start a local one.
 
-    A local Ray listens on 127.0.0.1 only, without a dashboard. ``RAY_AUTH_MODE`` is set
-    explicitly (``disabled`` for this loopback-only local instance unless the caller set it),
-    because Ray 2.59+ silently turns token authentication on once a token file exists.
+    A local Ray starts without a dashboard and with token authentication unless the user set
+    ``RAY_AUTH_MODE`` (:func:`orchestrator.ray_session.configure_auth`: token file mode 0600; a one-line
+    warning for ``disabled``). Ray's own gRPC ports listen on every interface; the token guards them.
     The driver's ``AWS_*`` variables (:data:`FORWARDED_ENV`: S3 endpoint, region, credentials) are passed
     to the workers, so they reach an ``s3://`` results location the way the driver does.
     """
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
+    ray_session.configure_auth(local=not address)
     # workers must import this checkout's packages even when it is not pip-installed
     root = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                        "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
-                        **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}}
+                        **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ}}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
@@ -247,15 +246,9 @@ class RunSummary(dict):
 
 
 def _check_resources(spec: ExperimentSpec) -> None:
-    need_gpu = spec.resources.gpus_per_worker > 0
-    have = ray.cluster_resources()
-    if need_gpu and have.get("GPU", 0) < spec.resources.gpus_per_worker:
-        # an autoscaling cluster may add GPU nodes; a fixed one without GPUs would wait forever
-        if not os.environ.get("SMN_ALLOW_AUTOSCALE_GPUS"):
-            raise RuntimeError(
-                f"the spec asks for {spec.resources.gpus_per_worker} GPU(s) per worker but the Ray cluster has "
-                f"{have.get('GPU', 0)}; set resources.gpus_per_worker=0 or run on a GPU cluster "
-                "(SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes autoscale from zero)")
+    # a fixed cluster that can never give them would wait forever (the autoscaler's "No available node types")
+    res = spec.resources
+    ray_session.check_cluster_fits(res.cpus_per_worker, res.gpus_per_worker, res.workers)
 
 
 def completed_cells(results: str, experiment: str) -> set[str]:
@@ -390,7 +383,7 @@ def run_experiment(spec: ExperimentSpec, results: str, *, address: str | None = 
             summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
             ledger.write_failure(results, spec.name, cell_id=cell.cell_id, label=cell.label,
                                  error=summary["failed"][cell.cell_id], attempts=res.max_retries + 1)
-            echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {exc}")
+            echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {ray_session.error_cause(exc)}")
     return summary
 
 

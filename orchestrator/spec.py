@@ -34,7 +34,9 @@ from smn_core.pipeline import METHODS, BackboneSpec, CellConfig, DataSpec, EvalS
 from smn_core.training import TrainConfig
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
-           "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "FOUND"]
+           "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "FOUND",
+           "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
+           "TORCHVISION_FACTS"]
 
 FOUND = "found"
 _ROOTS = ("backbone", "dataset", "train", "eval", "pretrain")
@@ -180,17 +182,27 @@ class Cell:
 _CELL_ADAPTER = TypeAdapter(CellConfig)
 
 
-def _format_validation_error(exc: ValidationError, where: str) -> str:
-    lines = []
+def format_validation_error(exc: ValidationError, where: str, prefix: str = "") -> str:
+    """One line naming every invalid key of a pydantic error, its value and what is allowed
+    (``prefix`` is put before each key, e.g. ``"cascade."``)."""
+    parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = prefix + (".".join(str(p) for p in err["loc"]) or "(top level)")
         msg = err["msg"]
+        given = err.get("input")
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key (check the spelling; see experiments/demo.yaml for the keys)"
-        elif err["type"] == "literal_error":
-            msg = f"{msg}, got {err.get('input')!r}"
-        lines.append(f"{loc}: {msg}")
-    return f"invalid {where}:\n  " + "\n  ".join(lines)
+        elif err["type"] == "string_pattern_mismatch" and loc.endswith("name"):
+            msg = f"must be letters, digits, '.', '_' or '-', starting with a letter or digit, got {given!r}"
+        elif err["type"] == "too_short" and isinstance(given, list):
+            msg = f"needs at least 1 item, got {given!r}"
+        elif not isinstance(given, dict) and repr(given) not in msg:
+            msg = f"{msg}, got {given!r}"
+        parts.append(f"{loc}: {msg}")
+    return f"invalid {where}: " + "; ".join(parts)
+
+
+_format_validation_error = format_validation_error  # the name orchestrator.cascade used
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -221,44 +233,434 @@ def _get_dotted(d: dict, key: str) -> Any:
     return cur
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that names one key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: D401 - PyYAML hook
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            if key in seen:
+                raise SpecError(f"duplicate key {key!r} on line {key_node.start_mark.line + 1} (first on line "
+                                f"{seen[key] + 1}); allowed: each key once per section")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else str(what)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with the safe loader, refusing duplicate keys.
+
+    Raises:
+        SpecError: a duplicate key. yaml.YAMLError: invalid YAML.
+    """
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """Parse ``key=value`` command-line overrides; values are YAML scalars or lists.
 
     Raises:
-        SpecError: on an item without ``=`` or with an empty key.
+        SpecError: on an item without ``=``, with an empty key, or whose value is not valid YAML.
     """
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SpecError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
-        out.append((key.strip(), yaml.safe_load(value)))
+        try:
+            out.append((key.strip(), load_yaml(value)))
+        except yaml.YAMLError as exc:
+            raise SpecError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(exc)}; allowed: a YAML "
+                            "scalar, list or mapping, e.g. seeds=[0,1]") from None
     return out
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
-    """Read and validate a spec file, applying ``key=value`` overrides first.
+    """Read and validate a spec file, applying ``key=value`` overrides first, then check it against what
+    exists (backbones, datasets and their metadata, sizes) with :func:`check_spec`.
 
     Raises:
-        SpecError: missing file, bad YAML, unknown key, wrong type or value (one message naming each).
+        SpecError: missing file, bad YAML, duplicate key, unknown key, wrong type or value, or a spec that
+            cannot work (one line naming each).
     """
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"spec {str(path)!r} is a folder, not a file; allowed: a YAML spec file such as "
+                        "experiments/demo.yaml")
     if not path.is_file():
         raise SpecError(f"spec file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+    except UnicodeDecodeError:
+        raise SpecError(f"spec file {str(path)!r} is not a text YAML file (binary content); allowed: a YAML "
+                        "spec such as experiments/demo.yaml") from None
+    except OSError as exc:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        raw = load_yaml(text)
+    except SpecError as exc:
+        raise SpecError(f"spec file {str(path)!r}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"spec file {str(path)!r} is not valid YAML: {exc}") from None
+        raise SpecError(f"spec file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"spec file {str(path)!r} must hold a mapping of keys, got {type(raw).__name__}")
+        raise SpecError(f"spec file {str(path)!r} must hold a mapping of keys (see experiments/demo.yaml), got "
+                        f"{type(raw).__name__}")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
+    _check_raw(raw)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(_format_validation_error(exc, f"spec {str(path)!r}")) from None
-    expand_cells(spec)  # grid values are validated here too, before any work starts
+        raise SpecError(format_validation_error(exc, f"spec {str(path)!r}")) from None
+    check_spec(spec)
     return spec
+
+
+# ------------------------------------------------------------------ checks before any work starts
+
+LIMITS: dict[str, tuple[float, float]] = {
+    "train.epochs": (1, 100_000),
+    "train.batch_size": (1, 65_536),
+    "train.max_steps_per_epoch": (1, 10_000_000),
+    "train.loader_workers": (0, 256),
+    "train.swav.num_prototypes": (1, 100_000),
+    "train.swav.proj_dim": (1, 65_536),
+    "train.swav.hidden_dim": (0, 65_536),
+    "train.swav.queue_length": (0, 1_000_000),
+    "train.swav.sinkhorn_iterations": (1, 1_000),
+    "train.multicrop.n_global": (1, 16),
+    "train.multicrop.n_local": (0, 64),
+    "train.multicrop.global_size": (8, 4_096),
+    "train.multicrop.local_size": (8, 4_096),
+    "dataset.image_size": (8, 4_096),
+    "dataset.max_train_samples": (1, 100_000_000),
+    "dataset.max_test_samples": (1, 100_000_000),
+    "eval.knn_k": (1, 100_000),
+    "eval.batch_size": (1, 65_536),
+    "eval.probe_max_iter": (1, 1_000_000),
+    "resources.workers": (1, 4_096),
+    "resources.cpus_per_worker": (0, 4_096),
+    "resources.gpus_per_worker": (0, 64),
+    "search.num_samples": (1, 100_000),
+}
+"""``{dotted key: (lowest, highest)}`` of the sizes a spec may ask for (``pretrain.`` keys share the
+``train.`` / ``dataset.`` limits); anything outside is refused before work starts."""
+
+POSITIVE = ("train.score_lr", "train.head_lr", "train.weight_lr", "train.swav.temperature", "train.swav.epsilon",
+            "eval.knn_temperature", "eval.probe_C")
+"""Keys that must be > 0 (``pretrain.`` keys too)."""
+
+MAX_SEEDS = 1_000
+MAX_CELLS = 100_000
+
+
+def _hints(tp: Any) -> dict[str, Any]:
+    import dataclasses
+    import typing
+
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return {k: f.annotation for k, f in tp.model_fields.items()}
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp)
+    return {}
+
+
+def _admits(tp: Any, kind: type) -> bool:
+    import typing
+
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return any(isinstance(a, kind) for a in typing.get_args(tp))
+    if origin is not None and origin not in (list, tuple, dict):
+        return any(_admits(a, kind) for a in typing.get_args(tp))
+    return tp is kind
+
+
+def _inner(tp: Any, key: str | None = None) -> Any:
+    """The annotation of a field (``key``) or of a list's items (``key`` None), through Optional."""
+    import typing
+
+    for cand in (typing.get_args(tp) if typing.get_origin(tp) not in (None, list, tuple, dict) else (tp,)):
+        if key is None and typing.get_origin(cand) in (list, tuple):
+            args = typing.get_args(cand)
+            return args[0] if args else Any
+        if key is not None and typing.get_origin(cand) is dict:
+            return typing.get_args(cand)[1]
+        hints = _hints(cand)
+        if key is not None and key in hints:
+            return hints[key]
+    return None
+
+
+def _limit_key(path: str) -> str:
+    for prefix in ("pretrain.", "cascade.experts."):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def _check_value(value: Any, tp: Any, path: str) -> None:
+    """Refuse, before pydantic's lax coercion, what would be accepted and then go wrong: a YAML boolean for
+    a number (``epochs: yes`` would become 1), a non-finite number, a size outside :data:`LIMITS`."""
+    import math
+
+    if tp is None:
+        return  # an unknown key: the model names it
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_value(v, _inner(tp, str(k)), f"{path}.{k}" if path else str(k))
+        return
+    if isinstance(value, list):
+        item = _inner(tp)
+        for v in value:
+            _check_value(v, item, path)
+        return
+    if isinstance(value, bool):
+        if not _admits(tp, bool):
+            raise SpecError(f"{path}: expected an integer or number, got {value!r} (YAML reads yes/no/on/off/"
+                            "true/false as booleans); allowed: a number")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{path}: got {value!r}; allowed: a finite number")
+    if _limit_key(path) in POSITIVE and isinstance(value, (int, float)) and not value > 0:
+        raise SpecError(f"{path}: got {value!r}; allowed: a number > 0")
+    lim = LIMITS.get(_limit_key(path))
+    if lim is not None and isinstance(value, (int, float)) and not lim[0] <= value <= lim[1]:
+        lo, hi = (f"{x:,}" if float(x).is_integer() else str(x) for x in lim)
+        raise SpecError(f"{path}: got {value!r}; allowed: {lo} <= {path.rsplit('.', 1)[-1]} <= {hi}")
+
+
+_CELL_ROOTS = {"backbone": BackboneSpec, "dataset": DataSpec, "train": TrainConfig, "eval": EvalSpec,
+               "pretrain": PretrainSpec}
+
+
+def _dotted_type(key: str) -> Any:
+    parts = key.split(".")
+    tp = _CELL_ROOTS.get(parts[0])
+    for p in parts[1:]:
+        if tp is None:
+            return None
+        tp = _inner(tp, p)
+    return tp
+
+
+def _check_raw(raw: dict) -> None:
+    """:func:`_check_value` over a raw spec, its grid values and its search axes."""
+    _check_value({k: v for k, v in raw.items() if k not in ("grid", "search", "cascade")}, ExperimentSpec, "")
+    grid = raw.get("grid")
+    if isinstance(grid, dict):
+        for key, values in grid.items():
+            tp = _dotted_type(str(key))
+            if isinstance(values, list) and tp is not None:
+                for v in values:
+                    try:
+                        _check_value(v, tp, str(key))
+                    except SpecError as exc:
+                        raise SpecError(f"grid value {key}={v!r}: {exc}") from None
+    search = raw.get("search")
+    if isinstance(search, dict):
+        _check_value({k: v for k, v in search.items() if k != "space"}, SearchSpec, "search")
+        space = search.get("space")
+        if isinstance(space, dict):
+            for key, axis in space.items():
+                tp = _dotted_type(str(key))
+                if isinstance(axis, dict) and tp is not None:
+                    for bound in ("low", "high"):
+                        if bound in axis:
+                            _check_value(axis[bound], tp if axis.get("type") == "int" else float,
+                                         f"search.space.{key}.{bound}")
+                    if axis.get("type") in ("uniform", "loguniform") and not _admits(tp, float):
+                        raise SpecError(f"search.space.{key}: type {axis.get('type')!r} draws floats but {key} takes "
+                                        f"{getattr(tp, '__name__', tp)}; allowed: type int (integers) or choice")
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a dataset's metadata says: its class names (None when unknown), its training-split size (an
+    upper bound when exact counts need the data), and the number of classes."""
+
+    class_names: list[str] | None
+    num_classes: int | None
+    train_size: int | None
+    per_class: dict[int, int] | None = None
+
+
+TORCHVISION_FACTS = {"cifar10": (10, 50_000), "cifar100": (100, 50_000), "dtd": (47, 3_760),
+                     "flowers102": (102, 2_040), "food101": (101, 75_750), "pets": (37, 3_680),
+                     "eurosat": (10, 27_000), "sun397": (397, 108_754)}
+"""``{source: (classes, training images)}`` of the torchvision datasets (published sizes; eurosat and
+sun397 are split by ``test_fraction`` from the whole)."""
+
+
+def dataset_facts(data: DataSpec, where: str = "dataset") -> DataFacts:
+    """Check that ``data``'s source is known and its root exists, and read its metadata only (Parquet
+    schema and row counts, the bundled digits' labels, the published sizes of torchvision sets).
+
+    Raises:
+        SpecError: an unknown source, a missing root, or a Parquet folder without the split's files.
+    """
+    from smn_core.data import available_datasets
+
+    sources = available_datasets()
+    if data.source not in sources:
+        raise SpecError(f"{where}.source {data.source!r} is not known; allowed: {', '.join(sources)}")
+    keep = 1.0 - data.test_fraction
+    if data.source == "digits":
+        import numpy as np
+        from sklearn.datasets import load_digits
+
+        counts = np.bincount(load_digits().target)
+        per = {c: int(np.ceil(n * keep)) for c, n in enumerate(counts)}
+        return DataFacts([str(c) for c in range(10)], 10, sum(per.values()), per)
+    if data.root is None:
+        raise SpecError(f"{where}.root is missing: source {data.source!r} needs {where}.root, a data folder")
+    root = Path(data.root).expanduser()
+    if not root.exists():
+        if data.download and data.source in TORCHVISION_FACTS:
+            return DataFacts(None, *TORCHVISION_FACTS[data.source])
+        raise SpecError(f"{where}.root {str(root)!r} does not exist" + (
+            f"; allowed: an existing folder, or {where}.download: true to fetch {data.source}"
+            if data.source in TORCHVISION_FACTS else "; allowed: an existing data folder"))
+    if data.source == "parquet":
+        import pyarrow.parquet as pq
+
+        files = [f for folder in (root, root / "data")
+                 for f in sorted({*folder.glob("train.parquet"), *folder.glob("train-*.parquet")})]
+        if not files:
+            raise SpecError(f"{where}.root {str(root)!r} holds no train.parquet or train-*.parquet (also under data/)")
+        try:
+            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            meta = pq.read_schema(files[0]).metadata or {}
+        except Exception as exc:  # noqa: BLE001 - pyarrow's error types
+            raise SpecError(f"{where}.root: {str(files[0])!r} is not a readable Parquet file ({exc})") from None
+        names = [c.strip() for c in meta[b"classes"].decode().split(",")] if b"classes" in meta else None
+        return DataFacts(names, len(names) if names else None, rows)
+    if data.source in TORCHVISION_FACTS:
+        n_classes, n_train = TORCHVISION_FACTS[data.source]
+        return DataFacts(None, n_classes, n_train)
+    return DataFacts(None, None, None)
+
+
+def _class_ids(data: DataSpec, facts: DataFacts, where: str) -> list[int] | None:
+    classes = data.classes
+    if classes is None:
+        return None
+    if len(classes) < 2:
+        raise SpecError(f"{where}.classes {list(classes)!r} names {len(classes)} class(es); allowed: at least 2 "
+                        "distinct classes, or null for all")
+    dup = sorted({str(c) for c in classes if list(classes).count(c) > 1})
+    if dup:
+        raise SpecError(f"{where}.classes {list(classes)!r} repeats {', '.join(dup)}; allowed: distinct classes")
+    n = facts.num_classes
+    allowed = (f"class ids 0-{n - 1}" + (f" or names {', '.join(facts.class_names[:12])}"
+                                        f"{' ...' if len(facts.class_names) > 12 else ''}" if facts.class_names
+                                        else "")) if n else None
+    ids = []
+    for c in classes:
+        if isinstance(c, int) and not isinstance(c, bool):
+            if c < 0 or (n is not None and c >= n):
+                raise SpecError(f"{where}.classes: class {c} does not exist in {data.source}; allowed: "
+                                f"{allowed or 'ids >= 0'}")
+            ids.append(c)
+        elif facts.class_names is not None:
+            if c not in facts.class_names:
+                raise SpecError(f"{where}.classes: class {c!r} does not exist in {data.source}; allowed: {allowed}")
+            ids.append(facts.class_names.index(c))
+    return ids
+
+
+def _train_size(data: DataSpec, facts: DataFacts, ids: list[int] | None) -> int | None:
+    n = facts.train_size
+    if n is not None and ids is not None:
+        n = sum(facts.per_class[i] for i in ids) if facts.per_class else n
+    if data.max_train_samples is not None:
+        n = data.max_train_samples if n is None else min(n, data.max_train_samples)
+    return n
+
+
+def _check_data_and_batch(data: DataSpec, train: TrainConfig, where: str, train_where: str) -> int | None:
+    facts = dataset_facts(data, where)
+    ids = _class_ids(data, facts, where)
+    n = _train_size(data, facts, ids)
+    if n is not None and train.batch_size > n:
+        raise SpecError(f"{train_where}.batch_size {train.batch_size} is larger than the {n} training images of "
+                        f"{where} ({data.source}); allowed: {train_where}.batch_size <= {n}")
+    return n
+
+
+def check_spec(spec: ExperimentSpec) -> None:
+    """Everything about ``spec`` that can be known before any work starts: every cell validates, backbones
+    and dataset sources exist, dataset roots exist, classes exist and batches fit the data (read from
+    metadata only, never the images), search keys exist, the cascade section is valid and fits the data,
+    and the number of seeds and cells is sane.
+
+    Raises:
+        SpecError: one line naming the bad key or value and what is allowed.
+    """
+    from smn_core.backbones import available_backbones
+
+    if len(spec.seeds) > MAX_SEEDS:
+        raise SpecError(f"seeds: {len(spec.seeds)} seeds; allowed: <= {MAX_SEEDS:,}")
+    cells = expand_cells(spec)  # every grid value validated, before any work starts
+    if len(cells) > MAX_CELLS:
+        raise SpecError(f"the spec expands to {len(cells):,} cells; allowed: <= {MAX_CELLS:,}")
+    archs = available_backbones()
+    sizes: dict[str, int | None] = {}
+    seen: set[str] = set()
+    for cell in cells:
+        cfg = cell.config
+        key = json.dumps([cfg.backbone.arch, cfg.backbone.weights, cfg.backbone.checkpoint], default=str)
+        if key not in seen:
+            seen.add(key)
+            if cfg.backbone.arch not in archs:
+                raise SpecError(f"backbone.arch {cfg.backbone.arch!r} is not known; allowed: {', '.join(archs)}")
+            ck = cfg.backbone.checkpoint
+            if cfg.backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
+                raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
+                                "(.safetensors or a torch file)")
+        key = json.dumps([cfg.dataset.__dict__, cfg.train.batch_size], default=str)
+        if key not in sizes:
+            sizes[key] = _check_data_and_batch(cfg.dataset, cfg.train, "dataset", "train")
+            if cfg.pretrain is not None and cfg.backbone.weights == "pipeline":
+                _check_data_and_batch(cfg.pretrain.dataset, cfg.pretrain.train, "pretrain.dataset", "pretrain.train")
+    if spec.search is not None:
+        for key, axis in spec.search.space.items():
+            sample = axis.values[0] if axis.type == "choice" else (int(axis.low) if axis.type == "int" else axis.low)
+            try:
+                search_cell(spec, {key: sample})
+            except SpecError as exc:
+                raise SpecError(f"search.space.{key}: {str(exc).split(': ', 1)[-1]}") from None
+    if spec.cascade is not None:
+        _check_cascade(spec, min((n for n in sizes.values() if n is not None), default=None))
+
+
+def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
+    from .cascade import cascade_spec
+
+    cs = cascade_spec(spec)
+    if n_train is not None:
+        for name in ("components", "clusters"):
+            value = getattr(cs.router, name)
+            if value > n_train:
+                raise SpecError(f"cascade.router.{name} {value} is larger than the {n_train} training images; "
+                                f"allowed: cascade.router.{name} <= {n_train}")
+    if cs.experts.resources is not None:
+        _check_value(cs.experts.resources.model_dump(), Resources, "cascade.experts.resources")
 
 
 def cell_id_of(config: CellConfig) -> str:

@@ -43,8 +43,10 @@ from smn_core.mask_file import (
     check_names_shapes,
     decode_mask_file,
     encode_mask_file,
+    masks_file_identity,
     read_mask_header,
     task_mask_from_state,
+    verify_mask_file,
 )
 
 from . import ledger
@@ -268,10 +270,10 @@ class MaskStore:
         """Header facts of one task: codec, sizes, density per tensor, spec, backbone hash, head, buffers.
 
         Raises:
-            StoreError: unknown task. MaskFileError: unreadable header.
+            StoreError: unknown task. MaskFileError: a truncated or corrupted file (checksum checked).
         """
         path = self._require(task)
-        h = read_mask_header(self._header_bytes(path), path)
+        h = verify_mask_file(_read(self.fs, path), path)
         size = self.fs.get_file_info(path).size
         info = self._info(task, h | {"file_bytes": size})
         return {"task": task, "codec": h["codec"], "file_bytes": size, "num_weights": h["num_weights"],
@@ -370,10 +372,24 @@ def task_from_masks_file(path: str, backbone: nn.Module, *, arch: str = "", stat
     fs, p = ledger.resolve(path)
     if not _exists(fs, p):
         raise FileNotFoundError(f"no masks file at {path!r}")
+    data = _read(fs, p)
     try:
-        masks = st_load(_read(fs, p))
+        masks = st_load(data)
+        file_arch, file_hash = masks_file_identity(data)
     except Exception as exc:  # safetensors' own error types
-        raise MaskFileError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise MaskFileError(f"{path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    if arch:
+        if not file_arch:
+            raise BackboneMismatchError(f"{path} records no backbone arch or hash, so it cannot be checked against "
+                                        f"the store's {arch}; allowed: a masks file from `smn run` (masks/<cell>."
+                                        "safetensors) or `smn store export`, or add the cell with --results/"
+                                        "--experiment/--cell")
+        if file_arch != arch:
+            raise BackboneMismatchError(f"{path} holds masks of a {file_arch} backbone; the store's backbone is {arch}; "
+                                        "allowed: masks learned on the store's backbone")
+    if file_hash and file_hash != backbone_hash(backbone):
+        raise BackboneMismatchError(f"{path} was learned on backbone {file_hash}, the store's is "
+                                    f"{backbone_hash(backbone)}; allowed: masks learned on the store's backbone")
     bad = [k for k, v in masks.items() if v.dtype != torch.bool]
     if bad or not masks:
         raise MaskFileError(f"{path}: expected bool mask tensors, got {[(k, str(masks[k].dtype)) for k in bad[:5]] or 'none'}")

@@ -8,8 +8,9 @@
     smn store export STORE TASK OUT [--format masks|weights|mask-file] [--codec C]
     smn store bench-codecs STORE TASK --results DIR [--experiment storage] [--fp32 FILE|DIR] [--repeats 3]
 
-``STORE`` is a folder or a ``pyarrow.fs`` URI (``s3://bucket/prefix``). Exit codes: 0 done, 2 refused
-(bad input: the message names the bad value and what is allowed; nothing was written).
+``STORE`` is a folder or a ``pyarrow.fs`` URI (``s3://bucket/prefix``). Exit codes: 0 done, 1 a stored
+task file is corrupted, 2 refused (bad input: the message names the bad value and what is allowed; nothing
+was written). ``add --masks`` checks the file's recorded arch and backbone hash against the store's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("init", help="create a store holding one backbone")
     p.add_argument("store", help="store folder or URI (must not hold a store yet)")
     p.add_argument("--arch", required=True, help="backbone arch, e.g. cifar_resnet20 (see smn_core.backbones)")
-    p.add_argument("--weights", default="pretrained", choices=("pretrained", "checkpoint", "random"))
+    p.add_argument("--weights", default="pretrained", choices=("pretrained", "checkpoint", "random"),
+                   help="the backbone's weights")
     p.add_argument("--checkpoint", default=None, help="local weight file for --weights checkpoint")
     p.set_defaults(handler=handle)
 
@@ -56,14 +58,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--masks", default=None, help="masks .safetensors ({name: bool tensor}); bound to the store's backbone")
     p.add_argument("--state", default=None, help="with --masks: the run's final state folder (head, BN statistics)")
     p.add_argument("--results", default=None, help="results folder of `smn run` (with --experiment and --cell)")
-    p.add_argument("--experiment", default=None)
+    p.add_argument("--experiment", default=None, help="experiment of the cell (with --results and --cell)")
     p.add_argument("--cell", default=None, help="cell id (see `smn table` / the ledger)")
-    p.add_argument("--codec", default=DEFAULT_CODEC, choices=codecs, help=f"mask codec (default {DEFAULT_CODEC})")
+    p.add_argument("--codec", default=DEFAULT_CODEC, choices=codecs, help="mask codec")
     p.set_defaults(handler=handle)
 
     p = sub.add_parser("list", help="list the tasks (name, codec, bytes, bits/weight, density)")
     p.add_argument("store")
-    p.add_argument("--format", default="markdown", choices=("markdown", "csv"))
+    p.add_argument("--format", default="markdown", choices=("markdown", "csv"), help="output format")
     p.set_defaults(handler=handle)
 
     p = sub.add_parser("show", help="show one task (codec, sizes, per-tensor density, spec) as JSON")
@@ -81,7 +83,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("store")
     p.add_argument("task")
     p.add_argument("out", help="output file (must not exist)")
-    p.add_argument("--format", default="masks", choices=("masks", "weights", "mask-file"))
+    p.add_argument("--format", default="masks", choices=("masks", "weights", "mask-file"),
+                   help="masks: {name: bool tensor}; weights: masks baked in; mask-file: the smn-mask/1 file")
     p.add_argument("--codec", default=None, choices=codecs, help="for --format mask-file: re-encode with this codec")
     p.set_defaults(handler=handle)
 
@@ -92,7 +95,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("store")
     p.add_argument("task")
     p.add_argument("--results", required=True, help="results folder or URI of the ledger")
-    p.add_argument("--experiment", default="storage")
+    p.add_argument("--experiment", default="storage", help="experiment of the codec cells in the ledger")
     p.add_argument("--fp32", default=None, help="fine-tuned fp32 weights: a safetensors state_dict or a cell's "
                    "final state folder (default: the store's pretrained backbone weights, as a stand-in)")
     p.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs (>= 1)")
@@ -100,7 +103,7 @@ def add_parser(subparsers) -> None:
 
 
 def _fail(msg: str) -> int:
-    print(f"smn store: {msg}", file=sys.stderr)
+    print(f"smn store: {' '.join(str(msg).split())}", file=sys.stderr)
     return 2
 
 
@@ -208,6 +211,12 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
             print()
             print(render_frame(codec_table(df, "fp32"), title="fp32 weights per codec (table7)"))
             return 0
-    except (StoreError, MaskFileError, BackboneMismatchError, ValueError, FileNotFoundError, ImportError) as exc:
+    except MaskFileError as exc:
+        if cmd == "add":
+            return _fail(str(exc))
+        print(f"smn store: {' '.join(str(exc).split())} (a stored task file is corrupted; remove it with its "
+              "task, or restore it)", file=sys.stderr)
+        return 1
+    except (StoreError, BackboneMismatchError, ValueError, FileNotFoundError, ImportError) as exc:
         return _fail(str(exc))
     return _fail(f"unknown store command {cmd!r}")

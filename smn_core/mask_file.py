@@ -54,6 +54,8 @@ __all__ = [
     "decode_mask_file",
     "read_mask_header",
     "check_names_shapes",
+    "verify_mask_file",
+    "masks_file_identity",
     "check_against_backbone",
     "apply_task_mask",
     "task_mask_from_state",
@@ -298,6 +300,41 @@ def read_mask_header(data: bytes, source: str = "mask file") -> dict[str, Any]:
             "arch": meta.get("arch", ""), "entries": entries, "spec": spec, "tensors": tensors,
             "checksum": meta["checksum"], "num_weights": total, "density": ones / total if total else float("nan"),
             "file_bytes": 8 + n + sum(t["bytes"] for t in tensors.values())}
+
+
+def verify_mask_file(data: bytes, source: str = "mask file") -> dict[str, Any]:
+    """Check a whole ``smn-mask/1`` file without decoding it: a complete header, the described length and
+    the checksum. Returns the header (:func:`read_mask_header`).
+
+    Raises:
+        MaskFileError: truncated or corrupted file, checksum mismatch.
+    """
+    header = read_mask_header(data, source)
+    if len(data) != header["file_bytes"]:
+        raise MaskFileError(f"{source}: {len(data)} bytes, the header describes {header['file_bytes']} (truncated or "
+                            "trailing data): the file is corrupted")
+    try:
+        tensors = _st_load(bytes(data))
+    except Exception as exc:  # safetensors raises its own error types
+        raise MaskFileError(f"{source}: not a readable safetensors file ({exc}): the file is corrupted") from None
+    meta = json.loads(bytes(data[8:8 + struct.unpack_from("<Q", data, 0)[0]]))["__metadata__"]
+    if _checksum(meta, tensors) != header["checksum"]:
+        raise MaskFileError(f"{source}: checksum mismatch: the file is corrupted")
+    return header
+
+
+def masks_file_identity(data: bytes) -> tuple[str, str]:
+    """``(arch, backbone_hash)`` recorded in a plain masks ``.safetensors``' metadata (``""`` where absent);
+    the runner records ``arch``, :meth:`orchestrator.store.MaskStore.export` both.
+
+    Raises:
+        ValueError: ``data`` does not start with a safetensors header.
+    """
+    (n,) = struct.unpack_from("<Q", data, 0)
+    if n > _HEADER_LIMIT or len(data) < 8 + n:
+        raise ValueError("no complete safetensors header")
+    meta = json.loads(bytes(data[8:8 + n]).decode("utf-8")).get("__metadata__") or {}
+    return str(meta.get("arch", "")), str(meta.get("backbone_hash", ""))
 
 
 def decode_mask_file(data: bytes, weights: Mapping[str, torch.Tensor] | None = None,

@@ -67,3 +67,51 @@ def test_run_hands_a_spec_with_a_cascade_section_to_the_cascade(capsys, tmp_path
     assert [line.split()[:2] for line in out.splitlines() if line.strip().startswith("expert ")] == [
         ["expert", "0"], ["expert", "1"], ["expert", "2"]]
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_version_bare_smn_and_help_list_env_and_exit_codes(capsys):
+    import smn_core
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"smn {smn_core.__version__}"
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: smn") and "COMMAND" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for word in ("RAY_AUTH_MODE", "RAY_ADDRESS", "SMN_ALLOW_AUTOSCALE_GPUS", "SMN_ALLOW_AUTOSCALE_CPUS",
+                 "SMN_CIFAR_WEIGHTS_DIR", "AWS_ACCESS_KEY_ID", "exit codes:", "130"):
+        assert word in out, word
+
+
+def test_every_option_of_every_command_shows_its_default():
+    import argparse
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for child in set(a.choices.values()):
+                    yield from parsers(child)
+
+    missing = []
+    for p in parsers(build_parser()):
+        formatter = p._get_formatter()
+        for a in p._actions:
+            if not a.option_strings or a.default is argparse.SUPPRESS:
+                continue
+            shown = formatter._expand_help(a) if a.help else ""
+            if "(default: " not in shown:
+                missing.append(f"{p.prog} {a.option_strings[-1]}")
+    assert missing == []
+
+
+def test_layout_and_figure_lists_need_no_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["table", "--layout", "list"]) == 0
+    assert "table2" in capsys.readouterr().out
+    assert main(["plot", "--figure", "list"]) == 0
+    assert "fig8" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -137,7 +137,7 @@ def test_gpu_request_without_gpus_fails_at_once_with_a_clear_message(ray_local, 
         assert time.time() - t0 < 60, f"{what}: took {time.time() - t0:.0f}s"
         assert not (tmp_path / "results" / path.stem).exists(), what  # nothing written
 
-    assert smn_main(["run", str(specs["DDP"]), "--results", results, "resources.gpus_per_worker=2"]) == 2
+    assert smn_main(["run", str(specs["DDP"]), "--results", results, "resources.gpus_per_worker=2"]) == 1
     err = capsys.readouterr().err
     assert "asks for 2.0 GPU(s) per worker but the Ray cluster has 0" in err
     assert not (tmp_path / "results" / "gpu2").exists()

@@ -20,8 +20,8 @@ def test_demo_spec_is_valid_and_has_its_three_methods_on_three_seeds():
 
 @pytest.mark.parametrize("override, fragment", [
     ("train.epochz=3", "train.epochz: unknown key"),
-    ("train.epochs=0", "epochs must be >= 1"),
-    ("train.swav.temperature=-1", "swav.temperature must be > 0"),
+    ("train.epochs=0", "train.epochs: got 0; allowed: 1 <= epochs"),
+    ("train.swav.temperature=-1", "train.swav.temperature: got -1; allowed: a number > 0"),
     ("methods=[smn,foo]", "'foo'"),
     ("train.objective=clustering", "train.objective: Input should be 'swav' or 'supervised', got 'clustering'"),
     ("backbone.weights=magic", "backbone.weights 'magic' is not known"),

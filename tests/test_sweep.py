@@ -20,19 +20,22 @@ from .conftest import REPO, kill_driver_tree
 
 pytestmark = pytest.mark.slow
 
-GRID = """
-grid:
-  train.mask:
-    - {mode: threshold}
-    - {mode: topk, topk_density: found}
-  train.batch_size: [32, 4096]
-"""
+def grid(bad_checkpoint=None) -> str:
+    """Mask modes x backbones; a backbone whose checkpoint file exists but does not load fails at run time
+    (validation checks only that the file exists)."""
+    backbones = "[{weights: random}" + (f", {{weights: checkpoint, checkpoint: '{bad_checkpoint}'}}"
+                                        if bad_checkpoint else "") + "]"
+    return ("\ngrid:\n  train.mask:\n    - {mode: threshold}\n    - {mode: topk, topk_density: found}\n"
+            f"  backbone: {backbones}\n")
 
 
 def test_grid_sweep_lands_each_cell_once_records_failures_and_orders_found_cells(ray_local, tiny_spec, tmp_path):
-    """batch 4096 > 96 images fails at run time: it is retried, recorded with its error, and the sweep goes
-    on; the top-k cell at the found density runs after its threshold cell, with the ledger's density."""
-    spec = load_spec(tiny_spec("grid", extra=GRID),
+    """A backbone checkpoint that does not load fails at run time: it is retried, recorded with its error, and
+    the sweep goes on; the top-k cell at the found density runs after its threshold cell, with the ledger's
+    density."""
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint" * 8)
+    spec = load_spec(tiny_spec("grid", extra=grid(junk)),
                      ["methods=[smn]", "train.score_lr=300", "resources.max_retries=1"])
     results = str(tmp_path / "results")
     lines: list[str] = []
@@ -43,7 +46,7 @@ def test_grid_sweep_lands_each_cell_once_records_failures_and_orders_found_cells
     failures = ledger.read_failures(results, "grid")
     assert len(failures) == 1
     (rec,) = failures.values()
-    assert "fewer than one batch of 4096" in rec["error"] and rec["attempts"] == 2
+    assert "junk.pth" in rec["error"] and "cannot be loaded" in rec["error"] and rec["attempts"] == 2
     assert "retrying" in text and "1 failed" in text and "best knn_top1" in text
     assert len(summary["failed"]) == 2  # the failed threshold cell, and its top-k cell that could not run
 
@@ -60,7 +63,7 @@ def test_grid_sweep_lands_each_cell_once_records_failures_and_orders_found_cells
     assert started[topk] >= finished[thr]
 
     # the same sweep without the failing axis value: everything is in the ledger, nothing runs
-    again = run_experiment(load_spec(tiny_spec("grid", extra=GRID.replace("[32, 4096]", "[32]")),
+    again = run_experiment(load_spec(tiny_spec("grid", extra=grid()),
                                      ["methods=[smn]", "train.score_lr=300"]), results, echo=lines.append)
     assert again["ran"] == 0 and again["skipped"] == 2 and not again["failed"]
 

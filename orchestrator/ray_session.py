@@ -1,0 +1,162 @@
+"""The local Ray session ``smn`` starts or joins: token authentication by default, and a check, before
+any work, that the cluster can ever give what a spec asks for.
+
+Security (measured with Ray 2.60 on Linux): Ray's GCS, raylet, object manager and worker gRPC servers
+listen on every interface (``*:PORT``) whatever node IP is given; only the dashboard (which ``smn`` does
+not start) and the dashboard agent's HTTP port can be bound to loopback. An open Ray cluster runs any
+code it is sent, so a local Ray started by ``smn`` uses Ray's token authentication
+(``RAY_AUTH_MODE=token``) unless the user set ``RAY_AUTH_MODE`` explicitly. The token lives in
+``$RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``; :func:`ensure_token_file` creates it
+on first use with a random value, readable only by the user (mode 0600), and tightens a looser one.
+Every Ray client of the same user (``ray status``, ``ray job submit``) finds it there. A client without
+the token is refused (``tests/test_security.py``).
+
+``RAY_AUTH_MODE=disabled`` remains possible when the user sets it; ``smn`` then prints one line saying
+what is exposed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import sys
+from pathlib import Path
+
+__all__ = ["AUTH_ENV", "ClusterTooSmall", "configure_auth", "token_path", "ensure_token_file",
+           "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING"]
+
+AUTH_ENV = "RAY_AUTH_MODE"
+DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts any client that reaches "
+                    "its ports (GCS, raylet, workers listen on every interface) and runs any code it is sent")
+
+
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster can never give the resources a spec asks for (the task would wait forever)."""
+
+
+def token_path() -> Path:
+    """Where Ray reads the token: ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    env = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(env).expanduser() if env else Path.home() / ".ray" / "auth_token"
+
+
+def ensure_token_file() -> Path | None:
+    """Make sure a token exists for token authentication; returns its file (None if ``$RAY_AUTH_TOKEN``
+    gives it). A new file gets 64 random hex digits and mode 0600; an existing one readable by others is
+    set to 0600."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def configure_auth(*, local: bool) -> str:
+    """Set ``RAY_AUTH_MODE`` for this process and the Ray processes it starts; returns the mode.
+
+    Unset: ``token`` for a local Ray (with :func:`ensure_token_file`); when joining a cluster, ``token``
+    if a token is available (file or ``$RAY_AUTH_TOKEN``), else left to Ray. ``disabled`` (set by the user)
+    prints :data:`DISABLED_WARNING` once on stderr.
+    """
+    mode = os.environ.get(AUTH_ENV)
+    if mode is None:
+        if not (local or os.environ.get("RAY_AUTH_TOKEN") or token_path().is_file()):
+            return ""
+        os.environ[AUTH_ENV] = mode = "token"
+        _refresh_ray_config()
+    if mode.lower() == "token" and (local or not os.environ.get("RAY_AUTH_TOKEN")):
+        if local:
+            ensure_token_file()
+        elif token_path().is_file() and stat.S_IMODE(token_path().stat().st_mode) & 0o077:
+            os.chmod(token_path(), 0o600)
+    elif mode.lower() == "disabled":
+        print(DISABLED_WARNING, file=sys.stderr, flush=True)
+    return mode
+
+
+def _refresh_ray_config() -> None:
+    """Make this process's Ray core re-read ``RAY_AUTH_MODE`` (it caches its config when ``ray`` is imported);
+    this is what Ray's own default-enable path does (``ray._private.authentication``)."""
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def _alive_cpus() -> list[float]:
+    import ray
+
+    return [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_cluster_fits(cpus_per_worker: float, gpus_per_worker: float = 0.0, workers: int = 1, *,
+                       what: str = "resources") -> None:
+    """Refuse, at once, resources the running Ray cluster can never give.
+
+    One worker must fit on one node (``cpus_per_worker`` <= the largest node's CPUs) and a DDP group on
+    the cluster (``workers x cpus_per_worker`` <= all CPUs); GPUs: ``gpus_per_worker`` <= the cluster's.
+    An autoscaling cluster may add nodes later: ``SMN_ALLOW_AUTOSCALE_CPUS=1`` / ``SMN_ALLOW_AUTOSCALE_GPUS=1``
+    skip the CPU / GPU check.
+
+    Raises:
+        ClusterTooSmall: naming the request, what the cluster has, and the way out.
+    """
+    import ray
+
+    if not os.environ.get("SMN_ALLOW_AUTOSCALE_CPUS"):
+        nodes = _alive_cpus()
+        biggest, total = max(nodes, default=0.0), sum(nodes)
+        if cpus_per_worker > biggest:
+            raise ClusterTooSmall(
+                f"{what}.cpus_per_worker={cpus_per_worker:g} but the largest Ray node has {biggest:g} CPUs; "
+                f"set {what}.cpus_per_worker<={biggest:g} (SMN_ALLOW_AUTOSCALE_CPUS=1 if larger nodes autoscale)")
+        if workers * cpus_per_worker > total:
+            raise ClusterTooSmall(
+                f"{what}: {workers} workers x {cpus_per_worker:g} CPUs = {workers * cpus_per_worker:g} CPUs but the "
+                f"Ray cluster has {total:g}; lower {what}.workers or {what}.cpus_per_worker "
+                "(SMN_ALLOW_AUTOSCALE_CPUS=1 if nodes autoscale)")
+    if gpus_per_worker > 0 and not os.environ.get("SMN_ALLOW_AUTOSCALE_GPUS"):
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < gpus_per_worker:
+            raise ClusterTooSmall(
+                f"the spec asks for {gpus_per_worker} GPU(s) per worker but the Ray cluster has {have}; set "
+                f"{what}.gpus_per_worker=0 or run on a GPU cluster (SMN_ALLOW_AUTOSCALE_GPUS=1 if GPU nodes "
+                "autoscale from zero)")
+
+
+def check_local_fits(cpus_per_worker: float, workers: int = 1, *, what: str = "resources") -> None:
+    """Before a local Ray is started (seconds earlier than :func:`check_cluster_fits`): refuse CPUs this
+    machine does not have (``os.cpu_count()``; ``SMN_ALLOW_AUTOSCALE_CPUS=1`` skips the check).
+
+    Raises:
+        ClusterTooSmall: naming the request, the machine's CPUs and the way out.
+    """
+    if os.environ.get("SMN_ALLOW_AUTOSCALE_CPUS"):
+        return
+    have = float(os.cpu_count() or 1)
+    if cpus_per_worker > have or workers * cpus_per_worker > have:
+        asked = (f"{what}.cpus_per_worker={cpus_per_worker:g}" if cpus_per_worker > have else
+                 f"{what}: {workers} workers x {cpus_per_worker:g} CPUs")
+        raise ClusterTooSmall(f"{asked} but this machine (a local Ray) has {have:g} CPUs; set {what}.cpus_per_worker"
+                              f"<={have:g} / fewer workers, or join a larger cluster with --address "
+                              "(SMN_ALLOW_AUTOSCALE_CPUS=1 skips this check)")
+
+
+def error_cause(error: object) -> str:
+    """The one-line cause of a (remote) failure: the last ``SomeError: message`` line of its text, as a
+    Ray task error carries the whole remote stack (the full text stays in the cell's failure record)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if " " not in head and head.endswith(("Error", "Exception", "Interrupt", "Exit", "Unreachable", "Small")):
+            return ln[:300]
+    return (lines[-1] if lines else str(error))[:300]

@@ -1,0 +1,200 @@
+"""Safe by default (issue 14): a local Ray started by ``smn`` uses token authentication (an outsider
+cannot read it), resources the cluster can never give fail at once, Ctrl-C exits 130 with a line that
+says how to resume, and redirected output carries no Ray INFO lines or ANSI colour codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import ray_session
+from orchestrator.cli import main as smn_main
+
+from .conftest import REPO, TINY_SPEC, kill_driver_tree
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """The environment of a fresh user: no RAY_* variables, its own HOME (so no token)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO))
+    home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+# ----------------------------------------------------------------------------------- auth, unit level
+
+
+def test_token_file_is_created_private_and_a_loose_one_is_tightened(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "ray" / "auth_token"))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    path = ray_session.ensure_token_file()
+    assert path == tmp_path / "ray" / "auth_token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_text()) == 64
+    token = path.read_text()
+    os.chmod(path, 0o644)
+    assert ray_session.ensure_token_file() == path
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == token  # kept, tightened
+
+
+def test_disabled_auth_is_the_users_explicit_choice_and_says_what_is_exposed(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert ray_session.configure_auth(local=True) == "disabled"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [ray_session.DISABLED_WARNING]
+    assert "any client" in err[0] and "every interface" in err[0]
+
+
+# ----------------------------------------------------------------------------------- the outsider test
+
+
+@pytest.mark.slow
+def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
+    """Start a local Ray the way ``smn run`` does (``ensure_ray``, RAY_AUTH_MODE unset), then read it with
+    ``ray status``: the same user (who holds the token) can, an outsider without the token cannot."""
+    owner_env = _clean_env(tmp_path / "owner")
+    driver = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, ray\n"
+         "from orchestrator.runner import ensure_ray\n"
+         "ensure_ray(num_cpus=1)\n"
+         "print('GCS', ray.get_runtime_context().gcs_address, flush=True)\n"
+         "sys.stdin.readline()\n"
+         "ray.shutdown()\n"],
+        cwd=REPO, env=owner_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        gcs = None
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = driver.stdout.readline()
+            if not line:
+                break
+            if line.startswith("GCS "):
+                gcs = line.split()[1]
+                break
+        assert gcs, "the local Ray did not start"
+        token = tmp_path / "owner" / ".ray" / "auth_token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
+
+        def status(env: dict) -> subprocess.CompletedProcess:
+            return subprocess.run([RAY, "status", "--address", gcs], env=env, capture_output=True, text=True,
+                                  timeout=120)
+
+        insider = status({**owner_env, "RAY_AUTH_MODE": "token"})
+        assert insider.returncode == 0, insider.stderr[-2000:]  # the check below can fail: the cluster is readable
+        outsiders = {
+            "no token, no auth mode": _clean_env(tmp_path / "outsider"),
+            "auth mode token, wrong token": {**_clean_env(tmp_path / "outsider"), "RAY_AUTH_MODE": "token",
+                                             "RAY_AUTH_TOKEN": "0" * 64},
+        }
+        for who, env in outsiders.items():
+            out = status(env)
+            assert out.returncode != 0, f"{who}: read the cluster:\n{out.stdout[-2000:]}"
+            assert "Authentication token is missing or incorrect" in out.stdout + out.stderr, who
+    finally:
+        if driver.poll() is None:
+            try:
+                driver.stdin.write("\n")
+                driver.stdin.flush()
+                driver.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                kill_driver_tree(driver, str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------- no hangs
+
+
+def test_cpus_the_cluster_can_never_give_fail_at_once(ray_local, tiny_spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SMN_ALLOW_AUTOSCALE_CPUS", raising=False)
+    biggest = max(n["Resources"].get("CPU", 0) for n in ray_local.nodes() if n["Alive"])
+    results = tmp_path / "results"
+    assert smn_main(["validate", str(tiny_spec("cpus"))]) == 0  # imports warm: time the check, not torch's import
+    capsys.readouterr()
+    for override, words in ((f"resources.cpus_per_worker={int(biggest) * 16}", "the largest Ray node has"),
+                            (f"resources.workers={int(biggest) + 1}", "CPUs but the Ray cluster has")):
+        t0 = time.time()
+        code = smn_main(["run", str(tiny_spec("cpus")), "--results", str(results), override])
+        took = time.time() - t0
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert took < 10, f"{override}: {took:.1f}s"
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and words in lines[0] and "SMN_ALLOW_AUTOSCALE_CPUS" in lines[0], err
+        assert not results.exists() or not any(results.rglob("*.parquet"))
+    monkeypatch.setenv("SMN_ALLOW_AUTOSCALE_CPUS", "1")  # an autoscaling cluster may add a big node later
+    ray_session.check_cluster_fits(biggest * 16)
+
+
+# ----------------------------------------------------------------------------------- Ctrl-C, redirected output
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_redirected_output_is_plain(tmp_path):
+    """A real ``smn run`` with stdout and stderr redirected: no Ray INFO lines, no ANSI codes; Ctrl-C
+    (SIGINT) once the first cell is done gives one line saying how to resume, exit 130, no traceback."""
+    spec = tmp_path / "ctrlc.yaml"
+    spec.write_text(TINY_SPEC.format(name="ctrlc", epochs=1, workers=1).replace("seeds: [0]", "seeds: [0, 1]"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results",
+                                 str(tmp_path / "results")], cwd=REPO, env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline and "cells done" not in out_path.read_text():
+                assert proc.poll() is None, err_path.read_text()[-3000:]
+                time.sleep(1)
+            assert "cells done" in out_path.read_text(), "no cell finished in time"
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                kill_driver_tree(proc, str(tmp_path))
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert rc == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "smn: interrupted: run the same command again to resume"
+    assert "Traceback" not in stderr and "Traceback" not in stdout, stderr[-3000:]
+    for text in (stdout, stderr):
+        assert "\x1b[" not in text, repr(text[-2000:])
+        assert " INFO " not in text and "Started a local Ray instance" not in text, text[-2000:]
+
+
+@pytest.mark.slow
+def test_unsatisfiable_cpus_fail_in_a_fresh_smn_run_before_ray_starts(tiny_spec, tmp_path):
+    """The whole command, in a fresh process without Ray: refused before a local Ray is started."""
+    need = (os.cpu_count() or 1) * 32
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(tiny_spec("fresh")), "--results",
+                          str(tmp_path / "results"), f"resources.cpus_per_worker={need}"], cwd=REPO,
+                         env=_clean_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
+    took = time.time() - t0
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert f"resources.cpus_per_worker={need} but this machine" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "home" / ".ray").exists()  # no Ray was started (it would have made a token)
+    print(f"refused in {took:.1f}s (a fresh process, imports included)")
+
+
+def test_a_remote_failure_is_one_line_naming_the_cell_and_the_stack_is_kept(ray_local, tiny_spec, tmp_path, capsys):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a checkpoint" * 8)
+    results = tmp_path / "results"
+    code = smn_main(["run", str(tiny_spec("remote")), "--results", str(results), "methods=[smn]",
+                     "backbone.weights=checkpoint", f"backbone.checkpoint={bad}", "resources.max_retries=0"])
+    captured = capsys.readouterr()
+    assert code == 1
+    ours = [ln for ln in captured.err.splitlines() if ln.startswith("smn:")]
+    assert len(ours) == 1 and ours[0].startswith("smn: cell ") and " failed: " in ours[0], captured.err[-3000:]
+    assert "Traceback" not in ours[0] and "weights.pth" in ours[0] or "checkpoint" in ours[0]
+    (record,) = (results / "remote" / "failures").glob("*.json")
+    assert record.stem in ours[0] and str(record) in ours[0]
+    assert "Traceback" in record.read_text() or "File " in record.read_text()  # the whole stack is kept
