@@ -312,3 +312,33 @@ def test_pca_kmeans_head_init_is_refused_for_an_mlp_head():
         SwAVConfig(hidden_dim=64, head_init="pca_kmeans")
     with pytest.raises(ValueError, match="head_init 'pretrained' is not known"):
         SwAVConfig(head_init="pretrained")
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe on real data: self-masking improves the frozen backbone it adapts
+
+
+@pytest.mark.slow
+def test_smn_improves_the_frozen_backbones_knn_on_real_digits(tmp_path):
+    """The demo, seed 0, in-process: a CIFAR ResNet-8 pretrained on digits 0-4, self-masked on 5-9.
+
+    Measured (2026-12-02, 2 cores): frozen k-NN (k=20) 0.788, SMN 0.859 (+7.1 points); seeds 1 and 2
+    gave 0.877 and 0.859. Linear probe 0.967 frozen, 0.963 SMN. No collapse. The margin asserted is 3
+    points, under half the smallest gain measured.
+    """
+    from smn_core.checkpoint import save_tensors
+    from smn_core.pipeline import pretrain_backbone
+    from orchestrator.spec import expand_cells, load_spec
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml",
+                     ["methods=[pretrained,smn]", "seeds=[0]"])
+    frozen_cell, smn_cell = [c.config for c in expand_cells(spec)]
+    state, _ = pretrain_backbone(frozen_cell.backbone, frozen_cell.pretrain)
+    weights = tmp_path / "pretrained.safetensors"
+    save_tensors(weights, state)
+    frozen = run_cell(frozen_cell, pipeline_weights=weights).metrics
+    smn = run_cell(smn_cell, pipeline_weights=weights).metrics
+    assert smn["collapsed"] == 0.0 and smn["density"] < 1.0
+    assert smn["knn_dino_top1"] >= frozen["knn_dino_top1"] + 0.03, (smn, frozen)
+    assert smn["linear_probe_top1"] >= frozen["linear_probe_top1"] - 0.02, (smn, frozen)
