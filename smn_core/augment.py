@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torchvision.transforms import v2
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -64,6 +63,8 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[list[floa
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Callable]:
     """PIL -> float32 tensor in [0, 1] -> (x - mean) / std, as a plain ``torch.Tensor``."""
+    from torchvision.transforms import v2  # lazy: torchvision's import reaches torch._dynamo (seconds)
+
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -88,6 +89,8 @@ def eval_transform(
         ValueError: ``image_size`` not a positive int, or ``mean``/``std`` not 3 finite values
             (``std`` > 0).
     """
+    from torchvision.transforms import v2
+
     image_size = _check_positive_int(image_size, "image_size")
     mean, std = _check_stats(mean, std)
     if image_size <= SMALL_IMAGE_MAX:
@@ -111,6 +114,8 @@ def supervised_train_transform(
     Raises:
         ValueError: as :func:`eval_transform`.
     """
+    from torchvision.transforms import v2
+
     image_size = _check_positive_int(image_size, "image_size")
     mean, std = _check_stats(mean, std)
     scale = (0.35, 1.0) if image_size <= SMALL_IMAGE_MAX else (0.08, 1.0)
@@ -267,6 +272,8 @@ class MultiCropTransform:
         self._transforms = [global_t] * config.n_global + [local_t] * config.n_local
 
     def _view_transform(self, size: int, scale: tuple[float, float], mean, std) -> v2.Compose:
+        from torchvision.transforms import v2
+
         c = self.config
         s = float(c.color_jitter_strength)
         ops: list[Callable] = [
