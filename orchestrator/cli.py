@@ -166,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             for c in cells:
                 print(f"  {c.cell_id}  {c.label}")
             return 0
+        from .layout import ExperimentLayout
         from .runner import run_experiment
 
         t0 = time.time()
         try:
-            summary = run_experiment(spec, args.results, address=args.address)
+            layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
+            summary = run_experiment(spec, layout, address=args.address, cells=cells)
         except (ValueError, RuntimeError) as exc:
             print(f"smn: {exc}", file=sys.stderr)
             return 2
