@@ -120,14 +120,13 @@ def _plot(results: str, figure: str, experiment: str | None, out: str | None) ->
         # URI results: draw to a local file, then store it next to the ledger through pyarrow.fs
         import tempfile
 
-        target = ledger.artifact_location(results, "figures", f"{figure}.png")
+        from .layout import ExperimentLayout, atomic_write
+
+        target = ExperimentLayout.of(results, experiment or "figures").figure(figure)
         with tempfile.TemporaryDirectory(prefix="smn-plot-") as tmp:
             local = Path(tmp) / f"{figure}.png"
             known[figure].draw(df, str(local))
-            fs, inner = ledger.resolve(target)
-            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(inner) as dst:
-                dst.write(local.read_bytes())
+            atomic_write(target, local.read_bytes())
         return f"wrote {target}"
     path = Path(out) if out else Path(results) / "figures" / f"{figure}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,7 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
     if uses_tune(spec):
         from .sweep import run_sweep
 
-        return run_sweep(spec, layout, echo=echo, start_ray=lambda: start_ray_for(spec, layout, address))
+        return run_sweep(spec, layout, echo=echo, start_ray=lambda: start_ray_for(spec, layout, address), cells=cells)
     cells = expand_cells(spec) if cells is None else cells
     done = completed_cells(layout, spec.name)
     todo = [c for c in cells if c.cell_id not in done]

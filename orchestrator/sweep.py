@@ -195,7 +195,7 @@ def _grid_round(spec: ExperimentSpec, layout: ExperimentLayout, cells: list[Cell
 
 
 def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Callable[[str], None] = print,
-              start_ray: Callable[[], None] | None = None) -> RunSummary:
+              start_ray: Callable[[], None] | None = None, cells: list[Cell] | None = None) -> RunSummary:
     """Run the missing cells of a grid or search spec as a Ray Tune sweep; return the summary.
 
     Args:
@@ -203,6 +203,8 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
         start_ray: called once, before the first trial, when there is work: joins or starts Ray and runs
             the preflight checks (:func:`orchestrator.runner.start_ray_for`, which
             :func:`orchestrator.runner.run_experiment` passes). None: Ray must be initialised already.
+        cells: the spec's expanded cells when the caller has them (the first round's; later rounds, with
+            found densities, expand again).
 
     Raises:
         RuntimeError: if the spec asks for GPUs the cluster lacks (before any work starts), or if Ray is not
@@ -226,7 +228,7 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
     seen: set[str] = set()
     first = True
     while True:
-        cells = expand_cells(spec, densities)
+        cells = expand_cells(spec, densities) if cells is None or densities is not None else cells
         waiting = pending_references(spec, densities)
         done = completed_cells(layout, spec.name)
         todo = [c for c in cells if c.cell_id not in done and c.cell_id not in summary["failed"]]
@@ -251,7 +253,7 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
             echo(f"  {len(missing)} threshold cell(s) did not land; their top-k cells at the found density are skipped")
             if missing == waiting:
                 break
-    summary["total"] = len(expand_cells(spec, densities)) + len(pending_references(spec, densities))
+    summary["total"] = len(cells) + len(pending_references(spec, densities))
     return summary
 
 
