@@ -325,9 +325,9 @@ class WarmPool:
 
     def __init__(self, size: int, *, num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = -1,
                  warm: bool = True) -> None:
-        actor = ray.remote(CellWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                               max_task_retries=-1)
-        self.workers = [actor.remote() for _ in range(max(1, size))]
+        self._actor = ray.remote(CellWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                                     max_task_retries=-1)
+        self.workers = [self._actor.remote() for _ in range(max(1, size))]
         self.warming = [w.warm.remote() for w in self.workers] if warm else []
 
     def __len__(self) -> int:
@@ -347,6 +347,14 @@ class WarmPool:
         """Run ``fn(*args, **kwargs)`` on worker ``slot``; returns the ObjectRef of its result."""
         return self.workers[slot].call.remote(fn, *args, **kwargs)
 
+    def heal(self, slot: int, error: BaseException) -> None:
+        """After a call on ``slot`` failed with ``error``: when the worker itself is gone for good (its
+        restarts spent, ``ray.exceptions.RayActorError``), start a fresh worker in its place, so the jobs
+        still to come on that slot do not fail with it. Application errors leave the worker as it is."""
+        if isinstance(error, ray.exceptions.RayActorError):
+            ray.kill(self.workers[slot], no_restart=True)
+            self.workers[slot] = self._actor.remote()
+
     def shutdown(self) -> None:
         """End every worker (their resources go back to Ray)."""
         for w in self.workers:
@@ -354,8 +362,9 @@ class WarmPool:
         self.workers = []
 
 
-def run_bounded(items: Iterable[T], submit: Callable[[T, int], Any], limit: int, *,
-                retries: int = 0) -> Iterator[tuple[T, Any, BaseException | None]]:
+def run_bounded(items: Iterable[T], submit: Callable[[T, int], Any], limit: int, *, retries: int = 0,
+                on_error: Callable[[int, BaseException], None] | None = None
+                ) -> Iterator[tuple[T, Any, BaseException | None]]:
     """Run ``items`` with at most ``limit`` in flight; yield ``(item, result, error)`` as each ends.
 
     Args:
@@ -364,6 +373,8 @@ def run_bounded(items: Iterable[T], submit: Callable[[T, int], Any], limit: int,
             (a :class:`WarmPool` worker index; plain tasks ignore it).
         limit: jobs in flight at most (>= 1).
         retries: an item whose result raises is submitted again, on the same slot, up to this many times.
+        on_error: called with ``(slot, exception)`` after every failure, before any resubmission (e.g.
+            :meth:`WarmPool.heal`).
 
     Yields:
         ``(item, result, None)`` on success, ``(item, None, exception)`` once the retries are spent.
@@ -380,6 +391,8 @@ def run_bounded(items: Iterable[T], submit: Callable[[T, int], Any], limit: int,
         try:
             result = ray.get(ready[0])
         except Exception as exc:  # noqa: BLE001 - reported to the caller, never stops the others
+            if on_error is not None:
+                on_error(slot, exc)
             if tries < retries:
                 running[submit(item, slot)] = (item, slot, tries + 1)
                 continue

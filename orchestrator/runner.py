@@ -150,8 +150,10 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
     limit = min(res.max_concurrent_cells or len(todo), len(todo))
     pool = None
     if res.workers == 1:  # start (and warm) the workers now: their imports overlap the pretraining below
+        # a worker lost to a process or node death is restarted and its cell replayed (resuming from its epoch
+        # checkpoint) up to max_retries times, as Ray retried a task before; then a fresh worker takes the slot
         pool = WarmPool(pool_size(limit, res.cpus_per_worker, res.gpus_per_worker), num_cpus=res.cpus_per_worker,
-                        num_gpus=res.gpus_per_worker)
+                        num_gpus=res.gpus_per_worker, max_restarts=res.max_retries)
         limit = len(pool)
     try:
         weights = prepare_pipeline_weights(spec, layout, todo, echo, pool)
@@ -165,7 +167,8 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
         t0 = time.time()
         finished = summary["skipped"]
         by_id = {c.cell_id: c for c in todo}
-        for job, metrics, exc in run_bounded(jobs, submit, limit, retries=res.max_retries if pool else 0):
+        for job, metrics, exc in run_bounded(jobs, submit, limit, retries=res.max_retries if pool else 0,
+                                             on_error=pool.heal if pool else None):
             cell = by_id[job.cell_id]
             finished += 1
             if exc is None:

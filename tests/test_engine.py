@@ -137,3 +137,36 @@ def test_warm_worker_keeps_its_process_and_replays_a_job_after_its_process_dies(
         os.kill(victim, signal.SIGKILL)
         replayed_pid = ray.get(ref, timeout=300)  # Ray restarts the worker and replays the call
         assert replayed_pid != victim and int(Path(marker).read_text()) == replayed_pid
+
+
+@pytest.mark.slow
+def test_a_worker_out_of_restarts_fails_its_job_and_heal_gives_the_slot_a_fresh_worker(ray_local, tmp_path):
+    import ray
+
+    from orchestrator.engine import WarmPool, run_bounded
+
+    with WarmPool(1, num_cpus=1, max_restarts=0, warm=False) as pool:
+        marker = str(tmp_path / "job")
+        jobs = [marker, "second"]
+
+        def submit(item, slot):
+            return pool.submit(slot, _slow_job, item) if item == marker else pool.submit(slot, _pid_and_modules)
+
+        killed: list[int] = []
+
+        def kill_when_started() -> None:
+            deadline = time.time() + 120
+            while not Path(marker).exists() and time.time() < deadline:
+                time.sleep(0.1)
+            killed.append(int(Path(marker).read_text()))
+            os.kill(killed[0], signal.SIGKILL)
+
+        import threading
+
+        killer = threading.Thread(target=kill_when_started, daemon=True)
+        killer.start()
+        (first, _, err), (second, (pid, _), err2) = list(run_bounded(jobs, submit, 1, on_error=pool.heal))
+        killer.join(timeout=5)
+        victim = killed[0]
+        assert first == marker and isinstance(err, ray.exceptions.RayActorError)
+        assert second == "second" and err2 is None and pid != victim  # the slot's fresh worker ran it
