@@ -588,7 +588,10 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
                 echo(f"  an expert worker failed while warming up ({exc}); it is restarted by Ray")
             summary["expert_warmup_s"] = time.time() - t_warm
             t_stage = time.time()
-            for job, m, exc in run_bounded(jobs, lambda j, slot: pool.submit(slot, train_expert, j), len(pool)):
+            # a worker with nothing left to do is ended at once: a worker restarted after a node loss may need
+            # its resources
+            for job, m, exc in run_bounded(jobs, lambda j, slot: pool.submit(slot, train_expert, j), len(pool),
+                                           on_error=pool.heal, on_idle=pool.release):
                 if exc is not None:  # one failed expert must not stop the others
                     summary["failed"][job.cell_id] = f"{type(exc).__name__}: {exc}"
                     echo(f"[{job.label}] FAILED: {exc}")

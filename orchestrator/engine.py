@@ -355,16 +355,24 @@ class WarmPool:
             ray.kill(self.workers[slot], no_restart=True)
             self.workers[slot] = self._actor.remote()
 
+    def release(self, slot: int) -> None:
+        """End worker ``slot`` now that it has nothing left to do, so its resources go back to Ray at once
+        (a worker restarted after a node loss may be waiting for exactly those)."""
+        if self.workers[slot] is not None:
+            ray.kill(self.workers[slot], no_restart=True)
+            self.workers[slot] = None
+
     def shutdown(self) -> None:
         """End every worker (their resources go back to Ray)."""
         for w in self.workers:
-            ray.kill(w, no_restart=True)
+            if w is not None:
+                ray.kill(w, no_restart=True)
         self.workers = []
 
 
 def run_bounded(items: Iterable[T], submit: Callable[[T, int], Any], limit: int, *, retries: int = 0,
-                on_error: Callable[[int, BaseException], None] | None = None
-                ) -> Iterator[tuple[T, Any, BaseException | None]]:
+                on_error: Callable[[int, BaseException], None] | None = None,
+                on_idle: Callable[[int], None] | None = None) -> Iterator[tuple[T, Any, BaseException | None]]:
     """Run ``items`` with at most ``limit`` in flight; yield ``(item, result, error)`` as each ends.
 
     Args:
@@ -375,6 +383,8 @@ def run_bounded(items: Iterable[T], submit: Callable[[T, int], Any], limit: int,
         retries: an item whose result raises is submitted again, on the same slot, up to this many times.
         on_error: called with ``(slot, exception)`` after every failure, before any resubmission (e.g.
             :meth:`WarmPool.heal`).
+        on_idle: called with a slot that has finished and will get no more items (e.g.
+            :meth:`WarmPool.release`, which hands its resources back to Ray at once).
 
     Yields:
         ``(item, result, None)`` on success, ``(item, None, exception)`` once the retries are spent.
@@ -386,6 +396,9 @@ def run_bounded(items: Iterable[T], submit: Callable[[T, int], Any], limit: int,
         while pending and free:
             item, slot = pending.pop(0), free.pop(0)
             running[submit(item, slot)] = (item, slot, 0)
+        if on_idle is not None and not pending:
+            while free:
+                on_idle(free.pop())
         ready, _ = ray.wait(list(running), num_returns=1)
         item, slot, tries = running.pop(ready[0])
         try:

@@ -168,7 +168,8 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
         finished = summary["skipped"]
         by_id = {c.cell_id: c for c in todo}
         for job, metrics, exc in run_bounded(jobs, submit, limit, retries=res.max_retries if pool else 0,
-                                             on_error=pool.heal if pool else None):
+                                             on_error=pool.heal if pool else None,
+                                             on_idle=pool.release if pool else None):
             cell = by_id[job.cell_id]
             finished += 1
             if exc is None:
