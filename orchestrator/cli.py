@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print()
         print(_table(args.results, spec.name, args.format, None))
+        if "pretrained" in spec.methods and len(spec.methods) > 1:  # the method against its own baseline
+            print()
+            print(_table(args.results, spec.name, args.format, None, "vs_frozen"))
         print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
               f"{len(summary['failed'])} failed; {time.time() - t0:.0f}s")
         for cid, err in summary["failed"].items():

@@ -166,12 +166,17 @@ def _get(cells: pd.DataFrame, metric: str) -> pd.Series:
 
 
 _TABLE1_ROWS = {
-    "pretrained": (("k-NN", "knn_top1"), ("Linear probe", "linear_probe_top1")),
+    "pretrained": (("k-NN", "knn_top1"), ("k-NN (k=20)", "knn_dino_top1"), ("Linear probe", "linear_probe_top1")),
+    "pretrained_bn": (("BN re-estimated k-NN", "knn_top1"), ("BN re-estimated k-NN (k=20)", "knn_dino_top1"),
+                      ("BN re-estimated linear probe", "linear_probe_top1")),
     "fft": (("FFT", "classifier_top1"),),
     "supervised_mask": (("Mask (supervised)", "classifier_top1"),),
-    "smn": (("SMN k-NN", "knn_top1"), ("SMN linear probe", "linear_probe_top1")),
-    "stn": (("STN k-NN", "knn_top1"), ("STN linear probe", "linear_probe_top1")),
+    "smn": (("SMN k-NN", "knn_top1"), ("SMN k-NN (k=20)", "knn_dino_top1"), ("SMN linear probe", "linear_probe_top1")),
+    "stn": (("STN k-NN", "knn_top1"), ("STN k-NN (k=20)", "knn_dino_top1"), ("STN linear probe", "linear_probe_top1")),
 }
+
+
+_FROZEN = ("pretrained", "pretrained_bn")
 
 
 @register_table("table1", "Table 1: frozen k-NN / linear probe, FFT and supervised masking, with the storage a "
@@ -179,8 +184,9 @@ _TABLE1_ROWS = {
 def table1(df: pd.DataFrame) -> pd.DataFrame:
     """Table 1 from ledger rows: index (Backbone, Method), columns ``Size (Mbit)`` and one per dataset.
 
-    Rows: ``k-NN`` and ``Linear probe`` of the frozen backbone (``pretrained``; size n/a, as in the
-    paper), ``FFT`` and ``Mask (supervised)`` (the trained head's test top-1, ``classifier_top1``),
+    Rows: ``k-NN`` (the paper's k=200 and DINO's k=20) and ``Linear probe`` of the frozen backbone
+    (``pretrained``; size n/a, as in the paper), the same for the BN-re-estimated control
+    (``pretrained_bn``), ``FFT`` and ``Mask (supervised)`` (the trained head's test top-1, ``classifier_top1``),
     and, when present, SMN / STN by k-NN and linear probe. Size = ``storage_bits`` / 1e6 (mask bits for
     masking, 32 x parameters for FFT). Cells trained on part of the labels (``dataset.label_fraction``)
     are left out; other grid values are appended to the method's name. Mean ± std over seeds.
@@ -198,7 +204,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
             records.append({"Backbone": c["backbone"], "Method": label + (f" ({setting})" if setting else ""),
                             "order": 10 * list(_TABLE1_ROWS).index(c["method"]) + k, "data": c["data"],
                             "value": c[metric],
-                            "bits": np.nan if c["method"] == "pretrained" else c.get("storage_bits", np.nan)})
+                            "bits": np.nan if c["method"] in _FROZEN else c.get("storage_bits", np.nan)})
     if not records:
         return pd.DataFrame()
     rec = pd.DataFrame(records)

@@ -124,7 +124,8 @@ def uses_tune(spec: ExperimentSpec) -> bool:
 
 def echo_cell_done(echo: Callable[[str], None], prefix: str, cell: Cell, metrics: dict[str, float]) -> None:
     """Print one finished cell's headline metrics, and a warning when SwAV collapsed."""
-    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "linear_probe_top1", "density") if k in metrics)
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density")
+                      if k in metrics)
     echo(f"{prefix} {cell.cell_id} {cell.label}: {shown}")
     if metrics.get("collapsed"):
         echo(f"  warning: SwAV collapse detected in {cell.cell_id} (loss {metrics.get('train_loss', float('nan')):.4f} "

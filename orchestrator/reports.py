@@ -30,6 +30,7 @@ REPORT_MODULES = (
     "orchestrator.paper_ablations",
     "orchestrator.paper_cascade",
     "orchestrator.paper_baselines",
+    "orchestrator.paper_vs_frozen",
     "orchestrator.paper_storage",
 )
 

@@ -38,7 +38,7 @@ __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec
 
 FOUND = "found"
 _ROOTS = ("backbone", "dataset", "train", "eval", "pretrain")
-SEARCH_METRICS = ("knn_top1", "linear_probe_top1", "train_loss", "density", "code_entropy")
+SEARCH_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "train_loss", "density", "code_entropy")
 
 
 class SpecError(ValueError):

@@ -18,7 +18,7 @@ import pandas as pd
 
 __all__ = ["DEFAULT_METRICS", "results_table", "render"]
 
-DEFAULT_METRICS = ("knn_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
+DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
                    "code_entropy", "collapsed", "wall_s")
 FORMATS = ("markdown", "latex", "csv")
 

@@ -5,8 +5,10 @@
 * :class:`MultiCropConfig` / :class:`MultiCropTransform` - SwAV's multi-crop (Caron et al. 2020,
   "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments", Sec. 3.2 and
   App. A): 2 global crops of 224 px, scale (0.14, 1), and 6 local crops of 96 px, scale
-  (0.05, 0.14), each with colour distortion of strength 0.8 (p 0.8), grayscale p 0.2, Gaussian
-  blur p 0.5 and horizontal flip; the paper's settings (Sec. 3.3, ``paper/NOTES.md``).
+  (0.05, 0.14), each with SwAV's colour distortion ``get_color_distortion(s=1.0)`` (jitter 0.8 s,
+  0.8 s, 0.8 s, 0.2 s with p 0.8), grayscale p 0.2, Gaussian blur p 0.5 and horizontal flip; the
+  paper's settings (Sec. 3.3, ``paper/NOTES.md``). Blur sigma and the local crop side scale with
+  the crop, so small inputs (32 px) get views of the same relative strength as SwAV's 224/96 px.
 * :class:`SeededViewDataset` / :func:`collate_views` - per-item seeded views so the augmentation
   of an image depends only on (seed, epoch, index), never on the worker or batch that loads it.
 
@@ -31,10 +33,10 @@ __all__ = [
     "IMAGENET_STD",
     "MultiCropConfig",
     "MultiCropTransform",
+    "PILGaussianBlur",
     "SeededViewDataset",
     "collate_views",
     "eval_transform",
-    "gaussian_blur_kernel_size",
     "supervised_train_transform",
 ]
 
@@ -128,21 +130,6 @@ def supervised_train_transform(
     )
 
 
-def gaussian_blur_kernel_size(crop_size: int) -> int:
-    """Gaussian-blur kernel side for a crop: the odd integer nearest 10 % of ``crop_size``, at least 3.
-
-    SwAV/SimCLR blur with a kernel of about 10 % of the crop (23 px for 224 px crops).
-
-    Raises:
-        ValueError: ``crop_size`` not a positive int.
-    """
-    crop_size = _check_positive_int(crop_size, "crop_size")
-    k = int(round(0.1 * crop_size))
-    if k % 2 == 0:
-        k += 1
-    return max(k, 3)
-
-
 def _check_probability(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{what} must be a probability in [0, 1], got {value!r}")
@@ -168,15 +155,22 @@ class MultiCropConfig:
         n_local: number of local (low-resolution) crops, >= 0 (paper: 6).
         global_size: global crop side in pixels; ``None`` -> ``image_size``.
         local_size: local crop side in pixels; ``None`` -> ``round(96 / 224 * image_size)`` rounded to
-            a multiple of 2, at least 8 (96 for 224, 14 for 32).
+            a multiple of 2, at least ``local_size_floor`` (96 for 224).
+        local_size_floor: smallest default local crop side in pixels (16: a 32-px input gets 16-px
+            local crops, not 14-px ones; a CIFAR ResNet's last stage then still sees 4 x 4).
         global_scale: ``RandomResizedCrop`` area fraction range of global crops (paper: (0.14, 1)).
         local_scale: area fraction range of local crops (paper: (0.05, 0.14)).
-        color_jitter_strength: ``s`` of the colour distortion: brightness/contrast/saturation
-            ``0.8 s``, hue ``0.2 s`` (hue capped at 0.5); 0 disables jitter (paper: 0.8).
+        color_jitter_strength: ``s`` of SwAV's ``get_color_distortion(s)``: brightness/contrast/
+            saturation ``0.8 s``, hue ``0.2 s`` (hue capped at 0.5); 0 disables jitter (SwAV and the
+            paper: s = 1.0, i.e. ColorJitter(0.8, 0.8, 0.8, 0.2); NOTES.md's "0.8" is the 0.8 s factor).
         color_jitter_p: probability of applying the colour jitter (0.8).
         grayscale_p: probability of converting to grayscale, kept 3-channel (0.2).
-        blur_p: probability of a Gaussian blur, kernel :func:`gaussian_blur_kernel_size` of the crop,
-            sigma uniform in (0.1, 2.0) px (0.5).
+        blur_p: probability of a Gaussian blur (0.5).
+        blur_sigma: sigma range (low, high) in pixels *at SwAV's crop sides* (224 px global, 96 px
+            local): (0.1, 2.0). A crop of another side ``s`` draws sigma uniform in
+            ``blur_sigma * s / 224`` (global) or ``blur_sigma * s / 96`` (local), so the blur keeps its
+            size relative to the crop (SwAV: at most 2 % of a 96-px crop) instead of blotting out a
+            14-px one (see :meth:`blur_sigma_for`).
         flip_p: probability of a horizontal flip (0.5).
 
     Raises:
@@ -189,10 +183,12 @@ class MultiCropConfig:
     local_size: int | None = None
     global_scale: tuple[float, float] = (0.14, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.14)
-    color_jitter_strength: float = 0.8
+    local_size_floor: int = 16
+    color_jitter_strength: float = 1.0
     color_jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     flip_p: float = 0.5
 
     def __post_init__(self) -> None:
@@ -203,6 +199,14 @@ class MultiCropConfig:
         for what in ("global_size", "local_size"):
             if getattr(self, what) is not None:
                 _check_positive_int(getattr(self, what), what)
+        _check_positive_int(self.local_size_floor, "local_size_floor")
+        try:
+            low, high = (float(v) for v in self.blur_sigma)
+        except (TypeError, ValueError):
+            raise ValueError(f"blur_sigma must be a pair (low, high) of pixels, got {self.blur_sigma!r}") from None
+        if not (np.isfinite(low) and np.isfinite(high) and 0 < low <= high):
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high (pixels), got {self.blur_sigma!r}")
+        self.blur_sigma = (low, high)
         self.global_scale = _check_scale(self.global_scale, "global_scale")
         self.local_scale = _check_scale(self.local_scale, "local_scale")
         s = self.color_jitter_strength
@@ -227,8 +231,21 @@ class MultiCropConfig:
         if self.local_size is not None:
             local_size = self.local_size
         else:
-            local_size = max(8, 2 * round(96 / 224 * image_size / 2))
+            local_size = max(self.local_size_floor, 2 * round(96 / 224 * image_size / 2))
+            local_size = min(local_size, global_size)
         return int(global_size), int(local_size)
+
+    def blur_sigma_for(self, crop_size: int, *, local: bool) -> tuple[float, float]:
+        """Blur sigma range in pixels for a crop of side ``crop_size`` (``blur_sigma`` scaled by
+        ``crop_size / 96`` for local crops, ``crop_size / 224`` for global ones; SwAV's own sizes give
+        exactly (0.1, 2.0)).
+
+        Raises:
+            ValueError: ``crop_size`` not a positive int.
+        """
+        crop_size = _check_positive_int(crop_size, "crop_size")
+        ratio = crop_size / (96.0 if local else 224.0)
+        return self.blur_sigma[0] * ratio, self.blur_sigma[1] * ratio
 
 
 class MultiCropTransform:
@@ -267,11 +284,14 @@ class MultiCropTransform:
         self.image_size = _check_positive_int(image_size, "image_size")
         global_size, local_size = config.sizes(self.image_size)
         self.sizes = [global_size] * config.n_global + [local_size] * config.n_local
-        global_t = self._view_transform(global_size, config.global_scale, mean, std)
-        local_t = self._view_transform(local_size, config.local_scale, mean, std)
+        global_t = self._view_transform(global_size, config.global_scale, mean, std,
+                                        config.blur_sigma_for(global_size, local=False))
+        local_t = self._view_transform(local_size, config.local_scale, mean, std,
+                                       config.blur_sigma_for(local_size, local=True))
         self._transforms = [global_t] * config.n_global + [local_t] * config.n_local
 
-    def _view_transform(self, size: int, scale: tuple[float, float], mean, std) -> v2.Compose:
+    def _view_transform(self, size: int, scale: tuple[float, float], mean, std,
+                        blur_sigma: tuple[float, float]) -> v2.Compose:
         from torchvision.transforms import v2
 
         c = self.config
@@ -284,7 +304,7 @@ class MultiCropTransform:
             jitter = v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.2 * s, 0.5))
             ops.append(v2.RandomApply([jitter], p=c.color_jitter_p))
         ops.append(v2.RandomGrayscale(p=c.grayscale_p))
-        ops.append(v2.RandomApply([PILGaussianBlur(sigma=(0.1, 2.0))], p=c.blur_p))
+        ops.append(v2.RandomApply([PILGaussianBlur(sigma=blur_sigma)], p=c.blur_p))
         return v2.Compose([*ops, *_to_normalised_tensor(mean, std)])
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:

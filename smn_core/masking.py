@@ -78,6 +78,11 @@ class MaskConfig:
         alpha_grad: differentiate through ``alpha`` (reference-code behaviour); default False.
         mode: ``"threshold"`` (the method) or ``"topk"`` (Ramanujan et al. baseline).
         topk_density: kept fraction per tensor for ``mode="topk"``, in (0, 1].
+        topk_init_noise: ``mode="topk"`` only: the scores start at ``S0 + U(-a, a)`` with this ``a``
+            (default 0.01), drawn per tensor from a generator seeded with the cell's torch seed and the
+            tensor's name. With every score equal, ``torch.topk`` breaks the ties by index and whole
+            output channels die at step 0; Ramanujan et al. (2020) start from random scores, so the
+            first top-k mask is random and unstructured. Must be > 0 for top-k.
         stages: selective masking (App. F, Fig. 8): mask only the parameters of the first N stages
             of a ResNet (modules named ``layer1`` .. ``layerN``; the stem before ``layer1`` counts
             with stage 1). None: every selected tensor.
@@ -102,6 +107,7 @@ class MaskConfig:
     alpha_grad: bool = False
     mode: Literal["threshold", "topk"] = "threshold"
     topk_density: float | None = None
+    topk_init_noise: float = 0.01
     stages: int | None = None
     selective: Literal["none", "random", "magnitude"] = "none"
     selective_fraction: float | None = None
@@ -124,6 +130,9 @@ class MaskConfig:
         if self.mode == "topk":
             if self.topk_density is None or not 0.0 < self.topk_density <= 1.0:
                 raise ValueError(f"topk_density must be in (0, 1] for mode 'topk', got {self.topk_density!r}")
+        if self.mode == "topk" and not (math.isfinite(self.topk_init_noise) and self.topk_init_noise > 0):
+            raise ValueError(f"topk_init_noise must be a finite number > 0 for mode 'topk' (random tie-breaking "
+                             f"of the first mask), got {self.topk_init_noise!r}")
         if self.stages is not None and self.stages < 1:
             raise ValueError(f"mask stages must be >= 1 (the first N ResNet stages) or null, got {self.stages}")
         if self.selective not in SELECTIVE:
@@ -164,16 +173,23 @@ class ScoreMask(nn.Module):
         dtype: dtype of the scores (float32 by default; float64 for exactness tests).
         trainable: optional bool tensor of ``shape`` (selective masking, App. F): positions where it
             is False keep mask 1 whatever their score; stored as the buffer ``trainable``.
+        generator: for ``mode="topk"``, the ``torch.Generator`` of the initial score noise
+            (``MaskConfig.topk_init_noise``); None: a generator seeded with 0.
 
     The forward takes the frozen tensor ``W`` (any shape) and returns a tensor of the same shape
     and dtype. ``scores`` is the only trainable parameter.
     """
 
     def __init__(self, shape: torch.Size, config: MaskConfig, dtype: torch.dtype = torch.float32,
-                 trainable: torch.Tensor | None = None) -> None:
+                 trainable: torch.Tensor | None = None, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = config
-        self.scores = nn.Parameter(torch.full(tuple(shape), float(config.init_score), dtype=dtype))
+        scores = torch.full(tuple(shape), float(config.init_score), dtype=dtype)
+        if config.mode == "topk":  # random, unstructured first mask (Ramanujan et al. 2020)
+            gen = generator if generator is not None else torch.Generator().manual_seed(0)
+            noise = torch.rand(tuple(shape), generator=gen, dtype=torch.float64) * 2.0 - 1.0
+            scores += (float(config.topk_init_noise) * noise).to(dtype)
+        self.scores = nn.Parameter(scores)
         self.topk_density = config.topk_density
         if trainable is not None:
             if tuple(trainable.shape) != tuple(shape) or trainable.dtype != torch.bool:
@@ -333,6 +349,10 @@ def attach_masks(model: nn.Module, config: MaskConfig | None = None, *, dtype: t
         config: what to mask; default ``MaskConfig()`` (conv weights, S0 = 1, mu = 0).
         dtype: dtype of the scores; default: the dtype of each masked tensor.
 
+    Top-k scores start with seeded noise (``MaskConfig.topk_init_noise``): the generator of each tensor
+    is seeded with ``torch.initial_seed()`` (the cell's ``torch.manual_seed``) and the tensor's name, so
+    the first mask is random, unstructured and reproducible.
+
     Returns:
         The full names of the masked parameters (e.g. ``"layer1.0.conv1.weight"``).
 
@@ -343,6 +363,7 @@ def attach_masks(model: nn.Module, config: MaskConfig | None = None, *, dtype: t
     if mask_modules(model):
         raise ValueError(f"{type(model).__name__} already has masks attached; attach them to a fresh copy")
     names = select_parameters(model, config)
+    base_seed = torch.initial_seed() % (2**31)
     for p in model.parameters():
         p.requires_grad_(False)
     for full in names:
@@ -350,7 +371,10 @@ def attach_masks(model: nn.Module, config: MaskConfig | None = None, *, dtype: t
         tensor = getattr(module, pname)
         parametrize.register_parametrization(
             module, pname, ScoreMask(tensor.shape, config, dtype=dtype or tensor.dtype,
-                                     trainable=_trainable_positions(full, tensor, config)).to(tensor.device),
+                                     trainable=_trainable_positions(full, tensor, config),
+                                     generator=torch.Generator().manual_seed(base_seed * 1_000_003
+                                                                             + zlib.crc32(full.encode())),
+                                     ).to(tensor.device),
             unsafe=True,
         )
         getattr(module.parametrizations, pname).original.requires_grad_(False)

@@ -8,6 +8,9 @@ seed). This module runs it in the current process (or in one distributed worker)
 method              objective    adaptation   meaning
 =================== ============ ============ ==================================================
 ``pretrained``      --           --           frozen pretrained backbone: k-NN and linear probe
+``pretrained_bn``   --           --           the frozen backbone with its BatchNorm statistics
+                                              re-estimated on the target's unaugmented train split
+                                              (a control: what BN adaptation does without a mask)
 ``smn``             swav         mask         self-masking network (the paper's method)
 ``supervised_mask`` supervised   mask         supervised masking with a new linear head
 ``fft``             supervised   full         full fine-tuning
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,13 +30,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .augment import SeededViewDataset, eval_transform
+from .augment import MultiCropTransform, SeededViewDataset, eval_transform
 from .backbones import Backbone, build_backbone, build_clip_text_head
 from .checkpoint import local_copy
 from .data import ImageDataset, load_dataset, subset
 from .evaluation import compute_embeddings, knn_top1, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
 from .training import CosineClassifier, TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
+from .swav import init_head_from_features
+from .view_strength import view_similarity
 
 __all__ = [
     "METHODS",
@@ -50,11 +56,13 @@ __all__ = [
     "lowshot_metric",
     "labelled_subset",
     "clip_text_classifier",
+    "reestimate_batchnorm",
     "run_cell",
 ]
 
 METHODS: dict[str, tuple[str, str] | None] = {
     "pretrained": None,
+    "pretrained_bn": None,
     "smn": ("swav", "mask"),
     "supervised_mask": ("supervised", "mask"),
     "fft": ("supervised", "full"),
@@ -63,7 +71,7 @@ METHODS: dict[str, tuple[str, str] | None] = {
 
 
 def method_training(method: str) -> tuple[str, str] | None:
-    """``(objective, adaptation)`` of a method, or None for ``pretrained``.
+    """``(objective, adaptation)`` of a method, or None for the frozen ones (``pretrained``, ``pretrained_bn``).
 
     Raises:
         ValueError: on an unknown method (lists the allowed ones).
@@ -140,6 +148,18 @@ class DataSpec:
 class EvalSpec:
     """Evaluation protocol (paper Sec. 4.1): weighted k-NN (DINO) and a logistic-regression probe.
 
+    Two k-NN protocols are recorded in every cell: the paper's (``knn_k`` = 200, ``knn_temperature`` =
+    0.1, metric ``knn_top1``) and DINO's recommended one (``knn_dino_k`` = 20, ``knn_dino_temperature`` =
+    0.07, metric ``knn_dino_top1``). On small banks (about 125 images per class) k = 200 votes over more
+    than one class's worth of neighbours; :func:`evaluate_model` warns when ``k`` exceeds the smallest
+    class's bank size and records it (``knn_min_class_bank``).
+
+    Linear probe: ``probe_standardize`` (default True) standardises the features (train mean / std)
+    before an L2-regularised logistic regression with inverse strength ``probe_C`` (default 1). The
+    reference code used cyanure with lambda = 0.01 / N on raw features; since sklearn's objective is
+    ``C * sum(loss) + ||w||^2 / 2`` and cyanure's is ``mean(loss) + lambda / 2 ||w||^2``, that is
+    ``C = 1 / (lambda N) = 100`` with ``probe_standardize: false``.
+
     ``lowshot_fractions`` (paper Fig. 3; NOTES.md: CIFAR 10, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625 %, given
     here as fractions 0.1 ... 0.000625) adds one linear probe per fraction, fitted on a per-class sample
     of the train labels (seed ``lowshot_seed``), reported as ``lowshot_top1@<fraction>``.
@@ -147,7 +167,10 @@ class EvalSpec:
 
     knn_k: int = 200
     knn_temperature: float = 0.1
+    knn_dino_k: int = 20
+    knn_dino_temperature: float = 0.07
     probe_C: float = 1.0
+    probe_standardize: bool = True
     probe_max_iter: int = 1000
     batch_size: int = 256
     lowshot_fractions: list[float] = field(default_factory=list)
@@ -156,10 +179,12 @@ class EvalSpec:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
-        if self.knn_k < 1:
-            raise ValueError(f"eval.knn_k must be >= 1, got {self.knn_k}")
-        if not self.knn_temperature > 0:
-            raise ValueError(f"eval.knn_temperature must be > 0, got {self.knn_temperature}")
+        for name in ("knn_k", "knn_dino_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("knn_temperature", "knn_dino_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"eval.{name} must be > 0, got {getattr(self, name)}")
         if not self.probe_C > 0:
             raise ValueError(f"eval.probe_C must be > 0, got {self.probe_C}")
         if self.probe_max_iter < 1 or self.batch_size < 1:
@@ -334,7 +359,11 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
         classifier: the trained head of a supervised run (features -> logits ``(B, C)``); when given,
             its test accuracy is reported as ``classifier_top1`` (Table 1's "FFT" and "Mask" rows).
 
-    Returns ``{"knn_top1", "linear_probe_top1", "linear_probe_train_top1", "eval_seconds"}``, plus
+    Returns ``{"knn_top1", "knn_dino_top1", "knn_min_class_bank", "linear_probe_top1",
+    "linear_probe_train_top1", "eval_seconds"}`` (``knn_top1``: the paper's k-NN, ``spec.knn_k`` /
+    ``spec.knn_temperature``; ``knn_dino_top1``: DINO's, ``spec.knn_dino_k`` / ``spec.knn_dino_temperature``;
+    ``knn_min_class_bank``: the smallest class's number of bank images; a ``UserWarning`` names a k that
+    exceeds it), plus
     ``classifier_top1`` and ``lowshot_top1@<fraction>`` for each ``spec.lowshot_fractions`` (see
     :func:`lowshot_metric`); accuracies in [0, 1]. k-NN and the full probe always use every train label.
     """
@@ -342,10 +371,19 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
     tf = eval_transform(image_size, mean, std)
     xtr, ytr = compute_embeddings(model, SeededViewDataset(train_ds, tf), batch_size=spec.batch_size, device=device)
     xte, yte = compute_embeddings(model, SeededViewDataset(test_ds, tf), batch_size=spec.batch_size, device=device)
-    knn = knn_top1(xtr, ytr, xte, yte, k=spec.knn_k, temperature=spec.knn_temperature,
-                   num_classes=len(train_ds.class_names))
-    probe = linear_probe(xtr, ytr, xte, yte, C=spec.probe_C, max_iter=spec.probe_max_iter)
-    out = {"knn_top1": knn, "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1}
+    num_classes = len(train_ds.class_names)
+    smallest = int(np.bincount(ytr.numpy(), minlength=num_classes)[np.unique(ytr.numpy())].min())
+    for name, k in (("knn_k", spec.knn_k), ("knn_dino_k", spec.knn_dino_k)):
+        if k > smallest:
+            warnings.warn(f"eval.{name} = {k} exceeds the smallest class's bank of {smallest} train images: "
+                          f"its k-NN votes reach into other classes (DINO's k = 20 suits small banks)", stacklevel=2)
+    knn = knn_top1(xtr, ytr, xte, yte, k=spec.knn_k, temperature=spec.knn_temperature, num_classes=num_classes)
+    knn_dino = knn_top1(xtr, ytr, xte, yte, k=spec.knn_dino_k, temperature=spec.knn_dino_temperature,
+                        num_classes=num_classes)
+    probe = linear_probe(xtr, ytr, xte, yte, C=spec.probe_C, max_iter=spec.probe_max_iter,
+                         standardize=spec.probe_standardize)
+    out = {"knn_top1": knn, "knn_dino_top1": knn_dino, "knn_min_class_bank": float(smallest),
+           "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1}
     if spec.lowshot_fractions:
         lowshot = lowshot_linear_probe(xtr, ytr, xte, yte, spec.lowshot_fractions, seed=spec.lowshot_seed,
                                        C=spec.probe_C, max_iter=spec.probe_max_iter)
@@ -360,6 +398,31 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
         out["classifier_top1"] = float((pred == yte).double().mean())
     out["eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: torch.nn.Module, dataset: ImageDataset, *, image_size: int, mean, std,
+                         batch_size: int = 256, device: str | torch.device = "cpu") -> int:
+    """Re-estimate every BatchNorm's running statistics on ``dataset``'s unaugmented images, in place.
+
+    The ``pretrained_bn`` control (what BN adaptation alone does to the frozen backbone, without one mask
+    bit flipped): the running mean and variance are reset and replaced by the cumulative average over
+    one pass of the eval transform (:func:`torch.optim.swa_utils.update_bn`); weights, biases and the
+    affine BN parameters are untouched. Images ``(B, 3, image_size, image_size)``.
+
+    Returns:
+        The number of BatchNorm layers re-estimated (0: the model has none and is unchanged).
+    """
+    from torch.optim.swa_utils import update_bn
+
+    n_bn = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if n_bn:
+        loader = torch.utils.data.DataLoader(SeededViewDataset(dataset, eval_transform(image_size, mean, std)),
+                                             batch_size=batch_size, shuffle=False)
+        was_training = model.training
+        update_bn(loader, model, device=torch.device(device))
+        model.train(was_training)
+    return n_bn
 
 
 def clip_text_classifier(backbone: Backbone, class_names: Sequence[str], template: str) -> CosineClassifier:
@@ -425,7 +488,11 @@ def run_cell(
         ``density``, ``mask_bits`` (number of masked weights = bits of one uncompressed mask),
         ``trainable_masks`` (positions with a trainable mask: fewer than ``mask_bits`` under selective
         masking, App. F), ``train_loss``, ``train_seconds``, ``steps``, ``collapsed`` (1.0 if SwAV
-        collapse was detected). Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
+        collapse was detected in the last epoch or made ``train.on_collapse`` act), ``collapse_epoch``
+        (1-based first epoch of that collapse, 0 if none), ``stopped_early`` (1.0 if
+        ``on_collapse: stop`` ended the run), and for SwAV the view-strength check
+        (:func:`smn_core.view_strength.view_similarity`: ``view_cos_same``, ``view_cos_other``,
+        ``view_cos_gap`` of the frozen backbone, before training). ``pretrained_bn`` reports ``bn_layers``. Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
         task costs on top of the shared backbone (paper Table 1 "Size"): ``trainable_masks`` for masking,
         32 x backbone parameters for full fine-tuning (an fp32 copy), 0 for the frozen backbone.
         Trained cells also report ``resumed_from_epoch`` (0 for an uninterrupted run),
@@ -451,6 +518,23 @@ def run_cell(
     state = None
     backbone_params = sum(p.numel() for p in model.parameters())
     classifier = None
+    if cfg.method == "pretrained_bn":
+        metrics["bn_layers"] = float(reestimate_batchnorm(model, train_ds, image_size=size, mean=backbone.mean,
+                                                          std=backbone.std, batch_size=cfg.eval.batch_size,
+                                                          device=device))
+    if training is not None and cfg.train.objective == "swav" and resume is None and init_state is None:
+        views = view_similarity(model, train_ds, MultiCropTransform(size, cfg.train.multicrop, backbone.mean,
+                                                                    backbone.std), seed=cfg.seed, device=device)
+        metrics.update(view_cos_same=views.same, view_cos_other=views.other, view_cos_gap=views.gap)
+        if views.warning and progress is not None:
+            progress(f"warning: {views.warning}")
+    head_features = None
+    if (training is not None and cfg.train.objective == "swav" and cfg.train.swav.head_init == "pca_kmeans"
+            and resume is None and init_state is None):
+        head_ds = train_ds if train_subset is None else subset(train_ds, train_subset)
+        head_features, _ = compute_embeddings(model, SeededViewDataset(head_ds, eval_transform(size, backbone.mean,
+                                                                                                 backbone.std)),
+                                              batch_size=cfg.eval.batch_size, device=device)
     if training is not None:
         if cfg.train.adaptation == "mask":
             attach_masks(model, cfg.train.mask)
@@ -458,6 +542,8 @@ def run_cell(
         torch.manual_seed(cfg.seed)
         adapt = build_adaptation_model(model, backbone.feature_dim, cfg.train,
                                        num_classes=len(train_ds.class_names), classifier=head)
+        if head_features is not None:
+            init_head_from_features(adapt.swav.head, head_features, seed=cfg.seed)
         adapt_ds = train_ds if train_subset is None else subset(train_ds, train_subset)
         if cfg.dataset.label_fraction is not None:  # low-shot supervised training (Fig. 3)
             # the labelled share is repeated to the length of the whole split: a low-shot run takes as many
@@ -470,7 +556,10 @@ def run_cell(
                        progress=progress)
         state = {k: v.cpu() for k, v in trainable_state(adapt).items()}
         metrics.update(train_seconds=time.perf_counter() - t0, steps=float(result.steps),
-                       train_loss=result.history[-1]["loss"], collapsed=float(result.collapse is not None),
+                       train_loss=result.history[-1]["loss"],
+                       collapsed=float(result.collapse is not None or result.collapse_epoch is not None),
+                       collapse_epoch=float(0 if result.collapse_epoch is None else result.collapse_epoch + 1),
+                       stopped_early=float(result.stopped_early),
                        resumed_from_epoch=float(result.resumed_from_epoch))
         metrics.update({f"train_loss@{int(h['epoch']) + 1}": float(h["loss"]) for h in result.history})  # Fig. 5
         if cfg.train.objective == "supervised":

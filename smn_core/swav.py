@@ -17,12 +17,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SwAVConfig", "SwAVHead", "SwAV", "sinkhorn_knopp", "detect_collapse"]
+__all__ = ["SwAVConfig", "SwAVHead", "SwAV", "sinkhorn_knopp", "detect_collapse", "init_head_from_features",
+           "HEAD_INITS"]
+
+HEAD_INITS = ("random", "pca_kmeans")
 
 
 def _world_size() -> int:
@@ -43,6 +47,11 @@ class SwAVConfig:
         num_prototypes: ``K`` (paper: 500; Table 5a compares 50 / 500 / 5000).
         proj_dim: code dimension (paper: 128, projection head a single Linear).
         hidden_dim: if > 0, a 2-layer MLP projection head (Linear-BN-ReLU-Linear) instead.
+        input_norm: standardise the backbone features with a ``BatchNorm1d`` without affine parameters
+            before the projection (batch statistics in training). A mask can shrink the features of a
+            frozen backbone until ``W f + b`` is the same vector for every image: all codes alike, every
+            prototype equally far, loss ``ln K``. Batch standardisation takes that constant part out, so
+            this collapse is closed to the scores. Off by default (the paper's head is a single Linear).
         temperature: softmax temperature ``tau`` (0.1).
         epsilon: Sinkhorn entropic regularisation (0.05).
         sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
@@ -52,6 +61,13 @@ class SwAVConfig:
         freeze_prototypes_steps: optimisation steps during which the prototypes get no update
             (reference code: 5005).
         crops_for_assign: indices of the views whose assignments are computed (the global crops).
+        head_init: ``"random"`` (PyTorch's default initialisation, SwAV's) or ``"pca_kmeans"``: the
+            projection starts as the PCA whitening of the frozen backbone's features on the target
+            train split and the prototypes as k-means centroids of the projected codes
+            (:func:`init_head_from_features`). The backbone is frozen and pretrained, so the head can
+            start where SwAV's online clustering would end on the frozen features, instead of from a
+            random head that the scores then follow (LP-FT's argument, Kumar et al. 2022). Needs
+            ``hidden_dim == 0``.
 
     Raises:
         ValueError: on non-positive sizes, temperature or epsilon, or a fraction outside [0, 1].
@@ -60,6 +76,7 @@ class SwAVConfig:
     num_prototypes: int = 500
     proj_dim: int = 128
     hidden_dim: int = 0
+    input_norm: bool = False
     temperature: float = 0.1
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
@@ -67,6 +84,7 @@ class SwAVConfig:
     queue_start_fraction: float = 0.2
     freeze_prototypes_steps: int = 5005
     crops_for_assign: tuple[int, ...] = (0, 1)
+    head_init: str = "random"
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -82,6 +100,11 @@ class SwAVConfig:
                 raise ValueError(f"swav.{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.queue_start_fraction <= 1.0:
             raise ValueError(f"swav.queue_start_fraction must be in [0, 1], got {self.queue_start_fraction}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"swav.head_init {self.head_init!r} is not known; allowed: {', '.join(HEAD_INITS)}")
+        if self.head_init == "pca_kmeans" and self.hidden_dim:
+            raise ValueError("swav.head_init 'pca_kmeans' initialises a linear projection head; it needs "
+                             f"swav.hidden_dim 0, got {self.hidden_dim}")
         self.crops_for_assign = tuple(self.crops_for_assign)
         if not self.crops_for_assign or min(self.crops_for_assign) < 0:
             raise ValueError(f"swav.crops_for_assign must be non-empty view indices, got {self.crops_for_assign}")
@@ -90,13 +113,15 @@ class SwAVConfig:
 class SwAVHead(nn.Module):
     """Projection head and prototypes.
 
-    ``forward(features (B, F)) -> (z (B, proj_dim) L2-normalised, scores (B, K) = z @ C^T)``.
+    ``forward(features (B, F)) -> (z (B, proj_dim) L2-normalised, scores (B, K) = z @ C^T)``; with
+    ``input_norm`` the features are batch-standardised first (``BatchNorm1d(F, affine=False)``).
     The prototypes ``C`` (``K x proj_dim``) are re-normalised by :meth:`normalize_prototypes`
     before every step, as in SwAV.
     """
 
     def __init__(self, feature_dim: int, config: SwAVConfig) -> None:
         super().__init__()
+        self.input_norm: nn.Module = nn.BatchNorm1d(feature_dim, affine=False) if config.input_norm else nn.Identity()
         if config.hidden_dim > 0:
             self.projection: nn.Module = nn.Sequential(
                 nn.Linear(feature_dim, config.hidden_dim),
@@ -115,8 +140,61 @@ class SwAVHead(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = F.normalize(self.projection(features), dim=1)
+        z = F.normalize(self.projection(self.input_norm(features)), dim=1)
         return z, self.prototypes(z)
+
+
+@torch.no_grad()
+def init_head_from_features(head: SwAVHead, features: torch.Tensor, *, seed: int = 0) -> None:
+    """Initialise a linear SwAV head from frozen features (``SwAVConfig.head_init = "pca_kmeans"``).
+
+    The projection becomes the PCA whitening of ``features`` (``z = (f - mean) @ V / sqrt(lambda)``,
+    one output per principal component; outputs beyond ``min(N, F)`` components start at zero) and the
+    prototypes the L2-normalised k-means centroids (seeded, scikit-learn) of the normalised codes ``z``;
+    prototypes beyond the number of distinct codes are random unit vectors. Both stay trainable.
+
+    Args:
+        head: a :class:`SwAVHead` with a linear projection (``hidden_dim == 0``), modified in place.
+        features: ``(N, F)`` frozen backbone features of the unaugmented target train split, N >= 2.
+        seed: seeds k-means and the spare prototypes.
+
+    Raises:
+        ValueError: an MLP head, fewer than 2 rows, or a feature dimension that differs from the head's.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    proj = head.projection
+    if not isinstance(proj, nn.Linear):
+        raise ValueError("init_head_from_features needs a linear projection head (swav.hidden_dim 0)")
+    x = features.double().cpu().numpy()
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] != proj.in_features:
+        raise ValueError(f"features must be (N >= 2, {proj.in_features}), got {tuple(features.shape)}")
+    if isinstance(head.input_norm, nn.BatchNorm1d):  # the projection sees standardised features
+        bn = head.input_norm
+        mean, var = x.mean(0), x.var(0)
+        bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+        bn.running_var.copy_(torch.as_tensor(var, dtype=bn.running_var.dtype))
+        x = (x - mean) / np.sqrt(var + bn.eps)
+    n_comp = min(proj.out_features, x.shape[0] - 1, x.shape[1])
+    pca = PCA(n_components=n_comp, whiten=True, random_state=seed).fit(x)
+    scale = 1.0 / np.sqrt(np.maximum(pca.explained_variance_, 1e-12))
+    weight = np.zeros((proj.out_features, proj.in_features))
+    weight[:n_comp] = pca.components_ * scale[:, None]
+    bias = -weight @ pca.mean_
+    proj.weight.copy_(torch.as_tensor(weight, dtype=proj.weight.dtype))
+    if proj.bias is not None:
+        proj.bias.copy_(torch.as_tensor(bias, dtype=proj.bias.dtype))
+    z = x @ weight.T + bias
+    z /= np.linalg.norm(z, axis=1, keepdims=True).clip(min=1e-12)
+    protos = head.prototypes.weight
+    k = protos.shape[0]
+    n_clusters = min(k, len(np.unique(z.round(6), axis=0)))
+    centroids = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(z).cluster_centers_
+    gen = torch.Generator().manual_seed(int(seed))
+    init = torch.randn(k, protos.shape[1], generator=gen, dtype=torch.float64)
+    init[:n_clusters] = torch.as_tensor(centroids)
+    protos.copy_(F.normalize(init, dim=1).to(protos.dtype))
 
 
 @torch.no_grad()

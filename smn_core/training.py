@@ -67,7 +67,19 @@ class TrainConfig:
         head_weight_decay: weight decay of the head (1e-6); scores never get weight decay.
         weight_lr, weight_decay: for ``adaptation="full"`` (paper FFT: 0.001 / 5e-4 for timm ResNet-18).
         momentum: SGD momentum (0.9).
-        warmup_epochs: linear warmup before the cosine decay (supervised masking: 40 of 150).
+        warmup_epochs: linear warmup of the *scores'* learning rate before its cosine decay (paper
+            Sec. 4.1: the mask lr warms up to epoch 40 of 150; the head's does not).
+        head_warmup_epochs: linear warmup of the head's (projection, prototypes, linear head) learning
+            rate, separate from the scores' (default 0: the paper warms up the mask lr only).
+        head_only_steps: LP-FT warm start (Kumar et al. 2022): for the first N optimisation steps only
+            the head trains (the scores' lr is 0), so the scores never follow the gradient of a random
+            head; the scores' warmup and cosine schedule start after these steps. 0 disables it.
+        on_collapse: what a SwAV run does when :func:`smn_core.swav.detect_collapse` flags
+            ``collapse_patience`` consecutive epochs: ``"warn"`` (go on; the result records it) or
+            ``"stop"`` (end training there and record why, so a cluster does not spend hours on a
+            dead run). Checked after every epoch.
+        collapse_patience: consecutive collapsed epochs before ``on_collapse`` acts (>= 1; default 2:
+            a fresh SwAV head starts near ``ln K``).
         weight_warmup_epochs: warmup of full fine-tuning runs (``adaptation="full"``), replacing
             ``warmup_epochs`` for them (paper Sec. 4.1: FFT baselines use a plain cosine, masks warm up to
             epoch 40, so one spec can hold both); None: ``warmup_epochs``.
@@ -102,9 +114,13 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     warmup_epochs: float = 0.0
+    head_warmup_epochs: float = 0.0
+    head_only_steps: int = 0
     weight_warmup_epochs: float | None = None
     schedule: Literal["cosine", "constant"] = "cosine"
     bn_mode: Literal["adapt", "frozen"] = "adapt"
+    on_collapse: Literal["warn", "stop"] = "warn"
+    collapse_patience: int = 2
     progressive_topk: bool = False
     max_steps_per_epoch: int | None = None
     loader_workers: int = 0
@@ -133,11 +149,17 @@ class TrainConfig:
         for name in ("score_lr", "head_lr", "weight_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("head_weight_decay", "weight_decay", "momentum", "warmup_epochs", "loader_workers"):
+        for name in ("head_weight_decay", "weight_decay", "momentum", "warmup_epochs", "head_warmup_epochs",
+                     "head_only_steps", "loader_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        for name in ("warmup_epochs", "head_warmup_epochs"):
+            if getattr(self, name) > self.epochs:
+                raise ValueError(f"{name} ({getattr(self, name)}) exceeds epochs ({self.epochs})")
+        if self.on_collapse not in ("warn", "stop"):
+            raise ValueError(f"on_collapse {self.on_collapse!r} is not known; allowed: warn, stop")
+        if self.collapse_patience < 1:
+            raise ValueError(f"collapse_patience must be >= 1 epoch, got {self.collapse_patience}")
         if self.weight_warmup_epochs is not None and not 0 <= self.weight_warmup_epochs <= self.epochs:
             raise ValueError(f"weight_warmup_epochs must be in [0, epochs={self.epochs}] or null, "
                              f"got {self.weight_warmup_epochs}")
@@ -167,12 +189,16 @@ class TrainResult:
         steps: optimisation steps taken in total (including resumed ones).
         collapse: None, or the sentence of :func:`smn_core.swav.detect_collapse` for the last epoch.
         resumed_from_epoch: the epoch the run resumed at (0 for a fresh run).
+        collapse_epoch: first epoch (0-based) of the collapsed streak that made ``on_collapse`` act, or None.
+        stopped_early: True when ``on_collapse="stop"`` ended the run before ``epochs``.
     """
 
     history: list[dict[str, float]]
     steps: int
     collapse: str | None
     resumed_from_epoch: int
+    collapse_epoch: int | None = None
+    stopped_early: bool = False
 
 
 class CosineClassifier(nn.Module):
@@ -277,7 +303,16 @@ def build_adaptation_model(backbone: nn.Module, feature_dim: int, config: TrainC
                                classifier=classifier if config.objective == "supervised" else None)
 
 
-def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+def lr_factor(step: int, total: int, warmup: int, schedule: str, delay: int = 0) -> float:
+    """Learning-rate multiplier at optimisation ``step`` (0-based) of ``total`` steps.
+
+    0 for the first ``delay`` steps (a group held still: LP-FT's head-only start), then a linear warmup
+    over ``warmup`` steps to 1, then ``schedule``: ``"cosine"`` decays to 0 at ``total``, ``"constant"``
+    stays at 1. Source: paper Sec. 4.1 (linear warmup then cosine).
+    """
+    if step < delay:
+        return 0.0
+    step, total = step - delay, total - delay
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -392,7 +427,10 @@ def train(
     warmup_epochs = config.warmup_epochs
     if config.adaptation == "full" and config.weight_warmup_epochs is not None:
         warmup_epochs = config.weight_warmup_epochs
-    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    head_only = min(config.head_only_steps, total_steps - 1) if config.adaptation == "mask" else 0
+    # (warmup steps, delay) per parameter group: [head, backbone scores or weights]
+    schedules = [(int(round(config.head_warmup_epochs * steps_per_epoch)), 0),
+                 (int(round(warmup_epochs * steps_per_epoch)), head_only)]
     dtype = getattr(torch, config.dtype)
 
     model.to(device=device, dtype=dtype)
@@ -425,7 +463,9 @@ def train(
     queue_start_epoch = int(round(config.swav.queue_start_fraction * config.epochs))
     is_topk = config.adaptation == "mask" and config.mask.mode == "topk"
     t_start = time.perf_counter()
-    collapse = None
+    collapse, streak, collapse_epoch, stopped_early = None, 0, None, False
+    for h in history:  # a resumed run continues its collapsed streak
+        streak = streak + 1 if h.get("collapsed") else 0
     for epoch in range(start_epoch, config.epochs):
         t_epoch = time.perf_counter()
         if is_topk and config.progressive_topk:
@@ -437,13 +477,12 @@ def train(
         sampler.set_epoch(epoch)
         views.set_epoch(epoch)
         runner.train()
-        _set_bn_mode(runner, config.bn_mode)
+        _set_bn_mode(core.backbone, config.bn_mode)  # the backbone's BN only: a head's own BN always trains
         losses, n_correct, n_seen = [], 0, 0
         code_counts = None
         for batch_views, labels, _idx in itertools.islice(loader, steps_per_epoch):
-            factor = _lr_factor(step, total_steps, warmup_steps, config.schedule)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
+            for g, (warmup, delay) in zip(opt.param_groups, schedules):
+                g["lr"] = g["base_lr"] * lr_factor(step, total_steps, warmup, config.schedule, delay)
             if config.objective == "swav":
                 core.swav.head.normalize_prototypes()
             batch_views = [v.to(device, dtype=dtype, non_blocking=True) for v in batch_views]
@@ -474,6 +513,8 @@ def train(
             ent = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(p)))
             metrics["code_entropy"] = ent
             collapse = detect_collapse(metrics["loss"], config.swav.num_prototypes, ent)
+            metrics["collapsed"] = float(collapse is not None)
+            streak = streak + 1 if collapse else 0
         if n_seen:
             metrics["train_top1"] = n_correct / n_seen
         if config.adaptation == "mask":
@@ -484,14 +525,24 @@ def train(
         eta = elapsed / done * (config.epochs - epoch - 1)
         if progress is not None and rank == 0:
             extra = f" density {metrics['density']:.3f}" if "density" in metrics else ""
+            extra += " COLLAPSED" if metrics.get("collapsed") else ""
             progress(f"epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f}{extra} eta {eta:.0f}s")
+        if streak >= config.collapse_patience and collapse_epoch is None:
+            collapse_epoch = epoch + 1 - streak
+            if config.on_collapse == "stop":
+                stopped_early = epoch + 1 < config.epochs
+                if progress is not None and rank == 0 and stopped_early:
+                    progress(f"stopping early after epoch {epoch + 1}: SwAV collapsed for {streak} epochs ({collapse})")
         if on_epoch_end is not None:
             def state_fn(epoch=epoch) -> tuple[dict, dict]:
                 tensors = trainable_state(core)
                 tensors.update(_optimizer_state(opt))
                 return tensors, {"epoch": epoch, "step": step, "history": [dict(h) for h in history]}
             on_epoch_end(epoch, metrics, state_fn)
-    return TrainResult(history=history, steps=step, collapse=collapse, resumed_from_epoch=start_epoch)
+        if stopped_early:
+            break
+    return TrainResult(history=history, steps=step, collapse=collapse, resumed_from_epoch=start_epoch,
+                       collapse_epoch=collapse_epoch, stopped_early=stopped_early)
 
 
 class _single_view:

@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from smn_core.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropConfig,
     MultiCropTransform,
+    PILGaussianBlur,
     SeededViewDataset,
     collate_views,
     eval_transform,
-    gaussian_blur_kernel_size,
     supervised_train_transform,
 )
 from smn_core.data import ImageDataset
@@ -86,7 +87,7 @@ def test_supervised_train_transform_shapes_and_randomness():
 # ------------------------------------------------------------------------------------- multi-crop
 
 
-@pytest.mark.parametrize("image_size,local", [(32, 14), (224, 96)])
+@pytest.mark.parametrize("image_size,local", [(32, 16), (224, 96)])
 def test_multicrop_output_shapes(image_size, local):
     t = MultiCropTransform(image_size, MultiCropConfig())
     assert t.sizes == [image_size] * 2 + [local] * 6
@@ -101,10 +102,41 @@ def test_multicrop_config_sizes_and_custom_counts():
     cfg = MultiCropConfig(n_global=1, n_local=0)
     t = MultiCropTransform(64, cfg)
     assert t.sizes == [64] and len(t(_noise_image(80, 80))) == 1
-    assert MultiCropConfig().sizes(16) == (16, 8)  # local at least 8
+    assert MultiCropConfig().sizes(16) == (16, 16)  # the floor, never larger than the global crop
+    assert MultiCropConfig().sizes(32) == (32, 16)  # 96/224*32 = 13.7 -> floor 16
+    assert MultiCropConfig(local_size_floor=8).sizes(32) == (32, 14)
     assert MultiCropConfig().sizes(100) == (100, 42)  # 96/224*100 = 42.9 -> nearest even 42
     assert MultiCropConfig(global_size=48, local_size=20).sizes(224) == (48, 20)
-    assert [gaussian_blur_kernel_size(s) for s in (14, 32, 96, 224)] == [3, 3, 11, 23]
+
+
+def test_blur_sigma_scales_with_the_crop():
+    cfg = MultiCropConfig()
+    # SwAV's own crops keep SwAV's sigma range (0.1, 2.0) px
+    assert cfg.blur_sigma_for(224, local=False) == pytest.approx((0.1, 2.0))
+    assert cfg.blur_sigma_for(96, local=True) == pytest.approx((0.1, 2.0))
+    # a 32-px global crop and a 16-px local crop: the same fraction of the crop side
+    lo, hi = cfg.blur_sigma_for(32, local=False)
+    assert hi == pytest.approx(2.0 * 32 / 224) and hi / 32 == pytest.approx(2.0 / 224)
+    lo, hi = cfg.blur_sigma_for(16, local=True)
+    assert hi / 16 == pytest.approx(2.0 / 96) and hi / 16 < 0.03  # SwAV: at most 2 % of a local crop, not 14 %
+    # the transform's blur uses the scaled range
+    t = MultiCropTransform(32, MultiCropConfig(n_local=2))
+    blurs = [op for tr in t._transforms for op in tr.transforms if isinstance(op, v2.RandomApply)
+             and isinstance(op.transforms[0], PILGaussianBlur)]
+    sigmas = sorted({b.transforms[0].sigma for b in blurs})
+    assert sigmas == sorted({cfg.blur_sigma_for(32, local=False), cfg.blur_sigma_for(16, local=True)})
+    with pytest.raises(ValueError, match="blur_sigma"):
+        MultiCropConfig(blur_sigma=(2.0, 0.1))
+
+
+def test_colour_distortion_is_swavs_default():
+    t = MultiCropTransform(32, MultiCropConfig(n_local=0))
+    jitters = [op.transforms[0] for op in t._transforms[0].transforms
+               if isinstance(op, v2.RandomApply) and isinstance(op.transforms[0], v2.ColorJitter)]
+    assert len(jitters) == 1
+    j = jitters[0]  # get_color_distortion(s=1.0): ColorJitter(0.8, 0.8, 0.8, 0.2)
+    assert j.brightness == pytest.approx((0.2, 1.8)) and j.contrast == pytest.approx((0.2, 1.8))
+    assert j.saturation == pytest.approx((0.2, 1.8)) and j.hue == pytest.approx((-0.2, 0.2))
 
 
 def test_multicrop_grayscale_only_config_gives_grey_views():
@@ -215,7 +247,7 @@ def test_seeded_view_dataset_validation():
 def test_collate_views_shapes_for_multicrop_and_single_view():
     ds = SeededViewDataset(_toy_dataset(), MultiCropTransform(32))
     views, labels, indices = collate_views([ds[i] for i in (4, 1, 2)])
-    assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2 + [(3, 3, 14, 14)] * 6
+    assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 6
     assert labels.dtype == torch.long and labels.tolist() == [0, 1, 0]
     assert indices.dtype == torch.long and indices.tolist() == [4, 1, 2]
     assert torch.equal(views[2][1], ds[1][0][2])

@@ -1,0 +1,314 @@
+"""Tests for the small-scale recipe of self-masking (issue "Self-masking that works"):
+the top-k initial mask, separate warm-ups and the head-only start, early stop on SwAV collapse,
+the BatchNorm re-estimation control, both k-NN protocols and the view-strength check.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom
+from torch import nn
+
+from smn_core.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig, MultiCropTransform
+from smn_core.data import ImageDataset
+from smn_core.masking import MaskConfig, attach_masks, mask_modules, score_parameters
+from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, evaluate_model, reestimate_batchnorm, run_cell
+from smn_core.swav import SwAVConfig
+from smn_core.training import TrainConfig, build_adaptation_model, lr_factor, train
+from smn_core.view_strength import view_similarity
+
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def dataset() -> ImageDataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(64, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    return ImageDataset.from_arrays(images, np.arange(64) % 2, ["a", "b"], "random16")
+
+
+def tiny_backbone(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+
+
+def swav_config(**kw) -> TrainConfig:
+    base = dict(objective="swav", adaptation="mask", epochs=3, batch_size=16,
+                swav=SwAVConfig(num_prototypes=10, proj_dim=8, queue_length=0, freeze_prototypes_steps=0),
+                multicrop=MultiCropConfig(n_global=2, n_local=0))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def run(model, ds, cfg, **kw):
+    return train(model, ds, cfg, image_size=IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k starts from a random, unstructured mask (Ramanujan et al. 2020)
+
+
+def test_topk_initial_mask_has_no_dead_output_channel():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3)
+    attach_masks(conv, MaskConfig(mode="topk", topk_density=0.5))
+    mask = mask_modules(conv)["weight"].hard_mask()
+    per_channel = mask.flatten(1).float().sum(1)  # kept weights of each of the 32 output channels
+    n = mask[0].numel()  # 144 weights per output channel
+    lo, hi = binom.ppf(1e-4, n, 0.5), binom.ppf(1 - 1e-4, n, 0.5)  # binomial range at p = 1e-4 per channel
+    assert per_channel.min() > 0, "a whole output channel is dead at step 0"
+    assert ((per_channel >= lo) & (per_channel <= hi)).all(), per_channel.tolist()
+    assert int(mask.sum()) == round(0.5 * mask.numel())  # still exactly top-k
+
+
+def test_topk_initial_mask_is_seeded_by_the_cell_seed_and_differs_per_tensor():
+    def first_masks(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))
+        attach_masks(model, MaskConfig(mode="topk", topk_density=0.5))
+        return [m.hard_mask() for m in mask_modules(model).values()]
+    a, b, c = first_masks(1), first_masks(1), first_masks(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert not torch.equal(a[0], a[1])
+
+
+def test_threshold_masks_still_start_at_s0_everywhere():
+    conv = nn.Conv2d(4, 4, 3)
+    attach_masks(conv, MaskConfig())
+    assert torch.all(score_parameters(conv)["weight"] == 1.0)
+
+
+def test_topk_init_noise_must_be_positive():
+    with pytest.raises(ValueError, match="topk_init_noise"):
+        MaskConfig(mode="topk", topk_density=0.5, topk_init_noise=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# separate warm-ups for scores and head; LP-FT head-only start
+
+
+def test_lr_factor_delay_then_warmup_then_cosine():
+    assert [lr_factor(s, 10, 0, "cosine", delay=3) for s in range(3)] == [0.0, 0.0, 0.0]
+    assert lr_factor(3, 10, 2, "cosine", delay=3) == pytest.approx(0.5)
+    assert lr_factor(4, 10, 2, "cosine", delay=3) == pytest.approx(1.0)
+    assert lr_factor(9, 10, 0, "constant", delay=3) == 1.0
+
+
+def attach_and_return(model):
+    attach_masks(model, MaskConfig())
+    return model
+
+
+def test_scores_and_head_get_their_own_warmups(dataset, monkeypatch):
+    cfg = swav_config(epochs=2, warmup_epochs=2, head_warmup_epochs=0, schedule="constant")
+    model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def recording_step(self, *a, **kw):
+        seen.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    run(model, dataset, cfg)
+    head_lrs, score_lrs = [s[0] for s in seen], [s[1] for s in seen]
+    assert head_lrs == [cfg.head_lr] * len(seen)  # no head warm-up: the paper warms up the mask lr only
+    assert score_lrs[0] == pytest.approx(cfg.score_lr / len(seen)) and score_lrs[-1] == pytest.approx(cfg.score_lr)
+    assert all(a < b for a, b in zip(score_lrs, score_lrs[1:]))
+
+
+def test_head_only_steps_keep_the_scores_still_then_train_them(dataset):
+    cfg = swav_config(epochs=2, head_only_steps=4)  # 4 steps per epoch: epoch 1 is head-only
+    model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
+    head_before = [p.detach().clone() for p in model.head_parameters()]
+    snapshots = []
+    run(model, dataset, cfg, on_epoch_end=lambda e, m, s: snapshots.append(
+        {k: v.clone() for k, v in score_parameters(model.backbone).items()}))
+    assert all(torch.all(v == 1.0) for v in snapshots[0].values()), "scores moved during the head-only steps"
+    assert any(not torch.all(v == 1.0) for v in snapshots[1].values()), "scores never trained after them"
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head_parameters()))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"head_warmup_epochs": 5}, "head_warmup_epochs"),
+                                          ({"head_only_steps": -1}, "head_only_steps"),
+                                          ({"on_collapse": "abort"}, "on_collapse"),
+                                          ({"collapse_patience": 0}, "collapse_patience")])
+def test_new_train_config_fields_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        swav_config(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# collapse is checked after every epoch; on_collapse: stop ends a dead run early
+
+
+def collapsing_config(**kw) -> TrainConfig:
+    # a softmax temperature of 1000 makes every prediction uniform: the loss sits at ln K from the first
+    # step, which is exactly what SwAV's collapse looks like (NOTES.md)
+    return swav_config(epochs=5, swav=SwAVConfig(num_prototypes=10, proj_dim=8, queue_length=0,
+                                                 freeze_prototypes_steps=0, temperature=1000.0), **kw)
+
+
+def test_on_collapse_stop_ends_training_early_and_says_when(dataset):
+    cfg = collapsing_config(on_collapse="stop", collapse_patience=2)
+    model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
+    result = run(model, dataset, cfg)
+    flags = [h["collapsed"] for h in result.history]
+    assert result.stopped_early and len(result.history) < cfg.epochs
+    assert flags == [1.0, 1.0] and result.collapse_epoch == 0  # stopped after 2 collapsed epochs of 5
+    assert abs(result.history[-1]["loss"] - math.log(10)) < 0.02 * math.log(10)
+
+
+def test_on_collapse_warn_runs_every_epoch_and_records_it(dataset):
+    cfg = collapsing_config(on_collapse="warn")
+    model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
+    result = run(model, dataset, cfg)
+    assert len(result.history) == cfg.epochs and not result.stopped_early
+    assert result.collapse_epoch is not None and result.collapse is not None
+    assert all("collapsed" in h for h in result.history)
+
+
+def test_a_healthy_run_is_not_flagged(dataset):
+    cfg = swav_config(epochs=2, on_collapse="stop")
+    model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
+    result = run(model, dataset, cfg)
+    assert len(result.history) == 2 and not result.stopped_early and result.collapse_epoch is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the BatchNorm control and both k-NN protocols (real digits, real CIFAR ResNet-8 architecture)
+
+
+def digits_cell(method: str, **eval_kw) -> CellConfig:
+    return CellConfig(method=method, backbone=BackboneSpec("cifar_resnet8", "random"),
+                      dataset=DataSpec("digits", classes=[5, 6, 7, 8, 9], image_size=32),
+                      eval=EvalSpec(**eval_kw), seed=0)
+
+
+def test_pretrained_bn_re_estimates_bn_statistics_only():
+    model = tiny_backbone()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rng = np.random.default_rng(1)
+    images = (rng.random((40, IMAGE_SIZE, IMAGE_SIZE, 3)) * 80 + 150).astype(np.uint8)  # a bright domain
+    ds = ImageDataset.from_arrays(images, np.arange(40) % 2, ["a", "b"], "bright")
+    assert reestimate_batchnorm(model, ds, image_size=IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD) == 1
+    bn = model[1]
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    # the running mean is now the mean of the conv outputs over the target images
+    from smn_core.augment import eval_transform
+    x = torch.stack([eval_transform(IMAGE_SIZE)(ds[i][0]) for i in range(len(ds))])
+    with torch.no_grad():
+        expected = model[0](x).mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, expected, atol=1e-4)
+    assert bn.num_batches_tracked.item() >= 1
+
+
+def test_pretrained_bn_cell_differs_from_pretrained_and_records_both_knn_protocols():
+    frozen = run_cell(digits_cell("pretrained"))
+    control = run_cell(digits_cell("pretrained_bn"))
+    for m in (frozen.metrics, control.metrics):
+        assert {"knn_top1", "knn_dino_top1", "knn_min_class_bank"} <= set(m)
+        assert 0.0 <= m["knn_dino_top1"] <= 1.0
+    assert control.metrics["bn_layers"] == 7.0  # ResNet-8: stem + 3 blocks x 2
+    assert control.metrics["knn_dino_top1"] != frozen.metrics["knn_dino_top1"]
+
+
+def test_knn_protocols_follow_the_spec_and_warn_when_k_exceeds_a_class_bank():
+    from smn_core.pipeline import load_cell_data, prepare_backbone
+    cell = digits_cell("pretrained", knn_k=200, knn_dino_k=1, knn_dino_temperature=0.07)
+    backbone = prepare_backbone(cell.backbone)
+    train_ds, test_ds = load_cell_data(cell.dataset)
+    with pytest.warns(UserWarning, match="knn_k = 200 exceeds the smallest class"):
+        out = evaluate_model(backbone.model, train_ds, test_ds, cell.eval, image_size=32, mean=backbone.mean,
+                             std=backbone.std)
+    counts = np.bincount(np.asarray(train_ds.targets))
+    assert out["knn_min_class_bank"] == counts[counts > 0].min() < 200
+    # k = 1 is plain nearest-neighbour accuracy, computed here independently
+    from smn_core.augment import SeededViewDataset, eval_transform
+    from smn_core.evaluation import compute_embeddings
+    tf = eval_transform(32, backbone.mean, backbone.std)
+    xtr, ytr = compute_embeddings(backbone.model, SeededViewDataset(train_ds, tf))
+    xte, yte = compute_embeddings(backbone.model, SeededViewDataset(test_ds, tf))
+    sims = torch.nn.functional.normalize(xte, dim=1) @ torch.nn.functional.normalize(xtr, dim=1).t()
+    assert out["knn_dino_top1"] == pytest.approx(float((ytr[sims.argmax(1)] == yte).double().mean()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_model(backbone.model, train_ds, test_ds, EvalSpec(knn_k=20), image_size=32, mean=backbone.mean,
+                       std=backbone.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# the view-strength check
+
+
+def test_view_similarity_separates_weak_from_strong_views():
+    torch.manual_seed(0)
+    from smn_core.data import load_dataset
+    ds = load_dataset("digits", "train", classes=[5, 6, 7, 8, 9], image_size=32)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+    weak = MultiCropTransform(32, MultiCropConfig(n_local=0, global_scale=(0.9, 1.0), color_jitter_strength=0.0,
+                                                  grayscale_p=0.0, blur_p=0.0, flip_p=0.0))
+    strong = MultiCropTransform(32, MultiCropConfig(n_local=2, global_scale=(0.05, 0.1), local_scale=(0.02, 0.05)))
+    w = view_similarity(model, ds, weak, num_images=64)
+    s = view_similarity(model, ds, strong, num_images=64)
+    assert w.gap > s.gap and w.same > s.same
+    assert s.warning is not None and "too strong" in s.warning
+    assert -1.0 <= s.other <= w.same <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the head can start from the frozen features (PCA whitening + k-means prototypes)
+
+
+def test_pca_kmeans_head_init_whitens_the_features_and_puts_prototypes_on_the_clusters():
+    from smn_core.swav import SwAVConfig, SwAVHead, init_head_from_features
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 6)) * 5.0 + 3.0  # 4 well separated clusters, far from the origin
+    labels = np.repeat(np.arange(4), 50)
+    feats = torch.tensor(centres[labels] + rng.normal(size=(200, 6)) * 0.3, dtype=torch.float32)
+    head = SwAVHead(6, SwAVConfig(num_prototypes=4, proj_dim=10, head_init="pca_kmeans"))
+    init_head_from_features(head, feats, seed=0)
+    with torch.no_grad():
+        raw = head.projection(feats)
+    assert torch.allclose(raw[:, :6].mean(0), torch.zeros(6), atol=1e-4)  # centred
+    assert torch.allclose(raw[:, :6].var(0, unbiased=True), torch.ones(6), atol=1e-2)  # whitened
+    assert torch.all(raw[:, 6:] == 0)  # outputs beyond min(N - 1, F) = 6 components start at zero
+    z, scores = head(feats)
+    assigned = scores.argmax(1).numpy()
+    # every cluster's points go to one prototype, and different clusters to different ones
+    per_cluster = [np.unique(assigned[labels == c]) for c in range(4)]
+    assert all(len(p) == 1 for p in per_cluster) and len({int(p[0]) for p in per_cluster}) == 4
+    assert torch.allclose(head.prototypes.weight.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_pca_kmeans_head_init_with_input_norm_standardises_first():
+    from smn_core.swav import SwAVConfig, SwAVHead, init_head_from_features
+    rng = np.random.default_rng(1)
+    feats = torch.tensor(rng.normal(size=(100, 5)) * np.array([100.0, 1, 1, 1, 0.1]) + 7.0, dtype=torch.float32)
+    head = SwAVHead(5, SwAVConfig(num_prototypes=3, proj_dim=5, head_init="pca_kmeans", input_norm=True))
+    init_head_from_features(head, feats, seed=0)
+    assert torch.allclose(head.input_norm.running_mean, feats.mean(0), rtol=1e-4)
+    head.train()
+    with torch.no_grad():
+        raw = head.projection(head.input_norm(feats))
+    assert torch.allclose(raw.mean(0), torch.zeros(5), atol=1e-3)
+    assert torch.allclose(raw.var(0, unbiased=True), torch.ones(5), atol=5e-2)
+    # a constant shift of every feature (what a shrinking mask does) changes nothing after the norm
+    z1, _ = head(feats)
+    z2, _ = head(feats * 0.5 + 3.0)
+    assert torch.allclose(z1, z2, atol=1e-3)
+
+
+def test_pca_kmeans_head_init_is_refused_for_an_mlp_head():
+    from smn_core.swav import SwAVConfig
+    with pytest.raises(ValueError, match="head_init 'pca_kmeans'.*hidden_dim"):
+        SwAVConfig(hidden_dim=64, head_init="pca_kmeans")
+    with pytest.raises(ValueError, match="head_init 'pretrained' is not known"):
+        SwAVConfig(head_init="pretrained")
