@@ -22,11 +22,14 @@ import numbers
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+
+if TYPE_CHECKING:  # torchvision is imported where the transforms are built (its import takes seconds)
+    from torchvision.transforms import v2
 
 __all__ = [
     "IMAGENET_MEAN",
