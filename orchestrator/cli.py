@@ -1,7 +1,9 @@
 """The ``smn`` command line: run experiments on Ray and rebuild tables from the ledger.
 
     smn run SPEC.yaml [--results DIR] [--address ADDR] [--dry-run] [key=value ...]
-    smn table DIR [--experiment NAME] [--layout NAME] [--format markdown|latex|csv] [--metrics a,b]
+    smn table DIR [--experiment NAME] [--layout NAME] [--format markdown|latex|csv|json|parquet] [--out FILE]
+    smn report DIR [--experiment NAME] [--out DIR]     # report.md + report.html with every table and figure
+    smn ls DIR [--json]                                # experiments, cells done / failed / collapsed
     smn plot DIR --figure NAME [--experiment NAME] [--out FILE.png]
     smn validate SPEC.yaml [key=value ...]
 
@@ -19,7 +21,7 @@ import time
 
 __all__ = ["main", "build_parser", "CLI_PLUGINS"]
 
-CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli")
+CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli", "orchestrator.report_cli")
 
 _EPILOG = """\
 examples:
@@ -27,6 +29,7 @@ examples:
   smn run experiments/demo.yaml train.epochs=2      # override any spec key
   smn run experiments/demo.yaml --results /nfs/smn  # ledger on shared storage (or s3://bucket/prefix)
   smn table results                                 # rebuild the tables from the ledger only
+  smn report results                                # one page (HTML + Markdown) with every table and figure
 """
 
 
@@ -52,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
     run.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
                      help="format of the table printed at the end")
+    # --- output and tracking options (orchestrator.report_cli): --json, --quiet, --track ---
+    from . import report_cli
+
+    report_cli.add_run_options(run)
+    # --- end output and tracking options ---
 
     val = sub.add_parser("validate", help="validate a spec and list its cells (writes nothing)",
                          description="Validate SPEC (with overrides) and list its cells with their ids.")
@@ -62,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Aggregate the Parquet ledger under DIR into a table (mean ± std over seeds).")
     tab.add_argument("results", metavar="DIR", help="results folder or URI")
     tab.add_argument("--experiment", default=None, help="only this experiment (default: all)")
-    tab.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"))
+    tab.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv", "json", "parquet"),
+                     help="markdown / latex (display strings), csv / json (numbers), parquet (a file: --out)")
+    tab.add_argument("--out", default=None, help="write the table to this file instead of printing it")
     tab.add_argument("--metrics", default=None,
                      help="comma-separated metrics (default: knn_top1,linear_probe_top1,density,code_entropy,collapsed,wall_s)")
     tab.add_argument("--layout", default=None,
@@ -87,20 +97,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _table(results: str, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None) -> str:
+def _table_frame(results: str, experiment: str | None, fmt: str, metrics: str | None, layout: str | None):
+    """``(frame, title)`` of a table: a registered layout's display strings, or the generic table (numbers
+    for csv / json / parquet, display strings otherwise)."""
     from . import ledger, reports, tables
 
-    if layout == "list":
-        return "\n".join(f"{t.name:12s} {t.description}" for t in reports.tables().values())
+    df = ledger.read_ledger(results, experiment)
     if layout is not None:
         known = reports.tables()
         if layout not in known:
             raise ValueError(f"table layout {layout!r} is not known; allowed: {', '.join(known)} (or 'list')")
-        df = ledger.read_ledger(results, experiment)
-        return reports.render_frame(known[layout].build(df), fmt, title=known[layout].description)
-    df = ledger.read_ledger(results, experiment)
+        return known[layout].build(df), known[layout].description
     chosen = tuple(metrics.split(",")) if metrics else tables.DEFAULT_METRICS
-    return tables.render(tables.results_table(df, chosen), fmt)
+    table = tables.results_table(df, chosen)
+    return (table if fmt in ("csv", "json", "parquet") or table.empty else tables.display_table(table)), None
+
+
+def _table(results: str, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
+           out: str | None = None) -> str:
+    from . import reports
+
+    if layout == "list":
+        return "\n".join(f"{t.name:12s} {t.description}" for t in reports.tables().values())
+    frame, title = _table_frame(results, experiment, fmt, metrics, layout)
+    if out is not None or fmt == "parquet":
+        from .report_cli import write_table
+
+        return write_table(frame, fmt, out)
+    if frame is None or frame.empty:
+        return "(no results in the ledger yet)"
+    return reports.render_frame(frame, fmt, title=title)
 
 
 def _plot(results: str, figure: str, experiment: str | None, out: str | None) -> str:
@@ -156,32 +182,43 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if spec.cascade is not None and args.command == "run":
             # a spec with a `cascade:` section is the cascade's (paper Sec. 3.4): same as `smn cascade SPEC`
-            from . import cascade_cli
+            from . import cascade_cli, report_cli
 
-            return cascade_cli.main(args)
+            if args.dry_run:
+                return cascade_cli.main(args)
+            with report_cli.quiet_output(args, None, spec.name):  # --json / --quiet / bars, as for cells
+                code = cascade_cli.main(args)
+            report_cli.finish_cascade(args, spec, code)  # trackers; the JSON summary or the --quiet table
+            return code
         cells = expand_cells(spec)
         if args.command == "validate" or args.dry_run:
             print(f"spec {spec.name}: valid, {len(cells)} cells")
             for c in cells:
                 print(f"  {c.cell_id}  {c.label}")
+            # --- dry-run cost estimate (orchestrator.estimate) ---
+            if args.command == "run":
+                from .estimate import estimate_text
+
+                print(estimate_text(spec, cells))
+            # --- end dry-run cost estimate ---
             return 0
         from .layout import ExperimentLayout
+        from . import report_cli
         from .runner import run_experiment
 
         t0 = time.time()
         try:
             layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
-            summary = run_experiment(spec, layout, address=args.address, cells=cells)
+            # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.progress)
+            with report_cli.quiet_output(args, len(cells), spec.name):
+                summary = run_experiment(spec, layout, address=args.address, cells=cells)
         except (ValueError, RuntimeError) as exc:
             print(f"smn: {exc}", file=sys.stderr)
             return 2
-        print()
-        print(_table(args.results, spec.name, args.format, None))
+        table_text = _table(args.results, spec.name, args.format, None)
         if "pretrained" in spec.methods and len(spec.methods) > 1:  # the method against its own baseline
-            print()
-            print(_table(args.results, spec.name, args.format, None, "vs_frozen"))
-        print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
-              f"{len(summary['failed'])} failed; {time.time() - t0:.0f}s")
+            table_text += "\n\n" + _table(args.results, spec.name, args.format, None, "vs_frozen")
+        report_cli.finish_run(args, spec, summary, t0, table_text)
         for cid, err in summary["failed"].items():
             print(f"  failed {cid}: {err}", file=sys.stderr)
         return 1 if summary["failed"] else 0
@@ -189,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plot":
             print(_plot(args.results, args.figure, args.experiment, args.out))
         else:
-            print(_table(args.results, args.experiment, args.format, args.metrics, args.layout))
+            print(_table(args.results, args.experiment, args.format, args.metrics, args.layout, args.out))
     except ValueError as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ import ray
 from smn_core.checkpoint import delete_checkpoint, has_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 
 from . import ledger
+from .curves import write_curves
 from .layout import ExperimentLayout
 
 __all__ = ["CellJob", "device", "log", "local_checkpointing", "ddp_checkpointing", "finish_cell", "run_local",
@@ -148,7 +149,8 @@ def ddp_checkpointing(label: str) -> tuple[tuple[dict, dict] | None, Callable]:
 
 
 def finish_cell(job: CellJob, outcome, started: float) -> dict[str, float]:
-    """Land a trained cell: its masks and final state, then its ledger file, then drop its epoch checkpoints.
+    """Land a trained cell: its masks, final state and per-epoch curves, then its ledger file, then drop its
+    epoch checkpoints.
 
     Args:
         outcome: the :class:`smn_core.pipeline.CellOutcome` of ``run_cell``.
@@ -164,6 +166,7 @@ def finish_cell(job: CellJob, outcome, started: float) -> dict[str, float]:
         save_checkpoint(lay.state(job.cell_id), outcome.state, {"cell_id": job.cell_id, "config": cfg.to_dict()})
     metrics = dict(outcome.metrics)
     metrics["wall_s"] = time.time() - started
+    write_curves(lay.results, lay.experiment, job.cell_id, outcome.history)  # per-epoch loss / density / entropy
     ledger.write_cell(lay.results, lay.experiment, cell_id=job.cell_id, method=job.method or cfg.method,
                       backbone=cfg.backbone.arch, dataset=cfg.dataset.source, seed=cfg.seed, grid=job.grid,
                       config=cfg.to_dict(), metrics=metrics, started_at=started, finished_at=time.time())

@@ -2,7 +2,7 @@
 
 A *table layout* turns long ledger rows (:func:`orchestrator.ledger.read_ledger`) into a
 ``pandas.DataFrame`` of display strings (index = row labels, columns = column labels), which
-:func:`render_frame` writes as Markdown, LaTeX or CSV. A *figure* draws ledger rows into a PNG
+:func:`render_frame` writes as Markdown, LaTeX, CSV or JSON (pandas' own writers). A *figure* draws ledger rows into a PNG
 with matplotlib. Each paper area registers its own in a module of its own (``paper_*.py``,
 listed in :data:`REPORT_MODULES`); ``smn table --layout NAME`` and ``smn plot --figure NAME`` find
 them here.
@@ -24,9 +24,10 @@ from typing import Callable
 import pandas as pd
 
 __all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
-           "render_frame", "mean_std", "grid_values", "metric_frame", "save_figure", "REPORT_MODULES"]
+           "render_frame", "write_frame", "flat_frame", "FORMATS", "mean_std", "grid_values", "metric_frame", "save_figure", "REPORT_MODULES"]
 
 REPORT_MODULES = (
+    "orchestrator.tables",
     "orchestrator.paper_ablations",
     "orchestrator.paper_cascade",
     "orchestrator.paper_baselines",
@@ -140,32 +141,74 @@ def save_figure(fig, out: str) -> None:
     plt.close(fig)
 
 
+FORMATS = ("markdown", "latex", "csv", "json")
+"""Text formats of :func:`render_frame` (``smn table --format parquet`` writes a file through :func:`write_frame`)."""
+
+
+def flat_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its named index levels as ordinary columns and flattened (``a_b``) column labels."""
+    if any(n is not None for n in frame.index.names):
+        frame = frame.reset_index()
+    if isinstance(frame.columns, pd.MultiIndex):
+        frame = frame.copy()
+        frame.columns = ["_".join(str(p) for p in c if str(p)) for c in frame.columns]
+    else:
+        frame = frame.rename(columns=str)
+    return frame
+
+
 def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None = None) -> str:
-    """Render a DataFrame of display strings as Markdown, LaTeX (booktabs) or CSV.
+    """Render a table with pandas: Markdown (``DataFrame.to_markdown``), LaTeX (``Styler.to_latex``,
+    booktabs rules), CSV (``to_csv``) or JSON (one object per row, ``to_dict(orient="records")``).
+
+    Markdown and LaTeX show a missing value as ``-``; CSV and JSON keep it empty / null.
 
     Raises:
         ValueError: on an unknown format (lists the allowed ones).
     """
-    allowed = ("markdown", "latex", "csv")
-    if fmt not in allowed:
-        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(allowed)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
     if frame is None or frame.empty:
         return "(no results in the ledger for this table yet)"
-    frame = frame.reset_index() if any(n is not None for n in frame.index.names) else frame
-    header = [str(c) for c in frame.columns]
-    rows = [[("-" if (v is None or (isinstance(v, float) and pd.isna(v))) else str(v)) for v in r]
-            for r in frame.itertuples(index=False)]
+    flat = flat_frame(frame)
     if fmt == "csv":
-        return frame.to_csv(index=False)
+        return flat.to_csv(index=False).rstrip("\n")
+    if fmt == "json":
+        records = flat.astype(object).where(flat.notna(), None).to_dict(orient="records")
+        return json.dumps(records, indent=1, ensure_ascii=False, default=str)
+    shown = flat.astype(object).where(flat.notna(), "-")
     if fmt == "latex":
-        esc = lambda s: str(s).replace("_", r"\_").replace("±", r"$\pm$").replace("%", r"\%")  # noqa: E731
-        lines = ([r"% " + title] if title else []) + [
-            r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
-            " & ".join(map(esc, header)) + r" \\", r"\midrule"]
-        lines += [" & ".join(map(esc, r)) + r" \\" for r in rows]
-        lines += [r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(lines)
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
-    out = ([f"**{title}**", ""] if title else []) + [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    return "\n".join(out + [line(r) for r in rows])
+        styler = shown.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+        body = styler.to_latex(hrules=True, column_format="l" + "r" * (shown.shape[1] - 1))
+        for char, tex in (("±", r"$\pm$"), ("∞", r"$\infty$"), ("β", r"$\beta$"), ("≈", r"$\approx$")):
+            body = body.replace(char, tex)
+        return (f"% {title}\n" if title else "") + body.rstrip("\n")
+    # display strings stay as they are ("0.900" is not re-read as 0.9); numbers right-aligned as strings
+    align = ["right" if shown[c].map(_numeric_text).all() and (shown[c] != "-").any() else "left"
+             for c in shown.columns]
+    return (f"**{title}**\n\n" if title else "") + shown.to_markdown(index=False, disable_numparse=True,
+                                                                       colalign=align)
+
+
+def _numeric_text(v) -> bool:
+    text = str(v).split(" ± ")[0].rstrip("%")
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text == "-"
+
+
+def write_frame(frame: pd.DataFrame, path: str, fmt: str = "parquet") -> str:
+    """Write a table to ``path``: ``parquet`` (``DataFrame.to_parquet``) or any :data:`FORMATS` as text;
+    returns ``path``.
+
+    Raises:
+        ValueError: on an unknown format.
+    """
+    if fmt == "parquet":
+        flat_frame(frame).to_parquet(path, index=False)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(render_frame(frame, fmt) + "\n")
+    return path

@@ -120,6 +120,16 @@ class ExperimentSpec(BaseModel):
     search: SearchSpec | None = None
     cascade: dict[str, Any] | None = Field(
         None, description="cascade section (router, experts, combination); validated by orchestrator.cascade")
+    tracking: dict[str, Any] | None = Field(
+        None, description="experiment trackers, e.g. {mlflow: {uri: mlruns}} or {wandb: {project: p, mode: offline}}; "
+        "validated by orchestrator.tracking")
+
+    @field_validator("tracking")
+    @classmethod
+    def _tracking(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        from .tracking import parse_tracking
+
+        return parse_tracking(v).model_dump(exclude_none=True) if v is not None else None
 
     @model_validator(mode="after")
     def _search_alone(self) -> "ExperimentSpec":

@@ -1,4 +1,5 @@
-"""Results tables, rebuilt from the ledger alone (Markdown, LaTeX or CSV).
+"""The generic results table, rebuilt from the ledger alone: one layout (``results``) of the report
+registry (:mod:`orchestrator.reports`), rendered by pandas (Markdown, LaTeX, CSV, JSON, Parquet).
 
 One row per (experiment, method, backbone, dataset, grid values); one column per metric. With
 several seeds a cell shows ``mean +- std`` (sample std, ddof=1) and the number of seeds.
@@ -16,11 +17,12 @@ import json
 
 import pandas as pd
 
-__all__ = ["DEFAULT_METRICS", "results_table", "render"]
+from .reports import FORMATS, mean_std, register_table, render_frame
+
+__all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render"]
 
 DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
                    "code_entropy", "collapsed", "wall_s")
-FORMATS = ("markdown", "latex", "csv")
 
 
 def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) -> pd.DataFrame:
@@ -65,20 +67,38 @@ def _storage_rows(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)[df.columns]
 
 
-def _fmt(mean: float, std: float, n: float, metric: str) -> str:
-    if pd.isna(mean):
-        return "-"
-    if mean == float("inf"):
+def _cell_text(mean: float, std: float, n: float, metric: str) -> str:
+    if not pd.isna(mean) and mean == float("inf"):
         return "∞ (no storage)"
-    digits = 1 if metric in ("wall_s", "x_smaller_than_fft") else 3
-    s = f"{mean:.{digits}f}"
-    if n and n > 1 and not pd.isna(std):
-        s += f" ± {std:.{digits}f}"
-    return s
+    return mean_std(mean, std, n, digits=1 if metric in ("wall_s", "x_smaller_than_fft") else 3)
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`results_table` as display strings: one column per metric (``mean ± std``), a ``seeds`` column."""
+    if table.empty:
+        return pd.DataFrame()
+    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    out = pd.DataFrame(index=table.index)
+    out["seeds"] = table[[(m, "n") for m in metrics]].max(axis=1).astype(int).astype(str)
+    for m in metrics:
+        out[m] = [_cell_text(mean, std, n, m) for mean, std, n in
+                  zip(table[(m, "mean")], table[(m, "std")], table[(m, "n")])]
+    out = out.reset_index()
+    out["grid"] = out["grid"].replace("", "-")
+    return out
+
+
+@register_table("results", "All results: one row per experiment, method, backbone, dataset and grid values "
+                "(mean ± std over seeds)")
+def results_layout(df: pd.DataFrame) -> pd.DataFrame:
+    """The generic table as a report layout (:func:`display_table` of :func:`results_table`)."""
+    return display_table(results_table(df))
 
 
 def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
-    """Render :func:`results_table` output as Markdown, LaTeX or CSV.
+    """Render :func:`results_table` output: Markdown or LaTeX as display strings (:func:`display_table`),
+    CSV or JSON with the numbers (columns ``<metric>_mean|std|n``), all through
+    :func:`orchestrator.reports.render_frame`.
 
     Raises:
         ValueError: on an unknown format (lists the allowed ones).
@@ -87,25 +107,4 @@ def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
         raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
     if table.empty:
         return "(no results in the ledger yet)"
-    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
-    seeds = table[[(m, "n") for m in metrics]].max(axis=1)
-    rows = []
-    for idx, row in table.iterrows():
-        exp, method, backbone, dataset, grid = idx
-        cells = [_fmt(row[(m, "mean")], row[(m, "std")], row[(m, "n")], m) for m in metrics]
-        rows.append([exp, method, backbone, dataset, grid or "-", str(int(seeds[idx]))] + cells)
-    header = ["experiment", "method", "backbone", "dataset", "grid", "seeds"] + metrics
-    if fmt == "csv":
-        flat = table.copy()
-        flat.columns = [f"{m}_{s}" for m, s in flat.columns]
-        return flat.reset_index().to_csv(index=False)
-    if fmt == "latex":
-        esc = lambda s: str(s).replace("_", r"\_").replace("±", r"$\pm$")  # noqa: E731
-        lines = [r"\begin{tabular}{" + "l" * 6 + "r" * len(metrics) + "}", r"\toprule",
-                 " & ".join(map(esc, header)) + r" \\", r"\midrule"]
-        lines += [" & ".join(map(esc, r)) + r" \\" for r in rows]
-        lines += [r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return render_frame(table if fmt in ("csv", "json") else display_table(table), fmt)

@@ -12,4 +12,11 @@ fi
 UV="$("$PY" -c 'import shutil,sys,os; p=shutil.which("uv"); print(p or os.path.join(os.path.dirname(sys.executable),"uv"))')"
 [ -x .venv/bin/python ] || "$UV" venv --quiet --python "$PY" .venv
 "$UV" pip install --quiet --python .venv/bin/python -e ".[test]"
+# Chromium for the report's headless-browser test (tests/test_report.py skips without it): installed from
+# Debian's packages when this runs as root on a machine with apt-get; never fatal, quick when present.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+   && [ -z "${SMN_SKIP_CHROMIUM:-}" ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+    >/dev/null 2>&1 || echo "note: chromium not installed (apt-get failed); the browser test will skip"
+fi
 echo "smn is set up in .venv ($(.venv/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"

@@ -38,9 +38,11 @@ def test_bad_spec_exits_2_and_writes_nothing(tmp_path, capsys):
 
 def test_dry_run_lists_cells(capsys, tmp_path):
     assert main(["run", str(REPO / "experiments" / "demo.yaml"), "--dry-run", "--results", str(tmp_path),
-                 "seeds=[0,1]"]) == 0
+                 "seeds=[0,1]", "methods=[pretrained,smn]"]) == 0
     out = capsys.readouterr().out
-    assert "4 cells" in out and out.count("smn seed=") == 2
+    listing, estimate = out.split("cost estimate")
+    assert "4 cells" in listing and listing.count("smn seed=") == 2
+    assert estimate.count("smn seed=") == 2 and "CPU-hours" in estimate
     assert not any(tmp_path.iterdir())
 
 

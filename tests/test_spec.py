@@ -9,12 +9,13 @@ from orchestrator.spec import SpecError, cell_id_of, expand_cells, load_spec, pa
 from .conftest import REPO
 
 
-def test_demo_spec_is_valid_and_has_two_cells():
+def test_demo_spec_is_valid_and_has_its_three_methods_on_three_seeds():
     spec = load_spec(REPO / "experiments" / "demo.yaml")
     cells = expand_cells(spec)
-    assert [c.config.method for c in cells] == ["pretrained", "smn"]
+    assert [c.config.method for c in cells] == ["pretrained"] * 3 + ["pretrained_bn"] * 3 + ["smn"] * 3
+    assert [c.config.seed for c in cells] == [0, 1, 2] * 3
     assert spec.backbone.weights == "pipeline" and spec.pretrain is not None
-    assert len({c.cell_id for c in cells}) == 2
+    assert len({c.cell_id for c in cells}) == 9
 
 
 @pytest.mark.parametrize("override, fragment", [

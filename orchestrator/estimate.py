@@ -1,0 +1,172 @@
+"""``smn run --dry-run`` cost estimate: cells, resources each, time per cell, total CPU- or GPU-hours.
+
+time per cell = training steps x seconds per step (evaluation and Ray start-up are not counted), where
+
+* steps = epochs x ceil(train images / batch size) (``train.max_steps_per_epoch`` caps it); train images =
+  ``dataset.max_train_samples``, else the source's train split (:data:`TRAIN_IMAGES`, the share of the
+  selected classes for ``digits``), else 50,000 (stated);
+* seconds per step come from the ``train_step`` benchmark (``benchmarks/run_all.py``) when one was run for
+  that backbone on that device: the file ``$SMN_BENCHMARKS`` or ``benchmarks/results/benchmarks.parquet``.
+  Its time per masked step (batch ``B``, ``S`` px) is scaled to the cell's batch and pixels per image
+  (SwAV multi-crop: every global and local view); else :data:`DEFAULT_S_PER_MPX` seconds per megapixel of
+  input, times :data:`ARCH_COST` of the backbone (stated in the output as a default, not a measurement).
+* a ``weights: pipeline`` backbone adds its pretraining once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["CellEstimate", "estimate_cells", "estimate_text", "benchmark_step_times", "TRAIN_IMAGES",
+           "DEFAULT_S_PER_MPX", "ARCH_COST"]
+
+TRAIN_IMAGES = {"digits": 1797 * 0.7, "cifar10": 50_000, "cifar100": 50_000, "food101": 75_750, "eurosat": 18_900,
+                "sun397": 76_128, "tinyimagenet": 100_000, "imagenet": 1_281_167}
+"""Train-split images per dataset source (digits: 1,797 images, 70 % train)."""
+
+DEFAULT_S_PER_MPX = {"cpu": 4.0, "gpu": 0.01}
+"""Default seconds per training step per megapixel of input (batch x pixels per image), for a backbone of
+cost 1 (ResNet-18: about 110 GFLOPs forward + backward per megapixel), when no ``train_step`` benchmark is
+there for the backbone and device: about 30 GFLOP/s on one CPU core, about 10 TFLOP/s effective on a GPU."""
+
+ARCH_COST = {"cifar_resnet8": 0.35, "cifar_resnet20": 1.1, "cifar_resnet56": 3.2, "resnet18": 1.0, "resnet34": 2.0,
+             "resnet50": 2.3, "vit_b_32": 2.4, "vit_b_16": 9.6, "clip_vit_b32": 2.4}
+"""Relative FLOPs per input pixel of a backbone's forward + backward (ResNet-18 at 224 px = 1; rounded)."""
+
+_NAME = re.compile(r"^(?P<arch>\S+) (?P<px>\d+)x\d+ px, batch (?P<batch>\d+): time per step, masked")
+
+
+@dataclass
+class CellEstimate:
+    """One cell's estimate."""
+
+    cell_id: str
+    label: str
+    resources: str
+    steps: int
+    seconds_per_step: float
+    source: str  # "benchmark (device)" or "default"
+
+    @property
+    def seconds(self) -> float:
+        """Estimated training time of the cell."""
+        return self.steps * self.seconds_per_step
+
+
+def benchmark_step_times(path: str | None = None) -> pd.DataFrame:
+    """``train_step`` benchmark rows ``arch, px, batch, device, seconds`` (empty when there is no file)."""
+    path = path or os.environ.get("SMN_BENCHMARKS") or str(Path(__file__).resolve().parents[1] / "benchmarks" /
+                                                            "results" / "benchmarks.parquet")
+    cols = ["arch", "px", "batch", "device", "seconds"]
+    if not os.path.exists(path):
+        return pd.DataFrame(columns=cols)
+    df = pd.read_parquet(path)
+    df = df[(df["area"] == "train_step") & (df["status"] == "ok") & (df["unit"] == "s")]
+    rows = []
+    for name, value, device in zip(df["name"], df["value"], df["device"]):
+        m = _NAME.match(name)
+        if m:
+            rows.append({"arch": m["arch"], "px": int(m["px"]), "batch": int(m["batch"]),
+                         "device": "gpu" if "cuda" in str(device).lower() or "gpu" in str(device).lower() else "cpu",
+                         "seconds": float(value)})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _train_images(dataset: dict) -> tuple[int, str]:
+    if dataset.get("max_train_samples"):
+        return int(dataset["max_train_samples"]), ""
+    source = dataset.get("source", "")
+    if source in TRAIN_IMAGES:
+        n = TRAIN_IMAGES[source]
+        if source == "digits" and dataset.get("classes"):
+            n = n * len(dataset["classes"]) / 10
+        return int(n), ""
+    return 50_000, f"train size of {source!r} unknown: 50,000 assumed"
+
+
+def _pixels_per_image(train: dict, size: int) -> int:
+    if train.get("objective") == "swav":
+        mc = train.get("multicrop") or {}
+        g = mc.get("global_size") or size
+        loc = mc.get("local_size") or max(1, size * 96 // 224)
+        return int(mc.get("n_global", 2) * g * g + mc.get("n_local", 0) * loc * loc)
+    return size * size
+
+
+def _step_seconds(arch: str, batch: int, pixels: int, device: str, bench: pd.DataFrame) -> tuple[float, str]:
+    rows = bench[(bench["arch"] == arch) & (bench["device"] == device)]
+    if len(rows):
+        r = rows.iloc[-1]
+        return r["seconds"] * (batch / r["batch"]) * (pixels / (r["px"] ** 2)), f"benchmark ({device})"
+    cost = ARCH_COST.get(arch, 1.0)
+    return DEFAULT_S_PER_MPX[device] * cost * batch * pixels / 1e6, "default"
+
+
+def _steps(train: dict, dataset: dict) -> tuple[int, str]:
+    n, note = _train_images(dataset)
+    per_epoch = math.ceil(n / max(1, int(train.get("batch_size", 64))))
+    if train.get("max_steps_per_epoch"):
+        per_epoch = min(per_epoch, int(train["max_steps_per_epoch"]))
+    return int(train.get("epochs", 1)) * per_epoch, note
+
+
+def estimate_cells(spec, cells, bench: pd.DataFrame | None = None) -> tuple[list[CellEstimate], list[str]]:
+    """Per-cell estimates of ``cells`` (from :func:`orchestrator.spec.expand_cells`) and notes (defaults
+    used, pretraining)."""
+    bench = benchmark_step_times() if bench is None else bench
+    res = spec.resources
+    device = "gpu" if res.gpus_per_worker > 0 else "cpu"
+    per = f"{res.workers} x ({res.cpus_per_worker:g} CPU" + (f", {res.gpus_per_worker:g} GPU" if device == "gpu" else "") + ")"
+    out, notes = [], []
+    pretrain_seen = set()
+    for c in cells:
+        d = c.config.to_dict()
+        train = d.get("train") or {}
+        arch = d["backbone"]["arch"]
+        size = d["dataset"].get("image_size") or 224
+        if d["method"] == "pretrained" or not train:
+            steps, note = 0, ""
+        else:
+            steps, note = _steps(train, d["dataset"])
+        if note and note not in notes:
+            notes.append(note)
+        s, source = _step_seconds(arch, int(train.get("batch_size", 64)), _pixels_per_image(train, size), device, bench)
+        s /= max(1, res.workers)  # DDP splits each step's work (ideal scaling: a lower bound)
+        pre = d.get("pretrain")
+        if d["backbone"].get("weights") == "pipeline" and pre and arch not in pretrain_seen:
+            pretrain_seen.add(arch)
+            psteps, _ = _steps(pre.get("train") or {}, pre.get("dataset") or {})
+            pt = psteps * _step_seconds(arch, int((pre.get("train") or {}).get("batch_size", 64)),
+                                        size * size, device, bench)[0]
+            out.append(CellEstimate("pretrain", f"pretrain {arch} (once, weights: pipeline)", per, psteps,
+                                    pt / max(1, psteps), source))
+        out.append(CellEstimate(c.cell_id, c.label, per, steps, s, source))
+    if any(e.source == "default" for e in out):
+        notes.append(f"no train_step benchmark for this backbone on {device}: default {DEFAULT_S_PER_MPX[device]} s "
+                     "per megapixel x backbone cost (run `python -m benchmarks.run_all --only train_step` on the "
+                     "target device, or set SMN_BENCHMARKS, for a measured figure)")
+    return out, notes
+
+
+def estimate_text(spec, cells, bench: pd.DataFrame | None = None) -> str:
+    """The cost estimate ``smn run --dry-run`` prints: a line per cell, the total in CPU- or GPU-hours."""
+    est, notes = estimate_cells(spec, cells, bench)
+    res = spec.resources
+    device = "GPU" if res.gpus_per_worker > 0 else "CPU"
+    units = res.workers * (res.gpus_per_worker if device == "GPU" else res.cpus_per_worker)
+    lines = ["", f"cost estimate ({sum(e.cell_id != 'pretrain' for e in est)} cells, each on {est[0].resources if est else '-'}):"]
+    for e in est:
+        lines.append(f"  {e.cell_id:16s}  {e.label:40s} {e.steps:7d} steps x {e.seconds_per_step:.3g} s "
+                     f"= {e.seconds / 60:8.1f} min  [{e.source}]")
+    total_s = sum(e.seconds for e in est)
+    hours = total_s * units / 3600
+    lines.append(f"  total: {total_s / 3600:.2f} h of cell time = {hours:.2f} {device}-hours "
+                 f"({units:g} {device}(s) per cell)")
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)

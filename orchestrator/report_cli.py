@@ -1,0 +1,180 @@
+"""``smn report``, ``smn ls`` and the output options of ``smn run`` / ``smn table`` (issue 15).
+
+    smn report RESULTS [--experiment NAME] [--out DIR]   # report.md + self-contained report.html + PNGs
+    smn ls RESULTS [--json]                              # experiments: cells done / failed / collapsed, last update
+    smn run SPEC --json | --quiet | --track mlflow,wandb # summary object / final table only / trackers
+    smn table DIR --format json|parquet --out FILE       # machine-readable tables
+
+A plugin of :mod:`orchestrator.cli` (``add_parser``); the ``run`` / ``table`` helpers below are called from
+:func:`orchestrator.cli.main`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+__all__ = ["add_parser", "add_run_options", "quiet_output", "finish_run", "finish_cascade", "track", "tracking_section",
+           "write_table"]
+
+
+def add_parser(sub) -> None:
+    """Register ``smn report`` and ``smn ls``."""
+    rep = sub.add_parser("report", help="write a results page (Markdown + self-contained HTML + PNGs) from the ledger",
+                         description="Every experiment under RESULTS with the tables and figures its cells support, "
+                         "seeds and mean ± std, failed and collapsed cells, and the environment: report.md and "
+                         "report.html (open it in a browser, send it to a co-author) in DIR.")
+    rep.add_argument("results", metavar="RESULTS", help="results folder or URI")
+    rep.add_argument("--experiment", default=None, help="only this experiment (default: all)")
+    rep.add_argument("--out", default=None, help="output folder (default: RESULTS/report, ./report for a URI)")
+    rep.set_defaults(handler=_report)
+
+    ls = sub.add_parser("ls", help="list the experiments of a results folder (cells done / failed / collapsed)",
+                        description="One line per experiment under RESULTS: cells done, failed, collapsed, last update.")
+    ls.add_argument("results", metavar="RESULTS", help="results folder or URI")
+    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    ls.set_defaults(handler=_ls)
+
+
+def _report(args) -> int:
+    from .report_page import build_report
+
+    try:
+        folder = build_report(args.results, args.out, args.experiment)
+    except ValueError as exc:
+        print(f"smn: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder / 'report.html'} and {folder / 'report.md'}")
+    return 0
+
+
+def _ls(args) -> int:
+    from .report_page import ls_frame
+
+    frame = ls_frame(args.results)
+    if args.json:
+        print(frame.to_json(orient="records", indent=1))
+    elif frame.empty:
+        print(f"(no experiments under {args.results})")
+    else:
+        print(frame.astype(object).where(frame.notna(), "-").to_string(index=False))
+    return 0
+
+
+def add_run_options(run) -> None:
+    """``smn run`` options: ``--json``, ``--quiet``, ``--track``."""
+    out = run.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON summary object at the end (progress goes to stderr)")
+    out.add_argument("--quiet", action="store_true", help="print the final table only (no progress)")
+    run.add_argument("--track", default=None, metavar="mlflow,wandb",
+                     help="log every cell to MLflow (file store in RESULTS/mlruns) and / or W&B (offline); "
+                     "same as a spec's tracking: section")
+
+
+@contextlib.contextmanager
+def quiet_output(args, total: int | None = 0, name: str = "") -> Iterator[None]:
+    """While a run goes on: progress to stderr for ``--json`` (stdout keeps the summary object only),
+    nowhere for ``--quiet``; rich bars above the lines when stdout is a terminal
+    (:func:`orchestrator.progress.run_progress`, ``total`` cells of experiment ``name``, None: not known);
+    plain lines otherwise."""
+    if getattr(args, "json", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    elif getattr(args, "quiet", False):
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    else:
+        from .progress import run_progress
+
+        with run_progress(total, name):
+            yield
+
+
+def tracking_section(spec, args) -> dict[str, Any] | None:
+    """The trackers of a run: the spec's ``tracking:`` section, with ``--track`` added."""
+    from .tracking import track_flag
+
+    section = dict(getattr(spec, "tracking", None) or {})
+    if getattr(args, "track", None):
+        section.update({k: v for k, v in track_flag(args.track, args.results).items() if k not in section})
+    return section or None
+
+
+def track(spec, args, echo=print) -> dict[str, int]:
+    """Log the experiment's ledger cells to its trackers (:func:`orchestrator.tracking.sync`); never raises."""
+    section = tracking_section(spec, args)
+    if not section:
+        return {}
+    from .tracking import sync
+
+    try:
+        return sync(args.results, spec.name, section, echo=echo)
+    except Exception as exc:  # noqa: BLE001 - reading the ledger for a tracker must not fail the run
+        print(f"warning: tracking skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {}
+
+
+def finish_run(args, spec, summary: dict, started: float, table_text: str) -> None:
+    """Print the end of ``smn run``: the JSON summary object (``--json``) or the table and a summary line."""
+    tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if (args.json or args.quiet) else print)
+    if args.json:
+        from . import ledger, tables
+
+        rows = ledger.read_ledger(args.results, spec.name)
+        table = tables.results_table(rows)
+        obj = {"experiment": spec.name, "results": str(args.results), "total": summary.get("total"),
+               "ran": summary.get("ran"), "skipped": summary.get("skipped"), "failed": summary.get("failed", {}),
+               "wall_s": round(time.time() - started, 3), "tracking": tracked,
+               "ledger": ledger.artifact_location(args.results, spec.name, "ledger"),
+               "table": json.loads(tables.render(table, "json")) if not table.empty else []}
+        print(json.dumps(obj, indent=1))
+        return
+    print()
+    print(table_text)
+    if args.quiet:
+        return
+    print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
+          f"{len(summary['failed'])} failed; {time.time() - started:.0f}s")
+
+
+def finish_cascade(args, spec, code: int) -> None:
+    """The end of ``smn run`` for a cascade spec: trackers, then the JSON summary (``--json``) or the Table 3
+    layout (``--quiet``; without it the cascade printed its table already)."""
+    quiet = args.json or args.quiet
+    tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if quiet else print)
+    from . import ledger, reports, tables
+
+    rows = ledger.read_ledger(args.results, spec.name)
+    if args.json:
+        table = tables.results_table(rows)
+        layout = reports.tables()["table3"].build(rows) if not rows.empty else None
+        print(json.dumps({"experiment": spec.name, "results": str(args.results), "exit_code": code,
+                          "cells": int(rows["cell_id"].nunique()) if len(rows) else 0, "tracking": tracked,
+                          "ledger": ledger.artifact_location(args.results, spec.name, "ledger"),
+                          "table": json.loads(tables.render(table, "json")) if not table.empty else [],
+                          "table3": json.loads(reports.render_frame(layout, "json"))
+                          if layout is not None and not layout.empty else []}, indent=1))
+    elif args.quiet:
+        layout = reports.tables()["table3"]
+        print(reports.render_frame(layout.build(rows), args.format, title=layout.description))
+
+
+def write_table(frame, fmt: str, out: str | None) -> str:
+    """``smn table --format parquet|... --out FILE``: write the table to ``out``; parquet needs ``out``.
+
+    Raises:
+        ValueError: ``--format parquet`` without ``--out``.
+    """
+    from .reports import write_frame
+
+    if out is None:
+        raise ValueError("--format parquet writes a file: give --out FILE.parquet")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_frame(frame, out, fmt)
+    return f"wrote {out}"
