@@ -6,9 +6,11 @@
 2. **Router** (a Ray task per dispatcher): embeds the train and test splits with the dispatcher,
    fits :func:`smn_core.cascade.fit_router` (L2 norm, PCA, seeded Gaussian mixture), routes both
    splits and records cluster sizes and homogeneity (App. G, Fig. 11).
-3. **Experts** (the actor graph): one :class:`ExpertActor` per cluster, all created at once, so
-   Ray runs as many concurrently as the cluster's resources allow (``cascade.experts.resources``:
-   e.g. one GPU each; ``workers > 1`` makes the actor drive a DDP ``TorchTrainer``). Each expert
+3. **Experts** (the actor graph): one :class:`ExpertJob` per cluster, run by :func:`train_expert` on a
+   :class:`orchestrator.engine.WarmPool` of ``cascade.experts.max_concurrent`` warm workers (default: one
+   per expert, as many as the cluster's resources hold; ``cascade.experts.resources``: e.g. one GPU each;
+   ``workers > 1`` makes the worker drive a DDP ``TorchTrainer``). The workers import torch and
+   ``smn_core`` once, before the stage's clock starts, and then take expert after expert. Each expert
    starts from the dispatcher's scores, head and prototypes, trains on its cluster only with the
    same loss for ``round(N / D_k x E)`` epochs (queue after the first fifth), checkpoints every
    epoch to ``<results>/<experiment>/checkpoints/<expert cell_id>/``, then embeds both splits.
@@ -22,22 +24,19 @@ Ledger (one cell each, via :func:`orchestrator.ledger.write_cell`): ``cascade_ro
 inputs (dispatcher cell id, router settings, expert index, ...), so running the same command again
 skips every finished stage and resumes an interrupted expert from its last epoch.
 
-Fault tolerance: the experts are actors created with ``max_restarts=-1`` (default;
-``cascade.experts.max_restarts``) and ``max_task_retries=-1``. When an expert's worker process or
-its node dies, Ray restarts that actor (elsewhere if needed) and replays its pending ``run`` call,
+Fault tolerance: the pool's workers are actors created with ``max_restarts=-1`` (default;
+``cascade.experts.max_restarts``) and ``max_task_retries=-1``. When a worker's process or its node
+dies, Ray restarts that actor (elsewhere if needed) and replays its pending :func:`train_expert` call,
 which resumes from the expert's last checkpoint on the results storage; the other experts are not
 touched. Application errors (a bug, a bad config) are not retried: they fail that expert only and
-are reported. Actors rather than retried tasks because the stage is an actor graph in the design:
-each expert is one long-lived process that keeps its resources (its GPU) from training through the
-embedding pass, and can be asked where it runs (:meth:`ExpertActor.where`); for the restart
-semantics alone, tasks with ``max_retries=-1`` would behave the same.
+are reported. Each epoch checkpoint records the node it was written on (``node_id`` in its meta).
 
 Files (``<results>/<experiment>/``): ``cascade/<router id>/router.safetensors`` (PCA and mixture
 parameters), ``cascade/<router id>/routes.safetensors`` (dispatcher embeddings, labels, routes),
 ``cascade/<expert id>/embeddings.safetensors``, ``masks/<expert id>.safetensors``,
 ``states/<expert id>/``. As for the runner, results may be a local or shared (NFS) folder or a
-``pyarrow.fs`` URI (``s3://bucket/prefix``): every location comes from
-:func:`orchestrator.ledger.artifact_location` and every file goes through :mod:`smn_core.checkpoint`.
+``pyarrow.fs`` URI (``s3://bucket/prefix``): every location comes from one
+:class:`orchestrator.layout.ExperimentLayout` and every file goes through :mod:`smn_core.checkpoint`.
 """
 
 from __future__ import annotations
@@ -46,27 +45,28 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from smn_core.cascade import COVARIANCE_TYPES, MODES, SCALINGS
-from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpoint, load_tensors, location_exists,
-                                 save_checkpoint, save_tensors)
+from smn_core.checkpoint import delete_checkpoint, has_checkpoint, load_checkpoint, load_tensors, location_exists, save_checkpoint, save_tensors
 from smn_core.pipeline import CellConfig
 
 from . import ledger
 from .ray_session import check_cluster_fits, error_cause
-from .runner import ddp_checkpointing, ensure_ray, final_state_dir, pretrain_artifact_path, run_experiment
+from .engine import WarmPool, ddp_checkpointing, device, fit_ddp, local_checkpointing, log, pool_size, run_bounded
+from .layout import ExperimentLayout
+from .prepare import pretrain_artifact_path
+from .runner import ensure_ray, run_experiment
 from .spec import Cell, ExperimentSpec, Resources, SpecError, expand_cells
 
 __all__ = ["RouterSpec", "ExpertsSpec", "CombinationSpec", "CascadeSpec", "cascade_spec", "CascadePlan",
-           "plan_cascades", "ExpertActor", "run_cascade", "CascadeSummary", "CASCADE_METHODS"]
+           "plan_cascades", "ExpertJob", "train_expert", "run_cascade", "CascadeSummary", "CASCADE_METHODS"]
 
 CASCADE_METHODS = ("cascade_router", "cascade_expert", "cascade_conditional", "cascade_unconditional")
-_CELL = TypeAdapter(CellConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,11 +166,12 @@ class CascadePlan:
     combination_ids: dict[str, str]
 
 
-def plan_cascades(spec: ExperimentSpec, cs: CascadeSpec) -> list[CascadePlan]:
-    """One :class:`CascadePlan` per ``smn`` cell of ``spec`` (the dispatchers), in cell order."""
+def plan_cascades(spec: ExperimentSpec, cs: CascadeSpec, cells: list[Cell] | None = None) -> list[CascadePlan]:
+    """One :class:`CascadePlan` per ``smn`` cell of ``spec`` (the dispatchers), in cell order (``cells``: the
+    spec's expanded cells, when the caller has them already)."""
     plans = []
     expert_key = cs.experts.model_dump(include={"epochs", "queue_start_fraction"})
-    for cell in expand_cells(spec):
+    for cell in (expand_cells(spec) if cells is None else cells):
         if cell.config.method != "smn":
             continue
         router_id = _hash({"role": "router", "dispatcher": cell.cell_id, "router": cs.router.model_dump()})
@@ -181,27 +182,6 @@ def plan_cascades(spec: ExperimentSpec, cs: CascadeSpec) -> list[CascadePlan]:
                   for m in cs.combination.modes}
         plans.append(CascadePlan(dispatcher=cell, router_id=router_id, expert_ids=experts, combination_ids=combos))
     return plans
-
-
-def _cascade_dir(results: str, experiment: str, cid: str, *parts: str) -> str:
-    """``<results>/<experiment>/cascade/<cid>/<parts...>`` (a local path, or a URI for URI results)."""
-    return ledger.artifact_location(results, experiment, "cascade", cid, *parts)
-
-
-def _ckpt_dir(results: str, experiment: str, cid: str) -> str:
-    return ledger.artifact_location(results, experiment, "checkpoints", cid)
-
-
-def _log(prefix: str) -> Callable[[str], None]:
-    def emit(line: str) -> None:
-        print(f"[{prefix}] {line}", flush=True)
-    return emit
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
 
 
 def _expert_config(cfg: CellConfig, epochs: int, queue_start_fraction: float) -> CellConfig:
@@ -234,15 +214,14 @@ def _router_stage(job: dict) -> dict[str, float]:
     from smn_core.cascade import cluster_homogeneity, cluster_sizes, fit_router
 
     started = time.time()
-    cfg = _CELL.validate_python(job["cell"])
+    cfg, lay = job["cell"], job["layout"]
     state, _ = load_checkpoint(job["dispatcher_state"])
-    device = _device()
-    train_ds, test_ds, (xtr, ytr), (xte, yte) = _embed_splits(cfg, state, job["pipeline_weights"], device)
+    train_ds, test_ds, (xtr, ytr), (xte, yte) = _embed_splits(cfg, state, job["pipeline_weights"], device())
     r = job["router"]
     router = fit_router(xtr, components=r["components"], clusters=r["clusters"], seed=r["seed"],
                         covariance_type=r["covariance_type"], reg_covar=r["reg_covar"], n_init=r["n_init"])
     rtr, rte = router.route(xtr), router.route(xte)
-    save_tensors(_cascade_dir(job["results"], job["experiment"], job["cell_id"], "router.safetensors"),
+    save_tensors(lay.cascade(job["cell_id"], "router.safetensors"),
                  router.to_tensors(), metadata={"router_id": job["cell_id"]})
     import torch
 
@@ -265,7 +244,7 @@ def _router_stage(job: dict) -> dict[str, float]:
         for x in range(homog.shape[1]):
             metrics[f"cluster{c}_top{x + 1}"] = float(homog[c, x])
     metrics["wall_s"] = time.time() - started
-    ledger.write_cell(job["results"], job["experiment"], cell_id=job["cell_id"], method="cascade_router",
+    ledger.write_cell(lay.results, lay.experiment, cell_id=job["cell_id"], method="cascade_router",
                       backbone=cfg.backbone.arch, dataset=cfg.dataset.source, seed=cfg.seed, grid=job["grid"],
                       config={"role": "router", "dispatcher_cell_id": job["dispatcher_id"], "router": r,
                               "dispatcher": cfg.to_dict()},
@@ -281,6 +260,36 @@ _router_task = ray.remote(_router_stage)
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExpertJob:
+    """One cascade expert to train (typed payload of :func:`train_expert`).
+
+    Attributes:
+        config: the expert's ``CellConfig`` (the dispatcher's, with the expert's epoch budget).
+        cell_id: the expert's cell id; label: its log label.
+        expert: its cluster index k.
+        grid: the dispatcher's grid values (the ledger adds ``expert: k``).
+        layout: where the experiment's files live.
+        routes: location of the router's routes file; dispatcher_state: the dispatcher's final state folder.
+        dispatcher_id, router_id: the cells it derives from.
+        pipeline_weights: the pretrained backbone artifact (``weights: pipeline``), or None.
+        resources: per expert (``workers > 1``: DDP in a ``TorchTrainer``).
+    """
+
+    config: CellConfig
+    cell_id: str
+    label: str
+    expert: int
+    grid: dict
+    layout: ExperimentLayout
+    routes: str
+    dispatcher_state: str
+    dispatcher_id: str
+    router_id: str
+    pipeline_weights: str | None
+    resources: Resources
+
+
 def _expert_ddp_loop(config: dict) -> None:
     """Ray Train worker of a DDP expert: the expert's training under DDP; rank 0 saves the final state."""
     import ray.train
@@ -288,126 +297,79 @@ def _expert_ddp_loop(config: dict) -> None:
 
     from smn_core.pipeline import run_cell
 
-    cfg = _CELL.validate_python(config["cell"])
+    job: ExpertJob = config["job"]
     rank = ray.train.get_context().get_world_rank()
-    resume, on_epoch_end = ddp_checkpointing(config["label"])
-    init_state = load_checkpoint(config["dispatcher_state"])[0]
-    outcome = run_cell(cfg, pipeline_weights=config["pipeline_weights"], device=ray.train.torch.get_device(),
+    resume, on_epoch_end = ddp_checkpointing(job.label)
+    init_state = load_checkpoint(job.dispatcher_state)[0]
+    outcome = run_cell(job.config, pipeline_weights=job.pipeline_weights, device=ray.train.torch.get_device(),
                        resume=resume, init_state=init_state, on_epoch_end=on_epoch_end, evaluate=False,
-                       train_subset=config["indices"], progress=_log(config["label"]))
+                       train_subset=config["indices"], progress=log(job.label))
     if rank == 0:
-        _save_expert(config, cfg, outcome)
+        _save_expert(job, outcome)
 
 
-def _save_expert(job: dict, cfg: CellConfig, outcome) -> None:
+def _save_expert(job: ExpertJob, outcome) -> None:
     """Masks and final state (metrics in its meta) of a trained expert, before its ledger rows."""
+    cfg, lay = job.config, job.layout
     if outcome.masks is not None:
-        save_tensors(ledger.artifact_location(job["results"], job["experiment"], "masks", f"{job['cell_id']}.safetensors"),
-                     outcome.masks,
-                     metadata={"cell_id": job["cell_id"], "arch": cfg.backbone.arch})
+        save_tensors(lay.mask(job.cell_id), outcome.masks, metadata={"cell_id": job.cell_id, "arch": cfg.backbone.arch})
     metrics = dict(outcome.metrics)
     metrics["resumed_from_epoch"] = float(outcome.train_result.resumed_from_epoch if outcome.train_result else 0)
-    save_checkpoint(final_state_dir(job["results"], job["experiment"], job["cell_id"]), outcome.state,
-                    {"cell_id": job["cell_id"], "config": cfg.to_dict(), "metrics": metrics})
+    save_checkpoint(lay.state(job.cell_id), outcome.state,
+                    {"cell_id": job.cell_id, "config": cfg.to_dict(), "metrics": metrics})
 
 
-class ExpertActor:
-    """One cascade expert: trains on its cluster (resuming from its last checkpoint), embeds both
-    splits with the result, and writes its ledger cell. Created by :func:`run_cascade` as a Ray actor
-    with ``max_restarts`` and ``max_task_retries=-1`` (see the module docstring).
+def train_expert(job: ExpertJob) -> dict[str, float]:
+    """Train one expert (or resume it, or skip training when its final state exists), embed both splits
+    with it, and write its ledger cell. Runs on a warm pool worker (:class:`orchestrator.engine.WarmPool`).
 
-    Args:
-        job: plain dict with ``cell`` (the expert's CellConfig as JSON), ``cell_id``, ``expert`` (k),
-            ``routes`` (path of the router's routes file), ``dispatcher_state`` (folder),
-            ``dispatcher_id``, ``router_id``, ``pipeline_weights``, ``results``, ``experiment``,
-            ``grid``, ``resources`` (a :class:`orchestrator.spec.Resources` dump), ``label``.
+    Returns:
+        The expert's metrics (``cluster_size``, ``epochs``, ``steps``, ``train_loss``, ``density``,
+        ``resumed_from_epoch``, ``wall_s``, ...).
+
+    Raises:
+        ValueError: if the expert's cluster is smaller than one batch.
     """
+    from smn_core.pipeline import run_cell
 
-    def __init__(self, job: dict) -> None:
-        self.job = job
-
-    def where(self) -> str:
-        """Hex id of the Ray node this expert runs on."""
-        return ray.get_runtime_context().get_node_id()
-
-    def run(self) -> dict[str, float]:
-        """Train (or resume, or skip when its final state exists), embed, write the ledger cell.
-
-        Returns:
-            The expert's metrics (``cluster_size``, ``epochs``, ``steps``, ``train_loss``, ``density``,
-            ``resumed_from_epoch``, ``wall_s``, ...).
-
-        Raises:
-            ValueError: if the expert's cluster is smaller than one batch.
-        """
-        from smn_core.pipeline import run_cell
-
-        job = self.job
-        started = time.time()
-        cfg = _CELL.validate_python(job["cell"])
-        routes = load_tensors(job["routes"])["train_routes"].numpy()
-        indices = np.flatnonzero(routes == job["expert"]).astype(np.int64)
-        if len(indices) < cfg.train.batch_size:
-            raise ValueError(f"expert {job['expert']}'s cluster holds {len(indices)} train images, fewer than one "
-                             f"batch of {cfg.train.batch_size}; use fewer cascade.router.clusters or a smaller "
-                             "train.batch_size")
-        state_dir = final_state_dir(job["results"], job["experiment"], job["cell_id"])
-        ckpt_dir = _ckpt_dir(job["results"], job["experiment"], job["cell_id"])
-        device = _device()
-        if not has_checkpoint(state_dir):
-            res = job["resources"]
-            if res["workers"] > 1:
-                self._train_ddp(cfg, indices)
-            else:
-                resume = load_checkpoint(ckpt_dir) if has_checkpoint(ckpt_dir) else None
-                if resume is not None:
-                    print(f"[{job['label']}] resuming after epoch {resume[1]['epoch'] + 1}", flush=True)
-                node = self.where()
-
-                def on_epoch_end(epoch: int, metrics: dict, state_fn) -> None:
-                    tensors, meta = state_fn()
-                    meta["node_id"] = node
-                    save_checkpoint(ckpt_dir, tensors, meta)
-
-                outcome = run_cell(cfg, pipeline_weights=job["pipeline_weights"], device=device, resume=resume,
-                                   init_state=load_checkpoint(job["dispatcher_state"])[0],
-                                   on_epoch_end=on_epoch_end, progress=_log(job["label"]), evaluate=False,
-                                   train_subset=indices)
-                _save_expert(job, cfg, outcome)
-        state, meta = load_checkpoint(state_dir)
-        metrics = dict(meta["metrics"])
-        _, _, (xtr, _), (xte, _) = _embed_splits(cfg, state, job["pipeline_weights"], device)
-        save_tensors(_cascade_dir(job["results"], job["experiment"], job["cell_id"], "embeddings.safetensors"),
-                     {"train_embeddings": xtr, "test_embeddings": xte}, metadata={"cell_id": job["cell_id"]})
-        metrics.update(expert=float(job["expert"]), cluster_size=float(len(indices)),
-                       epochs=float(cfg.train.epochs), wall_s=time.time() - started)
-        ledger.write_cell(job["results"], job["experiment"], cell_id=job["cell_id"], method="cascade_expert",
-                          backbone=cfg.backbone.arch, dataset=cfg.dataset.source, seed=cfg.seed,
-                          grid={**job["grid"], "expert": job["expert"]},
-                          config={"role": "expert", "expert": job["expert"], "dispatcher_cell_id": job["dispatcher_id"],
-                                  "router_cell_id": job["router_id"], "cell": cfg.to_dict()},
-                          metrics=metrics, started_at=started, finished_at=time.time())
-        delete_checkpoint(ckpt_dir)  # the cell has landed: its epoch checkpoints are spent
-        return metrics
-
-    def _train_ddp(self, cfg: CellConfig, indices: np.ndarray) -> None:
-        """Train this expert with DDP across ``resources.workers`` Ray Train workers (a ``TorchTrainer``
-        named after the expert, so a restarted actor resumes the same run from its last checkpoint)."""
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        job, res = self.job, self.job["resources"]
-        use_gpu = res["gpus_per_worker"] > 0
-        per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
-        storage = ledger.artifact_location(job["results"], job["experiment"], "ray_train")  # URIs as they are
-        trainer = TorchTrainer(
-            _expert_ddp_loop,
-            train_loop_config={**job, "indices": indices.tolist()},
-            scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
-            run_config=RunConfig(name=f"expert-{job['cell_id']}", storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=res["max_retries"]),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
-        trainer.fit()
+    started = time.time()
+    cfg, lay = job.config, job.layout
+    routes = load_tensors(job.routes)["train_routes"].numpy()
+    indices = np.flatnonzero(routes == job.expert).astype(np.int64)
+    if len(indices) < cfg.train.batch_size:
+        raise ValueError(f"expert {job.expert}'s cluster holds {len(indices)} train images, fewer than one "
+                         f"batch of {cfg.train.batch_size}; use fewer cascade.router.clusters or a smaller "
+                         "train.batch_size")
+    state_dir, ckpt_dir = lay.state(job.cell_id), lay.checkpoint(job.cell_id)
+    dev = device()
+    if not has_checkpoint(state_dir):
+        if job.resources.workers > 1:
+            # named after the expert, so a restarted worker resumes the same Ray Train run
+            fit_ddp(_expert_ddp_loop, {"job": job, "indices": indices.tolist()}, job.resources, lay,
+                    f"expert-{job.cell_id}")
+        else:
+            node = ray.get_runtime_context().get_node_id()
+            resume, on_epoch_end = local_checkpointing(ckpt_dir, job.label, {"node_id": node})
+            outcome = run_cell(cfg, pipeline_weights=job.pipeline_weights, device=dev, resume=resume,
+                               init_state=load_checkpoint(job.dispatcher_state)[0],
+                               on_epoch_end=on_epoch_end, progress=log(job.label), evaluate=False,
+                               train_subset=indices)
+            _save_expert(job, outcome)
+    state, meta = load_checkpoint(state_dir)
+    metrics = dict(meta["metrics"])
+    _, _, (xtr, _), (xte, _) = _embed_splits(cfg, state, job.pipeline_weights, dev)
+    save_tensors(lay.cascade(job.cell_id, "embeddings.safetensors"),
+                 {"train_embeddings": xtr, "test_embeddings": xte}, metadata={"cell_id": job.cell_id})
+    metrics.update(expert=float(job.expert), cluster_size=float(len(indices)),
+                   epochs=float(cfg.train.epochs), wall_s=time.time() - started)
+    ledger.write_cell(lay.results, lay.experiment, cell_id=job.cell_id, method="cascade_expert",
+                      backbone=cfg.backbone.arch, dataset=cfg.dataset.source, seed=cfg.seed,
+                      grid={**job.grid, "expert": job.expert},
+                      config={"role": "expert", "expert": job.expert, "dispatcher_cell_id": job.dispatcher_id,
+                              "router_cell_id": job.router_id, "cell": cfg.to_dict()},
+                      metrics=metrics, started_at=started, finished_at=time.time())
+    delete_checkpoint(ckpt_dir)  # the cell has landed: its epoch checkpoints are spent
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,14 +382,14 @@ def _combination_stage(job: dict) -> dict[str, dict[str, float]]:
     from smn_core.cascade import cascade_embedding, cascade_storage_bits, combine_cascade, fit_projection, forward_passes
     from smn_core.evaluation import knn_top1, linear_probe
 
-    cfg = _CELL.validate_python(job["cell"])
+    cfg, lay = job["cell"], job["layout"]
     ev = cfg.eval
     routes = load_tensors(job["routes"])
     ytr, yte = routes["train_labels"], routes["test_labels"]
     d_tr, d_te = routes["train_embeddings"], routes["test_embeddings"]
     e_tr, e_te = [], []
     for eid in job["expert_ids"]:
-        t = load_tensors(_cascade_dir(job["results"], job["experiment"], eid, "embeddings.safetensors"))
+        t = load_tensors(lay.cascade(eid, "embeddings.safetensors"))
         e_tr.append(t["train_embeddings"])
         e_te.append(t["test_embeddings"])
     k = len(job["expert_ids"])
@@ -465,7 +427,7 @@ def _combination_stage(job: dict) -> dict[str, dict[str, float]]:
         })
         metrics["projection_variance_kept"] = float(proj.eigenvalues.sum()) / total_var if total_var else float("nan")
         metrics["wall_s"] = time.time() - started
-        ledger.write_cell(job["results"], job["experiment"], cell_id=cid, method=f"cascade_{mode}",
+        ledger.write_cell(lay.results, lay.experiment, cell_id=cid, method=f"cascade_{mode}",
                           backbone=cfg.backbone.arch, dataset=cfg.dataset.source, seed=cfg.seed, grid=job["grid"],
                           config={"role": mode, "dispatcher_cell_id": job["dispatcher_id"],
                                   "router_cell_id": job["router_id"], "expert_cell_ids": job["expert_ids"],
@@ -487,18 +449,12 @@ class CascadeSummary(dict):
     """What :func:`run_cascade` did: ``dispatchers``, per stage ``{"ran", "skipped"}`` (``router``,
     ``experts``, ``combinations``), ``failed`` ``{cell_id: error}``, ``expert_stage_s`` (driver wall
     time of the expert stage in this call, seconds) and ``expert_sum_s`` (sum of the experts' own wall
-    times of this call)."""
+    times of this call), ``expert_warmup_s`` (seconds the expert workers took to start and import, before
+    the stage's clock starts)."""
 
 
-def _dispatcher_facts(results: str, experiment: str, cell: Cell) -> dict[str, float]:
-    df = ledger.read_ledger(results, experiment)
-    rows = df[df["cell_id"] == cell.cell_id]
-    return dict(zip(rows["metric"], rows["value"].astype(float)))
-
-
-def _expert_times(results: str, experiment: str, expert_ids: list[str]) -> tuple[float, float]:
-    """(stage wall = last finish - first start, sum of the experts' own wall times) from the ledger."""
-    df = ledger.read_ledger(results, experiment)
+def _expert_times(df, expert_ids: list[str]) -> tuple[float, float]:
+    """(stage wall = last finish - first start, sum of the experts' own wall times) from ledger rows."""
     rows = df[df["cell_id"].isin(expert_ids)].drop_duplicates("cell_id")
     if rows.empty:
         return float("nan"), float("nan")
@@ -527,39 +483,37 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
         RuntimeError: a dispatcher failed to train, its final state is missing, or the router failed.
     """
     cs = cascade or cascade_spec(spec)
-    plans = plan_cascades(spec, cs)
-    if "://" not in str(results):
-        results = ledger.resolve(results)[1]  # absolute: Ray workers may run in another directory
+    cells = expand_cells(spec)  # once per run
+    plans = plan_cascades(spec, cs, cells)
+    lay = ExperimentLayout.of(results, spec.name)  # absolute: Ray workers may run in another directory
     summary = CascadeSummary(dispatchers=len(plans), router={"ran": 0, "skipped": 0},
                              experts={"ran": 0, "skipped": 0}, combinations={"ran": 0, "skipped": 0},
-                             failed={}, expert_stage_s=0.0, expert_sum_s=0.0)
+                             failed={}, expert_stage_s=0.0, expert_sum_s=0.0, expert_warmup_s=0.0)
     exp = spec.name
     eres = cs.experts.resources or spec.resources
     ensure_ray(address)
     check_cluster_fits(eres.cpus_per_worker, eres.gpus_per_worker, eres.workers, what="cascade.experts.resources")
     # --- 1. dispatchers
-    run = run_experiment(spec, results, address=address, echo=echo)
+    run = run_experiment(spec, lay, address=address, echo=echo, cells=cells)
     bad = {p.dispatcher.cell_id: run["failed"][p.dispatcher.cell_id] for p in plans
            if p.dispatcher.cell_id in run["failed"]}
     if bad:
         raise RuntimeError(f"dispatcher cell(s) failed, no cascade can start: {bad}")
     ensure_ray(address)
-    jobs_common = {"results": results, "experiment": exp}
-    done = ledger.completed_cells(results, exp)
+    done = ledger.completed_cells(lay.results, exp)
     info = {}
     for p in plans:
         cell = p.dispatcher
-        state_dir = final_state_dir(results, exp, cell.cell_id)
+        state_dir = lay.state(cell.cell_id)
         if not has_checkpoint(state_dir):
             raise RuntimeError(f"dispatcher {cell.cell_id} ({cell.label}) is in the ledger but its final state "
                                f"{state_dir} is missing (written by runs since the cascade was added); move its "
                                f"ledger file {cell.cell_id}.parquet aside to train it again")
-        weights = (pretrain_artifact_path(results, exp, cell.config)
+        weights = (pretrain_artifact_path(lay, exp, cell.config)
                    if cell.config.backbone.weights == "pipeline" else None)
-        info[p.router_id] = {"cell": json.loads(json.dumps(_CELL.dump_python(cell.config, mode="json"))),
-                             "dispatcher_state": state_dir, "pipeline_weights": weights,
-                             "dispatcher_id": cell.cell_id, "grid": dict(cell.grid_values),
-                             "routes": _cascade_dir(results, exp, p.router_id, "routes.safetensors"),
+        info[p.router_id] = {"cell": cell.config, "layout": lay, "dispatcher_state": state_dir,
+                             "pipeline_weights": weights, "dispatcher_id": cell.cell_id,
+                             "grid": dict(cell.grid_values), "routes": lay.cascade(p.router_id, "routes.safetensors"),
                              "router_id": p.router_id}
     # --- 2. routers
     res = spec.resources
@@ -570,7 +524,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
             continue
         echo(f"router {p.router_id}: embedding with dispatcher {p.dispatcher.cell_id} and fitting "
              f"PCA({cs.router.components}) + GMM({cs.router.clusters}, seed {cs.router.seed})")
-        job = {**jobs_common, **info[p.router_id], "cell_id": p.router_id, "router": cs.router.model_dump()}
+        job = {**info[p.router_id], "cell_id": p.router_id, "router": cs.router.model_dump()}
         refs[p.router_id] = _router_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
                                                  max_retries=res.max_retries).remote(job)
     for rid, ref in refs.items():
@@ -582,7 +536,7 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
         sizes = [int(m[f"cluster{c}_train_size"]) for c in range(int(m["clusters"]))]
         echo(f"router {rid}: train cluster sizes {sizes}, PCA keeps {m['pca_explained_variance']:.2f} of the variance")
     # --- 3. experts
-    jobs = []
+    jobs: list[ExpertJob] = []
     for p in plans:
         routes = load_tensors(info[p.router_id]["routes"])["train_routes"].numpy()
         sizes = np.bincount(routes, minlength=cs.router.clusters)
@@ -593,52 +547,55 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
                                f"one batch of {cfg.train.batch_size}; use fewer cascade.router.clusters or a smaller "
                                "train.batch_size")
         for k, eid in enumerate(p.expert_ids):
-            if eid in done and location_exists(_cascade_dir(results, exp, eid, "embeddings.safetensors")):
+            if eid in done and location_exists(lay.cascade(eid, "embeddings.safetensors")):
                 summary["experts"]["skipped"] += 1
                 continue
             epochs = cs.experts.epochs or _budget(len(routes), int(sizes[k]), cfg.train.epochs)
-            ecfg = _expert_config(cfg, epochs, cs.experts.queue_start_fraction)
-            jobs.append({**jobs_common, **info[p.router_id], "cell": json.loads(json.dumps(
-                _CELL.dump_python(ecfg, mode="json"))), "cell_id": eid, "expert": k,
-                "resources": eres.model_dump(), "label": f"expert {k} {eid} ({int(sizes[k])} images, {epochs} epochs)"})
-    t_stage = time.time()
-    limit = cs.experts.max_concurrent or max(1, len(jobs))
-    actor_cls = ray.remote(ExpertActor)
-    running: dict[Any, tuple[Any, dict]] = {}
-    pending = list(jobs)
+            i = info[p.router_id]
+            jobs.append(ExpertJob(
+                config=_expert_config(cfg, epochs, cs.experts.queue_start_fraction), cell_id=eid,
+                label=f"expert {k} {eid} ({int(sizes[k])} images, {epochs} epochs)", expert=k, grid=i["grid"],
+                layout=lay, routes=i["routes"], dispatcher_state=i["dispatcher_state"],
+                dispatcher_id=i["dispatcher_id"], router_id=p.router_id, pipeline_weights=i["pipeline_weights"],
+                resources=eres))
     if jobs:
+        ddp = eres.workers > 1  # the worker only drives a TorchTrainer, whose workers ask for the real resources
+        cpus, gpus_each = (0, 0) if ddp else (eres.cpus_per_worker, eres.gpus_per_worker)
+        want = min(cs.experts.max_concurrent or len(jobs), len(jobs))
+        t_warm = time.time()
+        pool = WarmPool(pool_size(want, cpus, gpus_each), num_cpus=cpus, num_gpus=gpus_each,
+                        max_restarts=cs.experts.max_restarts)
         echo(f"experts: {len(jobs)} to train ({summary['experts']['skipped']} already in the ledger), "
-             f"{min(limit, len(jobs))} at once at most, each {eres.cpus_per_worker} CPU / {eres.gpus_per_worker} GPU"
-             + (f" x {eres.workers} DDP workers" if eres.workers > 1 else ""))
-    while pending or running:
-        while pending and len(running) < limit:
-            job = pending.pop(0)
-            opts: dict[str, Any] = {"max_restarts": cs.experts.max_restarts, "max_task_retries": -1}
-            if eres.workers > 1:
-                opts.update(num_cpus=0)
-            else:
-                opts.update(num_cpus=eres.cpus_per_worker, num_gpus=eres.gpus_per_worker)
-            actor = actor_cls.options(**opts).remote(job)
-            running[actor.run.remote()] = (actor, job)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        actor, job = running.pop(ready[0])
+             f"{len(pool)} at once on warm workers, each {eres.cpus_per_worker} CPU / {eres.gpus_per_worker} GPU"
+             + (f" x {eres.workers} DDP workers" if ddp else ""))
         try:
-            m = ray.get(ready[0])
-            summary["experts"]["ran"] += 1
-            summary["expert_sum_s"] += m["wall_s"]
-            echo(f"[{job['label']}] done in {m['wall_s']:.0f}s: loss {m.get('train_loss', float('nan')):.4f}, "
-                 f"density {m.get('density', float('nan')):.3f}"
-                 + (f", resumed at epoch {int(m['resumed_from_epoch']) + 1}" if m.get("resumed_from_epoch") else "")
-                 + (" (warning: SwAV collapse detected: loss near ln K or assignment entropy near 0)"
-                    if m.get("collapsed") else ""))
-        except Exception as exc:  # noqa: BLE001 - one failed expert must not stop the others
-            summary["failed"][job["cell_id"]] = f"{type(exc).__name__}: {exc}"
-            echo(f"[{job['label']}] FAILED: {error_cause(exc)}")
+            try:
+                pool.wait_warm()
+            except Exception as exc:  # noqa: BLE001 - a worker lost while warming is restarted by Ray; go on
+                echo(f"  an expert worker failed while warming up ({exc}); it is restarted by Ray")
+            summary["expert_warmup_s"] = time.time() - t_warm
+            t_stage = time.time()
+            # a worker with nothing left to do is ended at once: a worker restarted after a node loss may need
+            # its resources
+            for job, m, exc in run_bounded(jobs, lambda j, slot: pool.submit(slot, train_expert, j), len(pool),
+                                           on_error=pool.heal, on_idle=pool.release):
+                if exc is not None:  # one failed expert must not stop the others
+                    summary["failed"][job.cell_id] = f"{type(exc).__name__}: {exc}"
+                    echo(f"[{job.label}] FAILED: {error_cause(exc)}")
+                    continue
+                summary["experts"]["ran"] += 1
+                summary["expert_sum_s"] += m["wall_s"]
+                echo(f"[{job.label}] done in {m['wall_s']:.0f}s: loss {m.get('train_loss', float('nan')):.4f}, "
+                     f"density {m.get('density', float('nan')):.3f}"
+                     + (f", resumed at epoch {int(m['resumed_from_epoch']) + 1}" if m.get("resumed_from_epoch") else "")
+                     + (" (warning: SwAV collapse detected: loss near ln K or assignment entropy near 0)"
+                        if m.get("collapsed") else ""))
+            summary["expert_stage_s"] = time.time() - t_stage
         finally:
-            ray.kill(actor, no_restart=True)
-    summary["expert_stage_s"] = time.time() - t_stage if jobs else 0.0
+            pool.shutdown()
     # --- 4. combinations
-    done = ledger.completed_cells(results, exp)
+    df = ledger.read_ledger(lay.results, exp)
+    done = set(df["cell_id"].unique())
     crefs = {}
     for p in plans:
         todo = {m: cid for m, cid in p.combination_ids.items() if cid not in done}
@@ -648,9 +605,9 @@ def run_cascade(spec: ExperimentSpec, results: str, *, address: str | None = Non
         if any(eid not in done for eid in p.expert_ids):
             echo(f"dispatcher {p.dispatcher.cell_id}: not every expert finished; no combination")
             continue
-        facts = _dispatcher_facts(results, exp, p.dispatcher)
-        stage_wall, expert_sum = _expert_times(results, exp, p.expert_ids)
-        job = {**jobs_common, **info[p.router_id], "expert_ids": p.expert_ids, "todo": todo,
+        facts = ledger.read_cell(lay, p.dispatcher.cell_id) or {}
+        stage_wall, expert_sum = _expert_times(df, p.expert_ids)
+        job = {**info[p.router_id], "expert_ids": p.expert_ids, "todo": todo,
                "scaling": cs.combination.scaling, "dim": cs.combination.dim,
                "dispatcher_storage_bits": facts.get("storage_bits", facts.get("mask_bits", float("nan"))),
                "backbone_params": facts.get("backbone_params", float("nan")),

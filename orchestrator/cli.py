@@ -262,14 +262,13 @@ def _plot(results: str | None, figure: str, experiment: str | None, out: str | N
         # URI results: draw to a local file, then store it next to the ledger through pyarrow.fs
         import tempfile
 
-        target = ledger.artifact_location(results, "figures", f"{figure}.png")
+        from .layout import ExperimentLayout, atomic_write
+
+        target = ExperimentLayout.of(results, experiment or "figures").figure(figure)
         with tempfile.TemporaryDirectory(prefix="smn-plot-") as tmp:
             local = Path(tmp) / f"{figure}.png"
             known[figure].draw(df, str(local))
-            fs, inner = ledger.resolve(target)
-            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(inner) as dst:
-                dst.write(local.read_bytes())
+            atomic_write(target, local.read_bytes())
         return f"wrote {target}"
     path = Path(out) if out else Path(results) / "figures" / f"{figure}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,6 +344,7 @@ def _run(args) -> int:
         # --- end dry-run cost estimate ---
         return EXIT_OK
     from . import ray_session, report_cli
+    from .layout import ExperimentLayout
     from .runner import run_experiment
     from .storage import StorageUnreachable
 
@@ -356,8 +356,9 @@ def _run(args) -> int:
             res = spec.resources
             ray_session.check_local_fits(res.cpus_per_worker, res.workers)  # before a local Ray starts
         # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.progress)
+        layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
         with report_cli.quiet_output(args, len(cells), spec.name):
-            summary = run_experiment(spec, args.results, address=args.address)
+            summary = run_experiment(spec, layout, address=args.address, cells=cells)
     except (ClusterTooSmall, StorageUnreachable) as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_FAILED

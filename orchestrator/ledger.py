@@ -1,14 +1,22 @@
 """The Parquet ledger: one file per finished cell, one row per (cell, metric) (DESIGN.md).
 
-Layout: ``<results>/<experiment>/ledger/<cell_id>.parquet``. Each file is written to a temporary
-name and renamed, so readers (which glob the folder) never see a partial cell. ``results`` is a
-local path or any URI that ``pyarrow.fs`` understands (``s3://...``; NFS is a local path).
+Where things are: ``<results>/<experiment>/ledger/<cell_id>.parquet``, and every other file of an
+experiment, come from :class:`orchestrator.layout.ExperimentLayout` (the table is in that module).
+``results`` is a local path or any URI that ``pyarrow.fs`` understands (``s3://...``; NFS is a local path).
 
-The experiment's other files (``masks/``, ``states/``, ``checkpoints/``, ``artifacts/``, ``cascade/``,
-``ray_train/``, ``tune/``) live next to the ledger, on the same filesystem: build their locations with
-:func:`artifact_location` (a local path for local results, a URI for URI results), which
-``smn_core.checkpoint``, Ray Train and Ray Tune all accept; :func:`experiment_dir` is the path *inside*
-the filesystem, without a URI's scheme, for use with :func:`resolve`'s filesystem only.
+Writing: a cell's worker calls :func:`write_cell` once, after its masks and final state; the file goes
+through :func:`orchestrator.layout.write_atomically` (a temporary name, then a move; in place on object
+stores, where an upload appears whole), so readers (which glob the folder) never see a partial cell, and
+the same cell landing twice (a replayed task) leaves one file with one set of rows.
+
+Reading, from cheapest to widest:
+
+* :func:`read_cell` ``(layout, cell_id)``: one cell's ``{metric: value}``, reading one file (a Tune trial
+  that checks whether another driver finished its cell meanwhile uses this).
+* :func:`completed_cells`, :func:`cell_metric`: the set of finished cells / one metric per cell.
+* :func:`read_ledger`: every row (long format), one experiment or all.
+* :func:`wide`: long rows to one row per cell, the ledger's meta columns plus one column per metric; the
+  paper tables (``paper_*`` modules) build on it.
 
 Readers accept any file whose schema casts to the ledger's (a copy saved back by pandas, an extra
 column, a renamed copy). A file that cannot be read (truncated, corrupted) is skipped with a warning by
@@ -26,7 +34,6 @@ import json
 import os
 import socket
 import time
-import uuid
 import warnings
 from typing import Any
 
@@ -37,9 +44,11 @@ import pyarrow.parquet as pq
 
 import smn_core
 
-__all__ = ["LEDGER_SCHEMA", "resolve", "write_cell", "read_ledger", "completed_cells", "experiment_dir",
-           "artifact_location", "list_experiments", "write_failure", "read_failures", "cell_metric",
-           "as_ledger_table", "check_experiment_name"]
+from .layout import ExperimentLayout, filesystem, normalise_results, write_atomically
+
+__all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "resolve", "write_cell", "read_ledger", "read_cell", "wide",
+           "completed_cells", "experiment_dir", "artifact_location", "list_experiments", "write_failure",
+           "read_failures", "cell_metric", "as_ledger_table", "check_experiment_name"]
 
 LEDGER_SCHEMA = pa.schema([
     ("cell_id", pa.string()),
@@ -60,17 +69,13 @@ LEDGER_SCHEMA = pa.schema([
 
 
 def resolve(results: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or a pyarrow URI (``s3://bucket/prefix``, ``file:///...``).
+    """``(filesystem, path)`` for a local path or a pyarrow URI (``s3://bucket/prefix``, ``file:///...``);
+    :func:`orchestrator.layout.filesystem`, cached per process.
 
     Raises:
         ValueError: if the URI's filesystem is not supported by pyarrow.
     """
-    if "://" in str(results):
-        try:
-            return pafs.FileSystem.from_uri(str(results))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise ValueError(f"results location {results!r} is not supported: {exc}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.fspath(results))
+    return filesystem(normalise_results(results))
 
 
 def experiment_dir(results: str, experiment: str) -> str:
@@ -79,26 +84,18 @@ def experiment_dir(results: str, experiment: str) -> str:
 
 
 def artifact_location(results: str, experiment: str, *parts: str) -> str:
-    """Where an experiment's artifact lives: ``<results>/<experiment>/<parts...>``.
+    """Where an experiment's artifact lives: ``<results>/<experiment>/<parts...>``
+    (:meth:`orchestrator.layout.ExperimentLayout.location`).
 
     For local results (a path, NFS included) this is an absolute local path; for URI results it is a URI
     on the same filesystem that keeps the results URI's query, e.g. ``artifact_location("s3://b/r?scheme=http",
     "exp", "masks", "c1.safetensors") == "s3://b/r/exp/masks/c1.safetensors?scheme=http"``, which
-    ``smn_core.checkpoint``, Ray Train and Ray Tune all accept. (Do not build these with ``pathlib``:
-    ``Path("s3://b/x")`` collapses the ``//``.)
+    ``smn_core.checkpoint``, Ray Train and Ray Tune all accept.
 
     Raises:
-        ValueError: if ``experiment`` or a part is empty, ``.`` or ``..``, or holds ``?`` or ``#``.
+        ValueError: if ``experiment`` or a part is empty, ``.`` or ``..``, or holds ``/``, ``?`` or ``#``.
     """
-    for name in (experiment, *parts):
-        if not name or name in (".", "..") or any(c in name for c in "?#"):
-            raise ValueError(f"artifact path part {name!r} (experiment {experiment!r}) is not a plain name")
-    if "://" in str(results):
-        from urllib.parse import urlsplit, urlunsplit
-
-        split = urlsplit(str(results))
-        return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), experiment, *parts])))
-    return "/".join([experiment_dir(results, experiment), *parts])
+    return ExperimentLayout.of(results, experiment).location(*parts)
 
 
 def write_cell(results: str, experiment: str, *, cell_id: str, method: str, backbone: str, dataset: str, seed: int,
@@ -115,9 +112,8 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
     """
     if not metrics:
         raise ValueError(f"cell {cell_id} has no metrics to write")
-    fs, root = resolve(results)
-    folder = f"{root.rstrip('/')}/{experiment}/ledger"
-    fs.create_dir(folder, recursive=True)
+    lay = ExperimentLayout.of(results, experiment)
+    fs = lay.fs
     n = len(metrics)
     ms = lambda t: pd.Timestamp(t, unit="s", tz="UTC")  # noqa: E731
     table = pa.table({
@@ -129,12 +125,10 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
         "started_at": [ms(started_at)] * n, "finished_at": [ms(finished_at)] * n,
         "host": [socket.gethostname()] * n, "smn_version": [smn_core.__version__] * n,
     }, schema=LEDGER_SCHEMA)
-    final = f"{folder}/{cell_id}.parquet"
-    tmp = f"{folder}/.{cell_id}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        pq.write_table(table, out)
-    fs.move(tmp, final)
-    failure = f"{root.rstrip('/')}/{experiment}/failures/{cell_id}.json"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    final = write_atomically(fs, lay.ledger_file(cell_id), sink.getvalue().to_pybytes())
+    failure = lay.failure(cell_id)
     if fs.get_file_info(failure).type == pafs.FileType.File:
         fs.delete_file(failure)
     return final
@@ -142,23 +136,16 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
 
 def write_failure(results: str, experiment: str, *, cell_id: str, label: str, error: str, attempts: int) -> str:
     """Record that a cell failed after ``attempts`` tries with ``error``; returns the record's path."""
-    fs, root = resolve(results)
-    folder = f"{root.rstrip('/')}/{experiment}/failures"
-    fs.create_dir(folder, recursive=True)
-    path = f"{folder}/{cell_id}.json"
+    lay = ExperimentLayout.of(results, experiment)
     blob = json.dumps({"cell_id": cell_id, "label": label, "error": error, "attempts": attempts,
                        "failed_at": time.time(), "host": socket.gethostname()}, indent=1).encode()
-    tmp = f"{folder}/.{cell_id}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        out.write(blob)
-    fs.move(tmp, path)
-    return path
+    return write_atomically(lay.fs, lay.failure(cell_id), blob)
 
 
 def read_failures(results: str, experiment: str) -> dict[str, dict]:
     """``{cell_id: failure record}`` of the cells that failed and have not landed since."""
-    fs, root = resolve(results)
-    folder = f"{root.rstrip('/')}/{experiment}/failures"
+    lay = ExperimentLayout.of(results, experiment)
+    fs, folder = lay.fs, lay.failures_dir
     out = {}
     for fi in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
         name = os.path.basename(fi.path)
@@ -293,3 +280,47 @@ def completed_cells(results: str, experiment: str) -> set[str]:
     quarantined (moved to ``<experiment>/quarantine/``) and their cells run again."""
     df = read_ledger(results, experiment, quarantine=True)
     return set(df["cell_id"].unique())
+
+
+def read_cell(layout: ExperimentLayout, cell_id: str) -> dict[str, float] | None:
+    """One cell's ``{metric: value}``, reading its own ledger file only; None when the cell has not landed.
+
+    A file that exists but cannot be read as this cell's rows also gives None (the cell runs again and
+    its rewrite replaces the file; a full :func:`read_ledger` quarantines such files).
+
+    Raises:
+        OSError: if the storage itself cannot be reached.
+    """
+    fs, path = layout.fs, layout.ledger_file(cell_id)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    try:
+        t = pq.read_table(path, filesystem=fs, columns=["cell_id", "metric", "value"])
+    except (pa.ArrowInvalid, OSError, ValueError):
+        return None
+    if t.num_rows == 0 or set(t.column("cell_id").to_pylist()) != {cell_id}:
+        return None
+    return dict(zip(t.column("metric").to_pylist(), (float(v) for v in t.column("value").to_pylist())))
+
+
+META_COLUMNS = ("experiment", "method", "backbone", "dataset", "seed", "grid_json", "config_json", "started_at",
+                "finished_at", "host", "smn_version")
+"""The per-cell columns of the ledger (the same on every row of a cell); :func:`wide` keeps them."""
+
+
+def wide(df: pd.DataFrame) -> pd.DataFrame:
+    """The per-cell (wide) view of ledger rows: one row per ``cell_id``, the :data:`META_COLUMNS` of the
+    cell's first row, then one column per metric (NaN where a cell lacks that metric).
+
+    Args:
+        df: ledger rows (long format, :func:`read_ledger`), possibly filtered.
+
+    Returns:
+        A DataFrame with a ``cell_id`` column, sorted by ``cell_id``; empty (no columns) for no rows.
+    """
+    if df.empty:
+        return pd.DataFrame()
+    values = df.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
+    values.columns.name = None
+    meta = df.groupby("cell_id")[[c for c in META_COLUMNS if c in df.columns]].first()
+    return meta.join(values).reset_index()

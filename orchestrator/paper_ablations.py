@@ -18,6 +18,7 @@ import json
 
 import pandas as pd
 
+from . import ledger
 from .reports import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["cells_frame", "mask_variant", "frozen_label", "selection_strategy"]
@@ -30,13 +31,10 @@ def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
     and one column per metric."""
     if df.empty:
         return pd.DataFrame()
-    wide = df.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
-    meta = df.groupby("cell_id").first()[["experiment", "method", "backbone", "dataset", "seed", "config_json",
-                                          "grid_json"]]
-    out = meta.join(wide)
+    out = ledger.wide(df).drop(columns=["started_at", "finished_at", "host", "smn_version"])
     out["config"] = out.pop("config_json").map(json.loads)
     out["grid"] = out.pop("grid_json").map(json.loads)
-    return out.reset_index()
+    return out
 
 
 def _mask(cfg: dict) -> dict:

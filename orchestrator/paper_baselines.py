@@ -100,9 +100,8 @@ def cell_frame(df: pd.DataFrame) -> pd.DataFrame:
     (the parsed config) and ``data`` (short dataset label). Empty for an empty ledger."""
     if df.empty:
         return pd.DataFrame()
-    meta = df.drop_duplicates("cell_id").set_index("cell_id")[_META]
-    wide = df.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
-    cells = meta.join(wide).reset_index()
+    cells = ledger.wide(df)
+    cells = cells[["cell_id", *_META, *(c for c in cells.columns if c not in ledger.META_COLUMNS and c != "cell_id")]]
     cells["config"] = cells["config_json"].map(json.loads)
     cells["data"] = cells["config"].map(_dataset_label)
     return cells

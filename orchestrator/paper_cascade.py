@@ -13,6 +13,7 @@ import re
 
 import pandas as pd
 
+from . import ledger
 from .reports import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["table3", "fig11"]
@@ -25,8 +26,8 @@ _ROWS = (("dispatcher", "Self-masking"),
 
 def _wide(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per cell, one column per metric (plus dataset)."""
-    w = rows.pivot_table(index=["cell_id", "dataset"], columns="metric", values="value", aggfunc="first")
-    return w.reset_index()
+    w = ledger.wide(rows)
+    return w.drop(columns=[c for c in ledger.META_COLUMNS if c != "dataset"])
 
 
 @register_table("table3", "Table 3: self-masking cascade (storage, forward passes, k-NN and linear probe)")

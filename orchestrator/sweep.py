@@ -12,13 +12,18 @@
   already are given to Optuna as evaluated points and count against the budget, so a rerun only
   runs the missing trials.
 
-Every trial runs its cell through :func:`orchestrator.runner.run_cell_here` (per-epoch checkpoints,
-resume) and writes the cell's ledger rows itself, so a sweep stopped at any point (Ctrl-C, a killed
+Every trial runs its cell through :func:`orchestrator.engine.run_job` (per-epoch checkpoints, resume;
+a ``TorchTrainer`` only for ``workers > 1``) and writes the cell's ledger rows itself, so a sweep stopped at any point (Ctrl-C, a killed
 driver, a lost node) and started again with the same command finishes the missing cells only.
 Failed trials are retried ``resources.max_retries`` times (Tune ``FailureConfig``); a trial that keeps
 failing gets a failure record (``ledger.write_failure``) and the rest of the sweep goes on.
 Progress: one line per trial event with trials done / running / pending / failed and the best
 metric so far.
+
+Warm trials: Tune reuses trial actors (``reuse_actors=True``), so a trial process imports torch and
+``smn_core`` once and runs trial after trial (a fresh process per trial cost tens of seconds on a small
+machine). A trial first checks its own cell's ledger file (:func:`orchestrator.ledger.read_cell`, one
+file, not the whole ledger), so a cell another driver finished meanwhile is reported, not rerun.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ import time
 import uuid
 from typing import Any, Callable
 
+import ray
 from ray import tune
 
 from . import ledger
-from .runner import (RunSummary, _dump, completed_cells, echo_cell_done, prepare_pipeline_weights, run_cell_here,
-                     run_ddp_cell, start_ray_for)
+from .engine import CellJob, run_job
+from .layout import ExperimentLayout
+from .prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
 from .spec import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
 
 __all__ = ["run_sweep", "SweepProgress"]
@@ -104,40 +111,25 @@ def _report(metrics: dict[str, Any], cell_id: str) -> None:
     tune.report({**clean, "cell_id": cell_id})
 
 
-def _ledger_metrics(results: str, experiment: str, cell_id: str) -> dict[str, float] | None:
-    df = ledger.read_ledger(results, experiment)
-    rows = df[df["cell_id"] == cell_id]
-    return dict(zip(rows["metric"], rows["value"])) if len(rows) else None
-
-
-def _run_one(item: dict, experiment: str, results: str, resources: dict) -> dict[str, float]:
-    args = (item["cell"], item["cell_id"], item["label"], item["grid"], experiment, results, item["pipeline_weights"])
-    if resources["workers"] > 1:
-        return run_ddp_cell(*args, resources)
-    return run_cell_here(*args)
-
-
-def _grid_trial(config: dict, *, cells: list[dict], experiment: str, results: str, resources: dict) -> None:
-    """Tune trial of a grid sweep: run cell ``cells[config["cell_index"]]`` (or read it from the ledger
+def _grid_trial(config: dict, *, jobs: list[CellJob], resources) -> None:
+    """Tune trial of a grid sweep: run cell ``jobs[config["cell_index"]]`` (or read it from its ledger file
     when another driver finished it meanwhile) and report its metrics."""
-    item = cells[config["cell_index"]]
-    metrics = _ledger_metrics(results, experiment, item["cell_id"])
+    job = jobs[config["cell_index"]]
+    metrics = ledger.read_cell(job.layout, job.cell_id)
     if metrics is None:
-        metrics = _run_one(item, experiment, results, resources)
-    _report(metrics, item["cell_id"])
+        metrics = run_job(job, resources)
+    _report(metrics, job.cell_id)
 
 
-def _search_trial(config: dict, *, spec_json: str, space: list[str], experiment: str, results: str,
-                  resources: dict, pipeline_weights: str | None) -> None:
+def _search_trial(config: dict, *, spec: ExperimentSpec, space: list[str], layout: ExperimentLayout, resources,
+                  pipeline_weights: str | None) -> None:
     """Tune trial of an Optuna search: build the cell of the proposed values, run it (or read it from
     the ledger when it is there already) and report its metrics."""
-    spec = ExperimentSpec.model_validate_json(spec_json)
     cell = search_cell(spec, {k: config[k] for k in space})
-    metrics = _ledger_metrics(results, experiment, cell.cell_id)
+    metrics = ledger.read_cell(layout, cell.cell_id)
     if metrics is None:
-        item = {"cell": _dump(cell), "cell_id": cell.cell_id, "label": cell.label, "grid": cell.grid_values,
-                "pipeline_weights": pipeline_weights}
-        metrics = _run_one(item, experiment, results, resources)
+        job = CellJob(cell.config, cell.cell_id, cell.label, dict(cell.grid_values), layout, pipeline_weights)
+        metrics = run_job(job, resources)
     _report(metrics, cell.cell_id)
 
 
@@ -149,10 +141,10 @@ def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
     return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
 
 
-def _run_config(spec: ExperimentSpec, results: str, callbacks: list) -> tune.RunConfig:
+def _run_config(spec: ExperimentSpec, layout: ExperimentLayout, callbacks: list) -> tune.RunConfig:
     # a URI (s3://...) goes to Tune as it is, query included: Tune opens it with pyarrow.fs itself
-    storage = ledger.artifact_location(results, spec.name, "tune")
-    if "://" not in str(results):
+    storage = layout.tune
+    if not layout.is_uri:
         os.makedirs(storage, exist_ok=True)
     # a fresh name each time: re-using a Tune run name in the same storage silently resumes it;
     # resuming is the ledger's job (finished cells are skipped, running ones resume from checkpoints)
@@ -161,7 +153,7 @@ def _run_config(spec: ExperimentSpec, results: str, callbacks: list) -> tune.Run
                           failure_config=tune.FailureConfig(max_failures=spec.resources.max_retries))
 
 
-def _record_failures(spec: ExperimentSpec, results: str, result_grid, cell_of: Callable[[dict], Cell | None],
+def _record_failures(spec: ExperimentSpec, layout: ExperimentLayout, result_grid, cell_of: Callable[[dict], Cell | None],
                      summary: RunSummary, echo: Callable[[str], None]) -> None:
     for r in result_grid:
         cell = cell_of(r.config or {})
@@ -170,7 +162,7 @@ def _record_failures(spec: ExperimentSpec, results: str, result_grid, cell_of: C
         if r.error is not None:
             err = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1] if str(r.error).strip() else ''}"
             summary["failed"][cell.cell_id] = err
-            ledger.write_failure(results, spec.name, cell_id=cell.cell_id, label=cell.label, error=str(r.error),
+            ledger.write_failure(layout.results, spec.name, cell_id=cell.cell_id, label=cell.label, error=str(r.error),
                                  attempts=spec.resources.max_retries + 1)
             echo(f"  cell {cell.cell_id} {cell.label} failed after {spec.resources.max_retries + 1} attempt(s): {err}")
         else:
@@ -184,46 +176,61 @@ def _quiet_tune() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-def _grid_round(spec: ExperimentSpec, results: str, cells: list[Cell], summary: RunSummary,
+def _grid_round(spec: ExperimentSpec, layout: ExperimentLayout, cells: list[Cell], summary: RunSummary,
                 echo: Callable[[str], None]) -> None:
-    weights = prepare_pipeline_weights(spec, results, cells, echo)
-    payload = [{"cell": _dump(c), "cell_id": c.cell_id, "label": c.label, "grid": c.grid_values,
-                "pipeline_weights": weights.get(c.cell_id)} for c in cells]
-    trainable = tune.with_parameters(_grid_trial, cells=payload, experiment=spec.name, results=results,
-                                     resources=spec.resources.model_dump())
+    weights = prepare_pipeline_weights(spec, layout, cells, echo)
+    trainable = tune.with_parameters(_grid_trial, jobs=cell_jobs(cells, layout, weights), resources=spec.resources)
     trainable = tune.with_resources(trainable, _trial_resources(spec))
     progress = SweepProgress(len(cells), lambda cfg: cells[cfg["cell_index"]].label, _PROGRESS_METRIC, "max",
                              echo, spec.name)
     tuner = tune.Tuner(
         trainable,
         param_space={"cell_index": tune.grid_search(list(range(len(cells))))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=False),
-        run_config=_run_config(spec, results, [progress]),
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=True),
+        run_config=_run_config(spec, layout, [progress]),
     )
     grid = tuner.fit()
-    _record_failures(spec, results, grid, lambda cfg: cells[cfg["cell_index"]] if "cell_index" in cfg else None,
+    _record_failures(spec, layout, grid, lambda cfg: cells[cfg["cell_index"]] if "cell_index" in cfg else None,
                      summary, echo)
 
 
-def run_sweep(spec: ExperimentSpec, results: str, *, address: str | None = None,
-              echo: Callable[[str], None] = print) -> RunSummary:
+def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Callable[[str], None] = print,
+              start_ray: Callable[[], None] | None = None, cells: list[Cell] | None = None) -> RunSummary:
     """Run the missing cells of a grid or search spec as a Ray Tune sweep; return the summary.
 
+    Args:
+        results: a results location or an :class:`orchestrator.layout.ExperimentLayout`.
+        start_ray: called once, before the first trial, when there is work: joins or starts Ray and runs
+            the preflight checks (:func:`orchestrator.runner.start_ray_for`, which
+            :func:`orchestrator.runner.run_experiment` passes). None: Ray must be initialised already.
+        cells: the spec's expanded cells when the caller has them (the first round's; later rounds, with
+            found densities, expand again).
+
     Raises:
-        RuntimeError: if the spec asks for GPUs the cluster lacks (before any work starts).
+        RuntimeError: if the spec asks for GPUs the cluster lacks (before any work starts), or if Ray is not
+            initialised and no ``start_ray`` is given.
         SpecError: if a search varies the backbone or pretraining of a ``weights: pipeline`` spec.
     """
     _quiet_tune()
+    layout = ExperimentLayout.of(results, spec.name)
+
+    def ready() -> None:
+        if start_ray is not None:
+            start_ray()
+        elif not ray.is_initialized():
+            raise RuntimeError("run_sweep needs Ray: pass start_ray (orchestrator.runner.start_ray_for) or call "
+                               "ray.init first")
+
     if spec.search is not None:
-        return _run_search(spec, results, address=address, echo=echo)
+        return _run_search(spec, layout, ready=ready, echo=echo)
     summary = RunSummary(total=0, skipped=0, ran=0, failed={})
     densities: dict[str, float] | None = None
     seen: set[str] = set()
     first = True
     while True:
-        cells = expand_cells(spec, densities)
+        cells = expand_cells(spec, densities) if cells is None or densities is not None else cells
         waiting = pending_references(spec, densities)
-        done = completed_cells(results, spec.name)
+        done = completed_cells(layout, spec.name)
         todo = [c for c in cells if c.cell_id not in done and c.cell_id not in summary["failed"]]
         summary["skipped"] += sum(c.cell_id in done for c in cells if c.cell_id not in seen)
         seen.update(c.cell_id for c in cells)
@@ -233,11 +240,11 @@ def run_sweep(spec: ExperimentSpec, results: str, *, address: str | None = None,
                  f", {summary['skipped']} already in the ledger, {len(todo)} to run now")
             first = False
         if todo:
-            start_ray_for(spec, results, address)
-            _grid_round(spec, results, todo, summary, echo)
+            ready()
+            _grid_round(spec, layout, todo, summary, echo)
         if not waiting:
             break
-        densities = ledger.cell_metric(results, spec.name, "density")
+        densities = ledger.cell_metric(layout.results, spec.name, "density")
         missing = waiting - densities.keys()
         if missing:
             for ref in sorted(missing):
@@ -246,7 +253,7 @@ def run_sweep(spec: ExperimentSpec, results: str, *, address: str | None = None,
             echo(f"  {len(missing)} threshold cell(s) did not land; their top-k cells at the found density are skipped")
             if missing == waiting:
                 break
-    summary["total"] = len(expand_cells(spec, densities)) + len(pending_references(spec, densities))
+    summary["total"] = len(cells) + len(pending_references(spec, densities))
     return summary
 
 
@@ -264,7 +271,7 @@ def _search_space(spec: ExperimentSpec) -> dict[str, Any]:
     return out
 
 
-def _run_search(spec: ExperimentSpec, results: str, *, address: str | None,
+def _run_search(spec: ExperimentSpec, layout: ExperimentLayout, *, ready: Callable[[], None],
                 echo: Callable[[str], None]) -> RunSummary:
     from ray.tune.search.optuna import OptunaSearch
 
@@ -273,8 +280,8 @@ def _run_search(spec: ExperimentSpec, results: str, *, address: str | None,
     base = search_cell(spec, {})
     if base.config.backbone.weights == "pipeline" and any(k.startswith(("backbone.", "pretrain.")) for k in keys):
         raise SpecError("a search over backbone.* or pretrain.* keys needs backbone.weights other than 'pipeline'")
-    completed_cells(results, spec.name)  # a clear StorageUnreachable when the ledger cannot be read
-    df = ledger.read_ledger(results, spec.name)
+    completed_cells(layout, spec.name)  # a clear StorageUnreachable when the ledger cannot be read
+    df = ledger.read_ledger(layout.results, spec.name)
     points, rewards = [], []
     for cid, rows in df.groupby("cell_id"):
         grid = json.loads(rows["grid_json"].iloc[0])
@@ -288,14 +295,13 @@ def _run_search(spec: ExperimentSpec, results: str, *, address: str | None,
          f"trials, {len(points)} already in the ledger, {remaining} to run")
     if remaining <= 0:
         return summary
-    start_ray_for(spec, results, address)
-    weights = prepare_pipeline_weights(spec, results, [base], echo)
+    ready()
+    weights = prepare_pipeline_weights(spec, layout, [base], echo)
     # the sampler's seed moves on with the trials already done: the same seed would propose the same
     # first random points again, which the ledger already holds
     searcher = OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed + len(points),
                             points_to_evaluate=points or None, evaluated_rewards=rewards or None)
-    trainable = tune.with_parameters(_search_trial, spec_json=spec.model_dump_json(), space=keys,
-                                     experiment=spec.name, results=results, resources=spec.resources.model_dump(),
+    trainable = tune.with_parameters(_search_trial, spec=spec, space=keys, layout=layout, resources=spec.resources,
                                      pipeline_weights=weights.get(base.cell_id))
     trainable = tune.with_resources(trainable, _trial_resources(spec))
 
@@ -310,9 +316,9 @@ def _run_search(spec: ExperimentSpec, results: str, *, address: str | None,
     tuner = tune.Tuner(
         trainable, param_space=_search_space(spec),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
-                                    max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=False),
-        run_config=_run_config(spec, results, [progress]),
+                                    max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=True),
+        run_config=_run_config(spec, layout, [progress]),
     )
     grid = tuner.fit()
-    _record_failures(spec, results, grid, cell_of, summary, echo)
+    _record_failures(spec, layout, grid, cell_of, summary, echo)
     return summary

@@ -22,12 +22,14 @@ import numbers
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:  # torchvision is imported where the transforms are built (its import takes seconds)
+    from torchvision.transforms import v2
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -66,6 +68,8 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[list[floa
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[Callable]:
     """PIL -> float32 tensor in [0, 1] -> (x - mean) / std, as a plain ``torch.Tensor``."""
+    from torchvision.transforms import v2  # lazy: torchvision's import reaches torch._dynamo (seconds)
+
     return [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -90,6 +94,8 @@ def eval_transform(
         ValueError: ``image_size`` not a positive int, or ``mean``/``std`` not 3 finite values
             (``std`` > 0).
     """
+    from torchvision.transforms import v2
+
     image_size = _check_positive_int(image_size, "image_size")
     mean, std = _check_stats(mean, std)
     if image_size <= SMALL_IMAGE_MAX:
@@ -113,6 +119,8 @@ def supervised_train_transform(
     Raises:
         ValueError: as :func:`eval_transform`.
     """
+    from torchvision.transforms import v2
+
     image_size = _check_positive_int(image_size, "image_size")
     mean, std = _check_stats(mean, std)
     scale = (0.35, 1.0) if image_size <= SMALL_IMAGE_MAX else (0.08, 1.0)
@@ -287,6 +295,8 @@ class MultiCropTransform:
 
     def _view_transform(self, size: int, scale: tuple[float, float], mean, std,
                         blur_sigma: tuple[float, float]) -> v2.Compose:
+        from torchvision.transforms import v2
+
         c = self.config
         s = float(c.color_jitter_strength)
         ops: list[Callable] = [

@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 __all__ = [
     "ImageDataset",
@@ -402,6 +401,8 @@ def stratified_subsample(ds: ImageDataset, max_samples: int, seed: int = 0) -> I
 
 def _split_indices(targets: np.ndarray, split: str, test_fraction: float, seed: int, what: str) -> np.ndarray:
     """Indices (sorted) of ``split`` in a deterministic stratified train/test split of ``targets``."""
+    from sklearn.model_selection import train_test_split  # lazy: scikit-learn's import takes seconds
+
     try:
         train_idx, test_idx = train_test_split(
             np.arange(len(targets)), test_size=test_fraction, random_state=seed, stratify=targets

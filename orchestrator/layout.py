@@ -1,0 +1,251 @@
+"""Where every file of an experiment lives: :class:`ExperimentLayout`, and :func:`atomic_write`.
+
+An experiment's results sit under one root, ``<results>/<experiment>/``. ``results`` is a local
+path (an NFS mount on a cluster is one) or any URI that ``pyarrow.fs`` understands
+(``s3://bucket/prefix?endpoint_override=host:port&scheme=http``, ``file:///...``). The layout is built
+once, where the user's ``--results`` enters (the CLI or ``run_experiment``); everything downstream (the
+engine, the ledger, the sweep, the cascade, Ray Train and Ray Tune storage) asks it for locations and
+never rebuilds a path by hand.
+
+| name | location (under ``<results>/<experiment>/``) | written by |
+| --- | --- | --- |
+| :meth:`ExperimentLayout.ledger_file` | ``ledger/<cell_id>.parquet`` | the cell's worker, last |
+| :meth:`ExperimentLayout.mask` | ``masks/<cell_id>.safetensors`` | the cell's worker |
+| :meth:`ExperimentLayout.state` | ``states/<cell_id>/`` (final trainable state) | the cell's worker |
+| :meth:`ExperimentLayout.checkpoint` | ``checkpoints/<cell_id>/`` (epoch checkpoint, removed on landing) | the cell's worker |
+| :meth:`ExperimentLayout.artifact` | ``artifacts/<name>`` (pretrained backbones) | a pretraining task |
+| :meth:`ExperimentLayout.cascade` | ``cascade/<cell_id>/<file>`` (router, routes, expert embeddings) | cascade stages |
+| :meth:`ExperimentLayout.failure` | ``failures/<cell_id>.json`` | the driver, after the last retry |
+| :attr:`ExperimentLayout.quarantine_dir` | ``quarantine/`` (unreadable ledger files set aside) | ledger readers |
+| :attr:`ExperimentLayout.ray_train` / :attr:`ExperimentLayout.tune` | ``ray_train/``, ``tune/`` | Ray Train / Tune |
+| :meth:`ExperimentLayout.figure` | ``<results>/figures/<name>.png`` (results level) | ``smn plot`` |
+
+Every location method returns a *location*: an absolute local path for local results, or a URI on the
+same filesystem that keeps the results URI's query (``s3://b/r/exp/masks/c.safetensors?scheme=http``),
+which :mod:`smn_core.checkpoint`, Ray Train and Ray Tune all accept. :meth:`ExperimentLayout.inner`
+gives the same place as a path *inside* :attr:`ExperimentLayout.fs` (no scheme, no query), for direct
+``pyarrow.fs`` calls. The URI is parsed once per process (:func:`filesystem` is cached).
+
+:func:`atomic_write` is the one way orchestrator code writes a file: to a temporary sibling, then moved
+into place (readers never see half a file), except on object stores (S3, GCS), where an object appears
+whole once its upload completes and a move would be a second full copy, so it is written in place; the
+same policy as :mod:`smn_core.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+__all__ = ["ExperimentLayout", "filesystem", "normalise_results", "atomic_write", "write_atomically", "location_join",
+           "OBJECT_STORES"]
+
+OBJECT_STORES = frozenset({"s3", "gcs"})
+"""``pyarrow.fs`` type names whose writes are whole-object (no temp-and-move needed)."""
+
+
+def normalise_results(results: str | os.PathLike) -> str:
+    """``results`` as the layout keeps it: a URI unchanged, a local path absolute and normalised.
+
+    Ray workers may run in another working directory, so a relative path must be made absolute where the
+    user typed it.
+    """
+    text = os.fspath(results)
+    if "://" in text:
+        return text
+    return os.path.abspath(text)
+
+
+@functools.lru_cache(maxsize=64)
+def filesystem(results: str) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow filesystem, root path inside it)`` of a results location (cached per process).
+
+    Raises:
+        ValueError: if the URI's filesystem is not supported by pyarrow.
+    """
+    if "://" in results:
+        try:
+            fs, inner = pafs.FileSystem.from_uri(results)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"results location {results!r} is not supported: {exc}") from None
+        return fs, inner.rstrip("/") or "/"
+    return pafs.LocalFileSystem(), os.path.abspath(results)
+
+
+def _check_part(name: str, experiment: str) -> None:
+    if not name or name in (".", "..") or any(c in name for c in "?#") or "/" in name:
+        raise ValueError(f"artifact path part {name!r} (experiment {experiment!r}) is not a plain name")
+
+
+def location_join(base: str, *parts: str) -> str:
+    """``base/parts...`` for a local path or a URI (the URI's query is kept after the new path).
+
+    Do not build these with ``pathlib``: ``Path("s3://b/x")`` collapses the ``//``.
+    """
+    if "://" in base:
+        split = urlsplit(base)
+        return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
+    return "/".join([base.rstrip("/") or "/", *parts]) if parts else base
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """Every location of one experiment's files (see the module docstring for the table).
+
+    Build it with :meth:`of` (which normalises ``results``); it is a small frozen value, cheap to pickle
+    into Ray tasks, actors and Tune trials.
+
+    Attributes:
+        results: the normalised results location (absolute local path, or URI with its query).
+        experiment: the experiment's name (a plain folder name).
+    """
+
+    results: str
+    experiment: str
+
+    @classmethod
+    def of(cls, results: str | os.PathLike | "ExperimentLayout", experiment: str) -> "ExperimentLayout":
+        """The layout of ``experiment`` under ``results`` (a path, a URI, or a layout whose root is kept).
+
+        Raises:
+            ValueError: if ``experiment`` is not a plain name.
+        """
+        root = results.results if isinstance(results, ExperimentLayout) else normalise_results(results)
+        _check_part(experiment, experiment)
+        return cls(root, experiment)
+
+    # --- the filesystem -------------------------------------------------------------------------
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The ``pyarrow.fs`` filesystem of the results (parsed once per process)."""
+        return filesystem(self.results)[0]
+
+    @property
+    def is_uri(self) -> bool:
+        """Whether the results are a URI (object store, ``file://``) rather than a local path."""
+        return "://" in self.results
+
+    def inner(self, *parts: str) -> str:
+        """Path inside :attr:`fs` (no scheme, no query) of ``<experiment>/<parts...>``."""
+        for p in parts:
+            _check_part(p, self.experiment)
+        return "/".join([filesystem(self.results)[1].rstrip("/"), self.experiment, *parts])
+
+    def location(self, *parts: str) -> str:
+        """Location (local path or URI) of ``<results>/<experiment>/<parts...>``.
+
+        Raises:
+            ValueError: if a part is empty, ``.``, ``..``, or holds ``/``, ``?`` or ``#``.
+        """
+        for p in parts:
+            _check_part(p, self.experiment)
+        return location_join(self.results, self.experiment, *parts)
+
+    # --- named locations ------------------------------------------------------------------------
+    @property
+    def root(self) -> str:
+        """``<results>/<experiment>``."""
+        return self.location()
+
+    @property
+    def ledger_dir(self) -> str:
+        """Inner path of the ledger folder (``<experiment>/ledger``)."""
+        return self.inner("ledger")
+
+    def ledger_file(self, cell_id: str) -> str:
+        """Inner path of one cell's ledger file (``ledger/<cell_id>.parquet``)."""
+        return self.inner("ledger", f"{cell_id}.parquet")
+
+    @property
+    def failures_dir(self) -> str:
+        """Inner path of the failure records' folder."""
+        return self.inner("failures")
+
+    def failure(self, cell_id: str) -> str:
+        """Inner path of a cell's failure record (``failures/<cell_id>.json``)."""
+        return self.inner("failures", f"{cell_id}.json")
+
+    @property
+    def quarantine_dir(self) -> str:
+        """Inner path of the folder where unreadable ledger files are set aside."""
+        return self.inner("quarantine")
+
+    def mask(self, cell_id: str) -> str:
+        """Location of a finished cell's masks (``masks/<cell_id>.safetensors``)."""
+        return self.location("masks", f"{cell_id}.safetensors")
+
+    def state(self, cell_id: str) -> str:
+        """Location of a finished cell's final trainable state folder (``states/<cell_id>/``)."""
+        return self.location("states", cell_id)
+
+    def checkpoint(self, cell_id: str) -> str:
+        """Location of a running cell's epoch checkpoint folder (``checkpoints/<cell_id>/``)."""
+        return self.location("checkpoints", cell_id)
+
+    def artifact(self, name: str) -> str:
+        """Location of a shared artifact (``artifacts/<name>``, e.g. a pretrained backbone)."""
+        return self.location("artifacts", name)
+
+    def cascade(self, cell_id: str, *parts: str) -> str:
+        """Location of a cascade stage's files (``cascade/<cell_id>/<parts...>``)."""
+        return self.location("cascade", cell_id, *parts)
+
+    @property
+    def ray_train(self) -> str:
+        """Ray Train's ``storage_path`` (a URI is given to Ray as it is)."""
+        return self.location("ray_train")
+
+    @property
+    def tune(self) -> str:
+        """Ray Tune's ``storage_path``."""
+        return self.location("tune")
+
+    def figure(self, name: str) -> str:
+        """Location of a figure, at the results level: ``<results>/figures/<name>.png``."""
+        _check_part(name, self.experiment)
+        return location_join(self.results, "figures", f"{name}.png")
+
+
+def atomic_write(location: str, blob: bytes) -> str:
+    """Write ``blob`` to ``location`` (local path or URI) so that no reader sees half of it.
+
+    The parent folder is created. Local and ``file://`` locations: a temporary sibling
+    (``.<name>.<random>.tmp``), then a move; object stores: written in place (whole on completion).
+
+    Returns:
+        The path inside the location's filesystem.
+
+    Raises:
+        OSError: if the storage refuses the write.
+        ValueError: if the URI's filesystem is not supported by pyarrow.
+    """
+    if "://" in location:
+        try:
+            fs, path = pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ValueError(f"location {location!r} is not supported: {exc}") from None
+    else:
+        fs, path = pafs.LocalFileSystem(), os.path.abspath(location)
+    return write_atomically(fs, path, blob)
+
+
+def write_atomically(fs: pafs.FileSystem, path: str, blob: bytes) -> str:
+    """:func:`atomic_write` on an already-resolved ``(filesystem, inner path)``; returns ``path``."""
+    folder = posixpath.dirname(path)
+    fs.create_dir(folder, recursive=True)
+    if fs.type_name in OBJECT_STORES:
+        with fs.open_output_stream(path) as out:
+            out.write(blob)
+        return path
+    tmp = f"{folder}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
+    with fs.open_output_stream(tmp) as out:
+        out.write(blob)
+    fs.move(tmp, path)
+    return path
