@@ -302,13 +302,9 @@ def read_mask_header(data: bytes, source: str = "mask file") -> dict[str, Any]:
             "file_bytes": 8 + n + sum(t["bytes"] for t in tensors.values())}
 
 
-def verify_mask_file(data: bytes, source: str = "mask file") -> dict[str, Any]:
-    """Check a whole ``smn-mask/1`` file without decoding it: a complete header, the described length and
-    the checksum. Returns the header (:func:`read_mask_header`).
-
-    Raises:
-        MaskFileError: truncated or corrupted file, checksum mismatch.
-    """
+def _verified(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, str], dict[str, torch.Tensor]]:
+    """``(header, safetensors metadata, tensors)`` of a whole ``smn-mask/1`` file whose length and checksum
+    hold; :class:`MaskFileError` otherwise."""
     header = read_mask_header(data, source)
     if len(data) != header["file_bytes"]:
         raise MaskFileError(f"{source}: {len(data)} bytes, the header describes {header['file_bytes']} (truncated or "
@@ -320,6 +316,17 @@ def verify_mask_file(data: bytes, source: str = "mask file") -> dict[str, Any]:
     meta = json.loads(bytes(data[8:8 + struct.unpack_from("<Q", data, 0)[0]]))["__metadata__"]
     if _checksum(meta, tensors) != header["checksum"]:
         raise MaskFileError(f"{source}: checksum mismatch: the file is corrupted")
+    return header, meta, tensors
+
+
+def verify_mask_file(data: bytes, source: str = "mask file") -> dict[str, Any]:
+    """Check a whole ``smn-mask/1`` file without decoding it: a complete header, the described length and
+    the checksum. Returns the header (:func:`read_mask_header`).
+
+    Raises:
+        MaskFileError: truncated or corrupted file, checksum mismatch.
+    """
+    header, _, _ = _verified(data, source)
     return header
 
 
@@ -352,17 +359,7 @@ def decode_mask_file(data: bytes, weights: Mapping[str, torch.Tensor] | None = N
             to the listed masks.
         ValueError: the payload needs backbone ``weights`` and none (or wrong ones) were given.
     """
-    header = read_mask_header(data, source)
-    if len(data) != header["file_bytes"]:
-        raise MaskFileError(f"{source}: {len(data)} bytes, the header describes {header['file_bytes']} (truncated or "
-                            "trailing data)")
-    try:
-        tensors = _st_load(bytes(data))
-    except Exception as exc:  # safetensors raises its own error types
-        raise MaskFileError(f"{source}: not a readable safetensors file ({exc})") from None
-    meta = {k: v for k, v in json.loads(bytes(data[8:8 + struct.unpack_from("<Q", data, 0)[0]]))["__metadata__"].items()}
-    if _checksum(meta, tensors) != header["checksum"]:
-        raise MaskFileError(f"{source}: checksum mismatch: the file is corrupted")
+    header, meta, tensors = _verified(data, source)
     if "payload" not in tensors:
         raise MaskFileError(f"{source}: no payload tensor")
     names = [e[0] for e in header["entries"]]
