@@ -70,7 +70,9 @@ class TrainConfig:
         warmup_epochs: linear warmup of the *scores'* learning rate before its cosine decay (paper
             Sec. 4.1: the mask lr warms up to epoch 40 of 150; the head's does not).
         head_warmup_epochs: linear warmup of the head's (projection, prototypes, linear head) learning
-            rate, separate from the scores' (default 0: the paper warms up the mask lr only).
+            rate, separate from the scores'. None (default) follows the paper (Sec. 4.1): 0 for the SwAV
+            objective (the mask lr warms up, the head's does not), ``warmup_epochs`` for the supervised one
+            (linear warmup of the whole run).
         head_only_steps: LP-FT warm start (Kumar et al. 2022): for the first N optimisation steps only
             the head trains (the scores' lr is 0), so the scores never follow the gradient of a random
             head; the scores' warmup and cosine schedule start after these steps. 0 disables it.
@@ -114,7 +116,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     warmup_epochs: float = 0.0
-    head_warmup_epochs: float = 0.0
+    head_warmup_epochs: float | None = None
     head_only_steps: int = 0
     weight_warmup_epochs: float | None = None
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -149,13 +151,15 @@ class TrainConfig:
         for name in ("score_lr", "head_lr", "weight_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("head_weight_decay", "weight_decay", "momentum", "warmup_epochs", "head_warmup_epochs",
-                     "head_only_steps", "loader_workers"):
+        for name in ("head_weight_decay", "weight_decay", "momentum", "warmup_epochs", "head_only_steps",
+                     "loader_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "head_warmup_epochs"):
-            if getattr(self, name) > self.epochs:
-                raise ValueError(f"{name} ({getattr(self, name)}) exceeds epochs ({self.epochs})")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if self.head_warmup_epochs is not None and not 0 <= self.head_warmup_epochs <= self.epochs:
+            raise ValueError(f"head_warmup_epochs must be in [0, epochs={self.epochs}] or null, "
+                             f"got {self.head_warmup_epochs}")
         if self.on_collapse not in ("warn", "stop"):
             raise ValueError(f"on_collapse {self.on_collapse!r} is not known; allowed: warn, stop")
         if self.collapse_patience < 1:
@@ -429,7 +433,10 @@ def train(
         warmup_epochs = config.weight_warmup_epochs
     head_only = min(config.head_only_steps, total_steps - 1) if config.adaptation == "mask" else 0
     # (warmup steps, delay) per parameter group: [head, backbone scores or weights]
-    schedules = [(int(round(config.head_warmup_epochs * steps_per_epoch)), 0),
+    head_warmup = config.head_warmup_epochs
+    if head_warmup is None:
+        head_warmup = 0.0 if config.objective == "swav" else warmup_epochs
+    schedules = [(int(round(head_warmup * steps_per_epoch)), 0),
                  (int(round(warmup_epochs * steps_per_epoch)), head_only)]
     dtype = getattr(torch, config.dtype)
 

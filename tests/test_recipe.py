@@ -107,7 +107,7 @@ def attach_and_return(model):
 
 
 def test_scores_and_head_get_their_own_warmups(dataset, monkeypatch):
-    cfg = swav_config(epochs=2, warmup_epochs=2, head_warmup_epochs=0, schedule="constant")
+    cfg = swav_config(epochs=2, warmup_epochs=2, schedule="constant")
     model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
     seen = []
     real_step = torch.optim.SGD.step
@@ -122,6 +122,15 @@ def test_scores_and_head_get_their_own_warmups(dataset, monkeypatch):
     assert head_lrs == [cfg.head_lr] * len(seen)  # no head warm-up: the paper warms up the mask lr only
     assert score_lrs[0] == pytest.approx(cfg.score_lr / len(seen)) and score_lrs[-1] == pytest.approx(cfg.score_lr)
     assert all(a < b for a, b in zip(score_lrs, score_lrs[1:]))
+    # unset: SwAV's head does not warm up (the paper), a supervised run's head follows the scores' warm-up
+    seen.clear()
+    cfg = swav_config(epochs=2, warmup_epochs=2, schedule="constant")
+    run(build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg), dataset, cfg)
+    assert [s[0] for s in seen] == [cfg.head_lr] * len(seen)
+    seen.clear()
+    cfg = swav_config(objective="supervised", epochs=2, warmup_epochs=2, schedule="constant")
+    run(build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg, num_classes=2), dataset, cfg)
+    assert [s[0] / cfg.head_lr for s in seen] == pytest.approx([s[1] / cfg.score_lr for s in seen])
 
 
 def test_head_only_steps_keep_the_scores_still_then_train_them(dataset):
@@ -137,6 +146,7 @@ def test_head_only_steps_keep_the_scores_still_then_train_them(dataset):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"head_warmup_epochs": 5}, "head_warmup_epochs"),
+                                          ({"head_warmup_epochs": -1}, "head_warmup_epochs"),
                                           ({"head_only_steps": -1}, "head_only_steps"),
                                           ({"on_collapse": "abort"}, "on_collapse"),
                                           ({"collapse_patience": 0}, "collapse_patience")])
