@@ -139,8 +139,9 @@ def test_storage_and_head_metrics_per_method(results):
 def test_table1_rows_sizes_and_values(results):
     path, outcomes = results
     t = table1(_ledger(path))
-    assert set(t.index.get_level_values("Method")) == {"k-NN", "Linear probe", "FFT", "Mask (supervised)",
-                                                      "SMN k-NN", "SMN linear probe"}  # low-shot cells left out
+    assert set(t.index.get_level_values("Method")) == {"k-NN", "k-NN (k=20)", "Linear probe", "FFT",
+                                                      "Mask (supervised)", "SMN k-NN", "SMN k-NN (k=20)",
+                                                      "SMN linear probe"}  # low-shot cells left out
     row = lambda m: t.loc[("cifar_resnet8", m)]  # noqa: E731
     assert row("k-NN")["Size (Mbit)"] == "n/a"
     params = next(o.metrics["backbone_params"] for _, o in outcomes.values())
@@ -150,6 +151,7 @@ def test_table1_rows_sizes_and_values(results):
     fft = pd.Series(_metric(outcomes, "fft", "classifier_top1"))
     assert row("FFT")["digits"] == mean_std(fft.mean(), fft.std(), 2)
     assert row("k-NN")["digits"] == mean_std(_metric(outcomes, "pretrained", "knn_top1")[0])
+    assert row("k-NN (k=20)")["digits"] == mean_std(_metric(outcomes, "pretrained", "knn_dino_top1")[0])
     assert "table1" in tables() and "fig3" in figures()
 
 
