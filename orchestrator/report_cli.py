@@ -113,8 +113,12 @@ def track(spec, args, echo=print) -> dict[str, int]:
         return {}
     from .tracking import sync
 
+    import warnings
+
     try:
-        return sync(args.results, spec.name, section, echo=echo)
+        with warnings.catch_warnings():  # the CLI says it once, through echo; the warning would say it again
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return sync(args.results, spec.name, section, echo=echo)
     except Exception as exc:  # noqa: BLE001 - reading the ledger for a tracker must not fail the run
         print(f"warning: tracking skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
         return {}

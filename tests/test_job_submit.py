@@ -243,8 +243,8 @@ def test_readme_jobs_run_stop_resume_cascade_and_table(head):
     t0 = time.time()
     rc, out = head.run("experiment")
     assert rc == 0, out
-    assert "experiment demo: 2 cells, 0 already in the ledger, 2 to run" in out, out
-    assert "2 cells ran, 0 were already done, 0 failed" in out, out
+    assert "experiment demo: 9 cells, 0 already in the ledger, 9 to run" in out, out  # 3 methods x 3 seeds
+    assert "9 cells ran, 0 were already done, 0 failed" in out, out
     _, demo_cells = _cells_of(head.code("experiment"))
     assert set(_ledger_files(results, "demo")) == demo_cells
     print(f"experiment job: {time.time() - t0:.0f}s")

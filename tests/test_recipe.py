@@ -336,6 +336,15 @@ def test_smn_improves_the_frozen_backbones_knn_on_real_digits(tmp_path):
     gave 0.877 and 0.859. Linear probe 0.967 frozen, 0.963 SMN. No collapse. The margin asserted is 3
     points, under half the smallest gain measured.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU Ray worker, where the figures above were measured
+    try:
+        _check_demo_improves(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_demo_improves(tmp_path):
     from smn_core.checkpoint import save_tensors
     from smn_core.pipeline import pretrain_backbone
     from orchestrator.spec import expand_cells, load_spec

@@ -244,7 +244,7 @@ def test_dry_run_prints_a_cost_estimate_from_the_benchmark_or_a_default(tmp_path
     monkeypatch.setenv("SMN_BENCHMARKS", str(tmp_path / "none.parquet"))
     assert main(["run", spec, "--dry-run", "--results", str(tmp_path / "r")]) == 0
     default = capsys.readouterr().out
-    assert "cost estimate (5 cells" in default and "CPU-hours" in default and "[default]" in default
+    assert "cost estimate (6 cells" in default and "CPU-hours" in default and "[default]" in default
     # a train_step benchmark row for the backbone on the CPU (the harness's own row format) replaces the default
     bench = tmp_path / "benchmarks.parquet"
     pd.DataFrame([{"area": "train_step", "name": "cifar_resnet20 32x32 px, batch 64: time per step, masked (threshold)",
