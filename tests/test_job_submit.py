@@ -45,8 +45,9 @@ _DATA = ("pretrain.train.epochs=1 pretrain.dataset.max_train_samples=300 dataset
 SMOKE = {
     "experiment": f"train.epochs=1 {_DATA}",
     # longer cells, one at a time, so that the job can be stopped between two landings
-    "sweep": f"train.epochs=3 {_DATA} resources.max_concurrent_cells=1",
-    "resume": f"train.epochs=3 {_DATA} resources.max_concurrent_cells=1",
+    # long enough per cell (warm workers start a cell in under a second) that the stop lands mid-sweep
+    "sweep": f"train.epochs=12 {_DATA} resources.max_concurrent_cells=1",
+    "resume": f"train.epochs=12 {_DATA} resources.max_concurrent_cells=1",
     # the whole train split and small batches: the router's 5 clusters must each hold a batch
     "cascade": "train.epochs=1 train.batch_size=16 pretrain.train.epochs=1 pretrain.dataset.max_train_samples=300 "
                "dataset.max_test_samples=100 cascade.experts.epochs=1",
