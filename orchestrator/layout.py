@@ -70,13 +70,18 @@ def filesystem(results: str) -> tuple[pafs.FileSystem, str]:
     Raises:
         ValueError: if the URI's filesystem is not supported by pyarrow.
     """
-    if "://" in results:
+    fs, inner = _resolve(results, "results location")
+    return fs, (inner.rstrip("/") or "/") if "://" in results else inner
+
+
+def _resolve(location: str, what: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` of a local path or URI; ValueError names an unsupported URI."""
+    if "://" in location:
         try:
-            fs, inner = pafs.FileSystem.from_uri(results)
+            return pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise ValueError(f"results location {results!r} is not supported: {exc}") from None
-        return fs, inner.rstrip("/") or "/"
-    return pafs.LocalFileSystem(), os.path.abspath(results)
+            raise ValueError(f"{what} {location!r} is not supported: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
 def _check_part(name: str, experiment: str) -> None:
@@ -226,13 +231,7 @@ def atomic_write(location: str, blob: bytes) -> str:
         OSError: if the storage refuses the write.
         ValueError: if the URI's filesystem is not supported by pyarrow.
     """
-    if "://" in location:
-        try:
-            fs, path = pafs.FileSystem.from_uri(location)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise ValueError(f"location {location!r} is not supported: {exc}") from None
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(location)
+    fs, path = _resolve(location, "location")
     return write_atomically(fs, path, blob)
 
 
