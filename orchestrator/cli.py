@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _dispatch(args)
         except KeyboardInterrupt:
+            _stop_ray_quietly()  # workers' forwarded log lines land before the last line, never after it
             print(f"\nsmn: {INTERRUPTED}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except (ResultsError, ValueError) as exc:
@@ -432,6 +433,19 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         except Exception as exc:  # noqa: BLE001 - one line and a log file, never a traceback
             return _internal_error(exc)
+
+
+def _stop_ray_quietly() -> None:
+    """Shut down this process's Ray connection, if any, so that no worker's forwarded output follows the
+    CLI's last line. Ray is looked up in ``sys.modules``: a command that never imported it pays nothing."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C or a dead head must not hide the message
+        pass
 
 
 def _dispatch(args) -> int:
