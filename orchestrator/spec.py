@@ -118,6 +118,10 @@ class ExperimentSpec(BaseModel):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     pretrain: PretrainSpec | None = None
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    method_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method settings on top of the shared sections, as dotted keys: "
+        "{supervised_mask: {train.score_lr: 50.0}}; applied before the grid's values")
     resources: Resources = Field(default_factory=Resources)
     search: SearchSpec | None = None
     cascade: dict[str, Any] | None = Field(
@@ -149,6 +153,26 @@ class ExperimentSpec(BaseModel):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be unique, got {v}")
         return v
+
+    @field_validator("method_overrides", mode="before")
+    @classmethod
+    def _flatten_overrides(cls, v: Any) -> Any:
+        """``{smn: {train: {score_lr: 1}}}`` (a command-line override) reads as ``{smn: {train.score_lr: 1}}``."""
+        if not isinstance(v, dict):
+            return v
+        return {m: (_flatten(values) if isinstance(values, dict) else values) for m, values in v.items()}
+
+    @model_validator(mode="after")
+    def _method_overrides(self) -> "ExperimentSpec":
+        for method, values in self.method_overrides.items():
+            if method not in self.methods:
+                raise ValueError(f"method_overrides names method {method!r}, which the spec does not run; "
+                                 f"allowed: {', '.join(self.methods)}")
+            for key in values:
+                if key.split(".")[0] not in ("train", "eval") or "." not in key:
+                    raise ValueError(f"method_overrides.{method}: key {key!r} must be a dotted key under train. "
+                                     f"or eval. (e.g. train.score_lr)")
+        return self
 
     @field_validator("grid")
     @classmethod
@@ -203,6 +227,18 @@ def format_validation_error(exc: ValidationError, where: str, prefix: str = "") 
 
 
 _format_validation_error = format_validation_error  # the name orchestrator.cascade used
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested mappings as dotted keys: ``{"train": {"score_lr": 1}}`` -> ``{"train.score_lr": 1}``."""
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -461,7 +497,15 @@ def _dotted_type(key: str) -> Any:
 
 def _check_raw(raw: dict) -> None:
     """:func:`_check_value` over a raw spec, its grid values and its search axes."""
-    _check_value({k: v for k, v in raw.items() if k not in ("grid", "search", "cascade")}, ExperimentSpec, "")
+    _check_value({k: v for k, v in raw.items() if k not in ("grid", "search", "cascade", "method_overrides")},
+                 ExperimentSpec, "")
+    overrides = raw.get("method_overrides")
+    if isinstance(overrides, dict):
+        for method, values in overrides.items():
+            for key, v in (_flatten(values).items() if isinstance(values, dict) else ()):
+                tp = _dotted_type(str(key))
+                if tp is not None:
+                    _check_value(v, tp, f"method_overrides.{method}.{key}")
     grid = raw.get("grid")
     if isinstance(grid, dict):
         for key, values in grid.items():
@@ -700,9 +744,13 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
             for seed in spec.seeds:
                 raw = copy.deepcopy(base)
                 raw.update(method=method, seed=seed)
+                for k, v in spec.method_overrides.get(method, {}).items():
+                    _set_dotted(raw, k, v)
                 for k, v in zip(keys, combo):
                     _set_dotted(raw, k, v)
                 where = "cell (" + (", ".join(f"{k}={v!r}" for k, v in zip(keys, combo)) or "the spec") + ")"
+                if spec.method_overrides.get(method):
+                    where += f" of method {method} with method_overrides.{method}"
                 trained = METHODS[method] is not None
                 grid_values = dict(zip(keys, combo)) if trained else {
                     k: v for k, v in zip(keys, combo) if not k.startswith("train.")}
