@@ -305,10 +305,12 @@ def pool_size(wanted: int, cpus: float, gpus: float) -> int:
     than the Ray cluster holds now (at least 1, so an autoscaling cluster can grow into it)."""
     have = ray.cluster_resources()
     fit = wanted
+    # true division, then floor with a tolerance: 2 // 0.4 is 4.0 in floating point, while Ray (which counts
+    # in units of 1e-4) fits five 0.4-CPU workers on 2 CPUs
     if cpus > 0:
-        fit = min(fit, int(have.get("CPU", 0) // cpus + 1e-9))
+        fit = min(fit, int(have.get("CPU", 0) / cpus + 1e-6))
     if gpus > 0:
-        fit = min(fit, int(have.get("GPU", 0) // gpus + 1e-9))
+        fit = min(fit, int(have.get("GPU", 0) / gpus + 1e-6))
     return max(1, min(wanted, fit))
 
 

@@ -170,3 +170,16 @@ def test_a_worker_out_of_restarts_fails_its_job_and_heal_gives_the_slot_a_fresh_
         victim = killed[0]
         assert first == marker and isinstance(err, ray.exceptions.RayActorError)
         assert second == "second" and err2 is None and pid != victim  # the slot's fresh worker ran it
+
+
+def test_pool_size_fits_fractional_workers_exactly(ray_local):
+    """Ten 0.4-CPU experts fit on 4 CPUs (Ray counts in units of 1e-4; ``4 // 0.4`` is 9.0 in floats)."""
+    import ray
+
+    from orchestrator.engine import pool_size
+
+    assert ray.cluster_resources()["CPU"] == 4
+    assert pool_size(12, 0.4, 0) == 10
+    assert pool_size(3, 0.4, 0) == 3          # never more than wanted
+    assert pool_size(5, 1.5, 0) == 2
+    assert pool_size(5, 8.0, 0) == 1          # at least one: an autoscaler may add the node it needs
