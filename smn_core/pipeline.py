@@ -564,8 +564,9 @@ def run_cell(
         metrics.update({f"train_loss@{int(h['epoch']) + 1}": float(h["loss"]) for h in result.history})  # Fig. 5
         if cfg.train.objective == "supervised":
             classifier = adapt.classifier
-        if "code_entropy" in result.history[-1]:
-            metrics["code_entropy"] = result.history[-1]["code_entropy"]
+        for key in ("code_entropy", "prediction_information"):
+            if key in result.history[-1]:
+                metrics[key] = result.history[-1][key]
         if mask_modules(model):
             masks = export_masks(model)
             density, _ = mask_density(masks)

@@ -240,8 +240,15 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
 
 
 def detect_collapse(loss: float, num_prototypes: int, code_entropy: float, *, loss_tol: float = 0.02,
-                    entropy_floor: float = 0.1) -> str | None:
+                    entropy_floor: float = 0.1, prediction_information: float | None = None,
+                    information_floor: float = 0.1) -> str | None:
     """Report SwAV collapse (NOTES.md: the loss stuck near ``ln K``).
+
+    A collapsed network maps every image to the same prediction, so the SwAV loss against
+    equipartitioned codes sits at ``ln K``. A loss near ``ln K`` alone is not proof: a model whose
+    predictions differ from image to image but match the codes poorly (a cascade expert on one
+    homogeneous cluster) can land there too. When ``prediction_information`` is given, the loss symptom
+    counts only if the predictions also carry (almost) no information about the image.
 
     Args:
         loss: mean SwAV loss of an epoch (nats).
@@ -250,13 +257,20 @@ def detect_collapse(loss: float, num_prototypes: int, code_entropy: float, *, lo
             (``argmax q``) over an epoch; 1 = uniform over prototypes, 0 = one prototype takes all.
         loss_tol: relative closeness to ``ln K`` that counts as collapse.
         entropy_floor: normalised assignment entropy under which the codes count as collapsed.
+        prediction_information: mean over batches of the mutual information between image and
+            prediction, ``H(mean_i p_i) - mean_i H(p_i)``, over ``ln K`` (in [0, 1]; 0: every image gets
+            the same prediction), with ``p_i = softmax(scores_i / T)``. None: not measured.
+        information_floor: ``prediction_information`` under which the loss symptom counts.
 
     Returns:
         ``None`` if healthy, else a sentence saying which symptom was seen.
     """
     ln_k = math.log(num_prototypes)
-    if abs(loss - ln_k) <= loss_tol * ln_k:
-        return f"SwAV loss {loss:.4f} is within {loss_tol:.0%} of ln K = {ln_k:.4f} (uniform predictions)"
+    if abs(loss - ln_k) <= loss_tol * ln_k and (prediction_information is None
+                                                 or prediction_information < information_floor):
+        info = "" if prediction_information is None else \
+            f", predictions carry {prediction_information:.3f} of ln K about the image"
+        return f"SwAV loss {loss:.4f} is within {loss_tol:.0%} of ln K = {ln_k:.4f} (uniform predictions{info})"
     if code_entropy < entropy_floor:
         return f"assignment entropy {code_entropy:.3f} < {entropy_floor} (codes collapsed onto few prototypes)"
     return None
@@ -267,7 +281,8 @@ class SwAV(nn.Module):
 
     ``forward(features: list of (B, F) tensors, one per view, global views first)``
     returns ``(loss scalar, stats)`` where ``stats`` holds ``code_counts`` (``(K,)`` histogram of
-    hard assignments of this batch, for collapse detection).
+    hard assignments of this batch) and ``prediction_information`` (scalar: the mutual information
+    between image and prediction over this batch's crops, over ``ln K``), both for collapse detection.
     """
 
     def __init__(self, feature_dim: int, config: SwAVConfig) -> None:
@@ -298,6 +313,12 @@ class SwAV(nn.Module):
         z = z.detach()
         total = out.new_zeros(())
         counts = torch.zeros(cfg.num_prototypes, device=out.device)
+        with torch.no_grad():  # how much the predictions depend on the image (collapse detection)
+            probs = F.softmax(out.detach().float() / cfg.temperature, dim=1)
+            mean_p = probs.mean(dim=0)
+            h_mean = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+            h_each = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean()
+            information = (h_mean - h_each) / math.log(cfg.num_prototypes)
         for slot, i in enumerate(cfg.crops_for_assign):
             with torch.no_grad():
                 scores_i = out[bs * i: bs * (i + 1)].detach()
@@ -318,4 +339,4 @@ class SwAV(nn.Module):
             total = total + sub / (n_views - 1)
         if self.queue_active and self.training:
             self.queue_filled += bs
-        return total / len(cfg.crops_for_assign), {"code_counts": counts}
+        return total / len(cfg.crops_for_assign), {"code_counts": counts, "prediction_information": information}

@@ -486,7 +486,7 @@ def train(
         runner.train()
         _set_bn_mode(core.backbone, config.bn_mode)  # the backbone's BN only: a head's own BN always trains
         losses, n_correct, n_seen = [], 0, 0
-        code_counts = None
+        code_counts, information = None, []
         for batch_views, labels, _idx in itertools.islice(loader, steps_per_epoch):
             for g, (warmup, delay) in zip(opt.param_groups, schedules):
                 g["lr"] = g["base_lr"] * lr_factor(step, total_steps, warmup, config.schedule, delay)
@@ -504,6 +504,8 @@ def train(
             losses.append(loss.detach())
             if "code_counts" in stats:
                 code_counts = stats["code_counts"] if code_counts is None else code_counts + stats["code_counts"]
+            if "prediction_information" in stats:
+                information.append(stats["prediction_information"])
             if "correct" in stats:
                 n_correct += int(stats["correct"])
                 n_seen += labels.shape[0]
@@ -519,7 +521,14 @@ def train(
             p = code_counts / code_counts.sum()
             ent = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(p)))
             metrics["code_entropy"] = ent
-            collapse = detect_collapse(metrics["loss"], config.swav.num_prototypes, ent)
+            info = None
+            if information:
+                info_t = torch.stack(information).mean()
+                if distributed:
+                    dist.all_reduce(info_t)
+                    info_t /= world
+                info = metrics["prediction_information"] = float(info_t)
+            collapse = detect_collapse(metrics["loss"], config.swav.num_prototypes, ent, prediction_information=info)
             metrics["collapsed"] = float(collapse is not None)
             streak = streak + 1 if collapse else 0
         if n_seen:

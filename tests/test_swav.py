@@ -162,6 +162,30 @@ def test_uniform_prototype_scores_give_ln_k_and_are_flagged():
     ent = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(10))
     message = detect_collapse(loss.item(), 10, ent)
     assert message is not None and "ln K" in message
+    # the same prediction for every image: no information about the image, still flagged with it
+    assert float(stats["prediction_information"]) == pytest.approx(0.0, abs=1e-6)
+    message = detect_collapse(loss.item(), 10, ent, prediction_information=float(stats["prediction_information"]))
+    assert message is not None and "0.000 of ln K" in message
+
+
+def test_prediction_information_is_the_mutual_information_of_image_and_prediction():
+    """Checked against a direct computation; a head whose predictions differ per image carries information,
+    and a loss near ln K with such predictions (a poor but working expert) is not called a collapse."""
+    cfg = _small_cfg()
+    swav = SwAV(16, cfg)
+    feats = _features(4, 8, 16, seed=5)
+    loss, stats = swav(feats)
+    with torch.no_grad():
+        _, out = swav.head(torch.cat(feats))
+        p = F.softmax(out / cfg.temperature, dim=1)
+        pbar = p.mean(0)
+        expected = (-(pbar * pbar.log()).sum() + (p * p.log()).sum(1).mean()) / math.log(cfg.num_prototypes)
+    got = float(stats["prediction_information"])
+    assert got == pytest.approx(float(expected), abs=1e-5) and got > 0.1
+    ln_k = math.log(cfg.num_prototypes)
+    assert detect_collapse(ln_k, cfg.num_prototypes, 0.9, prediction_information=got) is None
+    assert detect_collapse(ln_k, cfg.num_prototypes, 0.9, prediction_information=0.02) is not None
+    assert detect_collapse(ln_k, cfg.num_prototypes, 0.9) is not None  # not measured: the loss alone decides
 
 
 def test_detect_collapse():
