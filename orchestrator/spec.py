@@ -499,13 +499,7 @@ def _check_raw(raw: dict) -> None:
     """:func:`_check_value` over a raw spec, its grid values and its search axes."""
     _check_value({k: v for k, v in raw.items() if k not in ("grid", "search", "cascade", "method_overrides")},
                  ExperimentSpec, "")
-    overrides = raw.get("method_overrides")
-    if isinstance(overrides, dict):
-        for method, values in overrides.items():
-            for key, v in (_flatten(values).items() if isinstance(values, dict) else ()):
-                tp = _dotted_type(str(key))
-                if tp is not None:
-                    _check_value(v, tp, f"method_overrides.{method}.{key}")
+    # method_overrides' values are checked where they land: in each cell's validation (expand_cells)
     grid = raw.get("grid")
     if isinstance(grid, dict):
         for key, values in grid.items():

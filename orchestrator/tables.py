@@ -17,7 +17,7 @@ import json
 
 import pandas as pd
 
-from .reports import FORMATS, mean_std, register_table, render_frame
+from .reports import FORMATS, mean_std, metric_frame, register_table, render_frame
 
 __all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render"]
 
@@ -41,10 +41,7 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     df = pd.concat([df, _storage_rows(df)], ignore_index=True)
     df = df[df["metric"].isin(metrics)].copy()
     df["grid"] = df["grid_json"].map(lambda g: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(g).items()))
-    keys = ["experiment", "method", "backbone", "dataset", "grid"]
-    agg = df.groupby(keys + ["metric"], sort=True)["value"].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
-    wide = agg.unstack("metric")
-    wide.columns = wide.columns.swaplevel(0, 1)
+    wide = metric_frame(df, metrics, ["experiment", "method", "backbone", "dataset", "grid"])
     order = [m for m in metrics if m in wide.columns.get_level_values(0)]
     return wide.reindex(columns=pd.MultiIndex.from_product([order, ["mean", "std", "n"]]))
 

@@ -315,9 +315,8 @@ class SwAV(nn.Module):
         counts = torch.zeros(cfg.num_prototypes, device=out.device)
         with torch.no_grad():  # how much the predictions depend on the image (collapse detection)
             probs = F.softmax(out.detach().float() / cfg.temperature, dim=1)
-            mean_p = probs.mean(dim=0)
-            h_mean = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
-            h_each = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean()
+            h_mean = torch.special.entr(probs.mean(dim=0)).sum()
+            h_each = torch.special.entr(probs).sum(dim=1).mean()
             information = (h_mean - h_each) / math.log(cfg.num_prototypes)
         for slot, i in enumerate(cfg.crops_for_assign):
             with torch.no_grad():

@@ -519,7 +519,7 @@ def train(
             if distributed:
                 dist.all_reduce(code_counts)
             p = code_counts / code_counts.sum()
-            ent = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(p)))
+            ent = float(torch.special.entr(p).sum() / math.log(len(p)))
             metrics["code_entropy"] = ent
             info = None
             if information:
