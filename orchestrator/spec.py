@@ -387,6 +387,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "eval.knn_k": (1, 100_000),
     "eval.batch_size": (1, 65_536),
     "eval.probe_max_iter": (1, 1_000_000),
+    "eval.probe_cv_folds": (2, 1_000),
     "resources.workers": (1, 4_096),
     "resources.cpus_per_worker": (0, 4_096),
     "resources.gpus_per_worker": (0, 64),

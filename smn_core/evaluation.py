@@ -346,6 +346,8 @@ def linear_probe(
     max_iter: int = 1000,
     standardize: bool = True,
     seed: int = 0,
+    C_grid: Sequence[float] | None = None,
+    cv_folds: int = 5,
 ) -> LinearProbeResult:
     """Multinomial logistic-regression probe on frozen embeddings.
 
@@ -356,6 +358,15 @@ def linear_probe(
     need not be ``0..C-1`` contiguous (e.g. low-shot subsets); a test label never seen in
     training simply counts as an error.
 
+    With ``C_grid``, C is chosen per feature set instead of fixed: ``sklearn``'s ``GridSearchCV``
+    scores each value by stratified ``min(cv_folds, smallest class)``-fold cross-validation on the
+    *train* rows only (the scaler is refit inside each fold), keeps the best (ties: the first in
+    grid order), and refits on every train row; the test split is never seen. Different feature sets
+    want different regularisation (a self-masked backbone's features are more clustered than the
+    frozen ones), so one fixed C can favour one of two compared backbones. When some class has a
+    single train row no fold can hold it out, and the fixed ``C`` is used (``C`` in the result says
+    which value was fitted).
+
     Args:
         train_features: ``(N, F)`` float, torch tensor or numpy array, N >= 2.
         train_labels: ``(N,)`` integer labels (any integer values), at least 2 distinct.
@@ -365,16 +376,20 @@ def linear_probe(
             lambda = 0.01 / N, i.e. much weaker regularisation).
         max_iter: lbfgs iteration cap, >= 1 (a ``ConvergenceWarning`` is emitted when hit).
         standardize: standardise features with train mean / std before the regression.
-        seed: ``random_state`` of the regression (lbfgs is deterministic; kept for the record).
+        seed: ``random_state`` of the regression (lbfgs is deterministic) and of the fold shuffle.
+        C_grid: candidate C values (each finite > 0, non-empty) to choose from by cross-validation;
+            None: fit ``C``.
+        cv_folds: most folds of that cross-validation, >= 2.
 
     Returns:
-        :class:`LinearProbeResult` with test ``top1`` and ``train_top1`` in [0, 1], ``C`` and
-        the number of iterations run.
+        :class:`LinearProbeResult` with test ``top1`` and ``train_top1`` in [0, 1], ``C`` (the value
+        fitted: chosen from ``C_grid`` or the fixed one) and the number of iterations run.
 
     Raises:
         ValueError: non-2-D features, differing feature dimensions, label / feature length
             mismatch, empty train or test set, fewer than 2 train classes, non-integer labels,
-            non-finite features, C <= 0, max_iter < 1.
+            non-finite features, C <= 0, max_iter < 1, an empty ``C_grid`` or one with a value
+            that is not finite > 0, cv_folds < 2.
 
     Source: linear evaluation of frozen features (paper Sec. 4.1; DINO, Caron et al. 2021).
     """
@@ -387,6 +402,14 @@ def linear_probe(
     ):
         raise ValueError(f"C must be a finite number > 0, got {C!r}")
     max_iter = _check_pos_int("max_iter", max_iter)
+    if C_grid is not None:
+        grid = list(C_grid)
+        bad = [c for c in grid if isinstance(c, bool) or not isinstance(c, (int, float, np.integer, np.floating))
+               or not (math.isfinite(float(c)) and float(c) > 0)]
+        if not grid or bad:
+            raise ValueError(f"C_grid must be a non-empty list of finite numbers > 0, got {C_grid!r}")
+        if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
+            raise ValueError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
 
     xtr = _to_numpy("train_features", train_features)
     ytr = _to_numpy("train_labels", train_labels)
@@ -421,7 +444,19 @@ def linear_probe(
     xte = xte.astype(xtr.dtype, copy=False)
     clf = LogisticRegression(C=float(C), solver="lbfgs", max_iter=max_iter, random_state=seed)
     pipe = make_pipeline(StandardScaler(), clf) if standardize else make_pipeline(clf)
-    pipe.fit(xtr, ytr)
+    smallest = int(np.unique(ytr, return_counts=True)[1].min())
+    if C_grid is not None and smallest >= 2:
+        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+        folds = StratifiedKFold(n_splits=min(int(cv_folds), smallest), shuffle=True, random_state=seed)
+        search = GridSearchCV(pipe, {"logisticregression__C": [float(c) for c in grid]}, cv=folds,
+                              scoring="accuracy", refit=True)
+        search.fit(xtr, ytr)
+        pipe = search.best_estimator_
+        clf = pipe[-1]
+        C = clf.C
+    else:
+        pipe.fit(xtr, ytr)
     train_top1 = float(np.mean(pipe.predict(xtr) == ytr))
     top1 = float(np.mean(pipe.predict(xte) == yte))
     n_iter = int(np.max(clf.n_iter_))

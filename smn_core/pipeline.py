@@ -21,6 +21,7 @@ method              objective    adaptation   meaning
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -158,7 +159,11 @@ class EvalSpec:
     before an L2-regularised logistic regression with inverse strength ``probe_C`` (default 1). The
     reference code used cyanure with lambda = 0.01 / N on raw features; since sklearn's objective is
     ``C * sum(loss) + ||w||^2 / 2`` and cyanure's is ``mean(loss) + lambda / 2 ||w||^2``, that is
-    ``C = 1 / (lambda N) = 100`` with ``probe_standardize: false``.
+    ``C = 1 / (lambda N) = 100`` with ``probe_standardize: false``. ``probe_C_grid`` (e.g. ``[0.01, 0.03,
+    ..., 100]``; empty by default) chooses C per feature set instead, by stratified ``probe_cv_folds``-fold
+    cross-validation on the train split (see :func:`smn_core.evaluation.linear_probe`); the C fitted is
+    recorded as ``linear_probe_C``. Low-shot probes keep ``probe_C``: their subsets hold 1-15 images per
+    class, too few to hold out folds.
 
     ``lowshot_fractions`` (paper Fig. 3; NOTES.md: CIFAR 10, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625 %, given
     here as fractions 0.1 ... 0.000625) adds one linear probe per fraction, fitted on a per-class sample
@@ -172,6 +177,8 @@ class EvalSpec:
     probe_C: float = 1.0
     probe_standardize: bool = True
     probe_max_iter: int = 1000
+    probe_C_grid: list[float] = field(default_factory=list)
+    probe_cv_folds: int = 5
     batch_size: int = 256
     lowshot_fractions: list[float] = field(default_factory=list)
     lowshot_seed: int = 0
@@ -189,6 +196,11 @@ class EvalSpec:
             raise ValueError(f"eval.probe_C must be > 0, got {self.probe_C}")
         if self.probe_max_iter < 1 or self.batch_size < 1:
             raise ValueError("eval.probe_max_iter and eval.batch_size must be >= 1")
+        bad_c = [c for c in self.probe_C_grid if not (math.isfinite(c) and c > 0)]
+        if bad_c:
+            raise ValueError(f"eval.probe_C_grid must hold finite numbers > 0, got {self.probe_C_grid}")
+        if self.probe_cv_folds < 2:
+            raise ValueError(f"eval.probe_cv_folds must be >= 2, got {self.probe_cv_folds}")
         bad = [f for f in self.lowshot_fractions if not 0.0 < f <= 1.0]
         if bad or len(set(self.lowshot_fractions)) != len(self.lowshot_fractions):
             raise ValueError(f"eval.lowshot_fractions must be distinct fractions in (0, 1] (0.01 = 1 %), "
@@ -360,7 +372,7 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
             its test accuracy is reported as ``classifier_top1`` (Table 1's "FFT" and "Mask" rows).
 
     Returns ``{"knn_top1", "knn_dino_top1", "knn_min_class_bank", "linear_probe_top1",
-    "linear_probe_train_top1", "eval_seconds"}`` (``knn_top1``: the paper's k-NN, ``spec.knn_k`` /
+    "linear_probe_train_top1", "linear_probe_C", "eval_seconds"}`` (``knn_top1``: the paper's k-NN, ``spec.knn_k`` /
     ``spec.knn_temperature``; ``knn_dino_top1``: DINO's, ``spec.knn_dino_k`` / ``spec.knn_dino_temperature``;
     ``knn_min_class_bank``: the smallest class's number of bank images; a ``UserWarning`` names a k that
     exceeds it), plus
@@ -381,9 +393,11 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
     knn_dino = knn_top1(xtr, ytr, xte, yte, k=spec.knn_dino_k, temperature=spec.knn_dino_temperature,
                         num_classes=num_classes)
     probe = linear_probe(xtr, ytr, xte, yte, C=spec.probe_C, max_iter=spec.probe_max_iter,
-                         standardize=spec.probe_standardize)
+                         standardize=spec.probe_standardize, C_grid=spec.probe_C_grid or None,
+                         cv_folds=spec.probe_cv_folds)
     out = {"knn_top1": knn, "knn_dino_top1": knn_dino, "knn_min_class_bank": float(smallest),
-           "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1}
+           "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1,
+           "linear_probe_C": probe.C}
     if spec.lowshot_fractions:
         lowshot = lowshot_linear_probe(xtr, ytr, xte, yte, spec.lowshot_fractions, seed=spec.lowshot_seed,
                                        C=spec.probe_C, max_iter=spec.probe_max_iter)

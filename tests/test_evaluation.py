@@ -230,6 +230,49 @@ def test_linear_probe_errors(digits_split):
         linear_probe(xtr.tolist(), ytr, xte, yte)
 
 
+def test_linear_probe_cross_validates_C_on_the_train_split_only(digits_split):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    xtr, xte, ytr, yte = digits_split
+    xtr, ytr = xtr[:400], ytr[:400]
+    grid = [0.001, 0.01, 1.0, 100.0]
+    res = linear_probe(xtr, ytr, xte, yte, C_grid=grid, cv_folds=3, seed=1)
+    # independent reference: sklearn's own cross-validation with the same folds, scaler inside each fold
+    folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=1)
+    means = [cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)),
+                             xtr, ytr, cv=folds).mean() for c in grid]
+    assert res.C == grid[int(np.argmax(means))]
+    assert res.C != 0.001  # C = 0.001 underfits 64 standardised pixel features (about 0.8 in CV)
+    fixed = linear_probe(xtr, ytr, xte, yte, C=res.C)
+    assert res.top1 == fixed.top1  # refit on every train row with the chosen C
+    # the test split plays no part in the choice: scrambled test labels leave C unchanged
+    scrambled = linear_probe(xtr, ytr, xte, np.random.default_rng(0).permutation(yte), C_grid=grid,
+                             cv_folds=3, seed=1)
+    assert scrambled.C == res.C
+
+
+def test_linear_probe_C_grid_falls_back_to_C_when_a_class_has_one_row(digits_split):
+    xtr, xte, ytr, yte = digits_split
+    keep = np.concatenate([np.flatnonzero(ytr == 0)[:1], np.flatnonzero(ytr == 1)[:20], np.flatnonzero(ytr == 2)[:20]])
+    res = linear_probe(xtr[keep], ytr[keep], xte, yte, C=0.7, C_grid=[0.01, 100.0])
+    assert res.C == 0.7
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"C_grid": []}, "C_grid must be a non-empty list"),
+    ({"C_grid": [1.0, -1.0]}, r"C_grid must be .*-1\.0"),
+    ({"C_grid": [1.0, float("nan")]}, "C_grid must be"),
+    ({"C_grid": [1.0], "cv_folds": 1}, "cv_folds must be an integer >= 2, got 1"),
+])
+def test_linear_probe_C_grid_errors(digits_split, kw, match):
+    xtr, xte, ytr, yte = digits_split
+    with pytest.raises(ValueError, match=match):
+        linear_probe(xtr, ytr, xte, yte, **kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # per-class sampling
 # ---------------------------------------------------------------------------------------------

@@ -254,6 +254,36 @@ def test_knn_protocols_follow_the_spec_and_warn_when_k_exceeds_a_class_bank():
                        std=backbone.std)
 
 
+def test_probe_C_grid_chooses_C_per_backbone_and_records_it():
+    from smn_core.evaluation import linear_probe
+    from smn_core.pipeline import load_cell_data, prepare_backbone
+    cell = digits_cell("pretrained", knn_k=20)
+    backbone = prepare_backbone(cell.backbone)
+    train_ds, test_ds = load_cell_data(cell.dataset)
+    grid = [0.001, 1.0, 1000.0]
+    out = evaluate_model(backbone.model, train_ds, test_ds, EvalSpec(knn_k=20, probe_C_grid=grid, probe_cv_folds=3),
+                         image_size=32, mean=backbone.mean, std=backbone.std)
+    assert out["linear_probe_C"] in grid
+    from smn_core.augment import SeededViewDataset, eval_transform
+    from smn_core.evaluation import compute_embeddings
+    tf = eval_transform(32, backbone.mean, backbone.std)
+    xtr, ytr = compute_embeddings(backbone.model, SeededViewDataset(train_ds, tf))
+    xte, yte = compute_embeddings(backbone.model, SeededViewDataset(test_ds, tf))
+    assert out["linear_probe_top1"] == linear_probe(xtr, ytr, xte, yte, C=out["linear_probe_C"]).top1
+    fixed = evaluate_model(backbone.model, train_ds, test_ds, EvalSpec(knn_k=20), image_size=32,
+                           mean=backbone.mean, std=backbone.std)
+    assert fixed["linear_probe_C"] == 1.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"probe_C_grid": [1.0, 0.0]}, r"eval.probe_C_grid must hold finite numbers > 0, got \[1.0, 0.0\]"),
+    ({"probe_cv_folds": 1}, "eval.probe_cv_folds must be >= 2, got 1"),
+])
+def test_eval_spec_refuses_a_bad_probe_grid(kw, match):
+    with pytest.raises(ValueError, match=match):
+        EvalSpec(**kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # the view-strength check
 
