@@ -397,9 +397,7 @@ def _combination_stage(job: dict) -> dict[str, dict[str, float]]:
 
     def evaluate(xtr, xte) -> dict[str, float]:
         knn = knn_top1(xtr, ytr, xte, yte, k=ev.knn_k, temperature=ev.knn_temperature, num_classes=num_classes)
-        probe = linear_probe(xtr, ytr, xte, yte, C=ev.probe_C, max_iter=ev.probe_max_iter,
-                             standardize=ev.probe_standardize, C_grid=ev.probe_C_grid or None,
-                             cv_folds=ev.probe_cv_folds)
+        probe = linear_probe(xtr, ytr, xte, yte, **ev.probe_kwargs())
         return {"knn_top1": knn, "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1,
                 "linear_probe_C": probe.C}
 

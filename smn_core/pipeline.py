@@ -206,6 +206,12 @@ class EvalSpec:
             raise ValueError(f"eval.lowshot_fractions must be distinct fractions in (0, 1] (0.01 = 1 %), "
                              f"got {self.lowshot_fractions}")
 
+    def probe_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`smn_core.evaluation.linear_probe` for the full-label probe of this
+        protocol (``C``, ``max_iter``, ``standardize``, ``C_grid`` (None when empty: fixed ``C``), ``cv_folds``)."""
+        return dict(C=self.probe_C, max_iter=self.probe_max_iter, standardize=self.probe_standardize,
+                    C_grid=self.probe_C_grid or None, cv_folds=self.probe_cv_folds)
+
 
 @dataclass
 class PretrainSpec:
@@ -392,9 +398,7 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
     knn = knn_top1(xtr, ytr, xte, yte, k=spec.knn_k, temperature=spec.knn_temperature, num_classes=num_classes)
     knn_dino = knn_top1(xtr, ytr, xte, yte, k=spec.knn_dino_k, temperature=spec.knn_dino_temperature,
                         num_classes=num_classes)
-    probe = linear_probe(xtr, ytr, xte, yte, C=spec.probe_C, max_iter=spec.probe_max_iter,
-                         standardize=spec.probe_standardize, C_grid=spec.probe_C_grid or None,
-                         cv_folds=spec.probe_cv_folds)
+    probe = linear_probe(xtr, ytr, xte, yte, **spec.probe_kwargs())
     out = {"knn_top1": knn, "knn_dino_top1": knn_dino, "knn_min_class_bank": float(smallest),
            "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1,
            "linear_probe_C": probe.C}

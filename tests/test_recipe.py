@@ -284,6 +284,20 @@ def test_eval_spec_refuses_a_bad_probe_grid(kw, match):
         EvalSpec(**kw)
 
 
+def test_eval_spec_probe_kwargs_give_the_linear_probe_its_protocol():
+    from smn_core.evaluation import linear_probe
+
+    fixed = EvalSpec(probe_C=3.0, probe_standardize=False, probe_max_iter=50).probe_kwargs()
+    assert fixed == {"C": 3.0, "max_iter": 50, "standardize": False, "C_grid": None, "cv_folds": 5}
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = torch.randn(40, 4, generator=gen) + y[:, None] * 2.0
+    cv = EvalSpec(probe_C_grid=[0.01, 100.0], probe_cv_folds=4)
+    assert cv.probe_kwargs()["C_grid"] == [0.01, 100.0] and cv.probe_kwargs()["cv_folds"] == 4
+    assert linear_probe(x, y, x, y, **cv.probe_kwargs()).C in (0.01, 100.0)
+    assert linear_probe(x, y, x, y, **fixed).C == 3.0
+
+
 # ---------------------------------------------------------------------------------------------
 # the view-strength check
 
