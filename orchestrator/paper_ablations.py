@@ -15,6 +15,7 @@ vary the relevant keys feeds these layouts; with several seeds every entry is me
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 
@@ -70,14 +71,19 @@ def frozen_label(row: pd.Series) -> str:
 
 def selection_strategy(row: pd.Series) -> tuple[str, str]:
     """App. F: ``(strategy, point label)``: ``("first N stages", "L1+L2")``, ``("random", "30%")``,
-    ``("magnitude", "30%")`` or ``("all", "all")``."""
+    ``("magnitude", "30%")``, ``("all", "all")`` (every conv) or, for a selector regex naming stages,
+    ``("all", "L3 only")``."""
     mask = _mask(row["config"])
     if mask.get("stages"):
         n = int(mask["stages"])
         return "first N stages", "+".join(f"L{i}" for i in range(1, n + 1))
     if mask.get("selective", "none") != "none":
         return mask["selective"], f"{mask['selective_fraction']:.0%}"
-    return "all", "all"
+    sel = mask.get("selector", "conv")
+    if sel == "conv":
+        return "all", "all"
+    stages = re.findall(r"layer(\d+)", sel)  # a stage regex such as the small recipe's last stage
+    return "all", ("+".join(f"L{i}" for i in stages) + " only") if stages else sel
 
 
 def _pivot(frame: pd.DataFrame, row_key: str, metric: str, row_order=None) -> pd.DataFrame:
