@@ -256,7 +256,7 @@ def test_dry_run_prints_a_cost_estimate_from_the_benchmark_or_a_default(tmp_path
     smn = next(line for line in measured.splitlines() if " smn seed=0" in line and "steps x" in line)
     steps = int(smn.split()[3])
     # SwAV: 2 global 32 px views per image, against the benchmark's one 32 px image
-    assert float(smn.split()[6]) > 2.0 and steps == 5 * 20  # 5 epochs x ceil(1257 / 64) steps
+    assert float(smn.split()[6]) > 2.0 and steps == 10 * 20  # 10 epochs x ceil(1257 / 64) steps
     assert main(["run", spec, "--dry-run", "--results", str(tmp_path / "r"), "resources.gpus_per_worker=1"]) == 0
     assert "GPU-hours" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
