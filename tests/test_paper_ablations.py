@@ -48,6 +48,11 @@ def test_table5b_labels_and_fig8_png(tmp_path, capsys):
 
     spec = load_spec(REPO / "experiments" / "appF_selective_small.yaml")
     cells = expand_cells(spec)
+    import pandas as pd
+    from orchestrator.paper_ablations import selection_strategy
+    labels = {selection_strategy(pd.Series({"config": c.config.to_dict()})) for c in cells}
+    assert {("all", "L3 only"), ("all", "all"), ("first N stages", "L1"), ("random", "5%"),
+            ("magnitude", "60%")} <= labels, labels
     _write(str(tmp_path), spec, cells, lambda c: {"knn_top1": 0.5, "trainable_masks": 1000.0 + len(c.label)})
     out = tmp_path / "fig8.png"
     assert main(["plot", str(tmp_path), "--figure", "fig8", "--experiment", spec.name, "--out", str(out)]) == 0
