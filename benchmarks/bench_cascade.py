@@ -1,5 +1,5 @@
 """Cascade: the expert stage's wall time with the experts in parallel against the same experts one after
-another, both through ``orchestrator.cascade.run_cascade``.
+another, both through ``orchestrator.engine.cascade.run_cascade``.
 
 The spec is a tiny real cascade (a self-masked random-init CIFAR ResNet-8 on digits 5-9 at 16 px as the
 dispatcher, PCA + GMM router, K = 5 experts). The dispatcher is trained once (``run_experiment``) and
@@ -57,12 +57,13 @@ def spec_text(name: str, s: Settings) -> str:
 def run(s: Settings) -> list[Row]:
     """Sequential vs parallel expert stage rows (or a skipped row when the cascade API is absent)."""
     try:
-        from orchestrator.cascade import cascade_spec, run_cascade
+        from orchestrator.spec.cascade import cascade_spec
+        from orchestrator.engine.cascade import run_cascade
     except ImportError as exc:
         return [note_row(AREA, "expert stage, parallel vs one after another", "skipped",
-                         f"orchestrator.cascade not available ({exc})", s)]
-    from orchestrator.runner import run_experiment
-    from orchestrator.spec import load_spec
+                         f"orchestrator.engine.cascade not available ({exc})", s)]
+    from orchestrator.engine.plain import run_experiment
+    from orchestrator.spec.experiment import load_spec
 
     folder = Path(tempfile.mkdtemp(prefix="cascade-", dir=s.work))
     (folder / "cascade.yaml").write_text(spec_text("bench_cascade", s))

@@ -4,7 +4,7 @@
   the pipeline cannot import faster than torch);
 * ``smn --help`` in a fresh interpreter (median of 3);
 * fixed cost per cell on a warm worker: the same small real cell (``bench_ray.cell_config``) run three times
-  on one :class:`orchestrator.engine.WarmPool` worker; fixed cost = wall time seen by the driver minus the
+  on one :class:`orchestrator.engine.cell.WarmPool` worker; fixed cost = wall time seen by the driver minus the
   cell's epochs, for the 2nd and 3rd run (the worker is warm), against the same split of an in-process run;
 * sweep efficiency: a grid of 8 one-CPU cells (2 epochs each) at concurrency 2 through ``run_experiment``
   (Ray Tune, trial actors reused); from the ledger, sum(cell ``wall_s``) / 2 over the span from the first
@@ -51,7 +51,7 @@ def _fresh(code: list[str], repeats: int = 3) -> float:
 def _imports(s: Settings) -> list[Row]:
     torch_s = _fresh(["-c", "import torch"])
     pipe_s = _fresh(["-c", "import smn_core.pipeline"])
-    help_s = _fresh(["-m", "orchestrator.cli", "--help"])
+    help_s = _fresh(["-m", "orchestrator", "--help"])
     bare_s = _fresh(["-c", "pass"])
     return [
         compared(AREA, "import smn_core.pipeline (fresh interpreter)", pipe_s, "s", "import torch alone", torch_s,
@@ -64,8 +64,8 @@ def _imports(s: Settings) -> list[Row]:
 def _warm_cell(s: Settings) -> list[Row]:
     import ray
 
-    from orchestrator.engine import WarmPool
-    from orchestrator.runner import ensure_ray
+    from orchestrator.engine.pool import WarmPool
+    from orchestrator.engine.plain import ensure_ray
 
     from .bench_ray import _split, cell_config, run_timed_cell
 
@@ -100,9 +100,9 @@ def _warm_cell(s: Settings) -> list[Row]:
 
 
 def _sweep(s: Settings) -> list[Row]:
-    from orchestrator import ledger
-    from orchestrator.runner import run_experiment
-    from orchestrator.spec import load_spec
+    from orchestrator.results import ledger
+    from orchestrator.engine.plain import run_experiment
+    from orchestrator.spec.experiment import load_spec
 
     from .bench_sweep import spec_text
 
@@ -128,9 +128,10 @@ def _sweep(s: Settings) -> list[Row]:
 
 
 def _cascade(s: Settings) -> list[Row]:
-    from orchestrator.cascade import cascade_spec, run_cascade
-    from orchestrator.runner import run_experiment
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.cascade import cascade_spec
+    from orchestrator.engine.cascade import run_cascade
+    from orchestrator.engine.plain import run_experiment
+    from orchestrator.spec.experiment import load_spec
 
     from .bench_cascade import EXPERTS, spec_text
 

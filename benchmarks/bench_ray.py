@@ -89,7 +89,7 @@ def run(s: Settings) -> list[Row]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.runner import ensure_ray
+    from orchestrator.engine.plain import ensure_ray
 
     cell = cell_config(s.quick)
     device = "cuda" if s.cuda else "cpu"

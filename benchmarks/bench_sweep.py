@@ -1,5 +1,5 @@
-"""Sweep efficiency: a grid of N short trials at concurrency C, run by ``orchestrator.runner.run_experiment``
-(a spec with ``grid:`` runs as a Ray Tune sweep, ``orchestrator.sweep``) into a fresh results folder.
+"""Sweep efficiency: a grid of N short trials at concurrency C, run by ``orchestrator.engine.plain.run_experiment``
+(a spec with ``grid:`` runs as a Ray Tune sweep, ``orchestrator.engine.sweep``) into a fresh results folder.
 
 Floor: the trials' own wall times (each cell's ``wall_s`` in the ledger: from the start of the cell's
 work in its trial to its ledger write) summed and divided by C, i.e. a scheduler that never idles and
@@ -51,9 +51,9 @@ def run(s: Settings) -> list[Row]:
     """One sweep, timed; rows against the sum of its trials' times / C."""
     import ray
 
-    from orchestrator import ledger
-    from orchestrator.runner import run_experiment
-    from orchestrator.spec import load_spec
+    from orchestrator.results import ledger
+    from orchestrator.engine.plain import run_experiment
+    from orchestrator.spec.experiment import load_spec
 
     n, c = (2, 2) if s.quick else (4, 2)
     cpus = max(1.0, (os.cpu_count() or 2) // c) if not s.cuda else 1.0

@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.reports import render_frame  # noqa: E402
+from orchestrator.reports.registry import render_frame  # noqa: E402
 from smn_core.backbones import build_backbone  # noqa: E402
 from smn_core.mask_codecs import (  # noqa: E402
     LIBRARY_CODECS,
@@ -133,7 +133,7 @@ def bench_codecs(mask_files: list[Path], repeats: int) -> tuple[pd.DataFrame, pd
 
 def bench_store(tasks: int, arch: str, codec: str) -> pd.DataFrame:
     """Add ``tasks`` synthetic masks to a fresh store, list them, apply each in turn; returns timings."""
-    from orchestrator.store import MaskStore
+    from orchestrator.store.mask_store import MaskStore
     from smn_core.mask_file import TaskMask, backbone_hash
     from smn_core.masking import MaskConfig, select_parameters
 

@@ -93,7 +93,7 @@ def run_areas(settings: Settings, only: list[str], echo=print) -> tuple[list[Row
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only local Ray (orchestrator.runner)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only local Ray (orchestrator.engine.plain)
     threads, reason = (args.threads, "--threads") if args.threads else auto_threads()
     settings = Settings(quick=args.quick, device=args.device, threads=threads, knn_full=args.knn_full)
     torch.set_num_threads(threads)

@@ -2,7 +2,7 @@
 
 A self-masked model, the *dispatcher*, is complemented by K *experts*: extra masks over the same
 frozen backbone, each trained on one cluster of the training set. This module holds everything of
-the cascade that is not orchestration (the Ray actor graph lives in ``orchestrator.cascade``):
+the cascade that is not orchestration (the Ray actor graph lives in ``orchestrator.engine.cascade``):
 
 * **Router** (:func:`fit_router`, :class:`Router`): L2-normalised dispatcher train embeddings,
   PCA to ``components`` (paper: 20), a ``clusters``-way Gaussian mixture (paper: 5), seeded with

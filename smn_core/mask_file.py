@@ -332,7 +332,7 @@ def verify_mask_file(data: bytes, source: str = "mask file") -> dict[str, Any]:
 
 def masks_file_identity(data: bytes) -> tuple[str, str]:
     """``(arch, backbone_hash)`` recorded in a plain masks ``.safetensors``' metadata (``""`` where absent);
-    the runner records ``arch``, :meth:`orchestrator.store.MaskStore.export` both.
+    the runner records ``arch``, :meth:`orchestrator.store.mask_store.MaskStore.export` both.
 
     Raises:
         ValueError: ``data`` does not start with a safetensors header.

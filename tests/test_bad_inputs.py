@@ -1,6 +1,6 @@
 """Every bad input is refused before any work starts (issue 14): well over 80 malformed or hostile inputs
 to ``smn`` (spec keys and values, overrides, spec files, results locations, ledger files, mask stores),
-each run in-process through :func:`orchestrator.cli.main` on a real workspace (a real Parquet ledger, a
+each run in-process through :func:`orchestrator.cli.app.main` on a real workspace (a real Parquet ledger, a
 real mask store, real ``../shared`` data where a case names it).
 
 Each case asserts the exit code, a one-line message on stderr that names the bad value and what is
@@ -447,7 +447,7 @@ def _corrupt_task(ws: Path) -> None:
 def build_template(root: Path) -> Path:
     """The workspace every case starts from: a valid spec, a ledger with two real cells (experiments
     ``demo`` and ``other``) and a mask store (random CIFAR ResNet-20) with one task ``t1``."""
-    from orchestrator import ledger
+    from orchestrator.results import ledger
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "spec.yaml").write_text(BASE_SPEC)
@@ -461,7 +461,7 @@ def build_template(root: Path) -> Path:
     torch.manual_seed(0)
     from smn_core.backbones import build_backbone
 
-    from orchestrator.store import MaskStore, task_from_masks_file
+    from orchestrator.store.mask_store import MaskStore, task_from_masks_file
 
     bb = build_backbone("cifar_resnet20", "random")
     store = MaskStore.create(str(root / "store"), bb.model, "cifar_resnet20", weights_source="random")
@@ -502,7 +502,7 @@ class Outcome:
 
 def run_case(case: Case, ws: Path) -> Outcome:
     """Set up ``case`` in the workspace ``ws``, run ``smn`` in-process from inside ``ws``, and report."""
-    from orchestrator.cli import main
+    from orchestrator.cli.app import main
 
     if case.setup:
         case.setup(ws)
@@ -577,7 +577,7 @@ def test_bad_input_is_refused_before_any_work(case, template, tmp_path):
 @pytest.mark.parametrize("spec", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_spec_still_validates(spec):
     """The checks refuse bad input only: every spec of the paper (GPU-scale ones included) passes them."""
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     load_spec(spec)
 

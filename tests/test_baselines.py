@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from orchestrator import ledger
-from orchestrator.paper_baselines import fig3, fig7, lowshot, sparsity_blocks, table1, table8, table10
-from orchestrator.reports import figures, mean_std, tables
-from orchestrator.spec import cell_id_of
+from orchestrator.results import ledger
+from orchestrator.reports.baselines import fig3, fig7, lowshot, sparsity_blocks, table1, table8, table10
+from orchestrator.reports.registry import figures, mean_std, tables
+from orchestrator.spec.experiment import cell_id_of
 from smn_core.analysis import grouped_density
 from smn_core.augment import MultiCropConfig
 from smn_core.backbones import build_backbone

@@ -301,7 +301,7 @@ def test_restored_dispatcher_reproduces_its_evaluation_and_subset_training():
 
 
 def _spec(tmp_path, cascade: str, methods: str = "[smn]"):
-    from orchestrator.spec import load_spec
+    from orchestrator.spec.experiment import load_spec
 
     p = tmp_path / "c.yaml"
     p.write_text(f"name: c\nmethods: {methods}\nbackbone: {{arch: cifar_resnet8, weights: random}}\n"
@@ -310,7 +310,7 @@ def _spec(tmp_path, cascade: str, methods: str = "[smn]"):
 
 
 def test_cascade_section_defaults_are_the_papers(tmp_path):
-    from orchestrator.cascade import cascade_spec
+    from orchestrator.spec.cascade import cascade_spec
 
     cs = cascade_spec(_spec(tmp_path, ""))
     assert (cs.router.components, cs.router.clusters, cs.experts.queue_start_fraction) == (20, 5, 0.2)
@@ -326,23 +326,24 @@ def test_cascade_section_defaults_are_the_papers(tmp_path):
     ("cascade: {experts: {epochs: 0}}", "cascade.experts.epochs"),
 ])
 def test_cascade_section_errors_name_the_key(tmp_path, section, message):
-    from orchestrator.cascade import cascade_spec
-    from orchestrator.spec import SpecError
+    from orchestrator.spec.cascade import cascade_spec
+    from orchestrator.spec.experiment import SpecError
 
     with pytest.raises(SpecError, match=message):
         cascade_spec(_spec(tmp_path, section))
 
 
 def test_cascade_needs_a_self_masking_dispatcher(tmp_path):
-    from orchestrator.cascade import cascade_spec
-    from orchestrator.spec import SpecError
+    from orchestrator.spec.cascade import cascade_spec
+    from orchestrator.spec.experiment import SpecError
 
     with pytest.raises(SpecError, match="add 'smn'"):
         cascade_spec(_spec(tmp_path, "", methods="[pretrained]"))
 
 
 def test_cascade_ids_are_stable_and_depend_on_the_settings(tmp_path):
-    from orchestrator.cascade import cascade_spec, plan_cascades
+    from orchestrator.spec.cascade import cascade_spec
+    from orchestrator.engine.cascade import plan_cascades
 
     spec = _spec(tmp_path, "")
     a = plan_cascades(spec, cascade_spec(spec))[0]

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import ledger
-from orchestrator.cascade import cascade_spec, plan_cascades, run_cascade
-from orchestrator.runner import ensure_ray
-from orchestrator.spec import load_spec
+from orchestrator.results import ledger
+from orchestrator.spec.cascade import cascade_spec
+from orchestrator.engine.cascade import plan_cascades, run_cascade
+from orchestrator.engine.plain import ensure_ray
+from orchestrator.spec.experiment import load_spec
 
 from .test_cascade_ray import write_cascade_spec
 

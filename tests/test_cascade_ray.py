@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import ledger
-from orchestrator.cascade import cascade_spec, plan_cascades, run_cascade
-from orchestrator.spec import load_spec
+from orchestrator.results import ledger
+from orchestrator.spec.cascade import cascade_spec
+from orchestrator.engine.cascade import plan_cascades, run_cascade
+from orchestrator.spec.experiment import load_spec
 from smn_core.checkpoint import load_tensors
 
 pytestmark = pytest.mark.slow
@@ -96,7 +97,7 @@ def test_cascade_end_to_end_experts_overlap_and_rerun_resumes(ray_local, tmp_pat
     assert torch.equal(routes["train_routes"].bincount(minlength=5).double(), torch.tensor(router_sizes).double())
 
     # Table 3 and Fig. 11 from the ledger alone
-    from orchestrator import reports
+    from orchestrator.reports import registry as reports
 
     t3 = reports.tables()["table3"].build(df)
     assert list(t3.index) == ["Self-masking", "Self-masking, projected alike (control)",

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from orchestrator import ledger
-from orchestrator.cli import build_parser, main
+from orchestrator.results import ledger
+from orchestrator.cli.app import build_parser, main
 
 from .conftest import REPO
 
@@ -51,10 +51,10 @@ def test_table_command_reads_the_ledger(tmp_path):
     ledger.write_cell(str(tmp_path), "exp", cell_id="c1", method="smn", backbone="cifar_resnet8", dataset="digits",
                       seed=0, grid={}, config={}, metrics={"knn_top1": 0.875, "linear_probe_top1": 0.9},
                       started_at=now, finished_at=now)
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "table", str(tmp_path)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "table", str(tmp_path)], capture_output=True,
                          text=True, cwd=REPO, check=True).stdout
     assert "0.875" in out and "linear_probe_top1" in out
-    bad = subprocess.run([sys.executable, "-m", "orchestrator.cli", "table", str(tmp_path), "--format", "xml"],
+    bad = subprocess.run([sys.executable, "-m", "orchestrator", "table", str(tmp_path), "--format", "xml"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 

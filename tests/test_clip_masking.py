@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
-from orchestrator import ledger
-from orchestrator.paper_baselines import fig6, sparsity_blocks
-from orchestrator.spec import cell_id_of
+from orchestrator.results import ledger
+from orchestrator.reports.baselines import fig6, sparsity_blocks
+from orchestrator.spec.experiment import cell_id_of
 from smn_core.backbones import build_backbone
 from smn_core.checkpoint import save_tensors
 from smn_core.masking import MaskConfig, attach_masks, iter_masked_tensors, score_parameters

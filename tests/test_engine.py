@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import ledger
-from orchestrator.layout import ExperimentLayout, atomic_write
+from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout, atomic_write
 
 
 def test_layout_names_every_location_local_and_uri(tmp_path, monkeypatch):
@@ -83,7 +83,7 @@ def _window(folder: str, i: int) -> tuple[float, float]:
 def test_run_bounded_keeps_the_limit_and_retries_application_errors(ray_local, tmp_path):
     import ray
 
-    from orchestrator.engine import run_bounded
+    from orchestrator.engine.pool import run_bounded
 
     flaky = ray.remote(num_cpus=0)(_flaky)
     out = {item: (res, exc) for item, res, exc in
@@ -117,7 +117,7 @@ def _slow_job(marker: str) -> int:
 def test_warm_worker_keeps_its_process_and_replays_a_job_after_its_process_dies(ray_local, tmp_path):
     import ray
 
-    from orchestrator.engine import WarmPool
+    from orchestrator.engine.pool import WarmPool
 
     with WarmPool(1, num_cpus=1) as pool:
         info = pool.wait_warm(timeout=300)[0]
@@ -143,7 +143,7 @@ def test_warm_worker_keeps_its_process_and_replays_a_job_after_its_process_dies(
 def test_a_worker_out_of_restarts_fails_its_job_and_heal_gives_the_slot_a_fresh_worker(ray_local, tmp_path):
     import ray
 
-    from orchestrator.engine import WarmPool, run_bounded
+    from orchestrator.engine.pool import WarmPool, run_bounded
 
     with WarmPool(1, num_cpus=1, max_restarts=0, warm=False) as pool:
         marker = str(tmp_path / "job")
@@ -176,7 +176,7 @@ def test_pool_size_fits_fractional_workers_exactly(ray_local):
     """Ten 0.4-CPU experts fit on 4 CPUs (Ray counts in units of 1e-4; ``4 // 0.4`` is 9.0 in floats)."""
     import ray
 
-    from orchestrator.engine import pool_size
+    from orchestrator.engine.pool import pool_size
 
     assert ray.cluster_resources()["CPU"] == 4
     assert pool_size(12, 0.4, 0) == 10

@@ -20,10 +20,10 @@ import psutil
 import pytest
 import ray
 
-from orchestrator import ledger
-from orchestrator.cli import main as smn_main
-from orchestrator.runner import run_experiment
-from orchestrator.spec import expand_cells, load_spec
+from orchestrator.results import ledger
+from orchestrator.cli.app import main as smn_main
+from orchestrator.engine.plain import run_experiment
+from orchestrator.spec.experiment import expand_cells, load_spec
 
 from .conftest import REPO, kill_driver_tree
 
@@ -37,7 +37,7 @@ def test_killed_ddp_worker_resumes_from_its_last_checkpoint(tiny_spec, tmp_path)
     epochs, samples, batch = 16, 192, 32
     spec_path = tiny_spec("ddpkill", epochs=epochs, workers=2)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--results", str(results),
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(spec_path), "--results", str(results),
            "methods=[smn]", f"dataset.max_train_samples={samples}"]
     ray_tmp = tempfile.mkdtemp(prefix="smnd", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}

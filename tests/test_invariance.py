@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator import ledger
-from orchestrator.paper_baselines import fig5, invariance
-from orchestrator.spec import cell_id_of
+from orchestrator.results import ledger
+from orchestrator.reports.baselines import fig5, invariance
+from orchestrator.spec.experiment import cell_id_of
 from smn_core.analysis import mask_agreement
 from smn_core.checkpoint import save_tensors
 from smn_core.masking import MaskConfig

@@ -29,8 +29,8 @@ import psutil
 import pytest
 import yaml
 
-from orchestrator import ledger
-from orchestrator.spec import expand_cells, load_spec
+from orchestrator.results import ledger
+from orchestrator.spec.experiment import expand_cells, load_spec
 
 from .conftest import REPO
 

@@ -1,4 +1,4 @@
-"""The Parquet ledger and tables (orchestrator.ledger, orchestrator.tables) on real files."""
+"""The Parquet ledger and tables (orchestrator.results.ledger, orchestrator.reports.tables) on real files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import ledger, tables
+from orchestrator.results import ledger
+from orchestrator.reports import tables
 
 
 def _write(results, cell_id, seed=0, method="smn", knn=0.5, experiment="exp"):

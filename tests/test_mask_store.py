@@ -116,7 +116,7 @@ def test_pack_unpack_and_hash_are_canonical():
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["smn-ctx", "lzma"])
 def test_stored_compressed_loaded_applied_mask_is_identical_to_trained_model(run, tmp_path, codec):
-    from orchestrator.store import MaskStore
+    from orchestrator.store.mask_store import MaskStore
 
     store = MaskStore.create(str(tmp_path / "store"), _backbone(), "cifar_resnet20")
     task = _task(run, "a")
@@ -132,7 +132,7 @@ def test_stored_compressed_loaded_applied_mask_is_identical_to_trained_model(run
 
 @pytest.mark.slow
 def test_switching_tasks_swaps_masks_without_reloading(run, tmp_path):
-    from orchestrator.store import MaskStore
+    from orchestrator.store.mask_store import MaskStore
 
     store = MaskStore.create(f"file://{tmp_path}/s", _backbone(), "cifar_resnet20")  # a pyarrow URI
     store.add("a", _task(run, "a"))
@@ -158,7 +158,7 @@ def test_switching_tasks_swaps_masks_without_reloading(run, tmp_path):
 def test_wrong_backbone_hash_is_refused_before_any_change(run, tmp_path):
     from smn_core.backbones import build_backbone
 
-    from orchestrator.store import MaskStore
+    from orchestrator.store.mask_store import MaskStore
 
     task = _task(run, "a")
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def test_wrong_backbone_hash_is_refused_before_any_change(run, tmp_path):
 
 @pytest.mark.slow
 def test_corrupted_or_truncated_mask_files_are_refused(run, tmp_path):
-    from orchestrator.store import MaskStore
+    from orchestrator.store.mask_store import MaskStore
 
     store = MaskStore.create(str(tmp_path / "s"), _backbone(), "cifar_resnet20")
     store.add("a", _task(run, "a"))
@@ -209,7 +209,7 @@ def test_corrupted_or_truncated_mask_files_are_refused(run, tmp_path):
 
 @pytest.mark.slow
 def test_store_refuses_bad_input_and_never_overwrites(run, tmp_path):
-    from orchestrator.store import MaskStore, StoreError
+    from orchestrator.store.mask_store import MaskStore, StoreError
 
     loc = str(tmp_path / "s")
     store = MaskStore.create(loc, _backbone(), "cifar_resnet20")
@@ -239,9 +239,9 @@ def test_store_refuses_bad_input_and_never_overwrites(run, tmp_path):
 
 @pytest.mark.slow
 def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsys):
-    from orchestrator import runner
-    from orchestrator.cli import _table, main
-    from orchestrator.spec import cell_id_of
+    from orchestrator.engine import plain as runner
+    from orchestrator.cli.app import _table, main
+    from orchestrator.spec.experiment import cell_id_of
     from smn_core.backbones import build_backbone
 
     cfg, res, _ = run["a"]

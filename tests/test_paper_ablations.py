@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 
-from orchestrator import ledger, reports
-from orchestrator.cli import main
-from orchestrator.spec import expand_cells, load_spec
+from orchestrator.results import ledger
+from orchestrator.reports import registry as reports
+from orchestrator.cli.app import main
+from orchestrator.spec.experiment import expand_cells, load_spec
 
 from .conftest import REPO
 
@@ -49,7 +50,7 @@ def test_table5b_labels_and_fig8_png(tmp_path, capsys):
     spec = load_spec(REPO / "experiments" / "appF_selective_small.yaml")
     cells = expand_cells(spec)
     import pandas as pd
-    from orchestrator.paper_ablations import selection_strategy
+    from orchestrator.reports.ablations import selection_strategy
     labels = {selection_strategy(pd.Series({"config": c.config.to_dict()})) for c in cells}
     assert {("all", "L3 only"), ("all", "all"), ("first N stages", "L1"), ("random", "5%"),
             ("magnitude", "60%")} <= labels, labels

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from orchestrator.progress import RunProgress, run_progress, wants_bars
+from orchestrator.cli.progress import RunProgress, run_progress, wants_bars
 
 from .conftest import REPO, TINY_SPEC
 
@@ -50,7 +50,7 @@ def test_run_in_a_terminal_draws_bars_and_keeps_the_plain_lines(tmp_path):
     spec.write_text(TINY_SPEC.format(name="bars", epochs=2, workers=1).replace("[pretrained, smn]", "[smn]"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0", "PYTHONPATH": str(REPO),
            "COLUMNS": "160", "TERM": "xterm-256color"}
-    code, out = _run_in_pty([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results",
+    code, out = _run_in_pty([sys.executable, "-m", "orchestrator", "run", str(spec), "--results",
                              str(tmp_path / "results")], env, timeout=400)
     assert code == 0, out[-3000:]
     assert "━" in out  # rich's bar
@@ -99,7 +99,7 @@ def test_cascade_expert_lines_get_their_own_bars():
 
 
 def test_sweep_lines_move_the_run_bar_and_close_finished_cells():
-    """The sweep's own progress lines (orchestrator.sweep.SweepProgress) drive the run's bar."""
+    """The sweep's own progress lines (orchestrator.engine.sweep.SweepProgress) drive the run's bar."""
     import io
 
     with RunProgress(4, "sw", stream=io.StringIO()) as tap:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from orchestrator import ledger
-from orchestrator.runner import run_experiment
-from orchestrator.spec import expand_cells, load_spec
+from orchestrator.results import ledger
+from orchestrator.engine.plain import run_experiment
+from orchestrator.spec.experiment import expand_cells, load_spec
 from smn_core.checkpoint import load_tensors
 from smn_core.pipeline import CellConfig, run_cell
 
@@ -47,7 +47,7 @@ def test_killed_driver_resumes_only_missing_work(tiny_spec, tmp_path):
     then skips the finished cells, resumes the interrupted one from its checkpoint, and duplicates nothing."""
     spec_path = tiny_spec("resume", epochs=4, extra="")
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--results", str(results),
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(spec_path), "--results", str(results),
            "seeds=[0,1]", "resources.max_concurrent_cells=1", "dataset.max_train_samples=192"]
     ray_tmp = tempfile.mkdtemp(prefix="smnk", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}

@@ -414,7 +414,7 @@ def _check_demo_improves(tmp_path):
     from smn_core.cascade import restore_adapted_backbone
     from smn_core.checkpoint import save_tensors
     from smn_core.pipeline import prepare_backbone, pretrain_backbone
-    from orchestrator.spec import expand_cells, load_spec
+    from orchestrator.spec.experiment import expand_cells, load_spec
     from pathlib import Path
 
     spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml",

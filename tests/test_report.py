@@ -20,8 +20,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import ledger, tracking
-from orchestrator.cli import main
+from orchestrator.results import ledger
+from orchestrator.reports import tracking
+from orchestrator.cli.app import main
 
 from .conftest import TINY_SPEC
 

@@ -20,10 +20,10 @@ import torch
 
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance-metadata endpoint
 
-from orchestrator import ledger  # noqa: E402
-from orchestrator.cli import main as smn_main  # noqa: E402
-from orchestrator.spec import expand_cells, load_spec  # noqa: E402
-from orchestrator.storage import StorageUnreachable, check_results_location  # noqa: E402
+from orchestrator.results import ledger  # noqa: E402
+from orchestrator.cli.app import main as smn_main  # noqa: E402
+from orchestrator.spec.experiment import expand_cells, load_spec  # noqa: E402
+from orchestrator.engine.preflight import StorageUnreachable, check_results_location  # noqa: E402
 from smn_core.checkpoint import (delete_checkpoint, has_checkpoint, load_checkpoint, load_tensors,  # noqa: E402
                                  local_copy, location_exists, save_checkpoint, save_tensors)
 
@@ -202,7 +202,7 @@ def test_tune_sweep_with_ddp_cell_on_s3(ray_local, s3, tiny_spec):
     """A grid spec runs as a Ray Tune sweep whose trial drives a 2-worker TorchTrainer: Tune's and Ray Train's
     storage take the s3:// URI as it is, the epoch checkpoints go through Ray Train to the bucket, and the
     cell's ledger rows, masks and final state land there."""
-    from orchestrator.runner import run_experiment
+    from orchestrator.engine.plain import run_experiment
 
     endpoint, fs = s3
     prefix = f"sweep-{uuid.uuid4().hex[:8]}"
@@ -227,7 +227,8 @@ def test_tune_sweep_with_ddp_cell_on_s3(ray_local, s3, tiny_spec):
 def test_cascade_on_s3(ray_local, s3, tmp_path, capsys):
     """`smn run` of a cascade spec with results on S3: dispatcher, router, experts (actors) and combinations
     write their ledger cells, routes, embeddings, masks and states to the bucket; a rerun runs nothing."""
-    from orchestrator.cascade import cascade_spec, plan_cascades
+    from orchestrator.spec.cascade import cascade_spec
+    from orchestrator.engine.cascade import plan_cascades
 
     from .test_cascade_ray import write_cascade_spec
 

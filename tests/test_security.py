@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import ray_session
-from orchestrator.cli import main as smn_main
+from orchestrator.engine import session as ray_session
+from orchestrator.cli.app import main as smn_main
 
 from .conftest import REPO, TINY_SPEC, kill_driver_tree
 
@@ -64,7 +64,7 @@ def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
     driver = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, ray\n"
-         "from orchestrator.runner import ensure_ray\n"
+         "from orchestrator.engine.plain import ensure_ray\n"
          "ensure_ray(num_cpus=1)\n"
          "print('GCS', ray.get_runtime_context().gcs_address, flush=True)\n"
          "sys.stdin.readline()\n"
@@ -146,7 +146,7 @@ def test_ctrl_c_exits_130_and_redirected_output_is_plain(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results",
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec), "--results",
                                  str(tmp_path / "results")], cwd=REPO, env=env, stdout=out, stderr=err,
                                 start_new_session=True)
         try:
@@ -174,7 +174,7 @@ def test_unsatisfiable_cpus_fail_in_a_fresh_smn_run_before_ray_starts(tiny_spec,
     """The whole command, in a fresh process without Ray: refused before a local Ray is started."""
     need = (os.cpu_count() or 1) * 32
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(tiny_spec("fresh")), "--results",
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(tiny_spec("fresh")), "--results",
                           str(tmp_path / "results"), f"resources.cpus_per_worker={need}"], cwd=REPO,
                          env=_clean_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
     took = time.time() - t0

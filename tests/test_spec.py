@@ -1,10 +1,10 @@
-"""Spec validation and cell expansion (orchestrator.spec): bad input fails before any work."""
+"""Spec validation and cell expansion (orchestrator.spec.experiment): bad input fails before any work."""
 
 from __future__ import annotations
 
 import pytest
 
-from orchestrator.spec import SpecError, cell_id_of, expand_cells, load_spec, parse_overrides
+from orchestrator.spec.experiment import SpecError, cell_id_of, expand_cells, load_spec, parse_overrides
 
 from .conftest import REPO
 

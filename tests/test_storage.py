@@ -1,4 +1,4 @@
-"""The results-location preflight (orchestrator.storage) on real filesystems and a real multi-node Ray.
+"""The results-location preflight (orchestrator.engine.preflight) on real filesystems and a real multi-node Ray.
 
 The multi-node tests run a head plus worker nodes on this machine. A node that cannot reach the shared
 storage is made for real: a `ray start` worker node inside its own mount namespace (`unshare -m`, needs
@@ -22,11 +22,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from orchestrator import ledger
-from orchestrator.cli import main as smn_main
-from orchestrator.runner import run_experiment
-from orchestrator.spec import load_spec
-from orchestrator.storage import StorageUnreachable, check_results_location
+from orchestrator.results import ledger
+from orchestrator.cli.app import main as smn_main
+from orchestrator.engine.plain import run_experiment
+from orchestrator.spec.experiment import load_spec
+from orchestrator.engine.preflight import StorageUnreachable, check_results_location
 
 from .conftest import REPO
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from orchestrator import ledger
-from orchestrator.runner import run_experiment
-from orchestrator.spec import load_spec
+from orchestrator.results import ledger
+from orchestrator.engine.plain import run_experiment
+from orchestrator.spec.experiment import load_spec
 
 from .conftest import REPO, kill_driver_tree
 
@@ -72,7 +72,7 @@ def test_interrupted_sweep_resumes_without_recomputing_finished_cells(tiny_spec,
     extra = "grid:\n  train.swav.num_prototypes: [10, 20, 30]\n"
     spec_path = tiny_spec("isweep", epochs=3, extra=extra)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--results", str(results),
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(spec_path), "--results", str(results),
            "methods=[smn]", "resources.max_concurrent_cells=1"]
     ray_tmp = tempfile.mkdtemp(prefix="smns", dir="/tmp")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}

@@ -13,9 +13,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from orchestrator import ledger
-from orchestrator.runner import ensure_ray, run_experiment
-from orchestrator.spec import expand_cells, load_spec
+from orchestrator.results import ledger
+from orchestrator.engine.plain import ensure_ray, run_experiment
+from orchestrator.spec.experiment import expand_cells, load_spec
 
 pytestmark = pytest.mark.slow
 

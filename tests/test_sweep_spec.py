@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.spec import SpecError, expand_cells, load_spec, pending_references, search_cell
+from orchestrator.spec.experiment import SpecError, expand_cells, load_spec, pending_references, search_cell
 
 MASK_AXIS = """
 grid:

@@ -4,7 +4,7 @@ The ledger holds one row per (cell, final metric); the per-epoch history of the 
 (:attr:`smn_core.pipeline.CellOutcome.history`) is stored beside it, one small Parquet file per cell:
 ``<results>/<experiment>/curves/<cell_id>.parquet`` (columns ``epoch`` and one per recorded quantity),
 written atomically (temporary name, then rename) through ``pyarrow.fs``, so local folders, NFS and
-``s3://`` results all work. Trackers (:mod:`orchestrator.tracking`) and reports read it back.
+``s3://`` results all work. Trackers (:mod:`orchestrator.reports.tracking`) and reports read it back.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import ledger
+from orchestrator.results import ledger
 
 __all__ = ["write_curves", "read_curves", "CURVE_COLUMNS"]
 

@@ -1,6 +1,6 @@
-"""Run an experiment's cells on Ray: the plain (non-Tune) caller of :mod:`orchestrator.engine`.
+"""Run an experiment's cells on Ray: the plain (non-Tune) caller of :mod:`orchestrator.engine.cell`.
 
-* ``resources.workers == 1``: the cells run on a :class:`orchestrator.engine.WarmPool` of long-lived
+* ``resources.workers == 1``: the cells run on a :class:`orchestrator.engine.cell.WarmPool` of long-lived
   workers (one per concurrent cell), which import torch and ``smn_core`` once, while the driver reads
   the ledger and builds pretraining artifacts, and then run cell after cell. Each cell checkpoints every
   epoch to ``checkpoints/<cell_id>/`` and resumes from it when its worker is restarted (process or node
@@ -11,7 +11,7 @@
 * Cells whose backbone uses ``weights: pipeline`` first need the pretraining artifact
   ``artifacts/pretrain-<hash>.safetensors``; it is built once, as a Ray task.
 
-Every location comes from one :class:`orchestrator.layout.ExperimentLayout`, built here from ``results``
+Every location comes from one :class:`orchestrator.results.layout.ExperimentLayout`, built here from ``results``
 (a local path, an NFS mount, or a ``pyarrow.fs`` URI such as ``s3://bucket/prefix``). Workers read S3
 credentials and endpoints from the URI's query or from the ``AWS_*`` variables, which :func:`ensure_ray`
 passes on to them.
@@ -29,12 +29,13 @@ from typing import Callable
 
 import ray
 
-from . import ledger, ray_session
-from .engine import CellJob, WarmPool, ddp_checkpointing, finish_cell, pool_size, run_bounded, run_ddp, run_local
-from .layout import ExperimentLayout
-from .prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights,
-                      pretrain_artifact_path, uses_tune)
-from .spec import Cell, ExperimentSpec, expand_cells
+from orchestrator.results import ledger
+from orchestrator.engine import session as ray_session
+from orchestrator.engine.cell import CellJob, ddp_checkpointing, finish_cell, run_ddp, run_local
+from orchestrator.engine.pool import WarmPool, pool_size, run_bounded
+from orchestrator.results.layout import ExperimentLayout
+from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights, pretrain_artifact_path, uses_tune)
+from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
 
 __all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "ddp_checkpointing", "RunSummary",
            "FORWARDED_ENV", "cell_jobs", "completed_cells", "start_ray_for", "prepare_pipeline_weights", "uses_tune",
@@ -49,7 +50,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), or start a local one.
 
     A local Ray starts without a dashboard and with token authentication unless the user set
-    ``RAY_AUTH_MODE`` (:func:`orchestrator.ray_session.configure_auth`: token file mode 0600; a one-line
+    ``RAY_AUTH_MODE`` (:func:`orchestrator.engine.session.configure_auth`: token file mode 0600; a one-line
     warning for ``disabled``). Ray's own gRPC ports listen on every interface; the token guards them.
     The driver's ``AWS_*`` variables (:data:`FORWARDED_ENV`: S3 endpoint, region, credentials) are passed
     to the workers, so they reach an ``s3://`` results location the way the driver does.
@@ -72,12 +73,12 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
 def final_state_dir(results: str | ExperimentLayout, experiment: str, cell_id: str) -> str:
     """Folder of a finished cell's final trainable state (``smn_core.checkpoint`` format: scores, head,
     prototypes, buffers), written before its ledger rows; a cascade's experts start from it
-    (:meth:`orchestrator.layout.ExperimentLayout.state`)."""
+    (:meth:`orchestrator.results.layout.ExperimentLayout.state`)."""
     return ExperimentLayout.of(results, experiment).state(cell_id)
 
 
 def _finish(results: str, experiment: str, cell_id: str, cfg, grid: dict, outcome, started: float) -> dict:
-    """Compatibility shim for older callers: :func:`orchestrator.engine.finish_cell`."""
+    """Compatibility shim for older callers: :func:`orchestrator.engine.cell.finish_cell`."""
     job = CellJob(cfg, cell_id, cell_id, grid, ExperimentLayout.of(results, experiment))
     return finish_cell(job, outcome, started)
 
@@ -96,10 +97,10 @@ def start_ray_for(spec: ExperimentSpec, results: str | ExperimentLayout, address
 
     Raises:
         RuntimeError: if the spec asks for GPUs the cluster does not have.
-        orchestrator.storage.StorageUnreachable, ValueError: if ``results`` is not writable from the driver
-            and shared with every alive node (:func:`orchestrator.storage.check_results_location`).
+        orchestrator.engine.preflight.StorageUnreachable, ValueError: if ``results`` is not writable from the driver
+            and shared with every alive node (:func:`orchestrator.engine.preflight.check_results_location`).
     """
-    from .storage import check_results_location
+    from orchestrator.engine.preflight import check_results_location
 
     ensure_ray(address)
     _check_resources(spec)
@@ -110,25 +111,25 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
                    echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> RunSummary:
     """Run every cell of ``spec`` that the ledger does not hold yet; return a summary.
 
-    Specs with a grid or a search run as a Ray Tune sweep (:func:`orchestrator.sweep.run_sweep`);
-    others on a :class:`orchestrator.engine.WarmPool` (or a ``TorchTrainer`` per cell for ``workers > 1``).
+    Specs with a grid or a search run as a Ray Tune sweep (:func:`orchestrator.engine.sweep.run_sweep`);
+    others on a :class:`orchestrator.engine.cell.WarmPool` (or a ``TorchTrainer`` per cell for ``workers > 1``).
     Cells run concurrently as far as the cluster's resources allow (and ``resources.max_concurrent_cells``).
     A cell that fails after its retries is reported in ``summary["failed"]``; the other cells go on.
 
     Args:
         results: a local path, a ``pyarrow.fs`` URI (``s3://bucket/prefix``), or an
-            :class:`orchestrator.layout.ExperimentLayout` (its root is used).
+            :class:`orchestrator.results.layout.ExperimentLayout` (its root is used).
         cells: the spec's expanded cells when the caller has them already (expanded once per run).
 
     Raises:
-        orchestrator.storage.StorageUnreachable: if the ledger cannot be read, or (before any cell runs) the
+        orchestrator.engine.preflight.StorageUnreachable: if the ledger cannot be read, or (before any cell runs) the
             results location is not writable from the driver or not shared with every alive node.
         RuntimeError: if the spec asks for GPUs the cluster does not have.
         ValueError: if ``results`` is a URI that pyarrow does not support.
     """
     layout = ExperimentLayout.of(results, spec.name)
     if uses_tune(spec):
-        from .sweep import run_sweep
+        from orchestrator.engine.sweep import run_sweep
 
         return run_sweep(spec, layout, echo=echo, start_ray=lambda: start_ray_for(spec, layout, address), cells=cells)
     cells = expand_cells(spec) if cells is None else cells

@@ -1,5 +1,5 @@
 """The generic results table, rebuilt from the ledger alone: one layout (``results``) of the report
-registry (:mod:`orchestrator.reports`), rendered by pandas (Markdown, LaTeX, CSV, JSON, Parquet).
+registry (:mod:`orchestrator.reports.registry`), rendered by pandas (Markdown, LaTeX, CSV, JSON, Parquet).
 
 One row per (experiment, method, backbone, dataset, grid values); one column per metric. With
 several seeds a cell shows ``mean +- std`` (sample std, ddof=1) and the number of seeds.
@@ -17,7 +17,7 @@ import json
 
 import pandas as pd
 
-from .reports import FORMATS, mean_std, metric_frame, register_table, render_frame
+from orchestrator.reports.registry import FORMATS, mean_std, metric_frame, register_table, render_frame
 
 __all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render"]
 
@@ -29,7 +29,7 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     """Aggregate long ledger rows into a wide table of ``mean``/``std``/``n`` per metric.
 
     Args:
-        df: rows from :func:`orchestrator.ledger.read_ledger`.
+        df: rows from :func:`orchestrator.results.ledger.read_ledger`.
         metrics: metric names to show (those absent from the ledger are dropped).
 
     Returns:
@@ -95,7 +95,7 @@ def results_layout(df: pd.DataFrame) -> pd.DataFrame:
 def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
     """Render :func:`results_table` output: Markdown or LaTeX as display strings (:func:`display_table`),
     CSV or JSON with the numbers (columns ``<metric>_mean|std|n``), all through
-    :func:`orchestrator.reports.render_frame`.
+    :func:`orchestrator.reports.registry.render_frame`.
 
     Raises:
         ValueError: on an unknown format (lists the allowed ones).

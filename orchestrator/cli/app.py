@@ -35,7 +35,7 @@ EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "runtime failure (cells failed, n
               EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume"}
 INTERRUPTED = "interrupted: run the same command again to resume"
 
-CLI_PLUGINS = ("orchestrator.store_cli", "orchestrator.cascade_cli", "orchestrator.report_cli")
+CLI_PLUGINS = ("orchestrator.cli.store", "orchestrator.cli.cascade", "orchestrator.cli.report")
 
 _EPILOG = """\
 examples:
@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
     run.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
                      help="format of the table printed at the end")
-    # --- output and tracking options (orchestrator.report_cli): --json, --quiet, --track ---
-    from . import report_cli
+    # --- output and tracking options (orchestrator.cli.report): --json, --quiet, --track ---
+    from orchestrator.cli import report as report_cli
 
     report_cli.add_run_options(run)
     # --- end output and tracking options ---
@@ -172,7 +172,7 @@ def check_results_dir(results: str | None, command: str) -> str:
     Raises:
         ResultsError: naming the location and what is allowed.
     """
-    from . import ledger
+    from orchestrator.results import ledger
 
     if results is None:
         raise ResultsError(f"smn {command} needs the results folder DIR (e.g. smn {command} results)")
@@ -191,7 +191,7 @@ def check_results_dir(results: str | None, command: str) -> str:
 
 
 def _check_experiment(results: str, experiment: str | None) -> None:
-    from . import ledger
+    from orchestrator.results import ledger
 
     if experiment is None:
         return
@@ -204,7 +204,9 @@ def _check_experiment(results: str, experiment: str | None) -> None:
 def _table_frame(results: str, experiment: str | None, fmt: str, metrics: str | None, layout: str | None):
     """``(frame, title)`` of a table: a registered layout's display strings, or the generic table (numbers
     for csv / json / parquet, display strings otherwise)."""
-    from . import ledger, reports, tables
+    from orchestrator.results import ledger
+    from orchestrator.reports import registry as reports
+    from orchestrator.reports import tables
 
     df = ledger.read_ledger(results, experiment)
     if layout is not None:
@@ -222,7 +224,7 @@ def _table_frame(results: str, experiment: str | None, fmt: str, metrics: str | 
 
 def _table(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
            out: str | None = None) -> str:
-    from . import reports
+    from orchestrator.reports import registry as reports
 
     if layout == "list":
         return "\n".join(f"{t.name:12s} {t.description}" for t in reports.tables().values())
@@ -233,7 +235,7 @@ def _table(results: str | None, experiment: str | None, fmt: str, metrics: str |
     _check_experiment(results, experiment)
     frame, title = _table_frame(results, experiment, fmt, metrics, layout)
     if out is not None or fmt == "parquet":
-        from .report_cli import write_table
+        from orchestrator.cli.report import write_table
 
         return write_table(frame, fmt, out)
     if frame is None or frame.empty:
@@ -244,7 +246,8 @@ def _table(results: str | None, experiment: str | None, fmt: str, metrics: str |
 def _plot(results: str | None, figure: str, experiment: str | None, out: str | None) -> str:
     from pathlib import Path
 
-    from . import ledger, reports
+    from orchestrator.results import ledger
+    from orchestrator.reports import registry as reports
 
     known = reports.figures()
     if figure == "list":
@@ -262,7 +265,7 @@ def _plot(results: str | None, figure: str, experiment: str | None, out: str | N
         # URI results: draw to a local file, then store it next to the ledger through pyarrow.fs
         import tempfile
 
-        from .layout import ExperimentLayout, atomic_write
+        from orchestrator.results.layout import ExperimentLayout, atomic_write
 
         target = ExperimentLayout.of(results, experiment or "figures").figure(figure)
         with tempfile.TemporaryDirectory(prefix="smn-plot-") as tmp:
@@ -293,7 +296,7 @@ def _one_line_warnings() -> None:
 
 
 def _cause(error: str) -> str:
-    from .ray_session import error_cause
+    from orchestrator.engine.session import error_cause
 
     return error_cause(error)
 
@@ -311,8 +314,8 @@ def _internal_error(exc: BaseException) -> int:
 
 
 def _run(args) -> int:
-    from .ray_session import ClusterTooSmall
-    from .spec import SpecError, expand_cells, load_spec
+    from orchestrator.engine.session import ClusterTooSmall
+    from orchestrator.spec.experiment import SpecError, expand_cells, load_spec
 
     try:
         spec = load_spec(args.spec, args.overrides)
@@ -323,7 +326,8 @@ def _run(args) -> int:
         return EXIT_USAGE
     if spec.cascade is not None and args.command == "run":
         # a spec with a `cascade:` section is the cascade's (paper Sec. 3.4): same as `smn cascade SPEC`
-        from . import cascade_cli, report_cli
+        from orchestrator.cli import cascade as cascade_cli
+        from orchestrator.cli import report as report_cli
 
         if args.dry_run:
             return cascade_cli.main(args)
@@ -336,17 +340,18 @@ def _run(args) -> int:
         print(f"spec {spec.name}: valid, {len(cells)} cells")
         for c in cells:
             print(f"  {c.cell_id}  {c.label}")
-        # --- dry-run cost estimate (orchestrator.estimate) ---
+        # --- dry-run cost estimate (orchestrator.spec.estimate) ---
         if args.command == "run":
-            from .estimate import estimate_text
+            from orchestrator.spec.estimate import estimate_text
 
             print(estimate_text(spec, cells))
         # --- end dry-run cost estimate ---
         return EXIT_OK
-    from . import ray_session, report_cli
-    from .layout import ExperimentLayout
-    from .runner import run_experiment
-    from .storage import StorageUnreachable
+    from orchestrator.engine import session as ray_session
+    from orchestrator.cli import report as report_cli
+    from orchestrator.results.layout import ExperimentLayout
+    from orchestrator.engine.plain import run_experiment
+    from orchestrator.engine.preflight import StorageUnreachable
 
     t0 = time.time()
     try:
@@ -355,7 +360,7 @@ def _run(args) -> int:
         if not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
             res = spec.resources
             ray_session.check_local_fits(res.cpus_per_worker, res.workers)  # before a local Ray starts
-        # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.progress)
+        # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.cli.progress)
         layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
         with report_cli.quiet_output(args, len(cells), spec.name):
             summary = run_experiment(spec, layout, address=args.address, cells=cells)
@@ -368,7 +373,7 @@ def _run(args) -> int:
     except RuntimeError as exc:
         print(f"smn: {_cause(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
-    from . import ledger
+    from orchestrator.results import ledger
 
     table_text = "(no results in the ledger yet)"
     if spec.name in ledger.list_experiments(args.results):
@@ -383,7 +388,7 @@ def _run(args) -> int:
 
 
 def _check_run_results(results: str) -> None:
-    from . import ledger
+    from orchestrator.results import ledger
 
     if "://" in str(results):
         try:

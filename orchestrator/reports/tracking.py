@@ -11,7 +11,7 @@ or on the command line: ``smn run SPEC --track mlflow`` (a file store in ``<resu
 
 Every cell of the ledger becomes one tracker run: params = its resolved config (flattened, dotted keys),
 metrics = its ledger metrics plus its per-epoch curves (loss, density, code entropy, from
-:mod:`orchestrator.curves`, logged with ``step = epoch``), artifacts = its mask file, its curves file and a
+:mod:`orchestrator.results.curves`, logged with ``step = epoch``), artifacts = its mask file, its curves file and a
 PNG of its curves. Runs are named and tagged with the spec's name and the cell id (``smn.experiment``,
 ``smn.cell_id``); a cell that already has a run is not logged again, so a rerun adds no runs. The ledger
 stays the source of truth: :func:`sync` runs on the driver after the cells landed, a tracker that cannot
@@ -33,8 +33,8 @@ from typing import Any, Callable, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from . import ledger
-from .curves import read_curves
+from orchestrator.results import ledger
+from orchestrator.results.curves import read_curves
 
 __all__ = ["MlflowTarget", "WandbTarget", "TrackingSpec", "parse_tracking", "track_flag", "CellRecord",
            "cell_records", "sync", "log_cell_mlflow", "log_cell_wandb", "wandb_run_id"]
@@ -141,7 +141,7 @@ def _curves_png(curves: pd.DataFrame, title: str, out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .reports import save_figure
+    from orchestrator.reports.registry import save_figure
 
     cols = [c for c in ("loss", "density", "code_entropy") if c in curves.columns]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3), squeeze=False)

@@ -1,7 +1,7 @@
 """Table 3 (the self-masking cascade) and Fig. 11 (cluster homogeneity), rebuilt from the ledger.
 
-Registered with :mod:`orchestrator.reports`: ``smn table DIR --layout table3`` and
-``smn plot DIR --figure fig11``. Rows come from ``orchestrator.cascade``: the dispatchers (``smn``
+Registered with :mod:`orchestrator.reports.registry`: ``smn table DIR --layout table3`` and
+``smn plot DIR --figure fig11``. Rows come from ``orchestrator.engine.cascade``: the dispatchers (``smn``
 cells named by a cascade's ``dispatcher_cell_id``), ``cascade_conditional`` /
 ``cascade_unconditional`` cells, and ``cascade_router`` cells (cluster homogeneity).
 """
@@ -13,8 +13,8 @@ import re
 
 import pandas as pd
 
-from . import ledger
-from .reports import mean_std, register_figure, register_table, save_figure
+from orchestrator.results import ledger
+from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["table3", "fig11"]
 

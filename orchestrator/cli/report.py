@@ -5,8 +5,8 @@
     smn run SPEC --json | --quiet | --track mlflow,wandb # summary object / final table only / trackers
     smn table DIR --format json|parquet --out FILE       # machine-readable tables
 
-A plugin of :mod:`orchestrator.cli` (``add_parser``); the ``run`` / ``table`` helpers below are called from
-:func:`orchestrator.cli.main`.
+A plugin of :mod:`orchestrator.cli.app` (``add_parser``); the ``run`` / ``table`` helpers below are called from
+:func:`orchestrator.cli.app.main`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
 
 
 def _report(args) -> int:
-    from .report_page import build_report
+    from orchestrator.reports.page import build_report
 
     try:
         folder = build_report(args.results, args.out, args.experiment)
@@ -54,7 +54,7 @@ def _report(args) -> int:
 
 
 def _ls(args) -> int:
-    from .report_page import ls_frame
+    from orchestrator.reports.page import ls_frame
 
     frame = ls_frame(args.results)
     if args.json:
@@ -81,7 +81,7 @@ def add_run_options(run) -> None:
 def quiet_output(args, total: int | None = 0, name: str = "") -> Iterator[None]:
     """While a run goes on: progress to stderr for ``--json`` (stdout keeps the summary object only),
     nowhere for ``--quiet``; rich bars above the lines when stdout is a terminal
-    (:func:`orchestrator.progress.run_progress`, ``total`` cells of experiment ``name``, None: not known);
+    (:func:`orchestrator.cli.progress.run_progress`, ``total`` cells of experiment ``name``, None: not known);
     plain lines otherwise."""
     if getattr(args, "json", False):
         with contextlib.redirect_stdout(sys.stderr):
@@ -90,7 +90,7 @@ def quiet_output(args, total: int | None = 0, name: str = "") -> Iterator[None]:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     else:
-        from .progress import run_progress
+        from orchestrator.cli.progress import run_progress
 
         with run_progress(total, name):
             yield
@@ -98,7 +98,7 @@ def quiet_output(args, total: int | None = 0, name: str = "") -> Iterator[None]:
 
 def tracking_section(spec, args) -> dict[str, Any] | None:
     """The trackers of a run: the spec's ``tracking:`` section, with ``--track`` added."""
-    from .tracking import track_flag
+    from orchestrator.reports.tracking import track_flag
 
     section = dict(getattr(spec, "tracking", None) or {})
     if getattr(args, "track", None):
@@ -107,11 +107,11 @@ def tracking_section(spec, args) -> dict[str, Any] | None:
 
 
 def track(spec, args, echo=print) -> dict[str, int]:
-    """Log the experiment's ledger cells to its trackers (:func:`orchestrator.tracking.sync`); never raises."""
+    """Log the experiment's ledger cells to its trackers (:func:`orchestrator.reports.tracking.sync`); never raises."""
     section = tracking_section(spec, args)
     if not section:
         return {}
-    from .tracking import sync
+    from orchestrator.reports.tracking import sync
 
     import warnings
 
@@ -128,7 +128,8 @@ def finish_run(args, spec, summary: dict, started: float, table_text: str) -> No
     """Print the end of ``smn run``: the JSON summary object (``--json``) or the table and a summary line."""
     tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if (args.json or args.quiet) else print)
     if args.json:
-        from . import ledger, tables
+        from orchestrator.results import ledger
+        from orchestrator.reports import tables
 
         rows = ledger.read_ledger(args.results, spec.name)
         table = tables.results_table(rows)
@@ -152,7 +153,9 @@ def finish_cascade(args, spec, code: int) -> None:
     layout (``--quiet``; without it the cascade printed its table already)."""
     quiet = args.json or args.quiet
     tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if quiet else print)
-    from . import ledger, reports, tables
+    from orchestrator.results import ledger
+    from orchestrator.reports import registry as reports
+    from orchestrator.reports import tables
 
     rows = ledger.read_ledger(args.results, spec.name)
     if args.json:
@@ -175,7 +178,7 @@ def write_table(frame, fmt: str, out: str | None) -> str:
     Raises:
         ValueError: ``--format parquet`` without ``--out``.
     """
-    from .reports import write_frame
+    from orchestrator.reports.registry import write_frame
 
     if out is None:
         raise ValueError("--format parquet writes a file: give --out FILE.parquet")

@@ -7,10 +7,10 @@ network) and ``DIR/figures/<experiment>-<figure>.png``. For every experiment und
 
 * what was run: methods, backbones, datasets, seeds, grid axes, and the resolved config keys that all its
   cells share (the spec, as the ledger recorded it);
-* every registered table layout (:func:`orchestrator.reports.tables`) that its cells support, i.e. that
+* every registered table layout (:func:`orchestrator.reports.registry.tables`) that its cells support, i.e. that
   builds a non-empty table from them, with mean ± std over seeds, and every registered figure that
   draws from them (a layout or figure the cells do not support is left out, not shown empty);
-* per-epoch training curves (loss, density, code entropy) where :mod:`orchestrator.curves` stored them;
+* per-epoch training curves (loss, density, code entropy) where :mod:`orchestrator.results.curves` stored them;
 * failed cells (failure records) and cells whose SwAV training collapsed;
 * the environment: package versions, the host, when the page was made, and the hosts / smn versions
   that wrote the ledger.
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import ledger, reports
-from .curves import read_curves
+from orchestrator.results import ledger
+from orchestrator.reports import registry as reports
+from orchestrator.results.curves import read_curves
 
 __all__ = ["ExperimentSection", "collect", "build_report", "environment", "ls_frame", "related", "RELATED"]
 

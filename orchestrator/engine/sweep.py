@@ -12,7 +12,7 @@
   already are given to Optuna as evaluated points and count against the budget, so a rerun only
   runs the missing trials.
 
-Every trial runs its cell through :func:`orchestrator.engine.run_job` (per-epoch checkpoints, resume;
+Every trial runs its cell through :func:`orchestrator.engine.cell.run_job` (per-epoch checkpoints, resume;
 a ``TorchTrainer`` only for ``workers > 1``) and writes the cell's ledger rows itself, so a sweep stopped at any point (Ctrl-C, a killed
 driver, a lost node) and started again with the same command finishes the missing cells only.
 Failed trials are retried ``resources.max_retries`` times (Tune ``FailureConfig``); a trial that keeps
@@ -22,7 +22,7 @@ metric so far.
 
 Warm trials: Tune reuses trial actors (``reuse_actors=True``), so a trial process imports torch and
 ``smn_core`` once and runs trial after trial (a fresh process per trial cost tens of seconds on a small
-machine). A trial first checks its own cell's ledger file (:func:`orchestrator.ledger.read_cell`, one
+machine). A trial first checks its own cell's ledger file (:func:`orchestrator.results.ledger.read_cell`, one
 file, not the whole ledger), so a cell another driver finished meanwhile is reported, not rerun.
 """
 
@@ -38,11 +38,11 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from . import ledger
-from .engine import CellJob, run_job
-from .layout import ExperimentLayout
-from .prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
-from .spec import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
+from orchestrator.results import ledger
+from orchestrator.engine.cell import CellJob, run_job
+from orchestrator.results.layout import ExperimentLayout
+from orchestrator.engine.prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
+from orchestrator.spec.experiment import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
 
 __all__ = ["run_sweep", "SweepProgress"]
 
@@ -199,10 +199,10 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
     """Run the missing cells of a grid or search spec as a Ray Tune sweep; return the summary.
 
     Args:
-        results: a results location or an :class:`orchestrator.layout.ExperimentLayout`.
+        results: a results location or an :class:`orchestrator.results.layout.ExperimentLayout`.
         start_ray: called once, before the first trial, when there is work: joins or starts Ray and runs
-            the preflight checks (:func:`orchestrator.runner.start_ray_for`, which
-            :func:`orchestrator.runner.run_experiment` passes). None: Ray must be initialised already.
+            the preflight checks (:func:`orchestrator.engine.plain.start_ray_for`, which
+            :func:`orchestrator.engine.plain.run_experiment` passes). None: Ray must be initialised already.
         cells: the spec's expanded cells when the caller has them (the first round's; later rounds, with
             found densities, expand again).
 
@@ -218,7 +218,7 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
         if start_ray is not None:
             start_ray()
         elif not ray.is_initialized():
-            raise RuntimeError("run_sweep needs Ray: pass start_ray (orchestrator.runner.start_ray_for) or call "
+            raise RuntimeError("run_sweep needs Ray: pass start_ray (orchestrator.engine.plain.start_ray_for) or call "
                                "ray.init first")
 
     if spec.search is not None:

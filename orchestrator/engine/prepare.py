@@ -1,10 +1,10 @@
-"""What every caller of the engine does before its cells run, shared by :mod:`orchestrator.runner`
-(plain runs), :mod:`orchestrator.sweep` (Ray Tune) and :mod:`orchestrator.cascade`:
+"""What every caller of the engine does before its cells run, shared by :mod:`orchestrator.engine.plain`
+(plain runs), :mod:`orchestrator.engine.sweep` (Ray Tune) and :mod:`orchestrator.engine.cascade`:
 
 * which cells the ledger holds already (:func:`completed_cells`; a rerun is a resume);
 * the pretrained-backbone artifacts that ``weights: pipeline`` cells need, built once each
   (:func:`prepare_pipeline_weights`, at :func:`pretrain_artifact_path`);
-* the :class:`orchestrator.engine.CellJob` of each cell (:func:`cell_jobs`);
+* the :class:`orchestrator.engine.cell.CellJob` of each cell (:func:`cell_jobs`);
 * the summary a run returns (:class:`RunSummary`) and its per-cell line (:func:`echo_cell_done`).
 
 It imports the engine and the layout, never the runner or the sweep, so those two no longer import each
@@ -22,10 +22,11 @@ import ray
 
 from smn_core.checkpoint import location_exists, save_tensors
 
-from . import ledger
-from .engine import CellJob, WarmPool, log, run_bounded
-from .layout import ExperimentLayout
-from .spec import Cell, ExperimentSpec
+from orchestrator.results import ledger
+from orchestrator.engine.cell import CellJob, log
+from orchestrator.engine.pool import WarmPool, run_bounded
+from orchestrator.results.layout import ExperimentLayout
+from orchestrator.spec.experiment import Cell, ExperimentSpec
 
 __all__ = ["RunSummary", "completed_cells", "pretrain_artifact_path", "prepare_pipeline_weights", "cell_jobs",
            "uses_tune", "echo_cell_done"]
@@ -58,18 +59,18 @@ _pretrain_task = ray.remote(_pretrain)
 
 
 def cell_jobs(cells: list[Cell], layout: ExperimentLayout, weights: dict[str, str]) -> list[CellJob]:
-    """One :class:`orchestrator.engine.CellJob` per cell (``weights``: ``{cell_id: pretrained artifact}``)."""
+    """One :class:`orchestrator.engine.cell.CellJob` per cell (``weights``: ``{cell_id: pretrained artifact}``)."""
     return [CellJob(c.config, c.cell_id, c.label, dict(c.grid_values), layout, weights.get(c.cell_id)) for c in cells]
 
 
 def completed_cells(results: str | ExperimentLayout, experiment: str) -> set[str]:
-    """:func:`orchestrator.ledger.completed_cells`, read by the driver before anything runs.
+    """:func:`orchestrator.results.ledger.completed_cells`, read by the driver before anything runs.
 
     Raises:
-        orchestrator.storage.StorageUnreachable: if the ledger's storage cannot be read (an ``s3://``
+        orchestrator.engine.preflight.StorageUnreachable: if the ledger's storage cannot be read (an ``s3://``
             endpoint that does not answer, a bucket the credentials cannot list); names the location.
     """
-    from .storage import StorageUnreachable
+    from orchestrator.engine.preflight import StorageUnreachable
 
     root = results.results if isinstance(results, ExperimentLayout) else results
     try:

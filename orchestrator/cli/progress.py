@@ -8,7 +8,7 @@ finished cell (``[k/N cells done ...]``) or per sweep event (``d done, r running
 printed (above the bars), and the lines it recognises drive rich bars: one for the run as a whole (cells
 done of all, running, failed, best so far) and one per training cell or pretraining (epochs, loss,
 density, ETA). When stdout is not a terminal (``ray job logs``, CI, a pipe) nothing changes: one plain
-line per epoch. ``smn run --quiet`` prints no progress at all (:mod:`orchestrator.report_cli`).
+line per epoch. ``smn run --quiet`` prints no progress at all (:mod:`orchestrator.cli.report`).
 
 Reading the lines keeps the bars free of any hook in the engine: a line the tap does not recognise is
 printed as it is, and its bar simply does not move.

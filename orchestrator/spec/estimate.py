@@ -117,7 +117,7 @@ def _steps(train: dict, dataset: dict) -> tuple[int, str]:
 
 
 def estimate_cells(spec, cells, bench: pd.DataFrame | None = None) -> tuple[list[CellEstimate], list[str]]:
-    """Per-cell estimates of ``cells`` (from :func:`orchestrator.spec.expand_cells`) and notes (defaults
+    """Per-cell estimates of ``cells`` (from :func:`orchestrator.spec.experiment.expand_cells`) and notes (defaults
     used, pretraining)."""
     bench = benchmark_step_times() if bench is None else bench
     res = spec.resources

@@ -19,8 +19,8 @@ import re
 
 import pandas as pd
 
-from . import ledger
-from .reports import mean_std, register_figure, register_table, save_figure
+from orchestrator.results import ledger
+from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["cells_frame", "mask_variant", "frozen_label", "selection_strategy"]
 

@@ -14,7 +14,7 @@ location. Nodes that join later (an autoscaler adding GPU workers) are not check
 
 Object stores work the same way: for a URI (``s3://bucket/prefix``) the probes go through the URI's
 ``pyarrow.fs`` filesystem from the driver and from every node, so a node without a route to the endpoint,
-without credentials (``AWS_*`` variables, which :func:`orchestrator.runner.ensure_ray` passes to the
+without credentials (``AWS_*`` variables, which :func:`orchestrator.engine.plain.ensure_ray` passes to the
 workers, or the URI's own query) or without access to the bucket is named before any cell runs. Every
 file of a run (ledger, masks, epoch checkpoints, final states, pretrained backbones, failure records,
 Ray Train and Ray Tune storage) then goes to that filesystem too.
@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from . import ledger
+from orchestrator.results import ledger
 
 __all__ = ["StorageUnreachable", "check_results_location"]
 

@@ -1,7 +1,7 @@
 """The paper's baselines and analyses as tables and figures: Table 1, Fig. 3, Fig. 5, Table 8 with
 Figs. 6-7, Table 10.
 
-Registered with :mod:`orchestrator.reports` (``smn table DIR --layout NAME``, ``smn plot DIR --figure NAME``):
+Registered with :mod:`orchestrator.reports.registry` (``smn table DIR --layout NAME``, ``smn plot DIR --figure NAME``):
 
 ==================  ===========================================================================================
 name                what (source of the numbers)
@@ -40,8 +40,8 @@ import pandas as pd
 
 from smn_core.analysis import mask_agreement, tensor_densities
 
-from . import ledger
-from .reports import mean_std, register_figure, register_table, save_figure
+from orchestrator.results import ledger
+from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["cell_frame", "load_cell_masks", "table1", "lowshot", "invariance", "table8", "sparsity_blocks",
            "table10", "fig3", "fig5", "fig6", "fig7"]

@@ -1,11 +1,11 @@
 """The Parquet ledger: one file per finished cell, one row per (cell, metric) (DESIGN.md).
 
 Where things are: ``<results>/<experiment>/ledger/<cell_id>.parquet``, and every other file of an
-experiment, come from :class:`orchestrator.layout.ExperimentLayout` (the table is in that module).
+experiment, come from :class:`orchestrator.results.layout.ExperimentLayout` (the table is in that module).
 ``results`` is a local path or any URI that ``pyarrow.fs`` understands (``s3://...``; NFS is a local path).
 
 Writing: a cell's worker calls :func:`write_cell` once, after its masks and final state; the file goes
-through :func:`orchestrator.layout.write_atomically` (a temporary name, then a move; in place on object
+through :func:`orchestrator.results.layout.write_atomically` (a temporary name, then a move; in place on object
 stores, where an upload appears whole), so readers (which glob the folder) never see a partial cell, and
 the same cell landing twice (a replayed task) leaves one file with one set of rows.
 
@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 import smn_core
 
-from .layout import ExperimentLayout, filesystem, normalise_results, write_atomically
+from orchestrator.results.layout import ExperimentLayout, filesystem, normalise_results, write_atomically
 
 __all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "resolve", "write_cell", "read_ledger", "read_cell", "wide",
            "completed_cells", "experiment_dir", "artifact_location", "list_experiments", "write_failure",
@@ -70,7 +70,7 @@ LEDGER_SCHEMA = pa.schema([
 
 def resolve(results: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path)`` for a local path or a pyarrow URI (``s3://bucket/prefix``, ``file:///...``);
-    :func:`orchestrator.layout.filesystem`, cached per process.
+    :func:`orchestrator.results.layout.filesystem`, cached per process.
 
     Raises:
         ValueError: if the URI's filesystem is not supported by pyarrow.
@@ -85,7 +85,7 @@ def experiment_dir(results: str, experiment: str) -> str:
 
 def artifact_location(results: str, experiment: str, *parts: str) -> str:
     """Where an experiment's artifact lives: ``<results>/<experiment>/<parts...>``
-    (:meth:`orchestrator.layout.ExperimentLayout.location`).
+    (:meth:`orchestrator.results.layout.ExperimentLayout.location`).
 
     For local results (a path, NFS included) this is an absolute local path; for URI results it is a URI
     on the same filesystem that keeps the results URI's query, e.g. ``artifact_location("s3://b/r?scheme=http",

@@ -110,7 +110,7 @@ def _fail(msg: str) -> int:
 def _fp32_tensors(path: str):
     from safetensors.torch import load as st_load
 
-    from . import ledger
+    from orchestrator.results import ledger
 
     fs, p = ledger.resolve(path)
     info = fs.get_file_info(p)
@@ -134,8 +134,8 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
     """Run one ``smn store`` subcommand; returns the exit code."""
     from smn_core.mask_file import BackboneMismatchError, MaskFileError
 
-    from .reports import render_frame
-    from .store import MaskStore, StoreError, task_from_cell, task_from_masks_file, validate_task_name
+    from orchestrator.reports.registry import render_frame
+    from orchestrator.store.mask_store import (MaskStore, StoreError, task_from_cell, task_from_masks_file, validate_task_name)
 
     cmd = args.store_command
     try:
@@ -194,8 +194,8 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
             print(f"wrote {path}")
             return 0
         if cmd == "bench-codecs":
-            from . import ledger
-            from .paper_storage import codec_table, measure_task_codecs, record_codec_measurements
+            from orchestrator.results import ledger
+            from orchestrator.reports.codec_costs import codec_table, measure_task_codecs, record_codec_measurements
 
             if args.repeats < 1:
                 return _fail(f"--repeats must be >= 1, got {args.repeats}")

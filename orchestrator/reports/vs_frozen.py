@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .paper_baselines import cell_frame
-from .reports import mean_std, register_table
+from orchestrator.reports.baselines import cell_frame
+from orchestrator.reports.registry import mean_std, register_table
 
 __all__ = ["vs_frozen", "COMPARED"]
 

@@ -34,7 +34,7 @@ from smn_core.pipeline import METHODS, BackboneSpec, CellConfig, DataSpec, EvalS
 from smn_core.training import TrainConfig
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
-           "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "FOUND",
+           "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "config_hash", "FOUND",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
            "TORCHVISION_FACTS"]
 
@@ -125,15 +125,15 @@ class ExperimentSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     search: SearchSpec | None = None
     cascade: dict[str, Any] | None = Field(
-        None, description="cascade section (router, experts, combination); validated by orchestrator.cascade")
+        None, description="cascade section (router, experts, combination); validated by orchestrator.engine.cascade")
     tracking: dict[str, Any] | None = Field(
         None, description="experiment trackers, e.g. {mlflow: {uri: mlruns}} or {wandb: {project: p, mode: offline}}; "
-        "validated by orchestrator.tracking")
+        "validated by orchestrator.reports.tracking")
 
     @field_validator("tracking")
     @classmethod
     def _tracking(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        from .tracking import parse_tracking
+        from orchestrator.reports.tracking import parse_tracking
 
         return parse_tracking(v).model_dump(exclude_none=True) if v is not None else None
 
@@ -226,7 +226,7 @@ def format_validation_error(exc: ValidationError, where: str, prefix: str = "") 
     return f"invalid {where}: " + "; ".join(parts)
 
 
-_format_validation_error = format_validation_error  # the name orchestrator.cascade used
+_format_validation_error = format_validation_error  # the name orchestrator.engine.cascade used
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -689,7 +689,7 @@ def check_spec(spec: ExperimentSpec) -> None:
 
 
 def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
-    from .cascade import cascade_spec
+    from orchestrator.spec.cascade import cascade_spec
 
     cs = cascade_spec(spec)
     if n_train is not None:
@@ -702,10 +702,17 @@ def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
         _check_value(cs.experts.resources.model_dump(), Resources, "cascade.experts.resources")
 
 
-def cell_id_of(config: CellConfig) -> str:
-    """SHA-256 (first 16 hex digits) of the cell's canonical JSON identity."""
-    blob = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+def config_hash(payload: dict) -> str:
+    """The one config hash of smn: SHA-256 (first 16 hex digits) of ``payload``'s canonical JSON (sorted keys,
+    no spaces, non-JSON values as ``str``). Cell ids, cascade stage ids and pretraining-artifact keys all
+    come from it, so the same inputs always name the same ledger file."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cell_id_of(config: CellConfig) -> str:
+    """A cell's id: :func:`config_hash` of its resolved config (``CellConfig.to_dict()``)."""
+    return config_hash(config.to_dict())
 
 
 def _base(spec: ExperimentSpec) -> dict:

@@ -49,7 +49,7 @@ from smn_core.mask_file import (
     verify_mask_file,
 )
 
-from . import ledger
+from orchestrator.results import ledger
 
 __all__ = ["MaskStore", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
            "task_from_masks_file", "task_from_cell", "HEAD_PREFIX"]
@@ -440,7 +440,7 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
         raise BackboneMismatchError(f"cell {cell_id} used backbone {cfg.backbone.arch!r}, the store holds {store.arch!r}")
     pipeline_weights = None
     if cfg.backbone.weights == "pipeline":
-        from .runner import pretrain_artifact_path
+        from orchestrator.engine.plain import pretrain_artifact_path
 
         pipeline_weights = pretrain_artifact_path(results, experiment, cfg)
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights).model

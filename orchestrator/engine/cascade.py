@@ -1,13 +1,13 @@
 """The model cascade on Ray (paper Sec. 3.4, Table 3, App. G): one command, four stages.
 
 1. **Dispatcher.** Every ``smn`` cell of the spec is a dispatcher. It comes from the ledger when it
-   is there; otherwise :func:`orchestrator.runner.run_experiment` trains it (with the spec's other
+   is there; otherwise :func:`orchestrator.engine.plain.run_experiment` trains it (with the spec's other
    cells). Its final trainable state (``states/<cell_id>/``) is what the experts start from.
 2. **Router** (a Ray task per dispatcher): embeds the train and test splits with the dispatcher,
    fits :func:`smn_core.cascade.fit_router` (L2 norm, PCA, seeded Gaussian mixture), routes both
    splits and records cluster sizes and homogeneity (App. G, Fig. 11).
 3. **Experts** (the actor graph): one :class:`ExpertJob` per cluster, run by :func:`train_expert` on a
-   :class:`orchestrator.engine.WarmPool` of ``cascade.experts.max_concurrent`` warm workers (default: one
+   :class:`orchestrator.engine.cell.WarmPool` of ``cascade.experts.max_concurrent`` warm workers (default: one
    per expert, as many as the cluster's resources hold; ``cascade.experts.resources``: e.g. one GPU each;
    ``workers > 1`` makes the worker drive a DDP ``TorchTrainer``). The workers import torch and
    ``smn_core`` once, before the stage's clock starts, and then take expert after expert. Each expert
@@ -18,7 +18,7 @@
    centred and projected back to the dispatcher's dimension (whitened by default), evaluated with
    the spec's k-NN and linear probe.
 
-Ledger (one cell each, via :func:`orchestrator.ledger.write_cell`): ``cascade_router``,
+Ledger (one cell each, via :func:`orchestrator.results.ledger.write_cell`): ``cascade_router``,
 ``cascade_expert`` (one per expert, grid ``{"expert": k}``), ``cascade_conditional``,
 ``cascade_unconditional``; the dispatcher is its own ``smn`` row. Each cascade cell id hashes its
 inputs (dispatcher cell id, router settings, expert index, ...), so running the same command again
@@ -36,7 +36,7 @@ parameters), ``cascade/<router id>/routes.safetensors`` (dispatcher embeddings, 
 ``cascade/<expert id>/embeddings.safetensors``, ``masks/<expert id>.safetensors``,
 ``states/<expert id>/``. As for the runner, results may be a local or shared (NFS) folder or a
 ``pyarrow.fs`` URI (``s3://bucket/prefix``): every location comes from one
-:class:`orchestrator.layout.ExperimentLayout` and every file goes through :mod:`smn_core.checkpoint`.
+:class:`orchestrator.results.layout.ExperimentLayout` and every file goes through :mod:`smn_core.checkpoint`.
 """
 
 from __future__ import annotations
@@ -45,104 +45,27 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from smn_core.cascade import COVARIANCE_TYPES, MODES, SCALINGS
 from smn_core.checkpoint import delete_checkpoint, has_checkpoint, load_checkpoint, load_tensors, location_exists, save_checkpoint, save_tensors
 from smn_core.pipeline import CellConfig
 
-from . import ledger
-from .ray_session import check_cluster_fits, error_cause
-from .engine import WarmPool, ddp_checkpointing, device, fit_ddp, local_checkpointing, log, pool_size, run_bounded
-from .layout import ExperimentLayout
-from .prepare import pretrain_artifact_path
-from .runner import ensure_ray, run_experiment
-from .spec import Cell, ExperimentSpec, Resources, SpecError, expand_cells
+from orchestrator.results import ledger
+from orchestrator.engine.session import check_cluster_fits, error_cause
+from orchestrator.engine.pool import WarmPool, pool_size, run_bounded
+from orchestrator.engine.cell import ddp_checkpointing, device, fit_ddp, local_checkpointing, log
+from orchestrator.results.layout import ExperimentLayout
+from orchestrator.engine.prepare import pretrain_artifact_path
+from orchestrator.engine.plain import ensure_ray, run_experiment
+from orchestrator.spec.cascade import CascadeSpec, cascade_spec
+from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
 
-__all__ = ["RouterSpec", "ExpertsSpec", "CombinationSpec", "CascadeSpec", "cascade_spec", "CascadePlan",
-           "plan_cascades", "ExpertJob", "train_expert", "run_cascade", "CascadeSummary", "CASCADE_METHODS"]
+__all__ = ["CascadePlan", "plan_cascades", "ExpertJob", "train_expert", "run_cascade", "CascadeSummary", "CASCADE_METHODS"]
 
 CASCADE_METHODS = ("cascade_router", "cascade_expert", "cascade_conditional", "cascade_unconditional")
-
-
-# ---------------------------------------------------------------------------------------------
-# the spec's `cascade` section
-# ---------------------------------------------------------------------------------------------
-
-
-class RouterSpec(BaseModel):
-    """``cascade.router``: PCA + Gaussian-mixture router (paper: 20 components, 5 clusters)."""
-
-    model_config = ConfigDict(extra="forbid")
-    components: int = Field(20, ge=1, description="PCA dimensions before clustering")
-    clusters: int = Field(5, ge=2, description="mixture components = number of experts")
-    seed: int = Field(0, description="random_state of the Gaussian mixture (reproducible routing)")
-    covariance_type: Literal[COVARIANCE_TYPES] = "full"  # type: ignore[valid-type]
-    reg_covar: float = Field(1e-6, gt=0)
-    n_init: int = Field(1, ge=1)
-
-
-class ExpertsSpec(BaseModel):
-    """``cascade.experts``: how the experts train and where they run."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: int | None = Field(None, ge=1, description="null: round(N / D_k x dispatcher epochs), the paper's budget")
-    queue_start_fraction: float = Field(0.2, ge=0, le=1, description="SwAV queue after this fraction of the epochs")
-    resources: Resources | None = Field(None, description="per expert; null: the spec's resources")
-    max_concurrent: int | None = Field(None, ge=1, description="experts alive at once (null: all)")
-    max_restarts: int = Field(-1, ge=-1, description="actor restarts after a process or node death (-1: unlimited)")
-
-
-class CombinationSpec(BaseModel):
-    """``cascade.combination``: which cascades to build and how to project them back."""
-
-    model_config = ConfigDict(extra="forbid")
-    modes: list[Literal[MODES]] = Field(default_factory=lambda: list(MODES), min_length=1)  # type: ignore[valid-type]
-    scaling: Literal[SCALINGS] = Field(  # type: ignore[valid-type]
-        "whiten", description="whiten: divide by sqrt(eigenvalue) (default); eigenvalue: the paper's text; none")
-    dim: int | None = Field(None, ge=1, description="output dimension (null: the dispatcher's)")
-
-    @field_validator("modes")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"modes must be unique, got {v}")
-        return v
-
-
-class CascadeSpec(BaseModel):
-    """The validated ``cascade`` section of a spec (every key optional; defaults are the paper's)."""
-
-    model_config = ConfigDict(extra="forbid")
-    router: RouterSpec = Field(default_factory=RouterSpec)
-    experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
-    combination: CombinationSpec = Field(default_factory=CombinationSpec)
-
-
-def cascade_spec(spec: ExperimentSpec) -> CascadeSpec:
-    """Validate ``spec.cascade`` (absent: the defaults) and that the spec has a dispatcher.
-
-    Raises:
-        SpecError: an unknown key, a wrong type or value in the section (each named with
-            ``cascade.`` and what is allowed), or a spec without the ``smn`` method.
-    """
-    from .spec import format_validation_error
-
-    try:
-        cs = CascadeSpec.model_validate(spec.cascade or {})
-    except ValidationError as exc:
-        msg = format_validation_error(exc, f"cascade section of spec {spec.name!r}", prefix="cascade.")
-        msg = msg.replace("see experiments/demo.yaml for the keys",
-                          "see experiments/table3_cascade_small.yaml for the cascade keys")
-        raise SpecError(msg) from None
-    if "smn" not in spec.methods:
-        raise SpecError(f"a cascade needs the self-masking dispatcher: spec {spec.name!r} has methods "
-                        f"{spec.methods}; add 'smn'")
-    return cs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +244,7 @@ def _save_expert(job: ExpertJob, outcome) -> None:
 
 def train_expert(job: ExpertJob) -> dict[str, float]:
     """Train one expert (or resume it, or skip training when its final state exists), embed both splits
-    with it, and write its ledger cell. Runs on a warm pool worker (:class:`orchestrator.engine.WarmPool`).
+    with it, and write its ledger cell. Runs on a warm pool worker (:class:`orchestrator.engine.cell.WarmPool`).
 
     Returns:
         The expert's metrics (``cluster_size``, ``epochs``, ``steps``, ``train_loss``, ``density``,

@@ -1,6 +1,6 @@
 """The paper's tables and figures, rebuilt from the ledger alone: a registry of named layouts.
 
-A *table layout* turns long ledger rows (:func:`orchestrator.ledger.read_ledger`) into a
+A *table layout* turns long ledger rows (:func:`orchestrator.results.ledger.read_ledger`) into a
 ``pandas.DataFrame`` of display strings (index = row labels, columns = column labels), which
 :func:`render_frame` writes as Markdown, LaTeX, CSV or JSON (pandas' own writers). A *figure* draws ledger rows into a PNG
 with matplotlib. Each paper area registers its own in a module of its own (``paper_*.py``,
@@ -27,12 +27,12 @@ __all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables
            "render_frame", "write_frame", "flat_frame", "FORMATS", "mean_std", "grid_values", "metric_frame", "save_figure", "REPORT_MODULES"]
 
 REPORT_MODULES = (
-    "orchestrator.tables",
-    "orchestrator.paper_ablations",
-    "orchestrator.paper_cascade",
-    "orchestrator.paper_baselines",
-    "orchestrator.paper_vs_frozen",
-    "orchestrator.paper_storage",
+    "orchestrator.reports.tables",
+    "orchestrator.reports.ablations",
+    "orchestrator.reports.cascade",
+    "orchestrator.reports.baselines",
+    "orchestrator.reports.vs_frozen",
+    "orchestrator.reports.codec_costs",
 )
 
 

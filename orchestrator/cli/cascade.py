@@ -1,8 +1,8 @@
 """``smn cascade SPEC.yaml``: the model cascade (paper Sec. 3.4, Table 3) as one command.
 
-Registered through :data:`orchestrator.cli.CLI_PLUGINS`. The spec's ``cascade`` section (optional;
+Registered through :data:`orchestrator.cli.app.CLI_PLUGINS`. The spec's ``cascade`` section (optional;
 defaults are the paper's) configures the router, the experts and the combination; see
-:mod:`orchestrator.cascade` and ``experiments/table3_cascade_small.yaml``.
+:mod:`orchestrator.engine.cascade` and ``experiments/table3_cascade_small.yaml``.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Handler of ``smn cascade``; returns the exit code (0 ok, 1 a stage failed, 2 bad input)."""
-    from .spec import SpecError, load_spec
+    from orchestrator.spec.experiment import SpecError, load_spec
 
     try:
         spec = load_spec(args.spec, args.overrides)
-        from .cascade import cascade_spec, plan_cascades
+        from orchestrator.spec.cascade import cascade_spec
+        from orchestrator.engine.cascade import plan_cascades
 
         cs = cascade_spec(spec)
     except SpecError as exc:
@@ -69,11 +70,12 @@ def main(args: argparse.Namespace) -> int:
             for mode, cid in p.combination_ids.items():
                 print(f"    {mode:13s} {cid}")
         return 0
-    from . import ledger, reports
-    from .cascade import run_cascade
+    from orchestrator.results import ledger
+    from orchestrator.reports import registry as reports
+    from orchestrator.engine.cascade import run_cascade
 
     t0 = time.time()
-    from .ray_session import error_cause
+    from orchestrator.engine.session import error_cause
 
     try:
         summary = run_cascade(spec, args.results, address=args.address, cascade=cs)

@@ -38,8 +38,8 @@ from smn_core.mask_codecs import (
 )
 from smn_core.mask_file import TaskMask
 
-from . import ledger
-from .reports import register_table
+from orchestrator.results import ledger
+from orchestrator.reports.registry import register_table
 
 __all__ = ["measure_task_codecs", "record_codec_measurements", "codec_table", "STORAGE_EXPERIMENT"]
 

@@ -1,0 +1,7 @@
+"""``python -m orchestrator``: the ``smn`` command line."""
+
+import sys
+
+from orchestrator.cli.app import main
+
+sys.exit(main())

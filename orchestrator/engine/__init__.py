@@ -1,0 +1,11 @@
+"""The engine: where cells run on Ray, and the schedulers that hand cells to it.
+
+* :mod:`~orchestrator.engine.cell`: :class:`~orchestrator.engine.cell.CellJob`, epoch checkpoints, a cell run
+  in-process or as DDP in a ``TorchTrainer``, and landing a finished cell in the results.
+* :mod:`~orchestrator.engine.pool`: warm worker actors and bounded submission.
+* :mod:`~orchestrator.engine.session`: the Ray session smn starts or joins (token auth, resource checks).
+* :mod:`~orchestrator.engine.preflight`: every node reaches the results storage, before any work.
+* :mod:`~orchestrator.engine.prepare`: what every scheduler does first (ledger lookup, pretraining artifacts).
+* Schedulers: :mod:`~orchestrator.engine.plain` (a spec's cells), :mod:`~orchestrator.engine.sweep`
+  (Ray Tune grids and Optuna searches), :mod:`~orchestrator.engine.cascade` (router, experts, combination).
+"""

@@ -1,0 +1,6 @@
+"""Experiment specs: the pydantic models (the cascade section included), YAML loading and overrides,
+checks before any work, cell expansion (methods x grid x seeds) and the one config hash (``cell_id``).
+
+Modules: :mod:`~orchestrator.spec.experiment` (models, loading, expansion, hash), :mod:`~orchestrator.spec.cascade`
+(the ``cascade:`` section), :mod:`~orchestrator.spec.estimate` (the dry-run cost estimate).
+"""
