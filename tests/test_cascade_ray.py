@@ -4,7 +4,11 @@ concurrently, routing is reproducible, the ledger holds every stage and a rerun 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +40,17 @@ eval: {{knn_k: 20, batch_size: 160, probe_max_iter: 200}}
 resources: {{workers: 1, cpus_per_worker: 1}}
 cascade:
   router: {{components: 4, clusters: 5, seed: 0, covariance_type: spherical}}
-  experts: {{epochs: {expert_epochs}, resources: {{workers: 1, cpus_per_worker: {expert_cpus}}}}}
+  experts: {{epochs: {expert_epochs}, max_restarts: {max_restarts},
+            resources: {{workers: 1, cpus_per_worker: {expert_cpus}}}}}
 """
 
 
 def write_cascade_spec(tmp_path: Path, name: str, *, epochs: int = 2, expert_epochs: str = "null",
-                       expert_cpus: float = 0.5) -> Path:
+                       expert_cpus: float = 0.5, max_restarts: int = -1) -> Path:
     """A tiny real-data cascade spec (digits 5-9 at 16 px, 160 train images, five experts)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(CASCADE_SPEC.format(name=name, epochs=epochs, expert_epochs=expert_epochs,
-                                        expert_cpus=expert_cpus))
+                                        expert_cpus=expert_cpus, max_restarts=max_restarts))
     return path
 
 
@@ -134,3 +139,56 @@ def test_cascade_end_to_end_experts_overlap_and_rerun_resumes(ray_local, tmp_pat
     r_before = load_tensors(aside / "router" / "router.safetensors")
     r_after = load_tensors(exp_dir / "cascade" / plan.router_id / "router.safetensors")
     assert all(torch.equal(r_before[k], r_after[k]) for k in r_before)
+
+
+def test_a_killed_expert_leaves_a_failure_record_and_a_rerun_resumes_it(ray_local, tmp_path):
+    """An expert whose worker is killed for good (no actor restarts) fails alone, with a failure record like any
+    cell; the next run resumes it from its last epoch checkpoint and the record goes."""
+    epochs = 12
+    spec = load_spec(write_cascade_spec(tmp_path, "killed", epochs=1, expert_epochs=str(epochs), max_restarts=0))
+    (plan,) = plan_cascades(spec, cascade_spec(spec))
+    results = str(tmp_path / "results")
+    outcome: dict = {}
+
+    def drive() -> None:
+        try:
+            outcome["summary"] = run_cascade(spec, results, echo=print)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertions below
+            outcome["error"] = exc
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    ckpts = Path(results) / "killed" / "checkpoints"
+    victim = None
+    deadline = time.time() + 400
+    while victim is None and time.time() < deadline and driver.is_alive():
+        for meta_path in ckpts.glob("*/meta.json") if ckpts.exists() else []:
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # being replaced right now
+            if meta_path.parent.name in plan.expert_ids and 1 <= meta["epoch"] < epochs - 4 and "pid" in meta:
+                victim = meta_path.parent.name
+                os.kill(meta["pid"], signal.SIGKILL)  # the expert's warm worker, started by this run
+                break
+        time.sleep(0.1)
+    assert victim is not None, f"no expert checkpointed in time: {outcome}"
+    driver.join(timeout=400)
+    assert not driver.is_alive() and "error" not in outcome, outcome
+    first = outcome["summary"]
+    assert list(first["failed"]) == [victim], first["failed"]
+    assert first["experts"]["ran"] == 4 and first["combinations"]["ran"] == 0
+    failures = ledger.read_failures(results, "killed")
+    assert list(failures) == [victim] and failures[victim]["attempts"] == 1
+    assert victim not in ledger.completed_cells(results, "killed")
+    assert (ckpts / victim / "meta.json").exists(), "the killed expert's epoch checkpoint stays for the rerun"
+
+    again = run_cascade(spec, results, echo=print)
+    assert not again["failed"], again["failed"]
+    assert again["experts"] == {"ran": 1, "skipped": 4} and again["combinations"]["ran"] == 2
+    assert ledger.read_failures(results, "killed") == {}, "landing the expert removes its failure record"
+    df = ledger.read_ledger(results, "killed")
+    val = lambda cid, m: float(df[(df["cell_id"] == cid) & (df["metric"] == m)]["value"].iloc[0])  # noqa: E731
+    assert val(victim, "resumed_from_epoch") >= 1, "the rerun resumed the expert from its epoch checkpoint"
+    assert val(victim, "steps") == epochs * (val(victim, "cluster_size") // 8), "its whole budget, exactly once"
+    assert not (ckpts / victim).exists(), "a landed expert's epoch checkpoints are spent"

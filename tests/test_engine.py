@@ -64,6 +64,44 @@ def test_read_cell_reads_one_file_and_wide_has_one_row_per_cell(tmp_path):
     assert ledger.wide(ledger.read_ledger(results, "missing")).empty
 
 
+def test_land_writes_failure_records_measurements_and_trained_cells(tmp_path):
+    """land() is the one writer: a failure record, then a measurement cell (no wall_s), then a trained cell's
+    masks, state, curves and ledger file, with its epoch checkpoint dropped and its failure record removed."""
+    import torch
+
+    from orchestrator.engine.cell import CellJob, Failure, Record, land
+    from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, save_checkpoint
+    from smn_core.pipeline import BackboneSpec, CellConfig, CellOutcome
+
+    lay = ExperimentLayout.of(str(tmp_path / "r"), "e")
+    cfg = CellConfig(method="smn", backbone=BackboneSpec(arch="cifar_resnet8", weights="random"))
+    job = CellJob(cfg, "c1", "smn seed=0", {"k": 1}, lay)
+    assert land(job, Failure("ValueError: boom", 3), None) == {}
+    assert ledger.read_failures(lay.results, "e")["c1"]["attempts"] == 3 and not ledger.completed_cells(lay.results, "e")
+
+    measured = CellJob(None, "m1", "codec", {"payload": "mask"}, lay, record=Record("codec:none", "b", "d", 0, {"x": 1}))
+    assert land(measured, {"bytes": 10.0}, None) == {"bytes": 10.0}  # a measurement has no wall time
+    row = ledger.read_ledger(lay.results, "e").query("cell_id == 'm1'")
+    assert row["method"].tolist() == ["codec:none"] and (row["started_at"] == row["finished_at"]).all()
+
+    save_checkpoint(lay.checkpoint("c1"), {"w": torch.zeros(1)}, {"epoch": 0})
+    outcome = CellOutcome(metrics={"knn_top1": 0.5}, masks={"conv.weight": torch.ones(2, 2)},
+                          history=[{"epoch": 0, "loss": 2.0}, {"epoch": 1, "loss": 1.5}], train_result=None,
+                          state={"scores": torch.arange(3.0)})
+    started = time.time() - 2.0
+    metrics = land(job, outcome, started, extra={"expert": 1.0})
+    assert list(metrics) == ["knn_top1", "expert", "wall_s"] and metrics["wall_s"] >= 2.0
+    assert ledger.read_cell(lay, "c1") == metrics and "c1" not in ledger.read_failures(lay.results, "e")
+    assert torch.equal(load_tensors(lay.mask("c1"))["conv.weight"], torch.ones(2, 2))
+    state, meta = load_checkpoint(lay.state("c1"))
+    assert torch.equal(state["scores"], torch.arange(3.0)) and meta["cell_id"] == "c1"
+    assert meta["config"]["method"] == "smn" and meta["config"]["backbone"]["arch"] == "cifar_resnet8"
+    assert not has_checkpoint(lay.checkpoint("c1")), "a landed cell's epoch checkpoints are spent"
+    from orchestrator.results.curves import read_curves
+
+    assert read_curves(lay.results, "e", "c1")["loss"].tolist() == [2.0, 1.5]
+
+
 def _flaky(marker: str, value: int) -> int:
     """Fails the first time it runs for ``marker`` (a file records the first try), then returns ``value``."""
     path = Path(marker)

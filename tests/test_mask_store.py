@@ -239,14 +239,15 @@ def test_store_refuses_bad_input_and_never_overwrites(run, tmp_path):
 
 @pytest.mark.slow
 def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsys):
-    from orchestrator.engine import plain as runner
+    from orchestrator.engine.cell import CellJob, land
+    from orchestrator.results.layout import ExperimentLayout
     from orchestrator.cli.app import _table, main
     from orchestrator.spec.experiment import cell_id_of
     from smn_core.backbones import build_backbone
 
     cfg, res, _ = run["a"]
     results, cell_id = str(tmp_path / "results"), cell_id_of(cfg)
-    runner._finish(results, "exp", cell_id, cfg, {}, res, time.time())  # what a finished `smn run` cell leaves
+    land(CellJob(cfg, cell_id, cell_id, {}, ExperimentLayout.of(results, "exp")), res, time.time())  # a finished cell
     store = str(tmp_path / "store")
     ckpt = str(shared_path(*CIFAR_CKPT))
     assert main(["store", "init", store, "--arch", "cifar_resnet20", "--weights", "checkpoint", "--checkpoint", ckpt]) == 0

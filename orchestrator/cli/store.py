@@ -195,7 +195,8 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
             return 0
         if cmd == "bench-codecs":
             from orchestrator.results import ledger
-            from orchestrator.reports.codec_costs import codec_table, measure_task_codecs, record_codec_measurements
+            from orchestrator.reports.codec_costs import codec_table, measure_task_codecs
+            from orchestrator.store.codec_cells import record_codec_measurements
 
             if args.repeats < 1:
                 return _fail(f"--repeats must be >= 1, got {args.repeats}")

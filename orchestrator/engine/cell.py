@@ -1,21 +1,27 @@
-"""The cell engine: the one place where a cell runs on Ray.
+"""The cell engine: the one place where a unit of work runs on Ray and lands in the results.
 
 A *cell* is one fully resolved :class:`smn_core.pipeline.CellConfig` with its id (the hash of that
 config). The callers (:mod:`orchestrator.engine.plain` for plain runs, :mod:`orchestrator.engine.sweep` for Ray Tune
-grids and Optuna searches, :mod:`orchestrator.engine.cascade` for the cascade's experts) all hand the engine a
-:class:`CellJob` and get the cell's metrics back. Read this module top to bottom:
+grids and Optuna searches, :mod:`orchestrator.engine.cascade` for the cascade's router, experts and
+combinations) all hand the engine a :class:`CellJob` and get the cell's metrics back. Read this module top
+to bottom:
 
-1. :class:`CellJob`: what a cell needs, typed (config, id, label, grid values, experiment layout,
-   pretrained-backbone artifact). Its config is the validated ``CellConfig`` object itself: it is
-   validated once, when the spec's cells are expanded, and travels to the workers pickled, not as JSON.
+1. :class:`CellJob`: what a unit of work needs, typed (config, id, label, grid values, experiment layout,
+   pretrained-backbone artifact, its ledger :class:`Record`, and an optional stage). Its config is the
+   validated ``CellConfig`` object itself: it is validated once, when the spec's cells are expanded, and
+   travels to the workers pickled, not as JSON. A :class:`Stage` is work done in place of training (the
+   cascade's router and combinations); a :class:`TrainingStage` trains the cell from its own start state
+   on its own subset and adds a last step (a cascade expert).
 2. **Epoch checkpoints.** :func:`local_checkpointing` (a plain worker: ``checkpoints/<cell_id>/`` on the
    results storage) and :func:`ddp_checkpointing` (a Ray Train worker: reported to Ray Train) give a
    ``(resume, on_epoch_end)`` pair for :func:`smn_core.pipeline.run_cell`. A cell killed mid-way loses at
    most the epoch it was in.
-3. **Running a cell.** :func:`run_local` runs it in this process (a warm pool worker, a Tune trial, a
-   test); :func:`run_ddp` runs it as DDP in a Ray Train ``TorchTrainer`` (used only when
-   ``resources.workers > 1``); :func:`run_job` picks between them. Both end in :func:`finish_cell`:
-   masks, final state, then the ledger file (the cell "lands"), then its epoch checkpoints are removed.
+3. **Running and landing.** :func:`run_local` runs a job in this process (a warm pool worker, a Tune
+   trial, a Ray task, a test); :func:`run_ddp` runs it as DDP in a Ray Train ``TorchTrainer`` (used only
+   when ``resources.workers > 1``); :func:`run_job` picks between them. Every result goes through
+   :func:`land`, the only writer of ledger rows, curves, failure records (:class:`Failure`) and final
+   state: masks, final state, curves, then the ledger file (the cell "lands"), then its epoch
+   checkpoints are removed.
 4. **Warm workers.** A :class:`CellWorker` is a long-lived Ray actor that imports torch, torchvision and
    ``smn_core`` once (:meth:`CellWorker.warm`) and then runs many jobs (:meth:`CellWorker.call`).
    :class:`WarmPool` holds a few of them, created with ``max_restarts=-1, max_task_retries=-1``: when a
@@ -35,10 +41,12 @@ same effect from Tune's own actor reuse (``reuse_actors=True``): a trial actor r
 
 from __future__ import annotations
 
+import abc
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 
@@ -48,21 +56,100 @@ from orchestrator.results import ledger
 from orchestrator.results.curves import write_curves
 from orchestrator.results.layout import ExperimentLayout
 
-__all__ = ["CellJob", "device", "log", "local_checkpointing", "ddp_checkpointing", "finish_cell", "run_local",
-           "fit_ddp", "run_ddp", "run_job"]
+__all__ = ["Record", "Failure", "TrainInputs", "Stage", "TrainingStage", "CellJob", "device", "log",
+           "local_checkpointing", "ddp_checkpointing", "land", "run_local", "fit_ddp", "run_ddp", "run_job"]
+
+@dataclass(frozen=True)
+class Record:
+    """A cell's ledger columns other than its metrics, grid and times (:mod:`orchestrator.results.ledger`).
+
+    Attributes:
+        method: the ``method`` column (``smn``, ``cascade_expert``, ``codec:zstd``, ...).
+        backbone, dataset, seed: the ``backbone``, ``dataset`` and ``seed`` columns.
+        config: the ``config_json`` column (what the cell's id hashes, or the stage's inputs).
+    """
+
+    method: str
+    backbone: str
+    dataset: str
+    seed: int
+    config: dict
+
+    @classmethod
+    def of(cls, config, *, method: str | None = None, record: dict | None = None) -> "Record":
+        """The record of a ``CellConfig``: its method (or ``method``), backbone, dataset and seed, and its
+        resolved dict as ``config_json`` (or ``record``)."""
+        return cls(method or config.method, config.backbone.arch, config.dataset.source, int(config.seed),
+                   config.to_dict() if record is None else record)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A unit of work that failed for good: its error text and the attempts it had (:func:`land` writes its
+    failure record, which ``smn ls`` shows until the cell lands)."""
+
+    error: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What a :class:`TrainingStage` adds to the training of its cell (:func:`smn_core.pipeline.run_cell`).
+
+    Attributes:
+        init_state: trainable state to start from (a cascade expert starts from its dispatcher's), or None.
+        train_subset: indices into the train split to adapt on (an expert's cluster), or None (all).
+        evaluate: run the cell's evaluation after training (an expert is evaluated by the combination).
+    """
+
+    init_state: dict | None = None
+    train_subset: Sequence[int] | None = None
+    evaluate: bool = True
+
+
+class Stage(abc.ABC):
+    """Work a :class:`CellJob` does instead of training its cell (a cascade router or combination): it runs
+    in the worker and returns the metrics that :func:`land` writes. Stages are picklable frozen dataclasses."""
+
+    @abc.abstractmethod
+    def run(self, job: "CellJob", device: str) -> dict[str, float]:
+        """Do the work of ``job`` on ``device``; return its metrics (``wall_s`` is added by :func:`land`)."""
+
+
+class TrainingStage(abc.ABC):
+    """A cell trained like any other (epoch checkpoints, resume, DDP) but with its own start and last step (a
+    cascade expert): :meth:`inputs` before training, :meth:`finish` after it (on rank 0 under DDP), before
+    the cell lands."""
+
+    @abc.abstractmethod
+    def inputs(self, job: "CellJob") -> TrainInputs:
+        """The start state, train subset and evaluation switch of ``job``'s training.
+
+        Raises:
+            ValueError: when the job cannot train (e.g. an expert's cluster smaller than one batch).
+        """
+
+    @abc.abstractmethod
+    def finish(self, job: "CellJob", outcome, device: str) -> dict[str, float]:
+        """After training (``outcome``: the :class:`smn_core.pipeline.CellOutcome`): write the stage's own
+        files; return metrics to add to the cell's."""
+
 
 @dataclass(frozen=True)
 class CellJob:
-    """Everything a worker needs to run one cell and land it in the ledger.
+    """Everything a worker needs to run one unit of work and land it in the ledger: a plain cell, a Tune
+    trial, a cascade router, expert or combination, or a codec measurement.
 
     Attributes:
-        config: the validated ``smn_core.pipeline.CellConfig``.
-        cell_id: the cell's id (hash of its resolved config; the ledger file's name).
+        config: the validated ``smn_core.pipeline.CellConfig`` (None for a measurement with a ``record``).
+        cell_id: the cell's id (hash of its resolved config or of the stage's inputs; the ledger file's name).
         label: a short human label for log lines (``smn seed=0 ...``).
         grid: the grid values that made this cell (``{dotted key: value}``), stored in the ledger.
         layout: where the experiment's files live.
         pipeline_weights: location of the pretrained-backbone artifact for ``weights: pipeline`` cells.
-        method: the ledger's ``method`` column (default: ``config.method``).
+        stage: None (train and evaluate ``config``), a :class:`Stage` (work in place of training) or a
+            :class:`TrainingStage` (training with its own start and last step).
+        record: the ledger columns (default: :meth:`Record.of` ``config``).
     """
 
     config: Any
@@ -71,12 +158,17 @@ class CellJob:
     grid: dict = field(default_factory=dict)
     layout: ExperimentLayout | None = None
     pipeline_weights: str | None = None
-    method: str | None = None
+    stage: Stage | TrainingStage | None = None
+    record: Record | None = None
 
     @property
     def prefix(self) -> str:
         """The log prefix of this cell's lines: ``<cell_id> <label>``."""
         return f"{self.cell_id} {self.label}"
+
+    def ledger_record(self) -> Record:
+        """:attr:`record`, or the one of :attr:`config`."""
+        return self.record if self.record is not None else Record.of(self.config)
 
 
 def device() -> str:
@@ -144,49 +236,92 @@ def ddp_checkpointing(label: str) -> tuple[tuple[dict, dict] | None, Callable]:
     return resume, on_epoch_end
 
 
-def finish_cell(job: CellJob, outcome, started: float) -> dict[str, float]:
-    """Land a trained cell: its masks, final state and per-epoch curves, then its ledger file, then drop its
-    epoch checkpoints.
+def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Land one unit of work: the only writer of ledger rows, curves, failure records and final state.
+
+    * ``result`` a :class:`smn_core.pipeline.CellOutcome` (a trained cell): its masks
+      (``masks/<cell_id>``), final state (``states/<cell_id>/``) and per-epoch curves, then its ledger file
+      (the cell "lands"; a failure record of it is removed), then its epoch checkpoints are dropped.
+    * ``result`` a mapping ``{metric: value}`` (a stage, a measurement): its ledger file only.
+    * ``result`` a :class:`Failure`: the failure record ``failures/<cell_id>.json`` only.
 
     Args:
-        outcome: the :class:`smn_core.pipeline.CellOutcome` of ``run_cell``.
-        started: UNIX time (s) the cell's work began; ``wall_s`` is measured from it.
+        job: the unit of work (:meth:`CellJob.ledger_record` gives the ledger columns).
+        started: UNIX time (s) the work began; ``wall_s`` is measured from it and added last. None: a
+            measurement with no duration of its own (no ``wall_s``; ``started_at = finished_at``).
+        extra: metrics added after the result's (e.g. :meth:`TrainingStage.finish`'s).
 
     Returns:
-        The metrics written (``outcome.metrics`` plus ``wall_s``).
+        The metrics written (``{}`` for a failure).
+
+    Raises:
+        ValueError: if there are no metrics to write.
     """
-    lay, cfg = job.layout, job.config
-    if outcome.masks is not None:
-        save_tensors(lay.mask(job.cell_id), outcome.masks, metadata={"cell_id": job.cell_id, "arch": cfg.backbone.arch})
-    if outcome.state is not None:
-        save_checkpoint(lay.state(job.cell_id), outcome.state, {"cell_id": job.cell_id, "config": cfg.to_dict()})
-    metrics = dict(outcome.metrics)
-    metrics["wall_s"] = time.time() - started
-    write_curves(lay.results, lay.experiment, job.cell_id, outcome.history)  # per-epoch loss / density / entropy
-    ledger.write_cell(lay.results, lay.experiment, cell_id=job.cell_id, method=job.method or cfg.method,
-                      backbone=cfg.backbone.arch, dataset=cfg.dataset.source, seed=cfg.seed, grid=job.grid,
-                      config=cfg.to_dict(), metrics=metrics, started_at=started, finished_at=time.time())
-    delete_checkpoint(lay.checkpoint(job.cell_id))  # the cell has landed: its epoch checkpoints are spent
+    lay = job.layout
+    if isinstance(result, Failure):
+        ledger.write_failure(lay.results, lay.experiment, cell_id=job.cell_id, label=job.label, error=result.error,
+                             attempts=result.attempts)
+        return {}
+    trained = not isinstance(result, Mapping)
+    if trained:
+        cfg = job.config
+        if result.masks is not None:
+            save_tensors(lay.mask(job.cell_id), result.masks,
+                         metadata={"cell_id": job.cell_id, "arch": cfg.backbone.arch})
+        if result.state is not None:
+            save_checkpoint(lay.state(job.cell_id), result.state, {"cell_id": job.cell_id, "config": cfg.to_dict()})
+        write_curves(lay.results, lay.experiment, job.cell_id, result.history)  # loss / density / entropy per epoch
+    metrics = dict(result.metrics if trained else result)
+    metrics.update(extra or {})
+    now = time.time()
+    if started is not None:
+        metrics["wall_s"] = now - started
+    rec = job.ledger_record()
+    ledger.write_cell(lay.results, lay.experiment, cell_id=job.cell_id, method=rec.method, backbone=rec.backbone,
+                      dataset=rec.dataset, seed=rec.seed, grid=job.grid, config=rec.config, metrics=metrics,
+                      started_at=now if started is None else started, finished_at=time.time())
+    if trained:
+        delete_checkpoint(lay.checkpoint(job.cell_id))  # the cell has landed: its epoch checkpoints are spent
     return metrics
 
 
+def _train(job: CellJob, device, resume, on_epoch_end, *, evaluate: bool = True):
+    """Train (and evaluate) ``job``'s cell with :func:`smn_core.pipeline.run_cell`; a :class:`TrainingStage`
+    gives the start state, train subset and evaluation switch."""
+    from smn_core.pipeline import run_cell  # reason: torch loads in the worker, not in every driver that imports us
+
+    inputs = job.stage.inputs(job) if isinstance(job.stage, TrainingStage) else TrainInputs()
+    return run_cell(job.config, pipeline_weights=job.pipeline_weights, device=device, resume=resume,
+                    init_state=inputs.init_state, on_epoch_end=on_epoch_end, progress=log(job.prefix),
+                    evaluate=evaluate and inputs.evaluate, train_subset=inputs.train_subset)
+
+
+def _finish(job: CellJob, outcome, device) -> dict[str, float] | None:
+    return job.stage.finish(job, outcome, str(device)) if isinstance(job.stage, TrainingStage) else None
+
+
 def run_local(job: CellJob) -> dict[str, float]:
-    """Run one cell in this process (a warm pool worker, a Tune trial), resuming from and writing epoch
-    checkpoints to ``checkpoints/<cell_id>/``; land it (:func:`finish_cell`).
+    """Run one unit of work in this process (a warm pool worker, a Tune trial, a Ray task) and land it
+    (:func:`land`).
+
+    A :class:`Stage` runs as it is. A cell trains resuming from and writing epoch checkpoints to
+    ``checkpoints/<cell_id>/`` (their meta records this worker's ``node_id`` and ``pid``).
 
     Returns:
         The cell's metrics (``knn_top1``, ``linear_probe_top1``, ``density``, ``wall_s``, ...).
 
     Raises:
-        Whatever the training raises (a bad config, a data error); the epoch checkpoint stays for a retry.
+        Whatever the work raises (a bad config, a data error); the epoch checkpoint stays for a retry.
     """
-    from smn_core.pipeline import run_cell
-
     started = time.time()
-    resume, on_epoch_end = local_checkpointing(job.layout.checkpoint(job.cell_id), job.prefix)
-    outcome = run_cell(job.config, pipeline_weights=job.pipeline_weights, device=device(), resume=resume,
-                       on_epoch_end=on_epoch_end, progress=log(job.prefix))
-    return finish_cell(job, outcome, started)
+    if isinstance(job.stage, Stage):
+        return land(job, job.stage.run(job, device()), started)
+    where = ({"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+             if ray.is_initialized() else None)
+    resume, on_epoch_end = local_checkpointing(job.layout.checkpoint(job.cell_id), job.prefix, where)
+    dev = device()
+    outcome = _train(job, dev, resume, on_epoch_end)
+    return land(job, outcome, started, extra=_finish(job, outcome, dev))
 
 
 def _ddp_cell_loop(config: dict) -> None:
@@ -194,15 +329,13 @@ def _ddp_cell_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from smn_core.pipeline import run_cell
-
     job: CellJob = config["job"]
     rank = ray.train.get_context().get_world_rank()
     resume, on_epoch_end = ddp_checkpointing(job.prefix)
-    outcome = run_cell(job.config, pipeline_weights=job.pipeline_weights, device=ray.train.torch.get_device(),
-                       resume=resume, on_epoch_end=on_epoch_end, evaluate=rank == 0, progress=log(job.prefix))
+    dev = ray.train.torch.get_device()
+    outcome = _train(job, dev, resume, on_epoch_end, evaluate=rank == 0)
     if rank == 0:
-        finish_cell(job, outcome, config["started"])
+        land(job, outcome, config["started"], extra=_finish(job, outcome, dev))
 
 
 def fit_ddp(loop: Callable[[dict], None], loop_config: dict, resources, layout: ExperimentLayout, name: str) -> None:
@@ -249,7 +382,8 @@ def run_ddp(job: CellJob, resources) -> dict[str, float]:
 
 
 def run_job(job: CellJob, resources) -> dict[str, float]:
-    """:func:`run_ddp` when ``resources.workers > 1`` (a ``TorchTrainer``), else :func:`run_local`."""
-    if resources.workers > 1:
+    """:func:`run_ddp` when ``resources.workers > 1`` (a ``TorchTrainer``) and the job trains, else
+    :func:`run_local`."""
+    if resources.workers > 1 and not isinstance(job.stage, Stage):
         return run_ddp(job, resources)
     return run_local(job)

@@ -29,17 +29,16 @@ from typing import Callable
 
 import ray
 
-from orchestrator.results import ledger
 from orchestrator.engine import session as ray_session
-from orchestrator.engine.cell import CellJob, ddp_checkpointing, finish_cell, run_ddp, run_local
+from orchestrator.engine.cell import CellJob, Failure, land, run_ddp, run_local
 from orchestrator.engine.pool import WarmPool, pool_size, run_bounded
+from orchestrator.engine.preflight import check_results_location
+from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done,
+                                         prepare_pipeline_weights, uses_tune)
 from orchestrator.results.layout import ExperimentLayout
-from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights, pretrain_artifact_path, uses_tune)
 from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
 
-__all__ = ["ensure_ray", "run_experiment", "pretrain_artifact_path", "final_state_dir", "ddp_checkpointing", "RunSummary",
-           "FORWARDED_ENV", "cell_jobs", "completed_cells", "start_ray_for", "prepare_pipeline_weights", "uses_tune",
-           "echo_cell_done"]
+__all__ = ["ensure_ray", "run_experiment", "RunSummary", "FORWARDED_ENV", "start_ray_for"]
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
@@ -60,7 +59,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     address = address or os.environ.get("RAY_ADDRESS")
     ray_session.configure_auth(local=not address)
     # workers must import this checkout's packages even when it is not pip-installed
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                         **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ}}}
     if address:
@@ -68,19 +67,6 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
                  log_to_driver=True, _node_ip_address="127.0.0.1")
-
-
-def final_state_dir(results: str | ExperimentLayout, experiment: str, cell_id: str) -> str:
-    """Folder of a finished cell's final trainable state (``smn_core.checkpoint`` format: scores, head,
-    prototypes, buffers), written before its ledger rows; a cascade's experts start from it
-    (:meth:`orchestrator.results.layout.ExperimentLayout.state`)."""
-    return ExperimentLayout.of(results, experiment).state(cell_id)
-
-
-def _finish(results: str, experiment: str, cell_id: str, cfg, grid: dict, outcome, started: float) -> dict:
-    """Compatibility shim for older callers: :func:`orchestrator.engine.cell.finish_cell`."""
-    job = CellJob(cfg, cell_id, cell_id, grid, ExperimentLayout.of(results, experiment))
-    return finish_cell(job, outcome, started)
 
 
 _ddp_cell_task = ray.remote(num_cpus=0)(run_ddp)
@@ -100,8 +86,6 @@ def start_ray_for(spec: ExperimentSpec, results: str | ExperimentLayout, address
         orchestrator.engine.preflight.StorageUnreachable, ValueError: if ``results`` is not writable from the driver
             and shared with every alive node (:func:`orchestrator.engine.preflight.check_results_location`).
     """
-    from orchestrator.engine.preflight import check_results_location
-
     ensure_ray(address)
     _check_resources(spec)
     check_results_location(results.results if isinstance(results, ExperimentLayout) else results)
@@ -129,7 +113,7 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
     """
     layout = ExperimentLayout.of(results, spec.name)
     if uses_tune(spec):
-        from orchestrator.engine.sweep import run_sweep
+        from orchestrator.engine.sweep import run_sweep  # reason: ray.tune takes seconds to import; plain runs skip it
 
         return run_sweep(spec, layout, echo=echo, start_ray=lambda: start_ray_for(spec, layout, address), cells=cells)
     cells = expand_cells(spec) if cells is None else cells
@@ -171,8 +155,7 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
                 echo_cell_done(echo, f"[{finished}/{len(cells)} cells done, {time.time() - t0:.0f}s]", cell, metrics)
                 continue
             summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
-            ledger.write_failure(layout.results, spec.name, cell_id=cell.cell_id, label=cell.label,
-                                 error=summary["failed"][cell.cell_id], attempts=res.max_retries + 1)
+            land(job, Failure(summary["failed"][cell.cell_id], res.max_retries + 1), None)
             echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {ray_session.error_cause(exc)}")
     finally:
         if pool is not None:

@@ -1,5 +1,5 @@
 """Warm workers: long-lived Ray actors that import torch and smn_core once and run many jobs, and
-bounded submission of jobs onto them (see :mod:`orchestrator.engine.cell.cell` for why a pool of actors).
+bounded submission of jobs onto them (see :mod:`orchestrator.engine.cell` for why a pool of actors).
 """
 
 from __future__ import annotations

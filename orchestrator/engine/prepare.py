@@ -13,8 +13,6 @@ other.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict
 from typing import Callable
 
@@ -22,11 +20,12 @@ import ray
 
 from smn_core.checkpoint import location_exists, save_tensors
 
-from orchestrator.results import ledger
 from orchestrator.engine.cell import CellJob, log
 from orchestrator.engine.pool import WarmPool, run_bounded
+from orchestrator.engine.preflight import StorageUnreachable
+from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
-from orchestrator.spec.experiment import Cell, ExperimentSpec
+from orchestrator.spec.experiment import Cell, ExperimentSpec, config_hash
 
 __all__ = ["RunSummary", "completed_cells", "pretrain_artifact_path", "prepare_pipeline_weights", "cell_jobs",
            "uses_tune", "echo_cell_done"]
@@ -37,8 +36,7 @@ class RunSummary(dict):
 
 
 def _artifact_key(cell) -> str:
-    payload = {"arch": cell.backbone.arch, "pretrain": asdict(cell.pretrain), "seed": 0}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return config_hash({"arch": cell.backbone.arch, "pretrain": asdict(cell.pretrain), "seed": 0})
 
 
 def pretrain_artifact_path(results: str | ExperimentLayout, experiment: str, cell) -> str:
@@ -70,8 +68,6 @@ def completed_cells(results: str | ExperimentLayout, experiment: str) -> set[str
         orchestrator.engine.preflight.StorageUnreachable: if the ledger's storage cannot be read (an ``s3://``
             endpoint that does not answer, a bucket the credentials cannot list); names the location.
     """
-    from orchestrator.engine.preflight import StorageUnreachable
-
     root = results.results if isinstance(results, ExperimentLayout) else results
     try:
         return ledger.completed_cells(root, experiment)

@@ -16,7 +16,7 @@ Every trial runs its cell through :func:`orchestrator.engine.cell.run_job` (per-
 a ``TorchTrainer`` only for ``workers > 1``) and writes the cell's ledger rows itself, so a sweep stopped at any point (Ctrl-C, a killed
 driver, a lost node) and started again with the same command finishes the missing cells only.
 Failed trials are retried ``resources.max_retries`` times (Tune ``FailureConfig``); a trial that keeps
-failing gets a failure record (``ledger.write_failure``) and the rest of the sweep goes on.
+failing gets a failure record (:func:`orchestrator.engine.cell.land`) and the rest of the sweep goes on.
 Progress: one line per trial event with trials done / running / pending / failed and the best
 metric so far.
 
@@ -38,10 +38,10 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from orchestrator.results import ledger
-from orchestrator.engine.cell import CellJob, run_job
-from orchestrator.results.layout import ExperimentLayout
+from orchestrator.engine.cell import CellJob, Failure, land, run_job
 from orchestrator.engine.prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
+from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.experiment import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
 
 __all__ = ["run_sweep", "SweepProgress"]
@@ -162,8 +162,8 @@ def _record_failures(spec: ExperimentSpec, layout: ExperimentLayout, result_grid
         if r.error is not None:
             err = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1] if str(r.error).strip() else ''}"
             summary["failed"][cell.cell_id] = err
-            ledger.write_failure(layout.results, spec.name, cell_id=cell.cell_id, label=cell.label, error=str(r.error),
-                                 attempts=spec.resources.max_retries + 1)
+            land(CellJob(cell.config, cell.cell_id, cell.label, dict(cell.grid_values), layout),
+                 Failure(str(r.error), spec.resources.max_retries + 1), None)
             echo(f"  cell {cell.cell_id} {cell.label} failed after {spec.resources.max_retries + 1} attempt(s): {err}")
         else:
             summary["ran"] += 1

@@ -1,11 +1,12 @@
 """Paper App. C, Tables 6-7: what masks and fine-tuned fp32 weights cost under each codec, from the ledger.
 
 Codec measurements are ledger cells of their own, so the tables come from the ledger alone:
-:func:`record_codec_measurements` (``smn store bench-codecs``) measures every codec of
+:func:`measure_task_codecs` (``smn store bench-codecs``) measures every codec of
 :mod:`smn_core.mask_codecs` on one stored task's masks (payload ``mask``) and, for comparison, the
 byte codecs on fp32 weights of the same tensors (payload ``fp32``: a fully fine-tuned copy when
 given, else the store's pretrained backbone weights as a stand-in, recorded as ``fp32_source``), and
-writes one cell per (payload, codec) with ``method = "codec:<name>"``. Metrics per cell:
+:func:`orchestrator.store.codec_cells.record_codec_measurements` lands one cell per (payload, codec) with
+``method = "codec:<name>"``. Metrics per cell:
 ``bytes``, ``raw_bytes``, ``weights``, ``bits_per_weight``, ``reduction_pct`` (against the
 uncompressed payload, the paper's "Reduction (%)"), ``ratio_vs_fp32`` (fp32 bytes of the same weights
 over the coded bytes), ``encode_MBps`` / ``decode_MBps`` (MB of uncompressed payload per second),
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,12 +38,10 @@ from smn_core.mask_codecs import (
 )
 from smn_core.mask_file import TaskMask
 
-from orchestrator.results import ledger
 from orchestrator.reports.registry import register_table
 
-__all__ = ["measure_task_codecs", "record_codec_measurements", "codec_table", "STORAGE_EXPERIMENT"]
+__all__ = ["measure_task_codecs", "codec_table"]
 
-STORAGE_EXPERIMENT = "storage"
 _BYTE_CODECS = ("none", *LIBRARY_CODECS)
 
 
@@ -112,44 +110,6 @@ def _row(m) -> dict[str, Any]:
             "encode_s": m.encode_s, "decode_s": m.decode_s, "bits_per_weight": m.bits_per_weight,
             "reduction_pct": m.reduction_pct, "ratio_vs_fp32": m.ratio_vs_fp32,
             "encode_MBps": m.encode_mb_s, "decode_MBps": m.decode_mb_s}
-
-
-def record_codec_measurements(results: str, task_name: str, mask: TaskMask, rows: list[dict[str, Any]], *,
-                              experiment: str = STORAGE_EXPERIMENT, fp32_source: str = "pretrained backbone",
-                              skip_existing: bool = True) -> list[str]:
-    """Write one ledger cell per measurement row (``method = "codec:<name>"``); returns the paths written.
-
-    A cell's id hashes the payload's content digest, the payload kind and the codec, so measuring
-    the same masks again is a resume: cells already in the ledger are skipped (``skip_existing``).
-    Backbone and dataset come from the task (its spec's cell config when it has one).
-
-    Raises:
-        ValueError: if ``rows`` is empty.
-    """
-    if not rows:
-        raise ValueError("no codec measurements to record")
-    cfg = mask.spec.get("config", {}) if isinstance(mask.spec, dict) else {}
-    dataset = (cfg.get("dataset") or {}).get("source", "unknown")
-    seed = int(cfg.get("seed", 0) or 0)
-    method = cfg.get("method", "unknown")
-    done = ledger.completed_cells(results, experiment) if skip_existing else set()
-    written = []
-    for r in rows:
-        config = {"kind": "codec", "payload": r["payload"], "codec": r["codec"], "digest": r["digest"],
-                  "task": task_name, "task_method": method, "backbone_hash": mask.backbone_hash,
-                  "fp32_source": fp32_source if r["payload"] == "fp32" else None}
-        cell_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        if cell_id in done:
-            continue
-        metrics = {k: float(r[k]) for k in ("bytes", "raw_bytes", "weights", "bits_per_weight", "reduction_pct",
-                                               "ratio_vs_fp32", "encode_MBps", "decode_MBps", "encode_s", "decode_s",
-                                               "density", "order0_bits_per_weight")}
-        now = time.time()
-        written.append(ledger.write_cell(
-            results, experiment, cell_id=cell_id, method=f"codec:{r['codec']}", backbone=mask.arch or "unknown",
-            dataset=dataset, seed=seed, grid={"payload": r["payload"], "task": task_name, "task_method": method},
-            config=config, metrics=metrics, started_at=now, finished_at=now))
-    return written
 
 
 def codec_table(df: pd.DataFrame, payload: str) -> pd.DataFrame:
