@@ -240,7 +240,8 @@ def test_store_refuses_bad_input_and_never_overwrites(run, tmp_path):
 @pytest.mark.slow
 def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsys):
     from orchestrator.engine import plain as runner
-    from orchestrator.cli.app import _table, main
+    from orchestrator.cli.app import main
+    from orchestrator.cli.commands.read import table_text
     from orchestrator.spec.experiment import cell_id_of
     from smn_core.backbones import build_backbone
 
@@ -274,8 +275,8 @@ def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsy
     # codec measurements land in the ledger as cells and tables 6 and 7 come from it
     assert main(["store", "bench-codecs", store, "t1", "--results", results, "--repeats", "1"]) == 0
     capsys.readouterr()
-    table6 = _table(results, "storage", "markdown", None, layout="table6")
-    table7 = _table(results, "storage", "csv", None, layout="table7")
+    table6 = table_text(results, "storage", "markdown", None, layout="table6")
+    table7 = table_text(results, "storage", "csv", None, layout="table7")
     for codec in ("gzip", "bz2", "lzma", "lz4", "snappy", "zstd", "smn-ctx"):
         assert f"| {codec} " in table6
     assert "H(density=" in table6 and "smn-ctx" not in table7 and ",lzma," in table7

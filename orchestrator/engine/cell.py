@@ -162,7 +162,7 @@ def finish_cell(job: CellJob, outcome, started: float) -> dict[str, float]:
         save_checkpoint(lay.state(job.cell_id), outcome.state, {"cell_id": job.cell_id, "config": cfg.to_dict()})
     metrics = dict(outcome.metrics)
     metrics["wall_s"] = time.time() - started
-    write_curves(lay.results, lay.experiment, job.cell_id, outcome.history)  # per-epoch loss / density / entropy
+    write_curves(lay, job.cell_id, outcome.history)  # per-epoch loss / density / entropy
     ledger.write_cell(lay.results, lay.experiment, cell_id=job.cell_id, method=job.method or cfg.method,
                       backbone=cfg.backbone.arch, dataset=cfg.dataset.source, seed=cfg.seed, grid=job.grid,
                       config=cfg.to_dict(), metrics=metrics, started_at=started, finished_at=time.time())

@@ -23,11 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from smn_core.mask_codecs import (
     LIBRARY_CODECS,
@@ -36,10 +35,14 @@ from smn_core.mask_codecs import (
     measure_mask_codec,
     order0_entropy_bits,
 )
-from smn_core.mask_file import TaskMask
 
 from orchestrator.results import ledger
 from orchestrator.reports.registry import register_table
+
+if TYPE_CHECKING:  # types only: `smn table` loads this module's layouts and must not load torch
+    import torch
+
+    from smn_core.mask_file import TaskMask
 
 __all__ = ["measure_task_codecs", "record_codec_measurements", "codec_table", "STORAGE_EXPERIMENT"]
 

@@ -33,6 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from smn_core.pipeline import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec
 from smn_core.training import TrainConfig
 
+from orchestrator.results.layout import check_experiment_name
+from orchestrator.spec.keys import flatten
+from orchestrator.spec.tracking import parse_tracking
+
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
            "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "config_hash", "FOUND",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
@@ -108,7 +112,7 @@ class ExperimentSpec(BaseModel):
     """A validated experiment spec (see ``experiments/demo.yaml`` for an annotated example)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="experiment name (results folder)")
+    name: str = Field(description="experiment name (results folder; orchestrator.results.layout.check_experiment_name)")
     description: str = ""
     methods: list[Literal[tuple(METHODS)]] = Field(default_factory=lambda: ["smn"], min_length=1)  # type: ignore[valid-type]
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -128,13 +132,16 @@ class ExperimentSpec(BaseModel):
         None, description="cascade section (router, experts, combination); validated by orchestrator.engine.cascade")
     tracking: dict[str, Any] | None = Field(
         None, description="experiment trackers, e.g. {mlflow: {uri: mlruns}} or {wandb: {project: p, mode: offline}}; "
-        "validated by orchestrator.reports.tracking")
+        "validated by orchestrator.spec.tracking")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_experiment_name(v)
 
     @field_validator("tracking")
     @classmethod
     def _tracking(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        from orchestrator.reports.tracking import parse_tracking
-
         return parse_tracking(v).model_dump(exclude_none=True) if v is not None else None
 
     @model_validator(mode="after")
@@ -160,7 +167,7 @@ class ExperimentSpec(BaseModel):
         """``{smn: {train: {score_lr: 1}}}`` (a command-line override) reads as ``{smn: {train.score_lr: 1}}``."""
         if not isinstance(v, dict):
             return v
-        return {m: (_flatten(values) if isinstance(values, dict) else values) for m, values in v.items()}
+        return {m: (flatten(values, keep_empty=True) if isinstance(values, dict) else values) for m, values in v.items()}
 
     @model_validator(mode="after")
     def _method_overrides(self) -> "ExperimentSpec":
@@ -227,18 +234,6 @@ def format_validation_error(exc: ValidationError, where: str, prefix: str = "") 
 
 
 _format_validation_error = format_validation_error  # the name orchestrator.engine.cascade used
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """Nested mappings as dotted keys: ``{"train": {"score_lr": 1}}`` -> ``{"train.score_lr": 1}``."""
-    out: dict = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
