@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.metadata
+import importlib.util
 import json
 import platform
+import re
 import socket
 import sys
 import time
@@ -31,6 +34,8 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.fs as pafs
+
+import smn_core
 
 from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
@@ -60,16 +65,33 @@ def environment(df: pd.DataFrame | None = None) -> dict[str, str]:
     and smn versions recorded in the ledger rows ``df``."""
     env = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": socket.gethostname(),
            "platform": platform.platform(), "python": sys.version.split()[0]}
-    for mod in ("smn_core", "torch", "ray", "pandas", "pyarrow"):
-        try:
-            env[mod if mod != "smn_core" else "smn"] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing package is reported as such
-            env[mod] = "not installed"
+    env["smn"] = smn_core.__version__
+    for mod in ("torch", "ray", "pandas", "pyarrow"):
+        env[mod] = _version(mod)
     if df is not None and not df.empty:
         env["ledger written on"] = ", ".join(sorted(df["host"].unique()))
         env["ledger smn versions"] = ", ".join(sorted(df["smn_version"].unique()))
         env["cells finished"] = f"{df['finished_at'].min():%Y-%m-%d %H:%M} .. {df['finished_at'].max():%Y-%m-%d %H:%M} UTC"
     return env
+
+
+def _version(package: str) -> str:
+    """``package``'s version without importing it (``smn report`` loads neither torch nor ray): the
+    ``__version__`` line of its ``version.py`` (where torch keeps its build tag, e.g. ``+cu130``), else its
+    installed distribution's version; ``"not installed"`` when it is not."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return "not installed"
+    for folder in spec.submodule_search_locations or ():
+        path = Path(folder) / "version.py"
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", path.read_text(encoding="utf-8"), re.M) \
+            if path.is_file() else None
+        if found:
+            return found.group(1)
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _summary(df: pd.DataFrame) -> tuple[dict[str, str], dict[str, object]]:

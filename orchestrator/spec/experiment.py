@@ -684,7 +684,7 @@ def check_spec(spec: ExperimentSpec) -> None:
 
 
 def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
-    from orchestrator.spec.cascade import cascade_spec
+    from orchestrator.spec.cascade import cascade_spec  # spec.cascade builds on this module's models (a cycle at the top)
 
     cs = cascade_spec(spec)
     if n_train is not None:

@@ -467,7 +467,7 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
         raise BackboneMismatchError(f"cell {cell_id} used backbone {cfg.backbone.arch!r}, the store holds {store.arch!r}")
     pipeline_weights = None
     if cfg.backbone.weights == "pipeline":
-        from orchestrator.engine.plain import pretrain_artifact_path
+        from orchestrator.engine.plain import pretrain_artifact_path  # the engine imports ray: only for this case
 
         pipeline_weights = pretrain_artifact_path(results, experiment, cfg)
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights).model
