@@ -31,9 +31,10 @@ import warnings
 
 import smn_core
 
-from orchestrator.cli import cascade as cascade_cli
-from orchestrator.cli import report as report_cli
-from orchestrator.cli import store as store_cli
+from orchestrator.cli.cascade import add_parser as add_cascade_parser
+from orchestrator.cli.report import add_parser as add_report_parser
+from orchestrator.cli.report import add_run_options
+from orchestrator.cli.store import add_parser as add_store_parser
 from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, INTERRUPTED,
                                      ResultsError)
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
                      help="format of the table printed at the end")
     # --- output and tracking options (orchestrator.cli.report): --json, --quiet, --track ---
-    report_cli.add_run_options(run)
+    add_run_options(run)
     # --- end output and tracking options ---
 
     val = sub.add_parser("validate", help="validate a spec and list its cells (writes nothing)",
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--experiment", default=None, help="only this experiment; None: all")
     plot.add_argument("--out", default=None, help="output PNG file; None: DIR/figures/NAME.png (also for a URI DIR)")
 
-    for add_parser in (store_cli.add_parser, cascade_cli.add_parser, report_cli.add_parser):
+    for add_parser in (add_store_parser, add_cascade_parser, add_report_parser):
         add_parser(sub)
     _use_formatter(p)
     return p

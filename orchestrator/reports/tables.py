@@ -17,8 +17,8 @@ import json
 
 import pandas as pd
 
-from orchestrator.reports import registry
 from orchestrator.reports.registry import FORMATS, mean_std, metric_frame, register_table, render_frame
+from orchestrator.reports.registry import tables as registered_tables
 
 __all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render", "table_frame",
            "check_layout", "layout_list"]
@@ -111,7 +111,7 @@ def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
 
 def layout_list() -> str:
     """``smn table --layout list``: one line per registered layout, its name and description."""
-    return "\n".join(f"{t.name:12s} {t.description}" for t in registry.tables().values())
+    return "\n".join(f"{t.name:12s} {t.description}" for t in registered_tables().values())
 
 
 def check_layout(layout: str | None) -> None:
@@ -120,7 +120,7 @@ def check_layout(layout: str | None) -> None:
     Raises:
         ValueError: naming the layout and the registered ones.
     """
-    known = registry.tables()
+    known = registered_tables()
     if layout is not None and layout not in known:
         raise ValueError(f"table layout {layout!r} is not known; allowed: {', '.join(known)} (or 'list')")
 
@@ -139,7 +139,7 @@ def table_frame(df: pd.DataFrame, fmt: str, metrics: str | None = None,
         ValueError: a metric that the ledger does not hold (names the ones it does).
     """
     if layout is not None:
-        known = registry.tables()
+        known = registered_tables()
         return known[layout].build(df), known[layout].description
     chosen = tuple(m.strip() for m in metrics.split(",")) if metrics else DEFAULT_METRICS
     if metrics and not df.empty:

@@ -3,12 +3,15 @@ validated with pydantic; every key is optional and the defaults are the paper's.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from smn_core.cascade import COVARIANCE_TYPES, MODES, SCALINGS
-from orchestrator.spec.experiment import ExperimentSpec, Resources, SpecError, format_validation_error
+from orchestrator.spec.base import Resources, SpecError, format_validation_error
+
+if TYPE_CHECKING:  # the main spec imports this module to check its cascade section
+    from orchestrator.spec.experiment import ExperimentSpec
 
 __all__ = ["RouterSpec", "ExpertsSpec", "CombinationSpec", "CascadeSpec", "cascade_spec"]
 

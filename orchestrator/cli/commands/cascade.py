@@ -11,6 +11,7 @@ from orchestrator.engine.cascade import plan_cascades, run_cascade
 from orchestrator.engine.session import error_cause
 from orchestrator.reports import registry
 from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.cascade import cascade_spec
 from orchestrator.spec.experiment import ExperimentSpec, SpecError, load_spec
 
@@ -48,7 +49,8 @@ def run_spec(args, spec: ExperimentSpec) -> int:
         return EXIT_OK
     t0 = time.time()
     try:
-        summary = run_cascade(spec, args.results, address=args.address, cascade=cs)
+        layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
+        summary = run_cascade(spec, layout, address=args.address, cascade=cs)
     except ValueError as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_USAGE

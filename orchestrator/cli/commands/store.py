@@ -107,7 +107,7 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
             rows = measure_task_codecs(mask, store.backbone_weights(), fp32=fp32, repeats=args.repeats)
             written = record_codec_measurements(args.results, args.task, mask, rows, experiment=args.experiment,
                                                 fp32_source=args.fp32 or "pretrained backbone")
-            print(f"{len(written)} codec cells written to {args.results}/{args.experiment} "
+            print(f"{len(written)} codec cells written to {location_join(args.results, args.experiment)} "
                   f"({len(rows) - len(written)} already there)")
             df = ledger.read_ledger(args.results, args.experiment)
             print(render_frame(codec_table(df, "mask"), title="masks per codec (table6)"))
