@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "delete_checkpoint", "save_tensors",
-           "load_tensors", "is_uri", "location_exists", "local_copy", "atomic_write", "OBJECT_STORES"]
+           "load_tensors", "is_uri", "location_exists", "local_copy", "atomic_write", "location_join", "OBJECT_STORES"]
 
 _TENSORS = "tensors.safetensors"
 _META = "meta.json"
@@ -61,12 +62,17 @@ def _resolve(location: str | os.PathLike):
         raise ValueError(f"location {os.fspath(location)!r} is not a URI that pyarrow.fs supports: {exc}") from None
 
 
-def _child(location: str | os.PathLike, name: str) -> str:
-    """``location/name`` for a URI, keeping its query (``s3://b/p?x=y`` -> ``s3://b/p/name?x=y``)."""
-    from urllib.parse import urlsplit, urlunsplit
+def location_join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/parts...`` for a local path or a URI, whose query is kept after the new path
+    (``s3://b/p?x=y`` + ``name`` -> ``s3://b/p/name?x=y``). The one joiner of locations in smn.
 
-    parts = urlsplit(os.fspath(location))
-    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
+    Do not build these with ``pathlib``: ``Path("s3://b/x")`` collapses the ``//``.
+    """
+    base = os.fspath(base)
+    if "://" in base:
+        split = urlsplit(base)
+        return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
+    return "/".join([base.rstrip("/") or "/", *parts]) if parts else base
 
 
 def atomic_write(location: str | os.PathLike, blob: bytes, fs: pafs.FileSystem | None = None) -> str:
@@ -175,8 +181,8 @@ def save_checkpoint(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
     """
     if is_uri(folder):
         folder = os.fspath(folder)
-        save_tensors(_child(folder, _TENSORS), tensors)
-        atomic_write(_child(folder, _META), json.dumps(meta, sort_keys=True).encode())  # meta last
+        save_tensors(location_join(folder, _TENSORS), tensors)
+        atomic_write(location_join(folder, _META), json.dumps(meta, sort_keys=True).encode())  # meta last
         return folder
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,12 +218,12 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         folder = os.fspath(folder)
         if not has_checkpoint(folder):
             raise FileNotFoundError(f"no complete checkpoint in {folder} (need {_TENSORS} and {_META})")
-        fs, inner = _resolve(_child(folder, _META))
+        fs, inner = _resolve(location_join(folder, _META))
         try:
             meta = json.loads(_fs_read(fs, inner, _META))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{_child(folder, _META)} is corrupted: {exc}") from exc
-        return load_tensors(_child(folder, _TENSORS)), meta
+            raise ValueError(f"{location_join(folder, _META)} is corrupted: {exc}") from exc
+        return load_tensors(location_join(folder, _TENSORS)), meta
     folder = Path(folder)
     if not has_checkpoint(folder):
         raise FileNotFoundError(f"no complete checkpoint in {folder} (need {_TENSORS} and {_META})")

@@ -25,7 +25,8 @@ Every location method returns a *location*: an absolute local path for local res
 same filesystem that keeps the results URI's query (``s3://b/r/exp/masks/c.safetensors?scheme=http``),
 which :mod:`smn_core.checkpoint`, Ray Train and Ray Tune all accept. :meth:`ExperimentLayout.inner`
 gives the same place as a path *inside* :attr:`ExperimentLayout.fs` (no scheme, no query), for direct
-``pyarrow.fs`` calls. The URI is parsed once per process (:func:`filesystem` is cached).
+``pyarrow.fs`` calls. The URI is parsed once per process (:func:`filesystem` is cached); parts are joined
+by :func:`smn_core.checkpoint.location_join`, the one joiner (it keeps a URI's query).
 
 Every file is written through :func:`smn_core.checkpoint.atomic_write`, the project's one atomic write
 (a temporary sibling, then a move; in place on object stores), so readers never see half a file.
@@ -40,12 +41,13 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-__all__ = ["ExperimentLayout", "filesystem", "normalise_results", "location_join", "check_experiment_name",
+from smn_core.checkpoint import location_join
+
+__all__ = ["ExperimentLayout", "filesystem", "normalise_results", "check_experiment_name",
            "check_results_uri", "figure_location"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -121,17 +123,6 @@ def _resolve(location: str, what: str) -> tuple[pafs.FileSystem, str]:
 def _check_part(name: str, experiment: str) -> None:
     if not name or name in (".", "..") or any(c in name for c in "?#") or "/" in name:
         raise ValueError(f"artifact path part {name!r} (experiment {experiment!r}) is not a plain name")
-
-
-def location_join(base: str, *parts: str) -> str:
-    """``base/parts...`` for a local path or a URI (the URI's query is kept after the new path).
-
-    Do not build these with ``pathlib``: ``Path("s3://b/x")`` collapses the ``//``.
-    """
-    if "://" in base:
-        split = urlsplit(base)
-        return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
-    return "/".join([base.rstrip("/") or "/", *parts]) if parts else base
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from smn_core.backbones import build_backbone
-from smn_core.checkpoint import atomic_write
+from smn_core.checkpoint import atomic_write, location_join
 from smn_core.mask_codecs import DEFAULT_CODEC, available_codecs
 from smn_core.mask_file import (
     BackboneMismatchError,
@@ -50,7 +50,7 @@ from smn_core.mask_file import (
 )
 
 from orchestrator.results import ledger
-from orchestrator.results.layout import ExperimentLayout, filesystem, location_join
+from orchestrator.results.layout import ExperimentLayout, filesystem
 
 __all__ = ["MaskStore", "StoreLayout", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
            "task_from_masks_file", "task_from_cell", "HEAD_PREFIX"]

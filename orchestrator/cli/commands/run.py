@@ -9,6 +9,8 @@ import time
 
 import ray
 
+from smn_core.checkpoint import location_join
+
 from orchestrator.cli import report as report_cli
 from orchestrator.cli.commands import cascade as cascade_cmd
 from orchestrator.cli.commands.read import table_text
@@ -18,7 +20,7 @@ from orchestrator.engine.plain import run_experiment
 from orchestrator.engine.preflight import StorageUnreachable
 from orchestrator.engine.session import ClusterTooSmall, check_local_fits, error_cause
 from orchestrator.results import ledger
-from orchestrator.results.layout import ExperimentLayout, location_join
+from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
 
 __all__ = ["run"]

@@ -12,12 +12,13 @@ import pyarrow.fs as pafs
 from safetensors.torch import load as st_load
 
 from smn_core.backbones import build_backbone
+from smn_core.checkpoint import location_join
 from smn_core.mask_file import BackboneMismatchError, MaskFileError
 
 from orchestrator.reports.codec_costs import codec_table, measure_task_codecs, record_codec_measurements
 from orchestrator.reports.registry import render_frame
 from orchestrator.results import ledger
-from orchestrator.results.layout import filesystem, location_join
+from orchestrator.results.layout import filesystem
 from orchestrator.store.mask_store import MaskStore, StoreError, task_from_cell, task_from_masks_file, validate_task_name
 
 __all__ = ["handle"]
