@@ -296,3 +296,20 @@ def test_header_is_readable_without_decoding():
         TaskMask(masks=masks, backbone_hash="abc")
     with pytest.raises(ValueError, match="must be a bool tensor"):
         TaskMask(masks={"w": torch.ones(2)}, backbone_hash="sha256:" + "0" * 64)
+
+
+def test_fp32_weights_from_a_state_dict_file_or_a_final_state_folder(tmp_path):
+    from smn_core.checkpoint import save_checkpoint, save_tensors
+
+    from orchestrator.store.mask_store import load_fp32_weights
+
+    w = {"conv.weight": torch.randn(2, 3), "bn.num_batches_tracked": torch.tensor(3)}
+    save_tensors(tmp_path / "w.safetensors", w)
+    got = load_fp32_weights(str(tmp_path / "w.safetensors"))
+    assert list(got) == ["conv.weight"] and torch.equal(got["conv.weight"], w["conv.weight"])
+    save_checkpoint(tmp_path / "state", {"param.backbone.conv.weight": w["conv.weight"] + 1,
+                                         "param.head.weight": torch.ones(1)}, {"epoch": 1})
+    got = load_fp32_weights(f"file://{tmp_path / 'state'}")
+    assert torch.equal(got["conv.weight"], w["conv.weight"] + 1)  # the backbone name, from the folder's tensors
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_fp32_weights(str(tmp_path / "nothing"))

@@ -53,7 +53,7 @@ from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, filesystem
 
 __all__ = ["MaskStore", "StoreLayout", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
-           "task_from_masks_file", "task_from_cell", "HEAD_PREFIX"]
+           "task_from_masks_file", "task_from_cell", "load_fp32_weights", "HEAD_PREFIX"]
 
 STORE_FORMAT = "smn-store/1"
 TASK_SUFFIX = ".smnmask"
@@ -480,3 +480,26 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
     state_uri = lay.state(cell_id) if has_state else None
     spec = {"cell_id": cell_id, "experiment": experiment, "config": config}
     return task_from_masks_file(masks_uri, backbone, arch=cfg.backbone.arch, state_dir=state_uri, spec=spec)
+
+
+def load_fp32_weights(location: str) -> dict[str, torch.Tensor]:
+    """Floating-point weights by backbone tensor name, for the fp32 rows of the codec measurements
+    (``smn store bench-codecs --fp32``): a safetensors ``state_dict``, or a cell's final state folder
+    (its ``tensors.safetensors``, names under ``param.backbone.``).
+
+    Raises:
+        FileNotFoundError: nothing at ``location``.
+    """
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs, path = filesystem(location_join(location, "tensors.safetensors"))
+    elif info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"--fp32 {location!r} does not exist")
+    state = st_load(_read(fs, path))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        for prefix in ("param.backbone.", ""):
+            if k.startswith(prefix) and v.is_floating_point():
+                out.setdefault(k[len(prefix):], v)
+    return out

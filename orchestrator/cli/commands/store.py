@@ -8,8 +8,6 @@ import json
 import sys
 
 import pandas as pd
-import pyarrow.fs as pafs
-from safetensors.torch import load as st_load
 
 from smn_core.backbones import build_backbone
 from smn_core.checkpoint import location_join
@@ -18,8 +16,8 @@ from smn_core.mask_file import BackboneMismatchError, MaskFileError
 from orchestrator.reports.codec_costs import codec_table, measure_task_codecs, record_codec_measurements
 from orchestrator.reports.registry import render_frame
 from orchestrator.results import ledger
-from orchestrator.results.layout import filesystem
-from orchestrator.store.mask_store import MaskStore, StoreError, task_from_cell, task_from_masks_file, validate_task_name
+from orchestrator.store.mask_store import (MaskStore, StoreError, load_fp32_weights, task_from_cell, task_from_masks_file,
+                                           validate_task_name)
 
 __all__ = ["handle"]
 
@@ -27,23 +25,6 @@ __all__ = ["handle"]
 def _fail(msg: str) -> int:
     print(f"smn store: {' '.join(str(msg).split())}", file=sys.stderr)
     return 2
-
-
-def _fp32_tensors(path: str):
-    fs, p = filesystem(path)
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.Directory:
-        fs, p = filesystem(location_join(path, "tensors.safetensors"))  # a cell's final state folder
-    elif info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"--fp32 {path!r} does not exist")
-    with fs.open_input_stream(p) as f:
-        state = st_load(f.read())
-    out = {}
-    for k, v in state.items():
-        for prefix in ("param.backbone.", ""):
-            if k.startswith(prefix) and v.is_floating_point():
-                out.setdefault(k[len(prefix):], v)
-    return out
 
 
 def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
@@ -104,7 +85,7 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
             if args.repeats < 1:
                 return _fail(f"--repeats must be >= 1, got {args.repeats}")
             mask = store.load(args.task)
-            fp32 = _fp32_tensors(args.fp32) if args.fp32 else None
+            fp32 = load_fp32_weights(args.fp32) if args.fp32 else None
             rows = measure_task_codecs(mask, store.backbone_weights(), fp32=fp32, repeats=args.repeats)
             written = record_codec_measurements(args.results, args.task, mask, rows, experiment=args.experiment,
                                                 fp32_source=args.fp32 or "pretrained backbone")
