@@ -32,11 +32,11 @@ import warnings
 import smn_core
 
 from orchestrator.cli.cascade import add_parser as add_cascade_parser
+from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, INTERRUPTED,
+                                     ResultsError)
 from orchestrator.cli.report import add_parser as add_report_parser
 from orchestrator.cli.report import add_run_options
 from orchestrator.cli.store import add_parser as add_store_parser
-from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, INTERRUPTED,
-                                     ResultsError)
 
 __all__ = ["main", "build_parser", "COMMANDS", "EXIT_CODES", "SmnArgumentParser", "HelpFormatter"]
 
