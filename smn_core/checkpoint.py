@@ -7,9 +7,14 @@ written last, so a folder holding only the tensors is not a checkpoint yet).
 Every function takes a local path (an NFS mount is one) or a URI that ``pyarrow.fs`` understands
 (``s3://bucket/prefix/...``, ``file:///...``; for S3 the endpoint and credentials come from the URI's
 query, e.g. ``?endpoint_override=host:port&scheme=http``, or from the ``AWS_*`` environment variables).
-Local paths are written with ``os.replace``; on a URI's filesystem a file is written to a temporary
-name and moved, except on object stores (S3, GCS), where an object appears whole when its upload
-completes and a "move" would be a copy, so the object is written in place.
+Every file goes through :func:`atomic_write`, the one atomic write of the project (the orchestrator's
+ledger, curves, failure records, figures and mask store call it too): a temporary sibling, then a move
+(``os.replace`` semantics on a local disk), except on object stores (S3, GCS), where an object appears
+whole when its upload completes and a "move" would be a copy, so the object is written in place.
+
+This module imports neither torch nor ray at import time (``safetensors.torch`` is imported by the
+functions that handle tensors), so that ledger readers (``smn table``) can use :func:`atomic_write`
+without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -22,18 +27,22 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
-import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file, save, save_file
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "delete_checkpoint", "save_tensors",
-           "load_tensors", "is_uri", "location_exists", "local_copy"]
+           "load_tensors", "is_uri", "location_exists", "local_copy", "atomic_write", "location_join", "OBJECT_STORES"]
 
 _TENSORS = "tensors.safetensors"
 _META = "meta.json"
-_OBJECT_STORES = ("s3", "gcs")
+OBJECT_STORES = frozenset({"s3", "gcs"})
+"""``pyarrow.fs`` type names whose writes are whole-object (no temporary name and move needed)."""
 
 
 def is_uri(location: str | os.PathLike | None) -> bool:
@@ -47,38 +56,64 @@ def _resolve(location: str | os.PathLike):
     Raises:
         ValueError: if pyarrow does not support the URI's filesystem (names the URI).
     """
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-
     try:
         return pafs.FileSystem.from_uri(os.fspath(location))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
         raise ValueError(f"location {os.fspath(location)!r} is not a URI that pyarrow.fs supports: {exc}") from None
 
 
-def _child(location: str | os.PathLike, name: str) -> str:
-    """``location/name`` for a URI, keeping its query (``s3://b/p?x=y`` -> ``s3://b/p/name?x=y``)."""
-    from urllib.parse import urlsplit, urlunsplit
+def location_join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/parts...`` for a local path or a URI, whose query is kept after the new path
+    (``s3://b/p?x=y`` + ``name`` -> ``s3://b/p/name?x=y``). The one joiner of locations in smn.
 
-    parts = urlsplit(os.fspath(location))
-    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
+    Do not build these with ``pathlib``: ``Path("s3://b/x")`` collapses the ``//``.
+    """
+    base = os.fspath(base)
+    if "://" in base:
+        split = urlsplit(base)
+        return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
+    return "/".join([base.rstrip("/") or "/", *parts]) if parts else base
 
 
-def _fs_write(fs, path: str, blob: bytes) -> None:
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    if fs.type_name in _OBJECT_STORES:
+def atomic_write(location: str | os.PathLike, blob: bytes, fs: pafs.FileSystem | None = None) -> str:
+    """Write ``blob`` to ``location`` so that no reader ever sees half of it; the parent folder is created.
+
+    Local disks and ``file://`` (and any filesystem with a cheap rename): written to a temporary sibling
+    ``.<name>.<random>.tmp``, then moved into place, replacing an older file whole. Object stores
+    (:data:`OBJECT_STORES`): written in place, as an object appears whole once its upload completes.
+
+    Args:
+        location: a local path or a ``pyarrow.fs`` URI; with ``fs``, a path inside ``fs`` (no scheme).
+        blob: the file's bytes.
+        fs: an already-resolved ``pyarrow.fs`` filesystem (e.g. ``ExperimentLayout.fs``), or None.
+
+    Returns:
+        The path written, inside its filesystem (an absolute path for a local file).
+
+    Raises:
+        ValueError: if ``location`` is a URI that pyarrow does not support.
+        OSError: if the storage refuses the write.
+    """
+    if fs is not None:
+        path = os.fspath(location)
+    elif is_uri(location):
+        fs, path = _resolve(location)
+    else:
+        fs, path = pafs.LocalFileSystem(), os.path.abspath(location)
+    folder = posixpath.dirname(path)
+    fs.create_dir(folder, recursive=True)
+    if fs.type_name in OBJECT_STORES:
         with fs.open_output_stream(path) as out:
             out.write(blob)
-        return
-    tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return path
+    tmp = f"{folder}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
     with fs.open_output_stream(tmp) as out:
         out.write(blob)
     fs.move(tmp, path)
+    return path
 
 
 def _fs_is_file(fs, path: str) -> bool:
-    import pyarrow.fs as pafs
-
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
@@ -94,12 +129,6 @@ def _where(fs, path: str) -> str:
     return f"{fs.type_name}://{path}" if fs.type_name != "local" else path
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``{name: tensor}`` to a ``.safetensors`` file atomically (tensors made contiguous, on CPU).
 
@@ -109,14 +138,10 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         ValueError: if ``path`` is a URI that pyarrow does not support.
         OSError: if the file cannot be written (the storage's own error).
     """
+    from safetensors.torch import save  # here, not at the top: importing this module must not load torch
+
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    if is_uri(path):
-        fs, inner = _resolve(path)
-        _fs_write(fs, inner, save(clean, metadata=metadata))
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: save_file(clean, str(p), metadata=metadata))
+    atomic_write(path, save(clean, metadata=metadata))
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -127,6 +152,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: if the file is not a valid safetensors file (truncated, corrupted), or ``path`` is a URI
             that pyarrow does not support.
     """
+    from safetensors.torch import load as load_bytes  # here: importing this module must not load torch
+    from safetensors.torch import load_file
+
     if is_uri(path):
         fs, inner = _resolve(path)
         blob = _fs_read(fs, inner, "tensor file")
@@ -153,14 +181,13 @@ def save_checkpoint(folder: str | os.PathLike, tensors: dict[str, torch.Tensor],
     """
     if is_uri(folder):
         folder = os.fspath(folder)
-        save_tensors(_child(folder, _TENSORS), tensors)
-        fs, inner = _resolve(_child(folder, _META))
-        _fs_write(fs, inner, json.dumps(meta, sort_keys=True).encode())
+        save_tensors(location_join(folder, _TENSORS), tensors)
+        atomic_write(location_join(folder, _META), json.dumps(meta, sort_keys=True).encode())  # meta last
         return folder
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / _TENSORS, tensors)
-    _atomic_write(folder / _META, lambda p: p.write_text(json.dumps(meta, sort_keys=True)))
+    atomic_write(folder / _META, json.dumps(meta, sort_keys=True).encode())  # meta last
     return folder
 
 
@@ -191,12 +218,12 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         folder = os.fspath(folder)
         if not has_checkpoint(folder):
             raise FileNotFoundError(f"no complete checkpoint in {folder} (need {_TENSORS} and {_META})")
-        fs, inner = _resolve(_child(folder, _META))
+        fs, inner = _resolve(location_join(folder, _META))
         try:
             meta = json.loads(_fs_read(fs, inner, _META))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{_child(folder, _META)} is corrupted: {exc}") from exc
-        return load_tensors(_child(folder, _TENSORS)), meta
+            raise ValueError(f"{location_join(folder, _META)} is corrupted: {exc}") from exc
+        return load_tensors(location_join(folder, _TENSORS)), meta
     folder = Path(folder)
     if not has_checkpoint(folder):
         raise FileNotFoundError(f"no complete checkpoint in {folder} (need {_TENSORS} and {_META})")
@@ -217,8 +244,6 @@ def delete_checkpoint(folder: str | os.PathLike) -> None:
         ValueError: if ``folder`` is a URI that pyarrow does not support.
     """
     if is_uri(folder):
-        import pyarrow.fs as pafs
-
         fs, inner = _resolve(folder)
         try:
             if fs.get_file_info(inner).type == pafs.FileType.Directory:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
 from orchestrator.reports.baselines import fig3, fig7, lowshot, sparsity_blocks, table1, table8, table10
 from orchestrator.reports.registry import figures, mean_std, tables
 from orchestrator.spec.experiment import cell_id_of
@@ -99,7 +100,7 @@ def results(tmp_path_factory):
         out = run_cell(cfg)
         cid = cell_id_of(cfg)
         if out.masks is not None:
-            save_tensors(f"{ledger.experiment_dir(results, 'base')}/masks/{cid}.safetensors", out.masks)
+            save_tensors(ExperimentLayout.of(results, 'base').mask(cid), out.masks)
         ledger.write_cell(results, "base", cell_id=cid, method=cfg.method, backbone=cfg.backbone.arch,
                           dataset=cfg.dataset.source, seed=cfg.seed, grid=grid, config=cfg.to_dict(),
                           metrics=out.metrics, started_at=0.0, finished_at=1.0)

@@ -115,3 +115,26 @@ def test_layout_and_figure_lists_need_no_folder(capsys, tmp_path, monkeypatch):
     assert main(["plot", "--figure", "list"]) == 0
     assert "fig8" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+_READ_COMMANDS = """
+import sys
+from orchestrator.cli.app import main
+results, out = sys.argv[1], sys.argv[2]
+codes = [main(["table", results]), main(["table", results, "--layout", "lowshot"]), main(["ls", results]),
+         main(["report", results, "--out", out]), main(["plot", results, "--figure", "fig3", "--out", out + "/f.png"])]
+print("codes", codes, "torch" in sys.modules, "ray" in sys.modules)
+"""
+
+
+def test_read_commands_load_neither_torch_nor_ray(tmp_path):
+    now = time.time()
+    for seed in (0, 1):
+        ledger.write_cell(str(tmp_path / "r"), "fig3", cell_id=f"c{seed}", method="smn", backbone="cifar_resnet8",
+                          dataset="digits", seed=seed, grid={}, config={"dataset": {"source": "digits"}},
+                          metrics={"linear_probe_top1": 0.8 + seed / 100, "lowshot_top1@0.1": 0.5},
+                          started_at=now, finished_at=now)
+    done = subprocess.run([sys.executable, "-c", _READ_COMMANDS, str(tmp_path / "r"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert done.strip().splitlines()[-1] == "codes [0, 0, 0, 0, 0] False False"
+    assert (tmp_path / "out" / "f.png").stat().st_size > 0 and (tmp_path / "out" / "report.html").is_file()

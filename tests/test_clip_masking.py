@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
 from orchestrator.reports.baselines import fig6, sparsity_blocks
 from orchestrator.spec.experiment import cell_id_of
 from smn_core.backbones import build_backbone
@@ -94,7 +95,7 @@ def test_supervised_masking_of_clip_trains_only_scores(tmp_path):
     # Fig. 6 and the per-block table read these masks back from a ledger
     results = str(tmp_path / "results")
     cid = cell_id_of(cfg)
-    save_tensors(f"{ledger.experiment_dir(results, 'clip')}/masks/{cid}.safetensors", out.masks)
+    save_tensors(ExperimentLayout.of(results, 'clip').mask(cid), out.masks)
     ledger.write_cell(results, "clip", cell_id=cid, method=cfg.method, backbone=cfg.backbone.arch,
                       dataset=cfg.dataset.source, seed=0, grid={}, config=cfg.to_dict(), metrics=out.metrics,
                       started_at=0.0, finished_at=1.0)

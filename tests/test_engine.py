@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.results import ledger
-from orchestrator.results.layout import ExperimentLayout, atomic_write
+from orchestrator.results.layout import ExperimentLayout
+from smn_core.checkpoint import atomic_write
 
 
 def test_layout_names_every_location_local_and_uri(tmp_path, monkeypatch):
@@ -30,8 +31,7 @@ def test_layout_names_every_location_local_and_uri(tmp_path, monkeypatch):
     assert uri.is_uri and uri.tune == "s3://bucket/pre/exp/tune?endpoint_override=localhost:9&scheme=http"
     assert uri.artifact("a.safetensors") == \
         "s3://bucket/pre/exp/artifacts/a.safetensors?endpoint_override=localhost:9&scheme=http"
-    # the same answers as the ledger's helper the other modules use
-    assert ledger.artifact_location("s3://bucket/pre?x=1", "exp", "masks", "m") == "s3://bucket/pre/exp/masks/m?x=1"
+    assert ExperimentLayout.of("s3://bucket/pre?x=1", "exp").location("masks", "m") == "s3://bucket/pre/exp/masks/m?x=1"
     for bad in ("..", "", "a/b", "q?x"):
         with pytest.raises(ValueError, match="not a plain name"):
             lay.location("masks", bad)

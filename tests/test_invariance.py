@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
 from orchestrator.reports.baselines import fig5, invariance
 from orchestrator.spec.experiment import cell_id_of
 from smn_core.analysis import mask_agreement
@@ -75,7 +76,7 @@ def test_invariance_table_and_fig5_from_the_ledger(runs, tmp_path):
     results = str(tmp_path / "results")
     for (s0, mu, lr), (cfg, out) in runs.items():
         cid = cell_id_of(cfg)
-        save_tensors(f"{ledger.experiment_dir(results, 'inv')}/masks/{cid}.safetensors", out.masks)
+        save_tensors(ExperimentLayout.of(results, 'inv').mask(cid), out.masks)
         ledger.write_cell(results, "inv", cell_id=cid, method=cfg.method, backbone=cfg.backbone.arch,
                           dataset=cfg.dataset.source, seed=cfg.seed,
                           grid={"train.mask.init_score": s0, "train.mask.threshold": mu, "train.score_lr": lr},

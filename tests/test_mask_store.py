@@ -241,7 +241,8 @@ def test_store_refuses_bad_input_and_never_overwrites(run, tmp_path):
 def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsys):
     from orchestrator.engine.cell import CellJob, land
     from orchestrator.results.layout import ExperimentLayout
-    from orchestrator.cli.app import _table, main
+    from orchestrator.cli.app import main
+    from orchestrator.cli.commands.read import table_text
     from orchestrator.spec.experiment import cell_id_of
     from smn_core.backbones import build_backbone
 
@@ -275,8 +276,8 @@ def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsy
     # codec measurements land in the ledger as cells and tables 6 and 7 come from it
     assert main(["store", "bench-codecs", store, "t1", "--results", results, "--repeats", "1"]) == 0
     capsys.readouterr()
-    table6 = _table(results, "storage", "markdown", None, layout="table6")
-    table7 = _table(results, "storage", "csv", None, layout="table7")
+    table6 = table_text(results, "storage", "markdown", None, layout="table6")
+    table7 = table_text(results, "storage", "csv", None, layout="table7")
     for codec in ("gzip", "bz2", "lzma", "lz4", "snappy", "zstd", "smn-ctx"):
         assert f"| {codec} " in table6
     assert "H(density=" in table6 and "smn-ctx" not in table7 and ",lzma," in table7
@@ -296,3 +297,20 @@ def test_header_is_readable_without_decoding():
         TaskMask(masks=masks, backbone_hash="abc")
     with pytest.raises(ValueError, match="must be a bool tensor"):
         TaskMask(masks={"w": torch.ones(2)}, backbone_hash="sha256:" + "0" * 64)
+
+
+def test_fp32_weights_from_a_state_dict_file_or_a_final_state_folder(tmp_path):
+    from smn_core.checkpoint import save_checkpoint, save_tensors
+
+    from orchestrator.store.mask_store import load_fp32_weights
+
+    w = {"conv.weight": torch.randn(2, 3), "bn.num_batches_tracked": torch.tensor(3)}
+    save_tensors(tmp_path / "w.safetensors", w)
+    got = load_fp32_weights(str(tmp_path / "w.safetensors"))
+    assert list(got) == ["conv.weight"] and torch.equal(got["conv.weight"], w["conv.weight"])
+    save_checkpoint(tmp_path / "state", {"param.backbone.conv.weight": w["conv.weight"] + 1,
+                                         "param.head.weight": torch.ones(1)}, {"epoch": 1})
+    got = load_fp32_weights(f"file://{tmp_path / 'state'}")
+    assert torch.equal(got["conv.weight"], w["conv.weight"] + 1)  # the backbone name, from the folder's tensors
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_fp32_weights(str(tmp_path / "nothing"))

@@ -21,6 +21,7 @@ import torch
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance-metadata endpoint
 
 from orchestrator.results import ledger  # noqa: E402
+from orchestrator.results.layout import ExperimentLayout  # noqa: E402
 from orchestrator.cli.app import main as smn_main  # noqa: E402
 from orchestrator.spec.experiment import expand_cells, load_spec  # noqa: E402
 from orchestrator.engine.preflight import StorageUnreachable, check_results_location  # noqa: E402
@@ -63,13 +64,13 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 def test_artifact_location_keeps_the_uri_and_its_query(tmp_path):
     uri = "s3://b/r?endpoint_override=h:1&scheme=http"
-    assert ledger.artifact_location(uri, "exp", "masks", "c.safetensors") == \
+    assert ExperimentLayout.of(uri, "exp").location("masks", "c.safetensors") == \
         "s3://b/r/exp/masks/c.safetensors?endpoint_override=h:1&scheme=http"
-    assert ledger.artifact_location("s3://b", "exp", "states", "c") == "s3://b/exp/states/c"
-    assert ledger.artifact_location(f"file://{tmp_path}/r/", "e", "x") == f"file://{tmp_path}/r/e/x"
-    assert ledger.artifact_location(str(tmp_path / "r"), "e", "a", "b") == f"{tmp_path}/r/e/a/b"
+    assert ExperimentLayout.of("s3://b", "exp").location("states", "c") == "s3://b/exp/states/c"
+    assert ExperimentLayout.of(f"file://{tmp_path}/r/", "e").location("x") == f"file://{tmp_path}/r/e/x"
+    assert ExperimentLayout.of(str(tmp_path / "r"), "e").location("a", "b") == f"{tmp_path}/r/e/a/b"
     with pytest.raises(ValueError, match=r"'\.\.'"):
-        ledger.artifact_location(uri, "exp", "..")
+        ExperimentLayout.of(uri, "exp").location("..")
 
 
 def test_checkpoint_round_trip_on_s3(s3):
@@ -86,7 +87,7 @@ def test_checkpoint_round_trip_on_s3(s3):
         assert torch.equal(load_tensors(local)["scores"], tensors["scores"])
     assert not os.path.exists(local)
 
-    folder = ledger.artifact_location(_uri(endpoint, prefix), "exp", "checkpoints", "cell")
+    folder = ExperimentLayout.of(_uri(endpoint, prefix), "exp").location("checkpoints", "cell")
     meta = {"epoch": 3, "history": [{"epoch": 0, "loss": 1.5}]}
     assert not has_checkpoint(folder)
     assert save_checkpoint(folder, tensors, meta) == folder
@@ -99,7 +100,7 @@ def test_checkpoint_round_trip_on_s3(s3):
                                  "sub/masks.safetensors"]  # no temporary objects left behind
 
     # a half-written folder (tensors, no meta.json yet: meta.json is written last) is not a checkpoint
-    half = ledger.artifact_location(_uri(endpoint, prefix), "exp", "checkpoints", "half")
+    half = ExperimentLayout.of(_uri(endpoint, prefix), "exp").location("checkpoints", "half")
     save_tensors(f"{half.split('?')[0]}/tensors.safetensors?{half.split('?')[1]}", tensors)
     assert not has_checkpoint(half)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -184,9 +185,9 @@ def test_smn_run_results_on_s3(ray_local, s3, tiny_spec, capsys):
     assert f"s3run/states/{cells['smn']}/tensors.safetensors" in keys
     assert f"s3run/states/{cells['smn']}/meta.json" in keys
     assert not any(k.startswith("s3run/checkpoints/") for k in keys), keys  # spent once the cell landed
-    masks = load_tensors(ledger.artifact_location(uri, "s3run", "masks", f"{cells['smn']}.safetensors"))
+    masks = load_tensors(ExperimentLayout.of(uri, "s3run").location("masks", f"{cells['smn']}.safetensors"))
     assert masks and all(t.dtype == torch.bool for t in masks.values())
-    state, meta = load_checkpoint(ledger.artifact_location(uri, "s3run", "states", cells["smn"]))
+    state, meta = load_checkpoint(ExperimentLayout.of(uri, "s3run").location("states", cells["smn"]))
     assert meta["cell_id"] == cells["smn"] and state
 
     assert smn_main(["table", uri]) == 0

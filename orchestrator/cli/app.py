@@ -7,9 +7,11 @@
     smn plot [DIR] --figure NAME|list [--experiment NAME] [--out FILE.png]
     smn validate SPEC.yaml [key=value ...]
 
-Further subcommands (``smn store``, ``smn cascade``) live in the modules of :data:`CLI_PLUGINS`;
-each has ``add_parser(subparsers)``, which registers its subcommand with ``set_defaults(handler=f)``
-where ``f(args) -> exit code``.
+This module parses and dispatches, nothing else. The parsers of ``smn store``, ``smn cascade``, ``smn report``
+and ``smn ls`` are in :mod:`orchestrator.cli.store`, :mod:`orchestrator.cli.cascade` and
+:mod:`orchestrator.cli.report` (``add_parser(subparsers)``); :data:`COMMANDS` names the function that does
+each subcommand's work (``f(args) -> exit code``, in :mod:`orchestrator.cli.commands` or
+:mod:`orchestrator.cli.report`), imported only when that subcommand runs.
 
 Exit codes (:data:`EXIT_CODES`): 0 success; 1 a runtime failure (cells failed, no GPU or too few CPUs,
 storage unreachable); 2 a usage or spec error, refused before any work; 130 interrupted (Ctrl-C: running
@@ -23,19 +25,35 @@ import argparse
 import importlib
 import os
 import sys
-import time
+import tempfile
+import traceback
 import warnings
 
-__all__ = ["main", "build_parser", "CLI_PLUGINS", "EXIT_CODES", "SmnArgumentParser", "HelpFormatter",
-           "check_results_dir", "ResultsError"]
+import smn_core
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "runtime failure (cells failed, no GPU or too few CPUs, storage "
-              "unreachable)", EXIT_USAGE: "usage or spec error (refused before any work)",
-              EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume"}
-INTERRUPTED = "interrupted: run the same command again to resume"
+from orchestrator.cli.cascade import add_parser as add_cascade_parser
+from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, INTERRUPTED,
+                                     ResultsError)
+from orchestrator.cli.report import add_parser as add_report_parser
+from orchestrator.cli.report import add_run_options
+from orchestrator.cli.store import add_parser as add_store_parser
 
-CLI_PLUGINS = ("orchestrator.cli.store", "orchestrator.cli.cascade", "orchestrator.cli.report")
+__all__ = ["main", "build_parser", "COMMANDS", "EXIT_CODES", "SmnArgumentParser", "HelpFormatter"]
+
+# Every subcommand and the function that does its work, as "module:function". The one place where the CLI
+# reaches the rest of orchestrator: `_handler` imports the module with importlib when that subcommand runs, so
+# `smn table` / `ls` / `report` / `plot` never import the engine (ray) or the mask store (torch), and the
+# handler modules import what they need at their top.
+COMMANDS = {
+    "run": "orchestrator.cli.commands.run:run",
+    "validate": "orchestrator.cli.commands.validate:validate",
+    "cascade": "orchestrator.cli.commands.cascade:cascade",
+    "table": "orchestrator.cli.commands.read:table",
+    "plot": "orchestrator.cli.commands.read:plot",
+    "report": "orchestrator.cli.report:report",
+    "ls": "orchestrator.cli.report:ls",
+    "store": "orchestrator.cli.commands.store:handle",
+}
 
 _EPILOG = """\
 examples:
@@ -78,14 +96,8 @@ class SmnArgumentParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-class ResultsError(ValueError):
-    """A results location that a read command cannot use (missing, a file, an unsupported URI)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``smn`` (every subcommand documented in ``--help``, with its defaults)."""
-    import smn_core
-
     p = SmnArgumentParser(
         prog="smn", description="Self-Masking Networks: learn binary masks over frozen pretrained backbones, "
         "orchestrated on Ray, with every result in a Parquet ledger.",
@@ -108,9 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
                      help="format of the table printed at the end")
     # --- output and tracking options (orchestrator.cli.report): --json, --quiet, --track ---
-    from orchestrator.cli import report as report_cli
-
-    report_cli.add_run_options(run)
+    add_run_options(run)
     # --- end output and tracking options ---
 
     val = sub.add_parser("validate", help="validate a spec and list its cells (writes nothing)",
@@ -144,14 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--experiment", default=None, help="only this experiment; None: all")
     plot.add_argument("--out", default=None, help="output PNG file; None: DIR/figures/NAME.png (also for a URI DIR)")
 
-    for mod in CLI_PLUGINS:
-        try:
-            plugin = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-            continue
-        plugin.add_parser(sub)
+    for add_parser in (add_store_parser, add_cascade_parser, add_report_parser):
+        add_parser(sub)
     _use_formatter(p)
     return p
 
@@ -163,120 +167,6 @@ def _use_formatter(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
             for child in set(action.choices.values()):
                 _use_formatter(child)
-
-
-def check_results_dir(results: str | None, command: str) -> str:
-    """The results location of a read command (``table``, ``plot``), checked: given, an existing folder
-    (or a URI pyarrow supports). An unreachable URI is found when it is read (exit 1).
-
-    Raises:
-        ResultsError: naming the location and what is allowed.
-    """
-    from orchestrator.results import ledger
-
-    if results is None:
-        raise ResultsError(f"smn {command} needs the results folder DIR (e.g. smn {command} results)")
-    if "://" in str(results):
-        try:
-            ledger.resolve(results)
-        except ValueError as exc:
-            raise ResultsError(f"{exc}; allowed: a folder, s3://bucket/prefix or another pyarrow.fs URI") from None
-        return results
-    if not os.path.exists(results):
-        raise ResultsError(f"results folder {results!r} does not exist; allowed: the --results folder of a "
-                           "`smn run` (default ./results) or a URI")
-    if not os.path.isdir(results):
-        raise ResultsError(f"results location {results!r} is a file; allowed: a results folder or a URI")
-    return results
-
-
-def _check_experiment(results: str, experiment: str | None) -> None:
-    from orchestrator.results import ledger
-
-    if experiment is None:
-        return
-    known = ledger.list_experiments(results)
-    if experiment not in known:  # a path (../other/demo) is never a name listed here
-        raise ValueError(f"experiment {experiment!r} is not in {results!r}; allowed: "
-                         f"{', '.join(known) or '(none yet: run a spec first)'}")
-
-
-def _table_frame(results: str, experiment: str | None, fmt: str, metrics: str | None, layout: str | None):
-    """``(frame, title)`` of a table: a registered layout's display strings, or the generic table (numbers
-    for csv / json / parquet, display strings otherwise)."""
-    from orchestrator.results import ledger
-    from orchestrator.reports import registry as reports
-    from orchestrator.reports import tables
-
-    df = ledger.read_ledger(results, experiment)
-    if layout is not None:
-        known = reports.tables()
-        return known[layout].build(df), known[layout].description
-    chosen = tuple(m.strip() for m in metrics.split(",")) if metrics else tables.DEFAULT_METRICS
-    if metrics and not df.empty:
-        have = sorted(df["metric"].unique())
-        unknown = [m for m in chosen if m not in have]
-        if unknown:
-            raise ValueError(f"metric(s) {', '.join(map(repr, unknown))} not in the ledger; allowed: {', '.join(have)}")
-    table = tables.results_table(df, chosen)
-    return (table if fmt in ("csv", "json", "parquet") or table.empty else tables.display_table(table)), None
-
-
-def _table(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
-           out: str | None = None) -> str:
-    from orchestrator.reports import registry as reports
-
-    if layout == "list":
-        return "\n".join(f"{t.name:12s} {t.description}" for t in reports.tables().values())
-    known = reports.tables()
-    if layout is not None and layout not in known:
-        raise ValueError(f"table layout {layout!r} is not known; allowed: {', '.join(known)} (or 'list')")
-    results = check_results_dir(results, "table")
-    _check_experiment(results, experiment)
-    frame, title = _table_frame(results, experiment, fmt, metrics, layout)
-    if out is not None or fmt == "parquet":
-        from orchestrator.cli.report import write_table
-
-        return write_table(frame, fmt, out)
-    if frame is None or frame.empty:
-        return "(no results in the ledger yet)"
-    return reports.render_frame(frame, fmt, title=title)
-
-
-def _plot(results: str | None, figure: str, experiment: str | None, out: str | None) -> str:
-    from pathlib import Path
-
-    from orchestrator.results import ledger
-    from orchestrator.reports import registry as reports
-
-    known = reports.figures()
-    if figure == "list":
-        return "\n".join(f"{f.name:12s} {f.description}" for f in known.values())
-    if figure not in known:
-        raise ValueError(f"figure {figure!r} is not known; allowed: {', '.join(known)} (or 'list')")
-    results = check_results_dir(results, "plot")
-    if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):
-        raise ValueError(f"--out {out!r} is a folder; allowed: a file name such as {figure}.png")
-    _check_experiment(results, experiment)
-    df = ledger.read_ledger(results, experiment)
-    if df.empty:
-        raise ValueError(f"the ledger under {results!r} holds no results" + (f" for {experiment!r}" if experiment else ""))
-    if out is None and "://" in str(results):
-        # URI results: draw to a local file, then store it next to the ledger through pyarrow.fs
-        import tempfile
-
-        from orchestrator.results.layout import ExperimentLayout, atomic_write
-
-        target = ExperimentLayout.of(results, experiment or "figures").figure(figure)
-        with tempfile.TemporaryDirectory(prefix="smn-plot-") as tmp:
-            local = Path(tmp) / f"{figure}.png"
-            known[figure].draw(df, str(local))
-            atomic_write(target, local.read_bytes())
-        return f"wrote {target}"
-    path = Path(out) if out else Path(results) / "figures" / f"{figure}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    known[figure].draw(df, str(path))
-    return f"wrote {path}"
 
 
 def _quiet_when_redirected() -> None:
@@ -295,108 +185,13 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
-def _cause(error: str) -> str:
-    from orchestrator.engine.session import error_cause
-
-    return error_cause(error)
-
-
 def _internal_error(exc: BaseException) -> int:
-    import tempfile
-    import traceback
-
     fd, path = tempfile.mkstemp(prefix="smn-error-", suffix=".log")
     with os.fdopen(fd, "w") as f:
         f.write(traceback.format_exc())
     print(f"smn: error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} (full traceback in {path})",
           file=sys.stderr)
     return EXIT_FAILED
-
-
-def _run(args) -> int:
-    from orchestrator.engine.session import ClusterTooSmall
-    from orchestrator.spec.experiment import SpecError, expand_cells, load_spec
-
-    try:
-        spec = load_spec(args.spec, args.overrides)
-        if args.command == "run" and not args.dry_run:
-            _check_run_results(args.results)
-    except (SpecError, ResultsError) as exc:
-        print(f"smn: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if spec.cascade is not None and args.command == "run":
-        # a spec with a `cascade:` section is the cascade's (paper Sec. 3.4): same as `smn cascade SPEC`
-        from orchestrator.cli import cascade as cascade_cli
-        from orchestrator.cli import report as report_cli
-
-        if args.dry_run:
-            return cascade_cli.main(args)
-        with report_cli.quiet_output(args, None, spec.name):  # --json / --quiet / bars, as for cells
-            code = cascade_cli.main(args)
-        report_cli.finish_cascade(args, spec, code)  # trackers; the JSON summary or the --quiet table
-        return code
-    cells = expand_cells(spec)
-    if args.command == "validate" or args.dry_run:
-        print(f"spec {spec.name}: valid, {len(cells)} cells")
-        for c in cells:
-            print(f"  {c.cell_id}  {c.label}")
-        # --- dry-run cost estimate (orchestrator.spec.estimate) ---
-        if args.command == "run":
-            from orchestrator.spec.estimate import estimate_text
-
-            print(estimate_text(spec, cells))
-        # --- end dry-run cost estimate ---
-        return EXIT_OK
-    from orchestrator.engine import session as ray_session
-    from orchestrator.cli import report as report_cli
-    from orchestrator.results.layout import ExperimentLayout
-    from orchestrator.engine.plain import run_experiment
-    from orchestrator.engine.preflight import StorageUnreachable
-
-    t0 = time.time()
-    try:
-        import ray
-
-        if not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
-            res = spec.resources
-            ray_session.check_local_fits(res.cpus_per_worker, res.workers)  # before a local Ray starts
-        # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.cli.progress)
-        layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
-        with report_cli.quiet_output(args, len(cells), spec.name):
-            summary = run_experiment(spec, layout, address=args.address, cells=cells)
-    except (ClusterTooSmall, StorageUnreachable) as exc:
-        print(f"smn: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except ValueError as exc:
-        print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_USAGE
-    except RuntimeError as exc:
-        print(f"smn: {_cause(str(exc))}", file=sys.stderr)
-        return EXIT_FAILED
-    from orchestrator.results import ledger
-
-    table_text = "(no results in the ledger yet)"
-    if spec.name in ledger.list_experiments(args.results):
-        table_text = _table(args.results, spec.name, args.format, None)
-        if "pretrained" in spec.methods and len(spec.methods) > 1:  # the method against its own baseline
-            table_text += "\n\n" + _table(args.results, spec.name, args.format, None, "vs_frozen")
-    report_cli.finish_run(args, spec, summary, t0, table_text)
-    for cid, err in summary["failed"].items():
-        print(f"smn: cell {cid} failed: {_cause(err)} (full error in {args.results}/{spec.name}/failures/{cid}.json)",
-              file=sys.stderr)
-    return EXIT_FAILED if summary["failed"] else EXIT_OK
-
-
-def _check_run_results(results: str) -> None:
-    from orchestrator.results import ledger
-
-    if "://" in str(results):
-        try:
-            ledger.resolve(results)
-        except ValueError as exc:
-            raise ResultsError(f"{exc}; allowed: a folder, s3://bucket/prefix or another pyarrow.fs URI") from None
-    elif os.path.exists(results) and not os.path.isdir(results):
-        raise ResultsError(f"--results {results!r} is a file; allowed: a results folder (created if missing) or a URI")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,16 +248,14 @@ def _stop_ray_quietly() -> None:
         pass
 
 
+def _handler(command: str):
+    """The function of :data:`COMMANDS` that does ``command`` (its module imported now, not before)."""
+    module, function = COMMANDS[command].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _dispatch(args) -> int:
-    if getattr(args, "handler", None) is not None:
-        return args.handler(args)
-    if args.command in ("run", "validate"):
-        return _run(args)
-    if args.command == "plot":
-        print(_plot(args.results, args.figure, args.experiment, args.out))
-    else:
-        print(_table(args.results, args.experiment, args.format, args.metrics, args.layout, args.out))
-    return EXIT_OK
+    return _handler(args.command)(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,8 +5,9 @@
     smn run SPEC --json | --quiet | --track mlflow,wandb # summary object / final table only / trackers
     smn table DIR --format json|parquet --out FILE       # machine-readable tables
 
-A plugin of :mod:`orchestrator.cli.app` (``add_parser``); the ``run`` / ``table`` helpers below are called from
-:func:`orchestrator.cli.app.main`.
+:func:`add_parser` registers ``report`` and ``ls`` (their handlers, :func:`report` and :func:`ls`, are named in
+:data:`orchestrator.cli.app.COMMANDS`); the output helpers below serve ``smn run`` / ``smn table``
+(:mod:`orchestrator.cli.commands`). Nothing here loads torch or ray.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any, Iterator
 
-__all__ = ["add_parser", "add_run_options", "quiet_output", "finish_run", "finish_cascade", "track", "tracking_section",
-           "write_table"]
+from orchestrator.cli.progress import run_progress
+from orchestrator.reports import registry, tables
+from orchestrator.reports.page import build_report, ls_frame
+from orchestrator.reports.tracking import sync
+from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
+from orchestrator.spec.tracking import track_flag
+
+__all__ = ["add_parser", "report", "ls", "add_run_options", "quiet_output", "finish_run", "finish_cascade", "track",
+           "tracking_section", "write_table"]
 
 
 def add_parser(sub) -> None:
@@ -32,18 +42,15 @@ def add_parser(sub) -> None:
     rep.add_argument("results", metavar="RESULTS", help="results folder or URI")
     rep.add_argument("--experiment", default=None, help="only this experiment (default: all)")
     rep.add_argument("--out", default=None, help="output folder (default: RESULTS/report, ./report for a URI)")
-    rep.set_defaults(handler=_report)
 
     ls = sub.add_parser("ls", help="list the experiments of a results folder (cells done / failed / collapsed)",
                         description="One line per experiment under RESULTS: cells done, failed, collapsed, last update.")
     ls.add_argument("results", metavar="RESULTS", help="results folder or URI")
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    ls.set_defaults(handler=_ls)
 
 
-def _report(args) -> int:
-    from orchestrator.reports.page import build_report
-
+def report(args) -> int:
+    """``smn report``: write the page; 2 when ``RESULTS`` holds no experiment (or not ``--experiment``)."""
     try:
         folder = build_report(args.results, args.out, args.experiment)
     except ValueError as exc:
@@ -53,9 +60,8 @@ def _report(args) -> int:
     return 0
 
 
-def _ls(args) -> int:
-    from orchestrator.reports.page import ls_frame
-
+def ls(args) -> int:
+    """``smn ls``: one line (or JSON object) per experiment."""
     frame = ls_frame(args.results)
     if args.json:
         print(frame.to_json(orient="records", indent=1))
@@ -90,16 +96,12 @@ def quiet_output(args, total: int | None = 0, name: str = "") -> Iterator[None]:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     else:
-        from orchestrator.cli.progress import run_progress
-
         with run_progress(total, name):
             yield
 
 
 def tracking_section(spec, args) -> dict[str, Any] | None:
     """The trackers of a run: the spec's ``tracking:`` section, with ``--track`` added."""
-    from orchestrator.reports.tracking import track_flag
-
     section = dict(getattr(spec, "tracking", None) or {})
     if getattr(args, "track", None):
         section.update({k: v for k, v in track_flag(args.track, args.results).items() if k not in section})
@@ -111,10 +113,6 @@ def track(spec, args, echo=print) -> dict[str, int]:
     section = tracking_section(spec, args)
     if not section:
         return {}
-    from orchestrator.reports.tracking import sync
-
-    import warnings
-
     try:
         with warnings.catch_warnings():  # the CLI says it once, through echo; the warning would say it again
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -128,15 +126,12 @@ def finish_run(args, spec, summary: dict, started: float, table_text: str) -> No
     """Print the end of ``smn run``: the JSON summary object (``--json``) or the table and a summary line."""
     tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if (args.json or args.quiet) else print)
     if args.json:
-        from orchestrator.results import ledger
-        from orchestrator.reports import tables
-
         rows = ledger.read_ledger(args.results, spec.name)
         table = tables.results_table(rows)
         obj = {"experiment": spec.name, "results": str(args.results), "total": summary.get("total"),
                "ran": summary.get("ran"), "skipped": summary.get("skipped"), "failed": summary.get("failed", {}),
                "wall_s": round(time.time() - started, 3), "tracking": tracked,
-               "ledger": ledger.artifact_location(args.results, spec.name, "ledger"),
+               "ledger": ExperimentLayout.of(args.results, spec.name).location("ledger"),
                "table": json.loads(tables.render(table, "json")) if not table.empty else []}
         print(json.dumps(obj, indent=1))
         return
@@ -153,23 +148,19 @@ def finish_cascade(args, spec, code: int) -> None:
     layout (``--quiet``; without it the cascade printed its table already)."""
     quiet = args.json or args.quiet
     tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if quiet else print)
-    from orchestrator.results import ledger
-    from orchestrator.reports import registry as reports
-    from orchestrator.reports import tables
-
     rows = ledger.read_ledger(args.results, spec.name)
     if args.json:
         table = tables.results_table(rows)
-        layout = reports.tables()["table3"].build(rows) if not rows.empty else None
+        layout = registry.tables()["table3"].build(rows) if not rows.empty else None
         print(json.dumps({"experiment": spec.name, "results": str(args.results), "exit_code": code,
                           "cells": int(rows["cell_id"].nunique()) if len(rows) else 0, "tracking": tracked,
-                          "ledger": ledger.artifact_location(args.results, spec.name, "ledger"),
+                          "ledger": ExperimentLayout.of(args.results, spec.name).location("ledger"),
                           "table": json.loads(tables.render(table, "json")) if not table.empty else [],
-                          "table3": json.loads(reports.render_frame(layout, "json"))
+                          "table3": json.loads(registry.render_frame(layout, "json"))
                           if layout is not None and not layout.empty else []}, indent=1))
     elif args.quiet:
-        layout = reports.tables()["table3"]
-        print(reports.render_frame(layout.build(rows), args.format, title=layout.description))
+        layout = registry.tables()["table3"]
+        print(registry.render_frame(layout.build(rows), args.format, title=layout.description))
 
 
 def write_table(frame, fmt: str, out: str | None) -> str:
@@ -178,10 +169,8 @@ def write_table(frame, fmt: str, out: str | None) -> str:
     Raises:
         ValueError: ``--format parquet`` without ``--out``.
     """
-    from orchestrator.reports.registry import write_frame
-
     if out is None:
         raise ValueError("--format parquet writes a file: give --out FILE.parquet")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_frame(frame, out, fmt)
+    registry.write_frame(frame, out, fmt)
     return f"wrote {out}"

@@ -270,7 +270,7 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
                          metadata={"cell_id": job.cell_id, "arch": cfg.backbone.arch})
         if result.state is not None:
             save_checkpoint(lay.state(job.cell_id), result.state, {"cell_id": job.cell_id, "config": cfg.to_dict()})
-        write_curves(lay.results, lay.experiment, job.cell_id, result.history)  # loss / density / entropy per epoch
+        write_curves(lay, job.cell_id, result.history)  # loss / density / entropy per epoch
     metrics = dict(result.metrics if trained else result)
     metrics.update(extra or {})
     now = time.time()

@@ -31,7 +31,7 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from orchestrator.results import ledger
+from orchestrator.results.layout import filesystem
 
 __all__ = ["StorageUnreachable", "check_results_location"]
 
@@ -49,7 +49,7 @@ class _Probe:
 
     def folder(self) -> str:
         """A folder of this check's own (concurrent runs on the same results do not share it)."""
-        return f"{ledger.resolve(self.results)[1].rstrip('/')}/{_PROBE_PREFIX}{self.token}"
+        return f"{filesystem(self.results)[1].rstrip('/')}/{_PROBE_PREFIX}{self.token}"
 
     def path(self, who: str) -> str:
         return f"{self.folder()}/{who}"
@@ -75,7 +75,7 @@ def _probe_node(results: str, token: str) -> str | None:
     probe = _Probe(results, token)
     node_id = ray.get_runtime_context().get_node_id()
     try:
-        fs, _ = ledger.resolve(results)
+        fs, _ = filesystem(results)
     except ValueError as exc:
         return str(exc)
     try:
@@ -116,7 +116,7 @@ def check_results_location(results: str, *, timeout_s: float = 120.0) -> None:
             the driver's probe or write its own, if the driver cannot read a node's probe, or if a node
             does not answer within ``timeout_s``; the message names the machine and the location.
     """
-    fs, _ = ledger.resolve(results)
+    fs, _ = filesystem(results)
     local = isinstance(fs, pafs.LocalFileSystem)
     probe = _Probe(results, uuid.uuid4().hex)
     host = socket.gethostname()

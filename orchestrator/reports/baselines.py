@@ -38,9 +38,10 @@ from pathlib import PurePath
 import numpy as np
 import pandas as pd
 
-from smn_core.analysis import mask_agreement, tensor_densities
+from smn_core.checkpoint import load_tensors, location_exists
 
 from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
 from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
 
 __all__ = ["cell_frame", "load_cell_masks", "table1", "lowshot", "invariance", "table8", "sparsity_blocks",
@@ -118,24 +119,14 @@ def _results(df: pd.DataFrame, what: str) -> str:
 def load_cell_masks(results: str, experiment: str, cell_id: str) -> dict | None:
     """The exported masks of a finished cell (``{name: bool tensor}``), or None if the cell wrote none.
 
-    Reads ``<results>/<experiment>/masks/<cell_id>.safetensors`` (local path or pyarrow URI; no pickle).
+    Reads :meth:`ExperimentLayout.mask` (``<results>/<experiment>/masks/<cell_id>.safetensors``; local path
+    or pyarrow URI; no pickle).
 
     Raises:
         ValueError: if the file exists but is not a readable safetensors file.
     """
-    from pyarrow import fs as pafs
-    from safetensors.torch import load as st_load
-
-    fs, _ = ledger.resolve(results)
-    path = f"{ledger.experiment_dir(results, experiment)}/masks/{cell_id}.safetensors"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        blob = f.read()
-    try:
-        return st_load(blob)
-    except Exception as exc:  # safetensors raises its own error type on a bad file
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+    location = ExperimentLayout.of(results, experiment).mask(cell_id)
+    return load_tensors(location) if location_exists(location) else None
 
 
 def _stat(values: pd.Series, fmt=None) -> str:
@@ -388,6 +379,8 @@ def invariance(df: pd.DataFrame) -> pd.DataFrame:
     if cells.empty:
         return pd.DataFrame()
     results = _results(df, "the invariance table")
+    from smn_core.analysis import mask_agreement  # torch: loaded only where masks are compared, not by `smn table`
+
     out = []
     for _, g in cells.groupby("group", sort=False):
         ref = _reference(g)
@@ -506,6 +499,8 @@ def _densities(df: pd.DataFrame, what: str, vit: bool | None = None) -> pd.DataF
     if cells.empty:
         return pd.DataFrame()
     results = _results(df, what)
+    from smn_core.analysis import tensor_densities  # torch: loaded only where masks are read, not by `smn table`
+
     rows = []
     for _, c in cells.iterrows():
         masks = load_cell_masks(results, c["experiment"], c["cell_id"])

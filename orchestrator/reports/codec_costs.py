@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from smn_core.mask_codecs import (
     LIBRARY_CODECS,
@@ -36,9 +36,13 @@ from smn_core.mask_codecs import (
     measure_mask_codec,
     order0_entropy_bits,
 )
-from smn_core.mask_file import TaskMask
 
 from orchestrator.reports.registry import register_table
+
+if TYPE_CHECKING:  # types only: `smn table` loads this module's layouts and must not load torch
+    import torch
+
+    from smn_core.mask_file import TaskMask
 
 __all__ = ["measure_task_codecs", "codec_table"]
 

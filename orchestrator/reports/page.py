@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.metadata
+import importlib.util
 import json
 import platform
+import re
 import socket
 import sys
 import time
@@ -30,10 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
+
+import smn_core
 
 from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
 from orchestrator.results.curves import read_curves
+from orchestrator.spec.keys import flatten
+from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
 
 __all__ = ["ExperimentSection", "collect", "build_report", "environment", "ls_frame", "related", "RELATED"]
 
@@ -57,11 +65,9 @@ def environment(df: pd.DataFrame | None = None) -> dict[str, str]:
     and smn versions recorded in the ledger rows ``df``."""
     env = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": socket.gethostname(),
            "platform": platform.platform(), "python": sys.version.split()[0]}
-    for mod in ("smn_core", "torch", "ray", "pandas", "pyarrow"):
-        try:
-            env[mod if mod != "smn_core" else "smn"] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing package is reported as such
-            env[mod] = "not installed"
+    env["smn"] = smn_core.__version__
+    for mod in ("torch", "ray", "pandas", "pyarrow"):
+        env[mod] = _version(mod)
     if df is not None and not df.empty:
         env["ledger written on"] = ", ".join(sorted(df["host"].unique()))
         env["ledger smn versions"] = ", ".join(sorted(df["smn_version"].unique()))
@@ -69,15 +75,23 @@ def environment(df: pd.DataFrame | None = None) -> dict[str, str]:
     return env
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def _version(package: str) -> str:
+    """``package``'s version without importing it (``smn report`` loads neither torch nor ray): the
+    ``__version__`` line of its ``version.py`` (where torch keeps its build tag, e.g. ``+cu130``), else its
+    installed distribution's version; ``"not installed"`` when it is not."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return "not installed"
+    for folder in spec.submodule_search_locations or ():
+        path = Path(folder) / "version.py"
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", path.read_text(encoding="utf-8"), re.M) \
+            if path.is_file() else None
+        if found:
+            return found.group(1)
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _summary(df: pd.DataFrame) -> tuple[dict[str, str], dict[str, object]]:
@@ -94,7 +108,7 @@ def _summary(df: pd.DataFrame) -> tuple[dict[str, str], dict[str, object]]:
         or "-",
         "last update": f"{df['finished_at'].max():%Y-%m-%d %H:%M} UTC",
     }
-    configs = [_flatten(json.loads(c)) for c in cells["config_json"]]
+    configs = [flatten(json.loads(c)) for c in cells["config_json"]]
     shared = {}
     if configs:
         for k, v in sorted(configs[0].items()):
@@ -167,9 +181,10 @@ def _curves_figure(df: pd.DataFrame, experiment: str, path: Path) -> Path | None
     if not results:
         return None
     cells = df.drop_duplicates("cell_id")[["cell_id", "method", "seed", "grid_json"]]
+    lay = ExperimentLayout.of(results, experiment)
     found = []
     for row in cells.itertuples(index=False):
-        c = read_curves(results, experiment, row.cell_id)
+        c = read_curves(lay, row.cell_id)
         if c is not None and len(c):
             found.append((f"{row.method} s{row.seed} {row.cell_id[:6]}", c))
     if not found:
@@ -299,14 +314,24 @@ the body ``data-figures-rendered="k/n"``, so a headless browser's DOM dump shows
 
 
 def _experiments_with_anything(results: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, root = ledger.resolve(results)
+    """Experiments with a ledger folder, or with failure records only (every cell failed)."""
+    fs, root = filesystem(results)
     names = set(ledger.list_experiments(results))
     for fi in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if fi.type == pafs.FileType.Directory and fs.get_file_info(f"{fi.path}/failures").type == pafs.FileType.Directory:
-            names.add(fi.path.rstrip("/").rsplit("/", 1)[-1])
+        name = fi.path.rstrip("/").rsplit("/", 1)[-1]
+        if fi.type != pafs.FileType.Directory or name in names or not _is_plain_name(name):
+            continue
+        if fs.get_file_info(ExperimentLayout.of(results, name).failures_dir).type == pafs.FileType.Directory:
+            names.add(name)
     return sorted(names)
+
+
+def _is_plain_name(name: str) -> bool:
+    try:
+        check_experiment_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def build_report(results: str, out: str | None = None, experiment: str | None = None) -> Path:

@@ -3,9 +3,11 @@
 A *table layout* turns long ledger rows (:func:`orchestrator.results.ledger.read_ledger`) into a
 ``pandas.DataFrame`` of display strings (index = row labels, columns = column labels), which
 :func:`render_frame` writes as Markdown, LaTeX, CSV or JSON (pandas' own writers). A *figure* draws ledger rows into a PNG
-with matplotlib. Each paper area registers its own in a module of its own (``paper_*.py``,
-listed in :data:`REPORT_MODULES`); ``smn table --layout NAME`` and ``smn plot --figure NAME`` find
-them here.
+with matplotlib. Each paper area registers its own, with the decorators below, in a module of its own
+(:mod:`orchestrator.reports.tables`, ``ablations``, ``baselines``, ``cascade``, ``codec_costs``, ``vs_frozen``),
+which :mod:`orchestrator.reports` imports by name, so any import of the package registers them all;
+``smn table --layout NAME`` and ``smn plot --figure NAME`` find them here. None of these modules loads
+torch at import time (``smn table`` must start quickly).
 
     @register_table("table2", "Table 2: threshold vs top-k masking (k-NN, linear probe, density)")
     def table2(df: pd.DataFrame) -> pd.DataFrame: ...
@@ -16,24 +18,18 @@ them here.
 
 from __future__ import annotations
 
-import importlib
 import json
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-__all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
-           "render_frame", "write_frame", "flat_frame", "FORMATS", "mean_std", "grid_values", "metric_frame", "save_figure", "REPORT_MODULES"]
+from smn_core.checkpoint import atomic_write
 
-REPORT_MODULES = (
-    "orchestrator.reports.tables",
-    "orchestrator.reports.ablations",
-    "orchestrator.reports.cascade",
-    "orchestrator.reports.baselines",
-    "orchestrator.reports.vs_frozen",
-    "orchestrator.reports.codec_costs",
-)
+__all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
+           "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "mean_std", "grid_values", "metric_frame", "save_figure"]
 
 
 @dataclass(frozen=True)
@@ -78,25 +74,46 @@ def register_figure(name: str, description: str):
     return wrap
 
 
-def _load_modules() -> None:
-    for mod in REPORT_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:  # a missing dependency inside the module is a real error
-                raise
-
-
 def tables() -> dict[str, TableLayout]:
     """Every registered table layout, by name."""
-    _load_modules()
     return dict(sorted(_TABLES.items()))
 
 
 def figures() -> dict[str, Figure]:
     """Every registered figure, by name."""
-    _load_modules()
     return dict(sorted(_FIGURES.items()))
+
+
+def figure_list() -> str:
+    """``smn plot --figure list``: one line per registered figure, its name and description."""
+    return "\n".join(f"{f.name:12s} {f.description}" for f in figures().values())
+
+
+def check_figure(name: str) -> None:
+    """Refuse a figure name that is not registered.
+
+    Raises:
+        ValueError: naming the figure and the registered ones.
+    """
+    known = figures()
+    if name not in known:
+        raise ValueError(f"figure {name!r} is not known; allowed: {', '.join(known)} (or 'list')")
+
+
+def draw_figure(name: str, df: pd.DataFrame, location: str) -> str:
+    """Draw the registered figure ``name`` from ledger rows ``df`` into ``location`` (a local PNG path, its
+    folder created, or a ``pyarrow.fs`` URI: drawn to a temporary file, then stored whole through
+    :func:`smn_core.checkpoint.atomic_write`); returns ``location``."""
+    draw = figures()[name].draw
+    if "://" not in location:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        draw(df, location)
+        return location
+    with tempfile.TemporaryDirectory(prefix="smn-plot-") as tmp:
+        local = Path(tmp) / f"{name}.png"
+        draw(df, str(local))
+        atomic_write(location, local.read_bytes())
+    return location
 
 
 def grid_values(df: pd.DataFrame) -> pd.DataFrame:

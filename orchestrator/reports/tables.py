@@ -18,8 +18,10 @@ import json
 import pandas as pd
 
 from orchestrator.reports.registry import FORMATS, mean_std, metric_frame, register_table, render_frame
+from orchestrator.reports.registry import tables as registered_tables
 
-__all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render"]
+__all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render", "table_frame",
+           "check_layout", "layout_list"]
 
 DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
                    "code_entropy", "collapsed", "wall_s")
@@ -105,3 +107,45 @@ def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
     if table.empty:
         return "(no results in the ledger yet)"
     return render_frame(table if fmt in ("csv", "json") else display_table(table), fmt)
+
+
+def layout_list() -> str:
+    """``smn table --layout list``: one line per registered layout, its name and description."""
+    return "\n".join(f"{t.name:12s} {t.description}" for t in registered_tables().values())
+
+
+def check_layout(layout: str | None) -> None:
+    """Refuse a ``--layout`` that is not registered (None: the generic table).
+
+    Raises:
+        ValueError: naming the layout and the registered ones.
+    """
+    known = registered_tables()
+    if layout is not None and layout not in known:
+        raise ValueError(f"table layout {layout!r} is not known; allowed: {', '.join(known)} (or 'list')")
+
+
+def table_frame(df: pd.DataFrame, fmt: str, metrics: str | None = None,
+                layout: str | None = None) -> tuple[pd.DataFrame, str | None]:
+    """``(frame, title)`` of ``smn table``: a registered layout's display strings (title: its description), or
+    the generic table, numbers for csv / json / parquet and display strings otherwise (no title).
+
+    Args:
+        df: ledger rows (:func:`orchestrator.results.ledger.read_ledger`).
+        metrics: comma-separated metrics of the generic table; None: :data:`DEFAULT_METRICS`.
+        layout: a registered layout name (:func:`check_layout`), or None.
+
+    Raises:
+        ValueError: a metric that the ledger does not hold (names the ones it does).
+    """
+    if layout is not None:
+        known = registered_tables()
+        return known[layout].build(df), known[layout].description
+    chosen = tuple(m.strip() for m in metrics.split(",")) if metrics else DEFAULT_METRICS
+    if metrics and not df.empty:
+        have = sorted(df["metric"].unique())
+        unknown = [m for m in chosen if m not in have]
+        if unknown:
+            raise ValueError(f"metric(s) {', '.join(map(repr, unknown))} not in the ledger; allowed: {', '.join(have)}")
+    table = results_table(df, chosen)
+    return (table if fmt in ("csv", "json", "parquet") or table.empty else display_table(table)), None

@@ -6,7 +6,7 @@ In a spec::
       mlflow: {uri: mlruns}                          # a folder (file store), or http://host:5000, sqlite:///...
       wandb: {project: smn-ablations, mode: offline} # offline: runs land in <dir>/wandb/offline-run-*
 
-or on the command line: ``smn run SPEC --track mlflow`` (a file store in ``<results>/mlruns``) or
+(the section's models: :mod:`orchestrator.spec.tracking`), or on the command line: ``smn run SPEC --track mlflow`` (a file store in ``<results>/mlruns``) or
 ``--track wandb`` (offline, under ``<results>``).
 
 Every cell of the ledger becomes one tracker run: params = its resolved config (flattened, dotted keys),
@@ -28,71 +28,20 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import pandas as pd
+import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator.reports.registry import save_figure
 from orchestrator.results import ledger
 from orchestrator.results.curves import read_curves
+from orchestrator.results.layout import ExperimentLayout, filesystem
+from orchestrator.spec.keys import flatten
+from orchestrator.spec.tracking import MlflowTarget, TrackingSpec, WandbTarget, parse_tracking
 
-__all__ = ["MlflowTarget", "WandbTarget", "TrackingSpec", "parse_tracking", "track_flag", "CellRecord",
-           "cell_records", "sync", "log_cell_mlflow", "log_cell_wandb", "wandb_run_id"]
-
-
-class MlflowTarget(BaseModel):
-    """``tracking.mlflow``: where runs go. ``uri``: a folder (MLflow's file store), or any tracking URI."""
-
-    model_config = ConfigDict(extra="forbid")
-    uri: str = "mlruns"
-    experiment: str | None = None  # default: the spec's name
-
-
-class WandbTarget(BaseModel):
-    """``tracking.wandb``: project, mode (``offline`` writes local run folders; ``online`` needs a login)."""
-
-    model_config = ConfigDict(extra="forbid")
-    project: str = "smn"
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    entity: str | None = None
-    dir: str | None = None  # default: the results folder (local results) or the working directory
-
-
-class TrackingSpec(BaseModel):
-    """The ``tracking:`` section of a spec: any of ``mlflow`` and ``wandb``."""
-
-    model_config = ConfigDict(extra="forbid")
-    mlflow: MlflowTarget | None = None
-    wandb: WandbTarget | None = None
-
-
-def parse_tracking(section: dict[str, Any] | None) -> TrackingSpec:
-    """Validate a ``tracking:`` section (None: no tracker).
-
-    Raises:
-        pydantic.ValidationError (a ValueError): on an unknown tracker or key.
-    """
-    return TrackingSpec.model_validate(section or {})
-
-
-def track_flag(names: list[str] | str, results: str) -> dict[str, Any]:
-    """The ``tracking:`` section ``smn run --track mlflow,wandb`` means: an MLflow file store in
-    ``<results>/mlruns`` and / or W&B offline under ``<results>`` (the working directory for URI results).
-
-    Raises:
-        ValueError: on a name other than ``mlflow`` and ``wandb``.
-    """
-    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    local = "://" not in str(results)
-    out: dict[str, Any] = {}
-    for n in names:
-        if n == "mlflow":
-            out["mlflow"] = {"uri": str(Path(results) / "mlruns") if local else "mlruns"}
-        elif n == "wandb":
-            out["wandb"] = {"project": "smn", "mode": "offline", "dir": str(results) if local else None}
-        else:
-            raise ValueError(f"--track {n!r} is not known; allowed: mlflow, wandb")
-    return out
+__all__ = ["CellRecord", "cell_records", "sync", "log_cell_mlflow", "log_cell_wandb", "wandb_run_id"]
 
 
 class CellRecord(BaseModel):
@@ -110,23 +59,11 @@ class CellRecord(BaseModel):
     artifacts: list[str] = []
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _local_copy(results: str, location: str, tmp: str) -> str | None:
+def _local_copy(location: str, tmp: str) -> str | None:
     """A local path for an artifact next to the ledger (copied out of a URI results location)."""
-    if "://" not in str(results):
+    if "://" not in location:
         return location if os.path.exists(location) else None
-    import pyarrow.fs as pafs
-
-    fs, inner = ledger.resolve(location)
+    fs, inner = filesystem(location)
     if fs.get_file_info(inner).type != pafs.FileType.File:
         return None
     dest = os.path.join(tmp, inner.rsplit("/", 1)[-1])
@@ -140,8 +77,6 @@ def _curves_png(curves: pd.DataFrame, title: str, out: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from orchestrator.reports.registry import save_figure
 
     cols = [c for c in ("loss", "density", "code_entropy") if c in curves.columns]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3), squeeze=False)
@@ -158,13 +93,14 @@ def cell_records(results: str, experiment: str, tmp: str) -> list[CellRecord]:
     """One :class:`CellRecord` per ledger cell of ``experiment`` (artifacts copied under ``tmp`` when the
     results are a URI; the curves PNG is drawn there)."""
     df = ledger.read_ledger(results, experiment)
+    lay = ExperimentLayout.of(results, experiment)
     records = []
     for cid, rows in df.groupby("cell_id", sort=True):
         first = rows.iloc[0]
-        curves = read_curves(results, experiment, cid)
+        curves = read_curves(lay, cid)
         artifacts = []
-        for parts in (("masks", f"{cid}.safetensors"), ("curves", f"{cid}.parquet")):
-            path = _local_copy(results, ledger.artifact_location(results, experiment, *parts), tmp)
+        for location in (lay.mask(cid), lay.location("curves", f"{cid}.parquet")):
+            path = _local_copy(location, tmp)
             if path:
                 artifacts.append(path)
         if curves is not None and len(curves) and any(c in curves for c in ("loss", "density", "code_entropy")):
@@ -222,7 +158,7 @@ def log_cell_mlflow(target: MlflowTarget, record: CellRecord) -> bool:
     try:
         from mlflow.entities import Metric, Param
 
-        params = [Param(k[:250], str(v)[:6000]) for k, v in _flatten(record.config).items()]
+        params = [Param(k[:250], str(v)[:6000]) for k, v in flatten(record.config).items()]
         for i in range(0, len(params), 100):
             client.log_batch(rid, params=params[i:i + 100])
         ts = int(pd.Timestamp.now().timestamp() * 1000)
@@ -273,7 +209,7 @@ def log_cell_wandb(target: WandbTarget, record: CellRecord, folder: str) -> bool
     os.makedirs(folder, exist_ok=True)
     run = wandb.init(project=target.project, entity=target.entity, mode=target.mode, dir=folder, id=run_id,
                      name=f"{record.method}-s{record.seed}-{record.cell_id}", group=record.experiment,
-                     tags=[record.experiment, record.method], config=_flatten(record.config),
+                     tags=[record.experiment, record.method], config=flatten(record.config),
                      reinit="create_new", settings=wandb.Settings(silent=True, x_disable_stats=True,
                                                                   console="off"))
     try:

@@ -1,4 +1,4 @@
-"""Where every file of an experiment lives: :class:`ExperimentLayout`, and :func:`atomic_write`.
+"""Where every file of an experiment lives: :class:`ExperimentLayout`, and the one experiment-name rule.
 
 An experiment's results sit under one root, ``<results>/<experiment>/``. ``results`` is a local
 path (an NFS mount on a cluster is one) or any URI that ``pyarrow.fs`` understands
@@ -15,6 +15,7 @@ never rebuilds a path by hand.
 | :meth:`ExperimentLayout.checkpoint` | ``checkpoints/<cell_id>/`` (epoch checkpoint, removed on landing) | the cell's worker |
 | :meth:`ExperimentLayout.artifact` | ``artifacts/<name>`` (pretrained backbones) | a pretraining task |
 | :meth:`ExperimentLayout.cascade` | ``cascade/<cell_id>/<file>`` (router, routes, expert embeddings) | cascade stages |
+| :meth:`ExperimentLayout.curves` | ``curves/<cell_id>.parquet`` (per-epoch history) | the engine, on landing |
 | :meth:`ExperimentLayout.failure` | ``failures/<cell_id>.json`` | the driver, after the last retry |
 | :attr:`ExperimentLayout.quarantine_dir` | ``quarantine/`` (unreadable ledger files set aside) | ledger readers |
 | :attr:`ExperimentLayout.ray_train` / :attr:`ExperimentLayout.tune` | ``ray_train/``, ``tune/`` | Ray Train / Tune |
@@ -24,31 +25,32 @@ Every location method returns a *location*: an absolute local path for local res
 same filesystem that keeps the results URI's query (``s3://b/r/exp/masks/c.safetensors?scheme=http``),
 which :mod:`smn_core.checkpoint`, Ray Train and Ray Tune all accept. :meth:`ExperimentLayout.inner`
 gives the same place as a path *inside* :attr:`ExperimentLayout.fs` (no scheme, no query), for direct
-``pyarrow.fs`` calls. The URI is parsed once per process (:func:`filesystem` is cached).
+``pyarrow.fs`` calls. The URI is parsed once per process (:func:`filesystem` is cached); parts are joined
+by :func:`smn_core.checkpoint.location_join`, the one joiner (it keeps a URI's query).
 
-:func:`atomic_write` is the one way orchestrator code writes a file: to a temporary sibling, then moved
-into place (readers never see half a file), except on object stores (S3, GCS), where an object appears
-whole once its upload completes and a move would be a second full copy, so it is written in place; the
-same policy as :mod:`smn_core.checkpoint`.
+Every file is written through :func:`smn_core.checkpoint.atomic_write`, the project's one atomic write
+(a temporary sibling, then a move; in place on object stores), so readers never see half a file.
+
+:func:`check_experiment_name` is the one rule for an experiment's name, applied by the spec (``name:``),
+by :meth:`ExperimentLayout.of` and by every ledger reader.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import posixpath
-import uuid
+import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-__all__ = ["ExperimentLayout", "filesystem", "normalise_results", "atomic_write", "write_atomically", "location_join",
-           "OBJECT_STORES"]
+from smn_core.checkpoint import location_join
 
-OBJECT_STORES = frozenset({"s3", "gcs"})
-"""``pyarrow.fs`` type names whose writes are whole-object (no temp-and-move needed)."""
+__all__ = ["ExperimentLayout", "filesystem", "normalise_results", "check_experiment_name",
+           "check_results_uri", "figure_location"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def normalise_results(results: str | os.PathLike) -> str:
@@ -63,15 +65,49 @@ def normalise_results(results: str | os.PathLike) -> str:
     return os.path.abspath(text)
 
 
-@functools.lru_cache(maxsize=64)
-def filesystem(results: str) -> tuple[pafs.FileSystem, str]:
-    """``(pyarrow filesystem, root path inside it)`` of a results location (cached per process).
+def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow filesystem, path inside it)`` of a local path or a URI (a relative path is made absolute
+    first); the URI is parsed once per process.
 
     Raises:
         ValueError: if the URI's filesystem is not supported by pyarrow.
     """
-    fs, inner = _resolve(results, "results location")
-    return fs, (inner.rstrip("/") or "/") if "://" in results else inner
+    return _filesystem(normalise_results(location))
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    fs, inner = _resolve(location, "results location")
+    return fs, (inner.rstrip("/") or "/") if "://" in location else inner
+
+
+def check_results_uri(results: str) -> str:
+    """``results`` if it is a local path or a URI whose filesystem pyarrow supports (the storage itself is
+    not contacted).
+
+    Raises:
+        ValueError: naming the URI and what is allowed.
+    """
+    if "://" in str(results):
+        try:
+            filesystem(results)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; allowed: a folder, s3://bucket/prefix or another pyarrow.fs URI") from None
+    return results
+
+
+def check_experiment_name(experiment: str) -> str:
+    """``experiment`` if it is a plain folder name: letters, digits, ``.``, ``_``, ``-``, starting with a
+    letter or digit, no ``..``; so that nothing a reader, a writer or quarantine does can reach outside
+    the results folder. The one rule for experiment names (specs, layouts, ledger readers).
+
+    Raises:
+        ValueError: naming the value and what is allowed.
+    """
+    if not isinstance(experiment, str) or not _NAME.fullmatch(experiment) or ".." in experiment:
+        raise ValueError(f"experiment {experiment!r} is not a plain name; allowed: letters, digits, '.', '_', '-' "
+                         "(an experiment folder directly under the results folder)")
+    return experiment
 
 
 def _resolve(location: str, what: str) -> tuple[pafs.FileSystem, str]:
@@ -87,17 +123,6 @@ def _resolve(location: str, what: str) -> tuple[pafs.FileSystem, str]:
 def _check_part(name: str, experiment: str) -> None:
     if not name or name in (".", "..") or any(c in name for c in "?#") or "/" in name:
         raise ValueError(f"artifact path part {name!r} (experiment {experiment!r}) is not a plain name")
-
-
-def location_join(base: str, *parts: str) -> str:
-    """``base/parts...`` for a local path or a URI (the URI's query is kept after the new path).
-
-    Do not build these with ``pathlib``: ``Path("s3://b/x")`` collapses the ``//``.
-    """
-    if "://" in base:
-        split = urlsplit(base)
-        return urlunsplit(split._replace(path="/".join([split.path.rstrip("/"), *parts])))
-    return "/".join([base.rstrip("/") or "/", *parts]) if parts else base
 
 
 @dataclass(frozen=True)
@@ -120,11 +145,10 @@ class ExperimentLayout:
         """The layout of ``experiment`` under ``results`` (a path, a URI, or a layout whose root is kept).
 
         Raises:
-            ValueError: if ``experiment`` is not a plain name.
+            ValueError: if ``experiment`` is not a plain name (:func:`check_experiment_name`).
         """
         root = results.results if isinstance(results, ExperimentLayout) else normalise_results(results)
-        _check_part(experiment, experiment)
-        return cls(root, experiment)
+        return cls(root, check_experiment_name(experiment))
 
     # --- the filesystem -------------------------------------------------------------------------
     @property
@@ -182,6 +206,10 @@ class ExperimentLayout:
         """Inner path of the folder where unreadable ledger files are set aside."""
         return self.inner("quarantine")
 
+    def curves(self, cell_id: str) -> str:
+        """Inner path of a cell's per-epoch curves (``curves/<cell_id>.parquet``)."""
+        return self.inner("curves", f"{cell_id}.parquet")
+
     def mask(self, cell_id: str) -> str:
         """Location of a finished cell's masks (``masks/<cell_id>.safetensors``)."""
         return self.location("masks", f"{cell_id}.safetensors")
@@ -214,37 +242,14 @@ class ExperimentLayout:
 
     def figure(self, name: str) -> str:
         """Location of a figure, at the results level: ``<results>/figures/<name>.png``."""
-        _check_part(name, self.experiment)
-        return location_join(self.results, "figures", f"{name}.png")
+        return figure_location(self.results, name)
 
 
-def atomic_write(location: str, blob: bytes) -> str:
-    """Write ``blob`` to ``location`` (local path or URI) so that no reader sees half of it.
-
-    The parent folder is created. Local and ``file://`` locations: a temporary sibling
-    (``.<name>.<random>.tmp``), then a move; object stores: written in place (whole on completion).
-
-    Returns:
-        The path inside the location's filesystem.
+def figure_location(results: str, name: str) -> str:
+    """``<results>/figures/<name>.png``, in the form ``results`` was given (``smn plot``'s default output).
 
     Raises:
-        OSError: if the storage refuses the write.
-        ValueError: if the URI's filesystem is not supported by pyarrow.
+        ValueError: if ``name`` is not a plain name.
     """
-    fs, path = _resolve(location, "location")
-    return write_atomically(fs, path, blob)
-
-
-def write_atomically(fs: pafs.FileSystem, path: str, blob: bytes) -> str:
-    """:func:`atomic_write` on an already-resolved ``(filesystem, inner path)``; returns ``path``."""
-    folder = posixpath.dirname(path)
-    fs.create_dir(folder, recursive=True)
-    if fs.type_name in OBJECT_STORES:
-        with fs.open_output_stream(path) as out:
-            out.write(blob)
-        return path
-    tmp = f"{folder}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        out.write(blob)
-    fs.move(tmp, path)
-    return path
+    _check_part(name, "figures")
+    return location_join(os.fspath(results), "figures", f"{name}.png")

@@ -5,7 +5,7 @@ experiment, come from :class:`orchestrator.results.layout.ExperimentLayout` (the
 ``results`` is a local path or any URI that ``pyarrow.fs`` understands (``s3://...``; NFS is a local path).
 
 Writing: a cell's worker calls :func:`write_cell` once, after its masks and final state; the file goes
-through :func:`orchestrator.results.layout.write_atomically` (a temporary name, then a move; in place on object
+through :func:`smn_core.checkpoint.atomic_write` (a temporary name, then a move; in place on object
 stores, where an upload appears whole), so readers (which glob the folder) never see a partial cell, and
 the same cell landing twice (a replayed task) leaves one file with one set of rows.
 
@@ -43,12 +43,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import smn_core
+from smn_core.checkpoint import atomic_write
 
-from orchestrator.results.layout import ExperimentLayout, filesystem, normalise_results, write_atomically
+from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
 
-__all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "resolve", "write_cell", "read_ledger", "read_cell", "wide",
-           "completed_cells", "experiment_dir", "artifact_location", "list_experiments", "write_failure",
-           "read_failures", "cell_metric", "as_ledger_table", "check_experiment_name"]
+__all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "write_cell", "read_ledger", "read_cell", "wide",
+           "completed_cells", "list_experiments", "check_experiment", "write_failure", "read_failures", "cell_metric", "as_ledger_table"]
 
 LEDGER_SCHEMA = pa.schema([
     ("cell_id", pa.string()),
@@ -66,36 +66,6 @@ LEDGER_SCHEMA = pa.schema([
     ("host", pa.string()),
     ("smn_version", pa.string()),
 ])
-
-
-def resolve(results: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` for a local path or a pyarrow URI (``s3://bucket/prefix``, ``file:///...``);
-    :func:`orchestrator.results.layout.filesystem`, cached per process.
-
-    Raises:
-        ValueError: if the URI's filesystem is not supported by pyarrow.
-    """
-    return filesystem(normalise_results(results))
-
-
-def experiment_dir(results: str, experiment: str) -> str:
-    """Path (inside the results filesystem, without a URI's scheme) of an experiment's folder."""
-    return f"{resolve(results)[1].rstrip('/')}/{experiment}"
-
-
-def artifact_location(results: str, experiment: str, *parts: str) -> str:
-    """Where an experiment's artifact lives: ``<results>/<experiment>/<parts...>``
-    (:meth:`orchestrator.results.layout.ExperimentLayout.location`).
-
-    For local results (a path, NFS included) this is an absolute local path; for URI results it is a URI
-    on the same filesystem that keeps the results URI's query, e.g. ``artifact_location("s3://b/r?scheme=http",
-    "exp", "masks", "c1.safetensors") == "s3://b/r/exp/masks/c1.safetensors?scheme=http"``, which
-    ``smn_core.checkpoint``, Ray Train and Ray Tune all accept.
-
-    Raises:
-        ValueError: if ``experiment`` or a part is empty, ``.`` or ``..``, or holds ``/``, ``?`` or ``#``.
-    """
-    return ExperimentLayout.of(results, experiment).location(*parts)
 
 
 def write_cell(results: str, experiment: str, *, cell_id: str, method: str, backbone: str, dataset: str, seed: int,
@@ -127,7 +97,7 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
     }, schema=LEDGER_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    final = write_atomically(fs, lay.ledger_file(cell_id), sink.getvalue().to_pybytes())
+    final = atomic_write(lay.ledger_file(cell_id), sink.getvalue().to_pybytes(), fs=fs)
     failure = lay.failure(cell_id)
     if fs.get_file_info(failure).type == pafs.FileType.File:
         fs.delete_file(failure)
@@ -139,7 +109,7 @@ def write_failure(results: str, experiment: str, *, cell_id: str, label: str, er
     lay = ExperimentLayout.of(results, experiment)
     blob = json.dumps({"cell_id": cell_id, "label": label, "error": error, "attempts": attempts,
                        "failed_at": time.time(), "host": socket.gethostname()}, indent=1).encode()
-    return write_atomically(lay.fs, lay.failure(cell_id), blob)
+    return atomic_write(lay.failure(cell_id), blob, fs=lay.fs)
 
 
 def read_failures(results: str, experiment: str) -> dict[str, dict]:
@@ -155,11 +125,10 @@ def read_failures(results: str, experiment: str) -> dict[str, dict]:
     return out
 
 
-def _quarantine(fs: pafs.FileSystem, exp_folder: str, path: str, exc: Exception) -> None:
-    qdir = f"{exp_folder}/quarantine"
-    fs.create_dir(qdir, recursive=True)
-    dest = f"{qdir}/{os.path.basename(path)}.{int(time.time())}"
-    fs.move(path, dest)
+def _quarantine(lay: ExperimentLayout, path: str, exc: Exception) -> None:
+    lay.fs.create_dir(lay.quarantine_dir, recursive=True)
+    dest = lay.inner("quarantine", f"{os.path.basename(path)}.{int(time.time())}")
+    lay.fs.move(path, dest)
     warnings.warn(f"ledger file {path} is unreadable ({exc}); moved to {dest}; its cell will run again",
                   RuntimeWarning, stacklevel=3)
 
@@ -192,9 +161,9 @@ def as_ledger_table(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=LEDGER_SCHEMA)
 
 
-def _read_experiment(fs: pafs.FileSystem, exp_folder: str, quarantine: bool = False) -> list[pa.Table]:
-    folder = f"{exp_folder}/ledger"
-    info = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+def _read_experiment(lay: ExperimentLayout, quarantine: bool = False) -> list[pa.Table]:
+    fs = lay.fs
+    info = fs.get_file_info(pafs.FileSelector(lay.ledger_dir, allow_not_found=True))
     tables = []
     for fi in sorted(info, key=lambda f: f.path):
         name = os.path.basename(fi.path)
@@ -208,7 +177,7 @@ def _read_experiment(fs: pafs.FileSystem, exp_folder: str, quarantine: bool = Fa
                 raise ValueError("rows of more than one cell")
         except Exception as exc:  # noqa: BLE001 - any unreadable file is set aside (run) or skipped (read)
             if quarantine:
-                _quarantine(fs, exp_folder, fi.path, exc)
+                _quarantine(lay, fi.path, exc)
             else:
                 warnings.warn(f"skipped unreadable ledger file {fi.path} ({_one_line(exc)}); left in place",
                               RuntimeWarning, stacklevel=3)
@@ -217,29 +186,38 @@ def _read_experiment(fs: pafs.FileSystem, exp_folder: str, quarantine: bool = Fa
     return tables
 
 
-def check_experiment_name(experiment: str) -> str:
-    """``experiment`` if it is a plain folder name (letters, digits, ``.``, ``_``, ``-``; no ``/``, no
-    ``..``), so that nothing a reader or quarantine does can reach outside the results folder.
+def list_experiments(results: str) -> list[str]:
+    """Names of the experiments that have a ledger folder under ``results`` (a folder whose name is not a
+    plain experiment name is not one)."""
+    fs, root = filesystem(results)
+    info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = [os.path.basename(f.path) for f in info if f.type == pafs.FileType.Directory]
+    layouts = [ExperimentLayout.of(results, n) for n in names if _is_plain_name(n)]
+    return sorted(lay.experiment for lay in layouts
+                  if fs.get_file_info(lay.ledger_dir).type == pafs.FileType.Directory)
+
+
+def check_experiment(results: str, experiment: str | None) -> None:
+    """Refuse an experiment (None: all, always fine) that has no ledger folder under ``results``.
 
     Raises:
-        ValueError: naming the value and what is allowed.
+        ValueError: naming the experiment and the ones there are (a path such as ``../other/demo`` is never
+            one of them).
     """
-    import re
+    if experiment is None:
+        return
+    known = list_experiments(results)
+    if experiment not in known:
+        raise ValueError(f"experiment {experiment!r} is not in {results!r}; allowed: "
+                         f"{', '.join(known) or '(none yet: run a spec first)'}")
 
-    if not isinstance(experiment, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", experiment) \
-            or ".." in experiment:
-        raise ValueError(f"experiment {experiment!r} is not a plain name; allowed: letters, digits, '.', '_', '-' "
-                         "(an experiment folder directly under the results folder)")
-    return experiment
 
-
-def list_experiments(results: str) -> list[str]:
-    """Names of the experiments that have a ledger folder under ``results``."""
-    fs, root = resolve(results)
-    info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return sorted(os.path.basename(f.path) for f in info
-                  if f.type == pafs.FileType.Directory
-                  and fs.get_file_info(f"{f.path}/ledger").type == pafs.FileType.Directory)
+def _is_plain_name(name: str) -> bool:
+    try:
+        check_experiment_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool = False) -> pd.DataFrame:
@@ -253,13 +231,13 @@ def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool
     ledger can find them.
 
     Raises:
-        ValueError: ``experiment`` is not a plain name (:func:`check_experiment_name`).
+        ValueError: ``experiment`` is not a plain name
+            (:func:`orchestrator.results.layout.check_experiment_name`).
     """
-    fs, root = resolve(results)
     names = [check_experiment_name(experiment)] if experiment else list_experiments(results)
     tables = []
     for name in names:
-        tables += _read_experiment(fs, f"{root.rstrip('/')}/{name}", quarantine=quarantine)
+        tables += _read_experiment(ExperimentLayout.of(results, name), quarantine=quarantine)
     df = (pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()).to_pandas()
     if tables:
         df = df.drop_duplicates(["experiment", "cell_id", "metric"], keep="first").reset_index(drop=True)

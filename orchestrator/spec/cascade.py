@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from smn_core.cascade import COVARIANCE_TYPES, MODES, SCALINGS
-from orchestrator.spec.experiment import ExperimentSpec, Resources, SpecError, format_validation_error
+from orchestrator.spec.base import Resources, SpecError, format_validation_error
 
 __all__ = ["RouterSpec", "ExpertsSpec", "CombinationSpec", "CascadeSpec", "cascade_spec"]
 
@@ -62,8 +62,12 @@ class CascadeSpec(BaseModel):
     combination: CombinationSpec = Field(default_factory=CombinationSpec)
 
 
-def cascade_spec(spec: ExperimentSpec) -> CascadeSpec:
+def cascade_spec(spec) -> CascadeSpec:
     """Validate ``spec.cascade`` (absent: the defaults) and that the spec has a dispatcher.
+
+    Args:
+        spec: an :class:`orchestrator.spec.experiment.ExperimentSpec` (not imported here: that module imports
+            this one to check its ``cascade:`` section while loading).
 
     Raises:
         SpecError: an unknown key, a wrong type or value in the section (each named with

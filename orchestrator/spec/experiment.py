@@ -33,6 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from smn_core.pipeline import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec
 from smn_core.training import TrainConfig
 
+from orchestrator.results.layout import check_experiment_name
+from orchestrator.spec.base import Resources, SpecError, format_validation_error
+from orchestrator.spec.cascade import cascade_spec
+from orchestrator.spec.keys import flatten
+from orchestrator.spec.tracking import parse_tracking
+
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
            "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "config_hash", "FOUND",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
@@ -41,23 +47,6 @@ __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec
 FOUND = "found"
 _ROOTS = ("backbone", "dataset", "train", "eval", "pretrain")
 SEARCH_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "train_loss", "density", "code_entropy")
-
-
-class SpecError(ValueError):
-    """A spec file, override or grid value is invalid; the message names the key and what is allowed."""
-
-
-class Resources(BaseModel):
-    """Where each cell runs. ``workers > 1`` runs DDP in a Ray Train ``TorchTrainer``."""
-
-    model_config = ConfigDict(extra="forbid")
-    workers: int = Field(1, ge=1, description="DDP workers per cell (1 = a single Ray task)")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    max_retries: int = Field(2, ge=0, description="retries of a failed cell / worker group")
-    max_concurrent_cells: int | None = Field(None, ge=1)
-    engine: Literal["auto", "tasks", "tune"] = Field(
-        "auto", description="auto: a Ray Tune sweep when the spec has a grid or a search, plain Ray tasks otherwise")
 
 
 class SearchAxis(BaseModel):
@@ -108,7 +97,7 @@ class ExperimentSpec(BaseModel):
     """A validated experiment spec (see ``experiments/demo.yaml`` for an annotated example)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="experiment name (results folder)")
+    name: str = Field(description="experiment name (results folder; orchestrator.results.layout.check_experiment_name)")
     description: str = ""
     methods: list[Literal[tuple(METHODS)]] = Field(default_factory=lambda: ["smn"], min_length=1)  # type: ignore[valid-type]
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -128,13 +117,16 @@ class ExperimentSpec(BaseModel):
         None, description="cascade section (router, experts, combination); validated by orchestrator.engine.cascade")
     tracking: dict[str, Any] | None = Field(
         None, description="experiment trackers, e.g. {mlflow: {uri: mlruns}} or {wandb: {project: p, mode: offline}}; "
-        "validated by orchestrator.reports.tracking")
+        "validated by orchestrator.spec.tracking")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return check_experiment_name(v)
 
     @field_validator("tracking")
     @classmethod
     def _tracking(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        from orchestrator.reports.tracking import parse_tracking
-
         return parse_tracking(v).model_dump(exclude_none=True) if v is not None else None
 
     @model_validator(mode="after")
@@ -160,7 +152,7 @@ class ExperimentSpec(BaseModel):
         """``{smn: {train: {score_lr: 1}}}`` (a command-line override) reads as ``{smn: {train.score_lr: 1}}``."""
         if not isinstance(v, dict):
             return v
-        return {m: (_flatten(values) if isinstance(values, dict) else values) for m, values in v.items()}
+        return {m: (flatten(values, keep_empty=True) if isinstance(values, dict) else values) for m, values in v.items()}
 
     @model_validator(mode="after")
     def _method_overrides(self) -> "ExperimentSpec":
@@ -204,41 +196,6 @@ class Cell:
 
 
 _CELL_ADAPTER = TypeAdapter(CellConfig)
-
-
-def format_validation_error(exc: ValidationError, where: str, prefix: str = "") -> str:
-    """One line naming every invalid key of a pydantic error, its value and what is allowed
-    (``prefix`` is put before each key, e.g. ``"cascade."``)."""
-    parts = []
-    for err in exc.errors():
-        loc = prefix + (".".join(str(p) for p in err["loc"]) or "(top level)")
-        msg = err["msg"]
-        given = err.get("input")
-        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            msg = "unknown key (check the spelling; see experiments/demo.yaml for the keys)"
-        elif err["type"] == "string_pattern_mismatch" and loc.endswith("name"):
-            msg = f"must be letters, digits, '.', '_' or '-', starting with a letter or digit, got {given!r}"
-        elif err["type"] == "too_short" and isinstance(given, list):
-            msg = f"needs at least 1 item, got {given!r}"
-        elif not isinstance(given, dict) and repr(given) not in msg:
-            msg = f"{msg}, got {given!r}"
-        parts.append(f"{loc}: {msg}")
-    return f"invalid {where}: " + "; ".join(parts)
-
-
-_format_validation_error = format_validation_error  # the name orchestrator.engine.cascade used
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """Nested mappings as dotted keys: ``{"train": {"score_lr": 1}}`` -> ``{"train.score_lr": 1}``."""
-    out: dict = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -689,7 +646,6 @@ def check_spec(spec: ExperimentSpec) -> None:
 
 
 def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
-    from orchestrator.spec.cascade import cascade_spec
 
     cs = cascade_spec(spec)
     if n_train is not None:
@@ -724,7 +680,7 @@ def _validate(raw: dict, where: str) -> CellConfig:
     try:
         return _CELL_ADAPTER.validate_python(raw)
     except ValidationError as exc:
-        raise SpecError(_format_validation_error(exc, where)) from None
+        raise SpecError(format_validation_error(exc, where)) from None
 
 
 def _reference_raw(raw: dict) -> dict:

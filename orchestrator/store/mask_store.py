@@ -8,8 +8,8 @@ backbone and a cheap mask per task. A store is that deployment::
     <store>/tasks/<task>.smnmask    one smn-mask/1 file per task (smn_core.mask_file)
 
 ``<store>`` is a local path or any URI ``pyarrow.fs`` understands (``s3://bucket/prefix``,
-``file:///...``). Files are written to a temporary name and renamed; an existing task or store is
-never overwritten. :meth:`MaskStore.apply` builds the backbone once (checking it against the
+``file:///...``); :class:`StoreLayout` names these files, and every one is written through
+:func:`smn_core.checkpoint.atomic_write`. An existing task or store is never overwritten. :meth:`MaskStore.apply` builds the backbone once (checking it against the
 recorded hash) and then switches tasks by swapping masks (:class:`smn_core.mask_file.MaskSwitcher`),
 without reloading it. A mask whose backbone hash differs from the store's is refused on ``add``.
 """
@@ -20,7 +20,6 @@ import json
 import math
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from smn_core.backbones import build_backbone
+from smn_core.checkpoint import atomic_write, location_join
 from smn_core.mask_codecs import DEFAULT_CODEC, available_codecs
 from smn_core.mask_file import (
     BackboneMismatchError,
@@ -50,9 +50,10 @@ from smn_core.mask_file import (
 )
 
 from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout, filesystem
 
-__all__ = ["MaskStore", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
-           "task_from_masks_file", "task_from_cell", "HEAD_PREFIX"]
+__all__ = ["MaskStore", "StoreLayout", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
+           "task_from_masks_file", "task_from_cell", "load_fp32_weights", "HEAD_PREFIX"]
 
 STORE_FORMAT = "smn-store/1"
 TASK_SUFFIX = ".smnmask"
@@ -100,11 +101,44 @@ class TaskInfo:
         return 8.0 * self.file_bytes / max(1, self.num_weights)
 
 
-def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, path)
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where a store's files live (paths inside :attr:`fs`; see the module docstring).
+
+    Build it with :meth:`of` from the store's folder or URI.
+    """
+
+    fs: pafs.FileSystem
+    root: str
+
+    @classmethod
+    def of(cls, location: str) -> "StoreLayout":
+        """The layout of the store at ``location`` (a folder or a ``pyarrow.fs`` URI).
+
+        Raises:
+            ValueError: if the URI's filesystem is not supported by pyarrow.
+        """
+        fs, root = filesystem(str(location))
+        return cls(fs, root.rstrip("/"))
+
+    @property
+    def meta(self) -> str:
+        """``store.json``."""
+        return f"{self.root}/store.json"
+
+    @property
+    def backbone(self) -> str:
+        """``backbone.safetensors``."""
+        return f"{self.root}/backbone.safetensors"
+
+    @property
+    def tasks(self) -> str:
+        """The ``tasks/`` folder."""
+        return f"{self.root}/tasks"
+
+    def task(self, task: str) -> str:
+        """``tasks/<task>.smnmask`` (the name checked by :func:`validate_task_name`)."""
+        return f"{self.tasks}/{validate_task_name(task)}{TASK_SUFFIX}"
 
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -126,9 +160,9 @@ class MaskStore:
 
     def __init__(self, location: str) -> None:
         self.location = str(location)
-        self.fs, self.root = ledger.resolve(self.location)
-        self.root = self.root.rstrip("/")
-        path = f"{self.root}/store.json"
+        self.files = StoreLayout.of(self.location)
+        self.fs, self.root = self.files.fs, self.files.root
+        path = self.files.meta
         if not _exists(self.fs, path):
             raise StoreError(f"no mask store at {self.location!r} (no store.json); create one with `smn store init`")
         try:
@@ -153,20 +187,19 @@ class MaskStore:
             StoreError: if a store (or anything at ``store.json``) already exists at ``location``.
             ValueError: if the backbone carries score masks.
         """
-        fs, root = ledger.resolve(str(location))
-        root = root.rstrip("/")
-        if _exists(fs, f"{root}/store.json"):
+        files = StoreLayout.of(str(location))
+        if _exists(files.fs, files.meta):
             raise StoreError(f"a mask store already exists at {location!r}; nothing was changed")
         state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
         if any(".parametrizations." in k for k in state):
             raise ValueError("store the plain backbone, not one with score masks attached")
-        fs.create_dir(f"{root}/tasks", recursive=True)
+        files.fs.create_dir(files.tasks, recursive=True)
         h = backbone_hash(backbone)
-        _write_atomic(fs, f"{root}/backbone.safetensors", st_save(state, metadata={"arch": arch, "backbone_hash": h}))
+        atomic_write(files.backbone, st_save(state, metadata={"arch": arch, "backbone_hash": h}), fs=files.fs)
         meta = {"format": STORE_FORMAT, "arch": arch, "backbone_hash": h, "weights_source": weights_source,
                 "backbone_params": int(sum(v.numel() for k, v in state.items() if v.is_floating_point())),
                 "created_at": time.time()}
-        _write_atomic(fs, f"{root}/store.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        atomic_write(files.meta, json.dumps(meta, indent=1, sort_keys=True).encode(), fs=files.fs)
         return cls(location)
 
     @property
@@ -178,17 +211,17 @@ class MaskStore:
         return self.meta["backbone_hash"]
 
     def _load_backbone(self) -> nn.Module:
-        data = _read(self.fs, f"{self.root}/backbone.safetensors")
+        data = _read(self.fs, self.files.backbone)
         try:
             state = st_load(data)
         except Exception as exc:  # safetensors' own error types
-            raise StoreError(f"{self.root}/backbone.safetensors is not readable ({exc})") from None
+            raise StoreError(f"{self.files.backbone} is not readable ({exc})") from None
         with torch.random.fork_rng(devices=[]):
             model = build_backbone(self.arch, "random").model
         model.load_state_dict(state, strict=True)
         h = backbone_hash(model)
         if h != self.backbone_hash:
-            raise BackboneMismatchError(f"{self.root}/backbone.safetensors hashes to {h}, store.json records "
+            raise BackboneMismatchError(f"{self.files.backbone} hashes to {h}, store.json records "
                                         f"{self.backbone_hash}: the store's backbone file is corrupted")
         return model.eval()
 
@@ -209,7 +242,7 @@ class MaskStore:
 
     # ------------------------------------------------------------------ tasks
     def _task_path(self, task: str) -> str:
-        return f"{self.root}/tasks/{validate_task_name(task)}{TASK_SUFFIX}"
+        return self.files.task(task)
 
     def add(self, task: str, mask: TaskMask, codec: str = DEFAULT_CODEC) -> TaskInfo:
         """Encode ``mask`` with ``codec`` and store it as ``task``.
@@ -230,7 +263,7 @@ class MaskStore:
         sw = self.switcher()
         check_names_shapes(mask.masks, sw.model.backbone, mask.buffers)
         data = encode_mask_file(mask, codec, weights=self.backbone_weights())
-        _write_atomic(self.fs, path, data)
+        atomic_write(path, data, fs=self.fs)
         return self._info(task, read_mask_header(data, path))
 
     def has(self, task: str) -> bool:
@@ -256,7 +289,7 @@ class MaskStore:
         Raises:
             MaskFileError: if a task file's header is unreadable (names the file).
         """
-        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/tasks", allow_not_found=True))
+        infos = self.fs.get_file_info(pafs.FileSelector(self.files.tasks, allow_not_found=True))
         out = []
         for fi in sorted(infos, key=lambda f: f.path):
             name = fi.path.rsplit("/", 1)[-1]
@@ -328,12 +361,9 @@ class MaskStore:
             raise StoreError(f"export format {fmt!r} is not known; allowed: {', '.join(formats)}")
         if codec is not None and codec not in available_codecs():
             raise ValueError(f"codec {codec!r} is not known; allowed: {', '.join(available_codecs())}")
-        fs, path = ledger.resolve(out)
+        fs, path = filesystem(out)
         if _exists(fs, path):
             raise StoreError(f"{out!r} exists already; nothing was written")
-        parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.create_dir(parent, recursive=True)
         mask = self.load(task)
         meta = {"task": task, "arch": self.arch, "backbone_hash": self.backbone_hash}
         if fmt == "masks":
@@ -349,8 +379,7 @@ class MaskStore:
                 state[f"{prefix}.weight"] = mask.head["weight"].contiguous()
                 state[f"{prefix}.bias"] = mask.head["bias"].contiguous()
             data = st_save(state, metadata=meta | {"head": "yes" if mask.head and prefix else "no"})
-        _write_atomic(fs, path, data)
-        return path
+        return atomic_write(path, data, fs=fs)
 
 
 # ---------------------------------------------------------------------- reading tasks from outside
@@ -369,7 +398,7 @@ def task_from_masks_file(path: str, backbone: nn.Module, *, arch: str = "", stat
         FileNotFoundError: missing file. MaskFileError: unreadable file or non-boolean tensors.
         BackboneMismatchError: names or shapes do not fit ``backbone``.
     """
-    fs, p = ledger.resolve(path)
+    fs, p = filesystem(path)
     if not _exists(fs, p):
         raise FileNotFoundError(f"no masks file at {path!r}")
     data = _read(fs, p)
@@ -398,8 +427,7 @@ def task_from_masks_file(path: str, backbone: nn.Module, *, arch: str = "", stat
 
 
 def _read_state(folder: str) -> dict[str, torch.Tensor]:
-    fs, p = ledger.resolve(folder)
-    path = f"{p.rstrip('/')}/tensors.safetensors"
+    fs, path = filesystem(location_join(folder, "tensors.safetensors"))
     if not _exists(fs, path):
         raise FileNotFoundError(f"no final state in {folder!r} (missing tensors.safetensors)")
     try:
@@ -430,17 +458,16 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
         raise StoreError(f"cell {cell_id!r} is not in the ledger of {experiment!r} under {results!r}; "
                          f"cells there: {', '.join(known[:10]) or '(none)'}")
     config = json.loads(rows["config_json"].iloc[0])
-    exp = ledger.experiment_dir(results, experiment)
-    masks_path = f"{exp}/masks/{cell_id}.safetensors"
-    fs, _ = ledger.resolve(results)
-    if not _exists(fs, masks_path):
+    lay = ExperimentLayout.of(results, experiment)
+    masks_path = lay.inner("masks", f"{cell_id}.safetensors")
+    if not _exists(lay.fs, masks_path):
         raise StoreError(f"cell {cell_id!r} ({rows['method'].iloc[0]}) has no masks at {masks_path}")
     cfg = TypeAdapter(CellConfig).validate_python(config)
     if cfg.backbone.arch != store.arch:
         raise BackboneMismatchError(f"cell {cell_id} used backbone {cfg.backbone.arch!r}, the store holds {store.arch!r}")
     pipeline_weights = None
     if cfg.backbone.weights == "pipeline":
-        from orchestrator.engine.prepare import pretrain_artifact_path
+        from orchestrator.engine.prepare import pretrain_artifact_path  # the engine imports ray: only for this case
 
         pipeline_weights = pretrain_artifact_path(results, experiment, cfg)
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights).model
@@ -448,9 +475,31 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
     if h != store.backbone_hash:
         raise BackboneMismatchError(f"cell {cell_id} was learned on backbone {h}, the store's is {store.backbone_hash}; "
                                     "refusing to add it")
-    state_dir = f"{exp}/states/{cell_id}"
-    has_state = _exists(fs, f"{state_dir}/tensors.safetensors")
-    masks_uri = ledger.artifact_location(results, experiment, "masks", f"{cell_id}.safetensors")
-    state_uri = ledger.artifact_location(results, experiment, "states", cell_id) if has_state else None
+    has_state = _exists(lay.fs, lay.inner("states", cell_id, "tensors.safetensors"))
+    masks_uri = lay.mask(cell_id)
+    state_uri = lay.state(cell_id) if has_state else None
     spec = {"cell_id": cell_id, "experiment": experiment, "config": config}
     return task_from_masks_file(masks_uri, backbone, arch=cfg.backbone.arch, state_dir=state_uri, spec=spec)
+
+
+def load_fp32_weights(location: str) -> dict[str, torch.Tensor]:
+    """Floating-point weights by backbone tensor name, for the fp32 rows of the codec measurements
+    (``smn store bench-codecs --fp32``): a safetensors ``state_dict``, or a cell's final state folder
+    (its ``tensors.safetensors``, names under ``param.backbone.``).
+
+    Raises:
+        FileNotFoundError: nothing at ``location``.
+    """
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs, path = filesystem(location_join(location, "tensors.safetensors"))
+    elif info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"--fp32 {location!r} does not exist")
+    state = st_load(_read(fs, path))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        for prefix in ("param.backbone.", ""):
+            if k.startswith(prefix) and v.is_floating_point():
+                out.setdefault(k[len(prefix):], v)
+    return out

@@ -1,0 +1,80 @@
+"""``smn run SPEC``: validate the spec once, start (or join) Ray, run the missing cells on the engine, print
+the table. A spec with a ``cascade:`` section goes to :mod:`orchestrator.cli.commands.cascade`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import ray
+
+from smn_core.checkpoint import location_join
+
+from orchestrator.cli import report as report_cli
+from orchestrator.cli.commands import cascade as cascade_cmd
+from orchestrator.cli.commands.read import table_text
+from orchestrator.cli.commands.validate import load_checked, print_cells
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from orchestrator.engine.plain import run_experiment
+from orchestrator.engine.preflight import StorageUnreachable
+from orchestrator.engine.session import ClusterTooSmall, check_local_fits, error_cause
+from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
+from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
+
+__all__ = ["run"]
+
+
+def run(args) -> int:
+    """``smn run``: exit 0 when every cell landed, 1 when one failed (or Ray / storage did), 2 for a bad spec
+    or ``--results`` (refused before any work)."""
+    spec = load_checked(args, None if args.dry_run else "run")
+    if spec is None:
+        return EXIT_USAGE
+    if spec.cascade is not None:  # the cascade's spec (paper Sec. 3.4): the same as `smn cascade SPEC`
+        return _cascade(args, spec)
+    cells = expand_cells(spec)
+    if args.dry_run:
+        print_cells(spec, cells, estimate=True)
+        return EXIT_OK
+    return _run_cells(args, spec, cells)
+
+
+def _cascade(args, spec: ExperimentSpec) -> int:
+    if args.dry_run:
+        return cascade_cmd.run_spec(args, spec)
+    with report_cli.quiet_output(args, None, spec.name):  # --json / --quiet / bars, as for cells
+        code = cascade_cmd.run_spec(args, spec)
+    report_cli.finish_cascade(args, spec, code)  # trackers; the JSON summary or the --quiet table
+    return code
+
+
+def _run_cells(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
+    t0 = time.time()
+    try:
+        if not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+            check_local_fits(spec.resources.cpus_per_worker, spec.resources.workers)  # before a local Ray starts
+        layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
+        # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.cli.progress)
+        with report_cli.quiet_output(args, len(cells), spec.name):
+            summary = run_experiment(spec, layout, address=args.address, cells=cells)
+    except (ClusterTooSmall, StorageUnreachable) as exc:
+        print(f"smn: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as exc:
+        print(f"smn: {error_cause(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    text = "(no results in the ledger yet)"
+    if spec.name in ledger.list_experiments(args.results):
+        text = table_text(args.results, spec.name, args.format, None)
+        if "pretrained" in spec.methods and len(spec.methods) > 1:  # the method against its own baseline
+            text += "\n\n" + table_text(args.results, spec.name, args.format, None, "vs_frozen")
+    report_cli.finish_run(args, spec, summary, t0, text)
+    for cid, err in summary["failed"].items():
+        record = location_join(args.results, spec.name, "failures", f"{cid}.json")  # as the user typed --results
+        print(f"smn: cell {cid} failed: {error_cause(err)} (full error in {record})", file=sys.stderr)
+    return EXIT_FAILED if summary["failed"] else EXIT_OK

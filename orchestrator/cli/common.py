@@ -1,0 +1,52 @@
+"""What every ``smn`` command shares: exit codes, the usage error, and the one check of a ``--results`` location.
+
+Imports nothing heavy (pyarrow only, to recognise a URI's filesystem), so the parser and every command
+handler may import it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from orchestrator.results.layout import check_results_uri
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_CODES", "INTERRUPTED", "ResultsError",
+           "check_results_dir"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "runtime failure (cells failed, no GPU or too few CPUs, storage "
+              "unreachable)", EXIT_USAGE: "usage or spec error (refused before any work)",
+              EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume"}
+INTERRUPTED = "interrupted: run the same command again to resume"
+
+
+class ResultsError(ValueError):
+    """A results location that a command cannot use (missing, a file, an unsupported URI)."""
+
+
+def check_results_dir(results: str | None, command: str) -> str:
+    """The ``--results`` location of ``smn <command>``, checked before any work: a URI pyarrow supports
+    (an unreachable one is found when it is used: exit 1), or a local folder. ``run`` creates a missing
+    folder; the read commands (``table``, ``plot``) need it to exist.
+
+    Raises:
+        ResultsError: naming the location and what is allowed.
+    """
+    if results is None:
+        raise ResultsError(f"smn {command} needs the results folder DIR (e.g. smn {command} results)")
+    if "://" in str(results):
+        try:
+            return check_results_uri(results)
+        except ValueError as exc:
+            raise ResultsError(str(exc)) from None
+    if command == "run":
+        if os.path.exists(results) and not os.path.isdir(results):
+            raise ResultsError(f"--results {results!r} is a file; allowed: a results folder (created if missing) "
+                               "or a URI")
+        return results
+    if not os.path.exists(results):
+        raise ResultsError(f"results folder {results!r} does not exist; allowed: the --results folder of a "
+                           "`smn run` (default ./results) or a URI")
+    if not os.path.isdir(results):
+        raise ResultsError(f"results location {results!r} is a file; allowed: a results folder or a URI")
+    return results

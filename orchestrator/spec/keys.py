@@ -1,0 +1,30 @@
+"""Dotted keys: nested mappings as ``section.key`` paths, as spec overrides, grids and trackers name them.
+
+Imports nothing heavy (no torch, no pydantic), so readers of the ledger (the report page, the trackers)
+use it as freely as the spec loader does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["flatten"]
+
+
+def flatten(d: dict, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
+    """Nested mappings as dotted keys: ``{"train": {"score_lr": 1}}`` -> ``{"train.score_lr": 1}``.
+
+    Args:
+        d: a (nested) mapping.
+        prefix: put before every key (``"train."`` gives ``train.score_lr``).
+        keep_empty: an empty mapping stays as a value (``{"a": {}}`` -> ``{"a": {}}``, as spec overrides
+            need); False drops it (``{}``: nothing to show or log).
+    """
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and (v or not keep_empty):
+            out.update(flatten(v, key + ".", keep_empty=keep_empty))
+        else:
+            out[key] = v
+    return out
