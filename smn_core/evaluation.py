@@ -72,6 +72,15 @@ def _check_labels(name: str, y: Tensor, n: int) -> Tensor:
     return y.long()
 
 
+def _check_labelled(split: str, features: Tensor, labels: Tensor, empty: str) -> Tensor:
+    """Check ``<split>_features`` (2-D, float, finite, at least one row: else ``empty`` says why it is needed)
+    and ``<split>_labels`` (1-D integers, one per row); return the labels as int64."""
+    _check_features(f"{split}_features", features)
+    if features.shape[0] == 0:
+        raise ValueError(f"{split}_features is empty (0 rows): {empty}")
+    return _check_labels(f"{split}_labels", labels, features.shape[0])
+
+
 def _to_numpy(name: str, x: Any) -> np.ndarray:
     if isinstance(x, Tensor):
         return x.detach().cpu().numpy()
@@ -236,12 +245,9 @@ def knn_predict(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     temperature = float(temperature)
 
-    _check_features("train_features", train_features)
+    train_labels = _check_labelled("train", train_features, train_labels, "the k-NN bank needs at least one example")
     _check_features("test_features", test_features)
     n = train_features.shape[0]
-    if n == 0:
-        raise ValueError("train_features is empty (0 rows): the k-NN bank needs at least one example")
-    train_labels = _check_labels("train_labels", train_labels, n)
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"feature dimensions differ: train_features has {train_features.shape[1]} columns, "
@@ -303,11 +309,7 @@ def knn_top1(
 
     Source: Caron et al. 2021 (DINO) k-NN protocol; paper Sec. 4.1 (k = 200, T = 0.1).
     """
-    _check_features("test_features", test_features)
-    q = test_features.shape[0]
-    if q == 0:
-        raise ValueError("test_features is empty (0 rows): accuracy needs at least one query")
-    test_labels = _check_labels("test_labels", test_labels, q)
+    test_labels = _check_labelled("test", test_features, test_labels, "accuracy needs at least one query")
     preds = knn_predict(train_features, train_labels, test_features, **kw)
     return float((preds.cpu() == test_labels.cpu()).double().mean().item())
 

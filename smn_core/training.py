@@ -54,6 +54,8 @@ ADAPTATIONS = ("mask", "full")
 BN_MODES = ("adapt", "frozen")
 DTYPES = ("float32", "float64")
 CLASSIFIERS = ("linear", "clip_text")
+SCHEDULES = ("cosine", "constant")
+ON_COLLAPSE = ("warn", "stop")
 
 
 @dataclass
@@ -140,14 +142,11 @@ class TrainConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r} is not known; allowed: {', '.join(OBJECTIVES)}")
-        if self.adaptation not in ADAPTATIONS:
-            raise ValueError(f"adaptation {self.adaptation!r} is not known; allowed: {', '.join(ADAPTATIONS)}")
-        if self.bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode {self.bn_mode!r} is not known; allowed: {', '.join(BN_MODES)}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule {self.schedule!r} is not known; allowed: cosine, constant")
+        for name, allowed in (("objective", OBJECTIVES), ("adaptation", ADAPTATIONS), ("bn_mode", BN_MODES),
+                              ("schedule", SCHEDULES), ("on_collapse", ON_COLLAPSE), ("dtype", DTYPES),
+                              ("classifier", CLASSIFIERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not known; allowed: {', '.join(allowed)}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -160,20 +159,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        if self.head_warmup_epochs is not None and not 0 <= self.head_warmup_epochs <= self.epochs:
-            raise ValueError(f"head_warmup_epochs must be in [0, epochs={self.epochs}] or null, "
-                             f"got {self.head_warmup_epochs}")
-        if self.on_collapse not in ("warn", "stop"):
-            raise ValueError(f"on_collapse {self.on_collapse!r} is not known; allowed: warn, stop")
+        for name in ("head_warmup_epochs", "weight_warmup_epochs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= self.epochs:
+                raise ValueError(f"{name} must be in [0, epochs={self.epochs}] or null, got {getattr(self, name)}")
         if self.collapse_patience < 1:
             raise ValueError(f"collapse_patience must be >= 1 epoch, got {self.collapse_patience}")
-        if self.weight_warmup_epochs is not None and not 0 <= self.weight_warmup_epochs <= self.epochs:
-            raise ValueError(f"weight_warmup_epochs must be in [0, epochs={self.epochs}] or null, "
-                             f"got {self.weight_warmup_epochs}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not known; allowed: {', '.join(DTYPES)}")
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier {self.classifier!r} is not known; allowed: {', '.join(CLASSIFIERS)}")
         if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
             raise ValueError(f"prompt_template {self.prompt_template!r} is invalid; allowed: a string with exactly "
                              "one '{}' for the class name, e.g. 'a photo of a {}'")
