@@ -45,9 +45,9 @@ from .augment import MultiCropConfig, MultiCropTransform, SeededViewDataset, col
 from .masking import MaskConfig, mask_density, mask_modules, score_parameters, set_topk_density
 from .swav import SwAV, SwAVConfig, detect_collapse
 
-__all__ = ["TrainConfig", "TrainResult", "TrainSetup", "AdaptationModel", "CosineClassifier", "train",
-           "setup_training", "train_one_epoch", "checkpoint_state", "CollapseWatch", "build_adaptation_model", "trainable_state",
-           "lr_factor", "lr_schedule"]
+__all__ = ["TrainConfig", "TrainResult", "TrainSetup", "AdaptationModel", "CosineClassifier", "CollapseWatch",
+           "train", "setup_training", "train_one_epoch", "checkpoint_state", "build_optimizer",
+           "build_adaptation_model", "trainable_state", "lr_factor", "lr_schedule"]
 
 OBJECTIVES = ("swav", "supervised")
 ADAPTATIONS = ("mask", "full")
@@ -438,8 +438,10 @@ def _group_lr_schedules(config: TrainConfig, steps_per_epoch: int, total_steps: 
                                   head_only)]
 
 
-def _build_optimizer(core: AdaptationModel, config: TrainConfig) -> torch.optim.SGD:
-    """SGD, momentum ``config.momentum``: the head group, then the scores (no weight decay) or the weights."""
+def build_optimizer(core: AdaptationModel, config: TrainConfig) -> torch.optim.SGD:
+    """The optimiser of :func:`train` (paper Sec. 4.1): SGD with momentum ``config.momentum`` over two groups,
+    ``[head (head_lr, head_weight_decay), scores (score_lr, no weight decay) or, for adaptation "full",
+    the trainable backbone weights (weight_lr, weight_decay)]``, at the groups' base learning rates."""
     groups = [{"params": core.head_parameters(), "lr": config.head_lr, "weight_decay": config.head_weight_decay}]
     if config.adaptation == "mask":
         groups.append({"params": list(score_parameters(core.backbone).values()), "lr": config.score_lr,
@@ -483,7 +485,7 @@ def setup_training(model: AdaptationModel, dataset, config: TrainConfig, *, imag
     model.to(device=device, dtype=dtype)
     if distributed and device.type == "cuda" and config.bn_mode == "adapt":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
-    opt = _build_optimizer(model, config)
+    opt = build_optimizer(model, config)
     start_epoch, start_step, history = _start_state(model, opt, device, resume, init_state)
     runner: nn.Module = model
     if distributed:

@@ -286,7 +286,8 @@ def test_linear_probe_reproduces_the_results_of_the_unsplit_function():
     one_row[0] = 7  # a class with a single train row: no fold can hold it out, the fixed C is fitted
     cases = {  # kwargs -> (top1, train_top1, C, n_iter)
         "fixed": ({}, ytr, (0.4666666666666667, 0.6666666666666666, 1.0, 7)),
-        "grid": ({"C_grid": [0.01, 0.1, 1.0, 10.0], "cv_folds": 3}, ytr, (0.4666666666666667, 0.6833333333333333, 10.0, 10)),
+        "grid": ({"C_grid": [0.01, 0.1, 1.0, 10.0], "cv_folds": 3}, ytr,
+                 (0.4666666666666667, 0.6833333333333333, 10.0, 10)),
         "raw": ({"standardize": False, "C": 100.0}, ytr, (0.4666666666666667, 0.6833333333333333, 100.0, 13)),
         "grid, a class of one": ({"C_grid": [0.5, 2.0]}, one_row, (0.4666666666666667, 0.7, 1.0, 14)),
     }

@@ -384,7 +384,8 @@ def test_seeded_runs_reproduce_the_numbers_of_the_unsplit_train(dataset):
 
 
 def test_train_is_setup_then_train_one_epoch_then_checkpoint_state(dataset):
-    from smn_core.training import CollapseWatch, checkpoint_state, lr_factor, lr_schedule, setup_training, train_one_epoch
+    from smn_core.training import (CollapseWatch, checkpoint_state, lr_factor, lr_schedule, setup_training,
+                                   train_one_epoch)
 
     cfg = pinned_swav_config()
     by_train = build_adaptation_model(masked_backbone(cfg.mask), FEATURE_DIM, cfg)
