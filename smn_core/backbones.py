@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD  # one definition of the ImageNet statistics
+from .registry import Registry
 
 __all__ = [
     "Backbone",
@@ -56,6 +57,7 @@ __all__ = [
     "cifar_resnet",
     "cifar_weights_url",
     "load_checkpoint_state_dict",
+    "register_backbone",
 ]
 
 WEIGHTS_CHOICES: tuple[str, ...] = ("pretrained", "random", "checkpoint")
@@ -383,8 +385,27 @@ def _hub_error(arch: str, source: str, exc: Exception) -> RuntimeError:
 
 
 # --------------------------------------------------------------------------------------------------
-# Builders, one per family
+# Builders, one per family, registered under each arch they build
 # --------------------------------------------------------------------------------------------------
+
+#: A builder: ``fn(arch, weights, checkpoint or None) -> Backbone`` (arguments already checked).
+BuildFn = Callable[[str, str, "str | None"], Backbone]
+_BACKBONES: Registry[BuildFn] = Registry("backbone")
+
+
+def register_backbone(arch: str, *, description: str, hub_dependent: bool) -> Callable[[BuildFn], BuildFn]:
+    """Decorator registering a backbone builder under ``arch`` (for :func:`build_backbone`).
+
+    The builder is called as ``fn(arch, weights, checkpoint)`` with ``weights`` one of
+    :data:`WEIGHTS_CHOICES` and ``checkpoint`` an existing local file or None, and returns a
+    :class:`Backbone`; one builder may be registered under several archs (stack the decorator).
+    ``description`` says what the weights are; ``hub_dependent``: "pretrained" needs a download.
+
+    Raises:
+        ValueError: ``arch`` is not a non-empty str or is already registered.
+    """
+    return _BACKBONES.register(arch, description=description, hub_dependent=hub_dependent)
+
 
 
 def _find_local_cifar(depth: int) -> Path | None:
@@ -393,7 +414,19 @@ def _find_local_cifar(depth: int) -> Path | None:
     return matches[0] if matches else None
 
 
-def _build_cifar(arch: str, depth: int, weights: str, checkpoint: str | None) -> Backbone:
+_CIFAR_DESCRIPTION = "CIFAR ResNet-{}, CIFAR-10 supervised (local file, else GitHub download)"
+
+
+# the smallest CIFAR ResNet (one block per stage): no published weights, for the pipeline's own
+# pretraining (the embedded demo) and quick tests; "pretrained" raises a clear error
+@register_backbone("cifar_resnet8", hub_dependent=False,
+                   description="CIFAR ResNet-8 (no published weights: use weights random, checkpoint or pipeline)")
+@register_backbone("cifar_resnet20", hub_dependent=False, description=_CIFAR_DESCRIPTION.format(20))
+@register_backbone("cifar_resnet32", hub_dependent=False, description=_CIFAR_DESCRIPTION.format(32))
+@register_backbone("cifar_resnet44", hub_dependent=False, description=_CIFAR_DESCRIPTION.format(44))
+@register_backbone("cifar_resnet56", hub_dependent=False, description=_CIFAR_DESCRIPTION.format(56))
+def _build_cifar(arch: str, weights: str, checkpoint: str | None) -> Backbone:
+    depth = int(arch[len("cifar_resnet"):])
     net = cifar_resnet(depth)
     classifier: nn.Module | None = net.linear
     net.linear = nn.Identity()
@@ -417,6 +450,8 @@ def _build_cifar(arch: str, depth: int, weights: str, checkpoint: str | None) ->
                     default_mask_selector="conv", classifier=classifier, weights_source=source)
 
 
+@register_backbone("resnet18", hub_dependent=True, description="timm ResNet-18, ImageNet-1k")
+@register_backbone("resnet50", hub_dependent=True, description="timm ResNet-50, ImageNet-1k")
 def _build_timm_resnet(arch: str, weights: str, checkpoint: str | None) -> Backbone:
     import timm
 
@@ -447,9 +482,15 @@ def _build_timm_resnet(arch: str, weights: str, checkpoint: str | None) -> Backb
                     default_mask_selector="conv", classifier=classifier, weights_source=source)
 
 
-def _build_ssl_resnet50(arch: str, url: str, weights: str, checkpoint: str | None) -> Backbone:
+_SSL_RESNET50_URLS = {"resnet50_swav": _SWAV_URL, "resnet50_dino": _DINO_RESNET50_URL}
+
+
+@register_backbone("resnet50_swav", hub_dependent=True, description="torchvision ResNet-50, SwAV self-supervised")
+@register_backbone("resnet50_dino", hub_dependent=True, description="torchvision ResNet-50, DINO self-supervised")
+def _build_ssl_resnet50(arch: str, weights: str, checkpoint: str | None) -> Backbone:
     import torchvision
 
+    url = _SSL_RESNET50_URLS[arch]
     net = torchvision.models.resnet50(weights=None)
     net.fc = nn.Identity()  # as in the SwAV / DINO hub entry points
     source = "random"
@@ -497,6 +538,7 @@ def _load_clip_checkpoint(clip: nn.Module, state: Mapping[str, Tensor], what: st
     return not missing
 
 
+@register_backbone("clip_vit_b32", hub_dependent=True, description="open_clip ViT-B-32, OpenAI CLIP image tower")
 def _build_clip(arch: str, weights: str, checkpoint: str | None) -> Backbone:
     import open_clip
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -525,35 +567,6 @@ def _build_clip(arch: str, weights: str, checkpoint: str | None) -> Backbone:
                     weights_source=source)
 
 
-@dataclass(frozen=True)
-class _ArchSpec:
-    build: Callable[[str, str | None], Backbone]
-    hub_dependent: bool
-    description: str
-
-
-def _cifar_spec(depth: int) -> _ArchSpec:
-    return _ArchSpec(lambda w, c: _build_cifar(f"cifar_resnet{depth}", depth, w, c), False,
-                     f"CIFAR ResNet-{depth}, CIFAR-10 supervised (local file, else GitHub download)")
-
-
-_REGISTRY: dict[str, _ArchSpec] = {
-    **{f"cifar_resnet{d}": _cifar_spec(d) for d in (20, 32, 44, 56)},
-    # the smallest CIFAR ResNet (one block per stage): no published weights, for the pipeline's own
-    # pretraining (the embedded demo) and quick tests; "pretrained" raises a clear error
-    "cifar_resnet8": _ArchSpec(lambda w, c: _build_cifar("cifar_resnet8", 8, w, c), False,
-                               "CIFAR ResNet-8 (no published weights: use weights random, checkpoint or pipeline)"),
-    "resnet18": _ArchSpec(lambda w, c: _build_timm_resnet("resnet18", w, c), True, "timm ResNet-18, ImageNet-1k"),
-    "resnet50": _ArchSpec(lambda w, c: _build_timm_resnet("resnet50", w, c), True, "timm ResNet-50, ImageNet-1k"),
-    "resnet50_swav": _ArchSpec(lambda w, c: _build_ssl_resnet50("resnet50_swav", _SWAV_URL, w, c), True,
-                               "torchvision ResNet-50, SwAV self-supervised"),
-    "resnet50_dino": _ArchSpec(lambda w, c: _build_ssl_resnet50("resnet50_dino", _DINO_RESNET50_URL, w, c), True,
-                               "torchvision ResNet-50, DINO self-supervised"),
-    "clip_vit_b32": _ArchSpec(lambda w, c: _build_clip("clip_vit_b32", w, c), True,
-                              "open_clip ViT-B-32, OpenAI CLIP image tower"),
-}
-
-
 # --------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------
@@ -566,7 +579,7 @@ def available_backbones() -> list[str]:
     ``resnet50`` (timm), ``resnet50_swav``, ``resnet50_dino`` (fbaipublicfiles) and ``clip_vit_b32``
     (open_clip).
     """
-    return sorted(_REGISTRY)
+    return sorted(_BACKBONES)
 
 
 def build_backbone(arch: str, weights: str = "pretrained", *, checkpoint: str | os.PathLike | None = None) -> Backbone:
@@ -604,7 +617,7 @@ def build_backbone(arch: str, weights: str = "pretrained", *, checkpoint: str | 
         FileNotFoundError: ``checkpoint`` does not exist.
         RuntimeError: pretrained weights could not be downloaded (hub-dependent archs offline).
     """
-    if arch not in _REGISTRY:
+    if arch not in _BACKBONES:
         raise ValueError(f"unknown backbone arch {arch!r}; available: {', '.join(available_backbones())}")
     if weights not in WEIGHTS_CHOICES:
         raise ValueError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS_CHOICES)}")
@@ -615,7 +628,7 @@ def build_backbone(arch: str, weights: str = "pretrained", *, checkpoint: str | 
                          f"use weights='checkpoint' (or 'pretrained') to load it")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file {str(checkpoint)!r} does not exist")
-    return _REGISTRY[arch].build(weights, None if checkpoint is None else str(checkpoint))
+    return _BACKBONES[arch](arch, weights, None if checkpoint is None else str(checkpoint))
 
 
 def build_clip_text_head(

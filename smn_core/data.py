@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from .registry import Registry
+
 __all__ = [
     "ImageDataset",
     "available_datasets",
@@ -423,7 +425,7 @@ def _split_indices(targets: np.ndarray, split: str, test_fraction: float, seed: 
 # returning the FULL split with the source's own labels (class selection and sub-sampling are
 # applied afterwards by load_dataset).
 LoaderFn = Callable[..., ImageDataset]
-_REGISTRY: dict[str, LoaderFn] = {}
+_DATASETS: Registry[LoaderFn] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[LoaderFn], LoaderFn]:
@@ -438,21 +440,12 @@ def register_dataset(name: str) -> Callable[[LoaderFn], LoaderFn]:
     Raises:
         ValueError: ``name`` is not a non-empty str or is already registered.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"dataset name must be a non-empty str, got {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"dataset {name!r} is already registered; registered: {available_datasets()}")
-
-    def decorator(fn: LoaderFn) -> LoaderFn:
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return _DATASETS.register(name)
 
 
 def available_datasets() -> list[str]:
     """Sorted names of the registered dataset sources."""
-    return sorted(_REGISTRY)
+    return sorted(_DATASETS)
 
 
 def load_dataset(
@@ -493,7 +486,7 @@ def load_dataset(
             ``test_fraction``, ``split_seed`` or ``max_samples``, or ``root`` missing where needed.
         FileNotFoundError: the data is not under ``root`` (and ``download`` is False).
     """
-    if source not in _REGISTRY:
+    if source not in _DATASETS:
         raise ValueError(f"unknown dataset source {source!r}; available: {available_datasets()}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
@@ -506,7 +499,7 @@ def load_dataset(
         isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral) or max_samples < 1
     ):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
-    ds = _REGISTRY[source](
+    ds = _DATASETS[source](
         split,
         root=root,
         image_size=image_size,

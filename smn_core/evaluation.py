@@ -72,6 +72,15 @@ def _check_labels(name: str, y: Tensor, n: int) -> Tensor:
     return y.long()
 
 
+def _check_labelled(split: str, features: Tensor, labels: Tensor, empty: str) -> Tensor:
+    """Check ``<split>_features`` (2-D, float, finite, at least one row: else ``empty`` says why it is needed)
+    and ``<split>_labels`` (1-D integers, one per row); return the labels as int64."""
+    _check_features(f"{split}_features", features)
+    if features.shape[0] == 0:
+        raise ValueError(f"{split}_features is empty (0 rows): {empty}")
+    return _check_labels(f"{split}_labels", labels, features.shape[0])
+
+
 def _to_numpy(name: str, x: Any) -> np.ndarray:
     if isinstance(x, Tensor):
         return x.detach().cpu().numpy()
@@ -232,18 +241,13 @@ def knn_predict(
     """
     k = _check_pos_int("k", k)
     chunk_size = _check_pos_int("chunk_size", chunk_size)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+    if not _is_positive_number(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     temperature = float(temperature)
 
-    _check_features("train_features", train_features)
+    train_labels = _check_labelled("train", train_features, train_labels, "the k-NN bank needs at least one example")
     _check_features("test_features", test_features)
     n = train_features.shape[0]
-    if n == 0:
-        raise ValueError("train_features is empty (0 rows): the k-NN bank needs at least one example")
-    train_labels = _check_labels("train_labels", train_labels, n)
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"feature dimensions differ: train_features has {train_features.shape[1]} columns, "
@@ -305,11 +309,7 @@ def knn_top1(
 
     Source: Caron et al. 2021 (DINO) k-NN protocol; paper Sec. 4.1 (k = 200, T = 0.1).
     """
-    _check_features("test_features", test_features)
-    q = test_features.shape[0]
-    if q == 0:
-        raise ValueError("test_features is empty (0 rows): accuracy needs at least one query")
-    test_labels = _check_labels("test_labels", test_labels, q)
+    test_labels = _check_labelled("test", test_features, test_labels, "accuracy needs at least one query")
     preds = knn_predict(train_features, train_labels, test_features, **kw)
     return float((preds.cpu() == test_labels.cpu()).double().mean().item())
 
@@ -393,24 +393,44 @@ def linear_probe(
 
     Source: linear evaluation of frozen features (paper Sec. 4.1; DINO, Caron et al. 2021).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    max_iter, grid = _check_probe_settings(C, max_iter, C_grid, cv_folds)
+    xtr, ytr, xte, yte = _probe_arrays(train_features, train_labels, test_features, test_labels)
+    xtr = xtr.astype(np.float64 if xtr.dtype == np.float64 else np.float32, copy=False)
+    xte = xte.astype(xtr.dtype, copy=False)
+    pipe = _fit_probe(xtr, ytr, C=float(C), max_iter=max_iter, standardize=standardize, seed=seed, grid=grid,
+                      cv_folds=cv_folds)
+    clf = pipe[-1]
+    train_top1 = float(np.mean(pipe.predict(xtr) == ytr))
+    top1 = float(np.mean(pipe.predict(xte) == yte))
+    return LinearProbeResult(top1=top1, train_top1=train_top1, C=float(clf.C), n_iter=int(np.max(clf.n_iter_)))
 
-    if isinstance(C, bool) or not isinstance(C, (int, float, np.integer, np.floating)) or not (
-        math.isfinite(float(C)) and float(C) > 0
-    ):
+
+def _is_positive_number(value: Any) -> bool:
+    """True for a real number (not a bool) that is finite and > 0."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(float(value)) and float(value) > 0)
+
+
+def _check_probe_settings(C: Any, max_iter: Any, C_grid: Sequence[float] | None,
+                          cv_folds: Any) -> tuple[int, list[float] | None]:
+    """``(max_iter, C grid or None)`` of :func:`linear_probe`, checked; raises ValueError on a bad one."""
+    if not _is_positive_number(C):
         raise ValueError(f"C must be a finite number > 0, got {C!r}")
     max_iter = _check_pos_int("max_iter", max_iter)
-    if C_grid is not None:
-        grid = list(C_grid)
-        bad = [c for c in grid if isinstance(c, bool) or not isinstance(c, (int, float, np.integer, np.floating))
-               or not (math.isfinite(float(c)) and float(c) > 0)]
-        if not grid or bad:
-            raise ValueError(f"C_grid must be a non-empty list of finite numbers > 0, got {C_grid!r}")
-        if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
-            raise ValueError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
+    if C_grid is None:
+        return max_iter, None
+    grid = list(C_grid)
+    if not grid or not all(_is_positive_number(c) for c in grid):
+        raise ValueError(f"C_grid must be a non-empty list of finite numbers > 0, got {C_grid!r}")
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
+        raise ValueError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
+    return max_iter, [float(c) for c in grid]
 
+
+def _probe_arrays(train_features, train_labels, test_features,
+                  test_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The probe's inputs as numpy arrays, checked: real finite non-empty 2-D features of one width, 1-D
+    integer labels of matching length, at least 2 train classes. Raises ValueError naming the bad input."""
     xtr = _to_numpy("train_features", train_features)
     ytr = _to_numpy("train_labels", train_labels)
     xte = _to_numpy("test_features", test_features)
@@ -439,28 +459,28 @@ def linear_probe(
     n_cls = np.unique(ytr).size
     if n_cls < 2:
         raise ValueError(f"train_labels must contain at least 2 distinct classes, got {n_cls}")
+    return xtr, ytr, xte, yte
 
-    xtr = xtr.astype(np.float64 if xtr.dtype == np.float64 else np.float32, copy=False)
-    xte = xte.astype(xtr.dtype, copy=False)
-    clf = LogisticRegression(C=float(C), solver="lbfgs", max_iter=max_iter, random_state=seed)
+
+def _fit_probe(xtr: np.ndarray, ytr: np.ndarray, *, C: float, max_iter: int, standardize: bool, seed: int,
+               grid: list[float] | None, cv_folds: int):
+    """The fitted sklearn ``Pipeline`` ([scaler,] logistic regression): C fixed, or chosen from ``grid`` by
+    stratified cross-validation on the train rows when every class has at least 2 of them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed)
     pipe = make_pipeline(StandardScaler(), clf) if standardize else make_pipeline(clf)
     smallest = int(np.unique(ytr, return_counts=True)[1].min())
-    if C_grid is not None and smallest >= 2:
-        from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    if grid is None or smallest < 2:
+        return pipe.fit(xtr, ytr)
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-        folds = StratifiedKFold(n_splits=min(int(cv_folds), smallest), shuffle=True, random_state=seed)
-        search = GridSearchCV(pipe, {"logisticregression__C": [float(c) for c in grid]}, cv=folds,
-                              scoring="accuracy", refit=True)
-        search.fit(xtr, ytr)
-        pipe = search.best_estimator_
-        clf = pipe[-1]
-        C = clf.C
-    else:
-        pipe.fit(xtr, ytr)
-    train_top1 = float(np.mean(pipe.predict(xtr) == ytr))
-    top1 = float(np.mean(pipe.predict(xte) == yte))
-    n_iter = int(np.max(clf.n_iter_))
-    return LinearProbeResult(top1=top1, train_top1=train_top1, C=float(C), n_iter=n_iter)
+    folds = StratifiedKFold(n_splits=min(int(cv_folds), smallest), shuffle=True, random_state=seed)
+    search = GridSearchCV(pipe, {"logisticregression__C": grid}, cv=folds, scoring="accuracy", refit=True)
+    search.fit(xtr, ytr)
+    return search.best_estimator_
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .registry import Registry
+
 __all__ = [
     "MaskCodec",
     "ByteCodec",
@@ -51,6 +53,7 @@ __all__ = [
     "DEFAULT_CODEC",
     "available_codecs",
     "get_codec",
+    "register_codec",
     "pack_bits",
     "unpack_bits",
     "binary_entropy",
@@ -180,6 +183,25 @@ class MaskCodec:
         return False
 
 
+#: A codec factory: ``fn() -> MaskCodec``, called on first use (so a codec's library is imported only then).
+CodecFactory = Callable[[], MaskCodec]
+_FACTORIES: Registry[CodecFactory] = Registry("codec")
+_CODECS: dict[str, MaskCodec] = {}  # the codecs built so far, by name
+
+
+def register_codec(name: str, *, package: str | None = None) -> Callable[[CodecFactory], CodecFactory]:
+    """Decorator registering a codec factory under ``name`` (for :func:`get_codec`).
+
+    The factory takes no arguments and returns the :class:`MaskCodec`; :func:`get_codec` calls it once, on
+    first use. ``package`` names the pip package the factory imports, for the error when it is missing.
+    A class with a no-argument constructor can be registered directly.
+
+    Raises:
+        ValueError: ``name`` is not a non-empty str or is already registered.
+    """
+    return _FACTORIES.register(name, package=package)
+
+
 class ByteCodec(MaskCodec):
     """A general-purpose byte compressor applied to bit-packed masks (or to raw fp32 bytes).
 
@@ -207,19 +229,44 @@ class ByteCodec(MaskCodec):
         return unpack_bits(raw, shapes)
 
 
-def _lz4() -> tuple[Callable, Callable]:
+@register_codec("none")
+def _none() -> ByteCodec:
+    return ByteCodec("none", "bit-packed, uncompressed (1 bit per weight)", bytes, bytes)
+
+
+@register_codec("gzip")
+def _gzip() -> ByteCodec:
+    return ByteCodec("gzip", "gzip (DEFLATE), level 9, mtime 0 (Python gzip)",
+                     lambda b: gzip.compress(b, compresslevel=9, mtime=0), gzip.decompress)
+
+
+@register_codec("bz2")
+def _bz2() -> ByteCodec:
+    return ByteCodec("bz2", "bzip2, level 9 (Python bz2)", lambda b: bz2.compress(b, 9), bz2.decompress)
+
+
+@register_codec("lzma")
+def _lzma() -> ByteCodec:
+    return ByteCodec("lzma", "LZMA/xz, preset 6 (Python lzma)", lzma.compress, lzma.decompress)
+
+
+@register_codec("lz4", package="lz4")
+def _lz4() -> ByteCodec:
     import lz4.frame
 
-    return (lambda b: lz4.frame.compress(b, store_size=True)), lz4.frame.decompress
+    return ByteCodec("lz4", "LZ4 frame, default level (lz4 package)", lambda b: lz4.frame.compress(b, store_size=True),
+                     lz4.frame.decompress)
 
 
-def _snappy() -> tuple[Callable, Callable]:
+@register_codec("snappy", package="python-snappy")
+def _snappy() -> ByteCodec:
     import snappy
 
-    return snappy.compress, snappy.decompress
+    return ByteCodec("snappy", "Snappy (python-snappy)", snappy.compress, snappy.decompress)
 
 
-def _zstd() -> tuple[Callable, Callable]:
+@register_codec("zstd", package="zstandard")
+def _zstd() -> ByteCodec:
     import zstandard
 
     def compress(b: bytes) -> bytes:
@@ -228,18 +275,7 @@ def _zstd() -> tuple[Callable, Callable]:
     def decompress(b: bytes) -> bytes:
         return zstandard.ZstdDecompressor().decompress(b)
 
-    return compress, decompress
-
-
-_LIBRARY_FACTORIES: dict[str, tuple[str, Callable[[], tuple[Callable, Callable]]]] = {
-    "gzip": ("gzip (DEFLATE), level 9, mtime 0 (Python gzip)",
-             lambda: ((lambda b: gzip.compress(b, compresslevel=9, mtime=0)), gzip.decompress)),
-    "bz2": ("bzip2, level 9 (Python bz2)", lambda: ((lambda b: bz2.compress(b, 9)), bz2.decompress)),
-    "lzma": ("LZMA/xz, preset 6 (Python lzma)", lambda: (lzma.compress, lzma.decompress)),
-    "lz4": ("LZ4 frame, default level (lz4 package)", _lz4),
-    "snappy": ("Snappy (python-snappy)", _snappy),
-    "zstd": ("Zstandard, level 19 (zstandard package)", _zstd),
-}
+    return ByteCodec("zstd", "Zstandard, level 19 (zstandard package)", compress, decompress)
 
 
 # ------------------------------- our own: context-modelled range coder ----------------------------
@@ -272,6 +308,7 @@ def _weight_context(weight: np.ndarray, units: int, k: int) -> np.ndarray:
     return np.searchsorted(edges, mag).astype(np.int64) * 2 + (w > 0)
 
 
+@register_codec("smn-ctx", package="constriction")
 class ContextMaskCodec(MaskCodec):
     """``smn-ctx``: context-modelled binary range coding of masks (module docstring).
 
@@ -388,16 +425,13 @@ class ContextMaskCodec(MaskCodec):
         return bits.reshape(shape)
 
 
-_CODECS: dict[str, MaskCodec] = {}
-
-
 def available_codecs() -> list[str]:
     """Names of every codec: ``"none"``, the library codecs, and ``"smn-ctx"``."""
-    return ["none", *LIBRARY_CODECS, "smn-ctx"]
+    return _FACTORIES.names()
 
 
 def get_codec(name: str) -> MaskCodec:
-    """The codec registered under ``name``.
+    """The codec registered under ``name`` (built on first use, then the same object).
 
     Raises:
         ValueError: on an unknown name (lists the allowed ones).
@@ -405,20 +439,15 @@ def get_codec(name: str) -> MaskCodec:
     """
     if name in _CODECS:
         return _CODECS[name]
-    if name == "none":
-        codec: MaskCodec = ByteCodec("none", "bit-packed, uncompressed (1 bit per weight)", bytes, bytes)
-    elif name in _LIBRARY_FACTORIES:
-        desc, factory = _LIBRARY_FACTORIES[name]
-        try:
-            compress, decompress = factory()
-        except ImportError as exc:
-            pkg = {"lz4": "lz4", "snappy": "python-snappy", "zstd": "zstandard"}.get(name, name)
-            raise ImportError(f"codec {name!r} needs the package {pkg!r} ({exc})") from exc
-        codec = ByteCodec(name, desc, compress, decompress)
-    elif name == "smn-ctx":
-        codec = ContextMaskCodec()
-    else:
+    if name not in _FACTORIES:
         raise ValueError(f"codec {name!r} is not known; allowed: {', '.join(available_codecs())}")
+    package = _FACTORIES.info(name)["package"]
+    try:
+        codec = _FACTORIES[name]()
+    except ImportError as exc:
+        if package is None:
+            raise
+        raise ImportError(f"codec {name!r} needs the package {package!r} ({exc})") from exc
     _CODECS[name] = codec
     return codec
 

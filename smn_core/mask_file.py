@@ -30,7 +30,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 from torch import nn
 
-from .mask_codecs import DEFAULT_CODEC, CodecError, get_codec
+from .mask_codecs import DEFAULT_CODEC, CodecError, get_codec, pack_bits
 from .masking import mask_modules
 
 __all__ = [
@@ -87,11 +87,7 @@ def pack_mask(mask: torch.Tensor | np.ndarray) -> np.ndarray:
         ValueError: if the mask holds values other than 0/1.
     """
     arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if arr.dtype != np.bool_:
-        if arr.size and not np.isin(arr, (0, 1)).all():
-            raise ValueError("a mask must hold only 0/1 (or bool) values")
-        arr = arr.astype(np.bool_)
-    return np.packbits(arr.reshape(-1))
+    return np.frombuffer(pack_bits([arr]), dtype=np.uint8).copy()
 
 
 def unpack_mask(packed: np.ndarray | bytes, shape: tuple[int, ...]) -> torch.Tensor:
@@ -220,6 +216,16 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy()
 
 
+def _weight_context(weights: Mapping[str, torch.Tensor], names: list[str],
+                    missing_error: Callable[[list[str]], Exception]) -> list[np.ndarray]:
+    """The float32 backbone tensors ``names`` (the ``smn-ctx`` codec's context); ``missing_error(first 5
+    missing names)`` is raised when ``weights`` lacks some."""
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise missing_error(missing[:5])
+    return [_np(weights[n]).astype(np.float32) for n in names]
+
+
 def encode_mask_file(task: TaskMask, codec: str = DEFAULT_CODEC,
                      weights: Mapping[str, torch.Tensor] | None = None) -> bytes:
     """Serialise a task to the bytes of an ``smn-mask/1`` file.
@@ -238,10 +244,7 @@ def encode_mask_file(task: TaskMask, codec: str = DEFAULT_CODEC,
     arrays = [_np(task.masks[n]) for n in names]
     ctx = None
     if weights is not None and codec == "smn-ctx":
-        missing = [n for n in names if n not in weights]
-        if missing:
-            raise ValueError(f"backbone weights lack the masked tensors {missing[:5]}")
-        ctx = [_np(weights[n]).astype(np.float32) for n in names]
+        ctx = _weight_context(weights, names, lambda m: ValueError(f"backbone weights lack the masked tensors {m}"))
     payload = c.encode(arrays, ctx)
     tensors: dict[str, np.ndarray] = {"payload": np.frombuffer(payload, dtype=np.uint8).copy()}
     for k, v in task.head.items():
@@ -372,10 +375,8 @@ def decode_mask_file(data: bytes, weights: Mapping[str, torch.Tensor] | None = N
             if weights is None:
                 raise ValueError(f"{source}: its masks were coded with the backbone's weights as context "
                                  f"({header['codec']}); pass the backbone (hash {header['backbone_hash']}) to decode")
-            missing = [n for n in names if n not in weights]
-            if missing:
-                raise BackboneMismatchError(f"{source}: the backbone has no tensors {missing[:5]}")
-            ctx = [_np(weights[n]).astype(np.float32) for n in names]
+            ctx = _weight_context(weights, names,
+                                  lambda m: BackboneMismatchError(f"{source}: the backbone has no tensors {m}"))
         arrays = codec.decode(payload, shapes, ctx)
     except CodecError as exc:
         raise MaskFileError(f"{source}: {exc}") from None

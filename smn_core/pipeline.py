@@ -478,6 +478,108 @@ def labelled_subset(ds: ImageDataset, fraction: float, *, seed: int = 0, min_siz
     return subset(ds, np.tile(keep, reps))
 
 
+def _before_training(cfg: CellConfig, backbone: Backbone, model: torch.nn.Module, train_ds: ImageDataset, size: int, *,
+                     fresh: bool, train_subset: Sequence[int] | None, device: str | torch.device,
+                     progress: Callable[[str], None] | None) -> tuple[dict[str, float], torch.Tensor | None]:
+    """What a cell measures on the frozen backbone before any training: ``(metrics, head features)``.
+
+    ``pretrained_bn`` re-estimates BN statistics (``bn_layers``); a fresh (not resumed, not seeded) SwAV run
+    records the view-strength check (``view_cos_*``) and, with ``swav.head_init: pca_kmeans``, returns the
+    ``(N, F)`` embeddings of its training images to initialise the head from (else None).
+    """
+    metrics: dict[str, float] = {}
+    training = METHODS[cfg.method]
+    if cfg.method == "pretrained_bn":
+        metrics["bn_layers"] = float(reestimate_batchnorm(model, train_ds, image_size=size, mean=backbone.mean,
+                                                          std=backbone.std, batch_size=cfg.eval.batch_size,
+                                                          device=device))
+    swav_fresh = training is not None and cfg.train.objective == "swav" and fresh
+    if swav_fresh:
+        views = view_similarity(model, train_ds, MultiCropTransform(size, cfg.train.multicrop, backbone.mean,
+                                                                    backbone.std), seed=cfg.seed, device=device)
+        metrics.update(view_cos_same=views.same, view_cos_other=views.other, view_cos_gap=views.gap)
+        if views.warning and progress is not None:
+            progress(f"warning: {views.warning}")
+    if not (swav_fresh and cfg.train.swav.head_init == "pca_kmeans"):
+        return metrics, None
+    head_ds = train_ds if train_subset is None else subset(train_ds, train_subset)
+    head_features, _ = compute_embeddings(model, SeededViewDataset(head_ds, eval_transform(size, backbone.mean,
+                                                                                             backbone.std)),
+                                          batch_size=cfg.eval.batch_size, device=device)
+    return metrics, head_features
+
+
+def _training_data(cfg: CellConfig, train_ds: ImageDataset, train_subset: Sequence[int] | None,
+                   metrics: dict[str, float]) -> ImageDataset:
+    """The images a cell adapts on: its subset of the train split, cut to the labelled share (Fig. 3)."""
+    adapt_ds = train_ds if train_subset is None else subset(train_ds, train_subset)
+    if cfg.dataset.label_fraction is not None:  # low-shot supervised training (Fig. 3)
+        # the labelled share is repeated to the length of the whole split: a low-shot run takes as many
+        # steps as a full-label (or unlabeled SMN) run of the same epochs
+        adapt_ds = labelled_subset(adapt_ds, cfg.dataset.label_fraction, seed=cfg.dataset.split_seed,
+                                   min_size=max(len(adapt_ds), cfg.train.batch_size))
+        metrics["num_labelled"] = float(np.unique(adapt_ds.source_indices).size)
+    return adapt_ds
+
+
+def _training_metrics(result: TrainResult, seconds: float) -> dict[str, float]:
+    """A training run's ledger metrics: time, steps, final loss, collapse, resume, per-epoch losses (Fig. 5)."""
+    metrics = dict(train_seconds=seconds, steps=float(result.steps), train_loss=result.history[-1]["loss"],
+                   collapsed=float(result.collapse is not None or result.collapse_epoch is not None),
+                   collapse_epoch=float(0 if result.collapse_epoch is None else result.collapse_epoch + 1),
+                   stopped_early=float(result.stopped_early), resumed_from_epoch=float(result.resumed_from_epoch))
+    metrics.update({f"train_loss@{int(h['epoch']) + 1}": float(h["loss"]) for h in result.history})  # Fig. 5
+    for key in ("code_entropy", "prediction_information"):
+        if key in result.history[-1]:
+            metrics[key] = result.history[-1][key]
+    return metrics
+
+
+@dataclass
+class _Adapted:
+    result: TrainResult
+    state: dict[str, torch.Tensor]
+    classifier: torch.nn.Module | None
+    masks: dict[str, torch.Tensor] | None
+
+
+def _adapt(cfg: CellConfig, backbone: Backbone, model: torch.nn.Module, train_ds: ImageDataset, size: int, *,
+           train_subset: Sequence[int] | None, head: torch.nn.Module | None, head_features: torch.Tensor | None,
+           metrics: dict[str, float], device: str | torch.device, train_kw: dict[str, Any]) -> _Adapted:
+    """Attach masks (masking methods), build the head, train on the cell's training images
+    (:func:`_training_data`), and add the training and mask metrics to ``metrics``."""
+    if cfg.train.adaptation == "mask":
+        attach_masks(model, cfg.train.mask)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    adapt = build_adaptation_model(model, backbone.feature_dim, cfg.train, num_classes=len(train_ds.class_names),
+                                   classifier=head)
+    if head_features is not None:
+        init_head_from_features(adapt.swav.head, head_features, seed=cfg.seed)
+    adapt_ds = _training_data(cfg, train_ds, train_subset, metrics)
+    result = train(adapt, adapt_ds, cfg.train, image_size=size, mean=backbone.mean, std=backbone.std, device=device,
+                   **train_kw)
+    state = {k: v.cpu() for k, v in trainable_state(adapt).items()}
+    metrics.update(_training_metrics(result, time.perf_counter() - t0))
+    masks = None
+    if mask_modules(model):
+        masks = export_masks(model)
+        density, _ = mask_density(masks)
+        metrics.update(density=density, mask_bits=float(sum(m.numel() for m in masks.values())),
+                       trainable_masks=float(trainable_mask_count(model)))
+    return _Adapted(result=result, state=state, masks=masks,
+                    classifier=adapt.classifier if cfg.train.objective == "supervised" else None)
+
+
+def _storage_bits(cfg: CellConfig, metrics: dict[str, float], backbone_params: int) -> float:
+    """Bits one task costs on top of the shared backbone (paper Table 1 "Size")."""
+    if METHODS[cfg.method] is None:
+        return 0.0
+    if cfg.train.adaptation == "mask":
+        return metrics.get("trainable_masks", 0.0)
+    return 32.0 * backbone_params
+
+
 def run_cell(
     cfg: CellConfig,
     *,
@@ -510,7 +612,8 @@ def run_cell(
         (1-based first epoch of that collapse, 0 if none), ``stopped_early`` (1.0 if
         ``on_collapse: stop`` ended the run), and for SwAV the view-strength check
         (:func:`smn_core.view_strength.view_similarity`: ``view_cos_same``, ``view_cos_other``,
-        ``view_cos_gap`` of the frozen backbone, before training). ``pretrained_bn`` reports ``bn_layers``. Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
+        ``view_cos_gap`` of the frozen backbone, before training). ``pretrained_bn`` reports ``bn_layers``.
+        Always: ``backbone_params`` (parameters of the backbone) and ``storage_bits``, the bits one
         task costs on top of the shared backbone (paper Table 1 "Size"): ``trainable_masks`` for masking,
         32 x backbone parameters for full fine-tuning (an fp32 copy), 0 for the frozen backbone.
         Trained cells also report ``resumed_from_epoch`` (0 for an uninterrupted run),
@@ -530,78 +633,24 @@ def run_cell(
     if training is not None and training[0] == "supervised" and cfg.train.classifier == "clip_text":
         head = clip_text_classifier(backbone, train_ds.class_names, cfg.train.prompt_template)  # on the CPU
     model = backbone.model.to(device)
-    metrics: dict[str, float] = {}
-    masks = None
-    result = None
-    state = None
     backbone_params = sum(p.numel() for p in model.parameters())
-    classifier = None
-    if cfg.method == "pretrained_bn":
-        metrics["bn_layers"] = float(reestimate_batchnorm(model, train_ds, image_size=size, mean=backbone.mean,
-                                                          std=backbone.std, batch_size=cfg.eval.batch_size,
-                                                          device=device))
-    if training is not None and cfg.train.objective == "swav" and resume is None and init_state is None:
-        views = view_similarity(model, train_ds, MultiCropTransform(size, cfg.train.multicrop, backbone.mean,
-                                                                    backbone.std), seed=cfg.seed, device=device)
-        metrics.update(view_cos_same=views.same, view_cos_other=views.other, view_cos_gap=views.gap)
-        if views.warning and progress is not None:
-            progress(f"warning: {views.warning}")
-    head_features = None
-    if (training is not None and cfg.train.objective == "swav" and cfg.train.swav.head_init == "pca_kmeans"
-            and resume is None and init_state is None):
-        head_ds = train_ds if train_subset is None else subset(train_ds, train_subset)
-        head_features, _ = compute_embeddings(model, SeededViewDataset(head_ds, eval_transform(size, backbone.mean,
-                                                                                                 backbone.std)),
-                                              batch_size=cfg.eval.batch_size, device=device)
+    metrics, head_features = _before_training(cfg, backbone, model, train_ds, size, fresh=resume is None and init_state
+                                              is None, train_subset=train_subset, device=device, progress=progress)
+    adapted = None
     if training is not None:
-        if cfg.train.adaptation == "mask":
-            attach_masks(model, cfg.train.mask)
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        adapt = build_adaptation_model(model, backbone.feature_dim, cfg.train,
-                                       num_classes=len(train_ds.class_names), classifier=head)
-        if head_features is not None:
-            init_head_from_features(adapt.swav.head, head_features, seed=cfg.seed)
-        adapt_ds = train_ds if train_subset is None else subset(train_ds, train_subset)
-        if cfg.dataset.label_fraction is not None:  # low-shot supervised training (Fig. 3)
-            # the labelled share is repeated to the length of the whole split: a low-shot run takes as many
-            # steps as a full-label (or unlabeled SMN) run of the same epochs
-            adapt_ds = labelled_subset(adapt_ds, cfg.dataset.label_fraction, seed=cfg.dataset.split_seed,
-                                       min_size=max(len(adapt_ds), cfg.train.batch_size))
-            metrics["num_labelled"] = float(np.unique(adapt_ds.source_indices).size)
-        result = train(adapt, adapt_ds, cfg.train, image_size=size, mean=backbone.mean, std=backbone.std,
-                       device=device, resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
-                       progress=progress)
-        state = {k: v.cpu() for k, v in trainable_state(adapt).items()}
-        metrics.update(train_seconds=time.perf_counter() - t0, steps=float(result.steps),
-                       train_loss=result.history[-1]["loss"],
-                       collapsed=float(result.collapse is not None or result.collapse_epoch is not None),
-                       collapse_epoch=float(0 if result.collapse_epoch is None else result.collapse_epoch + 1),
-                       stopped_early=float(result.stopped_early),
-                       resumed_from_epoch=float(result.resumed_from_epoch))
-        metrics.update({f"train_loss@{int(h['epoch']) + 1}": float(h["loss"]) for h in result.history})  # Fig. 5
-        if cfg.train.objective == "supervised":
-            classifier = adapt.classifier
-        for key in ("code_entropy", "prediction_information"):
-            if key in result.history[-1]:
-                metrics[key] = result.history[-1][key]
-        if mask_modules(model):
-            masks = export_masks(model)
-            density, _ = mask_density(masks)
-            metrics.update(density=density, mask_bits=float(sum(m.numel() for m in masks.values())),
-                           trainable_masks=float(trainable_mask_count(model)))
+        adapted = _adapt(cfg, backbone, model, train_ds, size, train_subset=train_subset, head=head,
+                         head_features=head_features, metrics=metrics, device=device,
+                         train_kw=dict(resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
+                                       progress=progress))
     if evaluate:
         trained_dtype = getattr(torch, cfg.train.dtype) if training is not None else torch.float32
         eval_model = model if trained_dtype == torch.float32 else _CastInput(model, trained_dtype)
         metrics.update(evaluate_model(eval_model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
-                                      std=backbone.std, device=device, classifier=classifier))
+                                      std=backbone.std, device=device,
+                                      classifier=adapted.classifier if adapted else None))
     metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)), backbone_params=float(backbone_params))
-    if training is None:
-        metrics["storage_bits"] = 0.0
-    elif cfg.train.adaptation == "mask":
-        metrics["storage_bits"] = metrics.get("trainable_masks", 0.0)
-    else:
-        metrics["storage_bits"] = 32.0 * backbone_params
-    return CellOutcome(metrics=metrics, masks=masks, history=result.history if result else [], train_result=result,
-                       state=state)
-
+    metrics["storage_bits"] = _storage_bits(cfg, metrics, backbone_params)
+    if adapted is None:
+        return CellOutcome(metrics=metrics, masks=None, history=[], train_result=None, state=None)
+    return CellOutcome(metrics=metrics, masks=adapted.masks, history=adapted.result.history,
+                       train_result=adapted.result, state=adapted.state)

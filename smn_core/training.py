@@ -26,12 +26,14 @@ keeps BN in eval mode with the pretrained statistics.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -43,14 +45,17 @@ from .augment import MultiCropConfig, MultiCropTransform, SeededViewDataset, col
 from .masking import MaskConfig, mask_density, mask_modules, score_parameters, set_topk_density
 from .swav import SwAV, SwAVConfig, detect_collapse
 
-__all__ = ["TrainConfig", "TrainResult", "AdaptationModel", "CosineClassifier", "train", "build_adaptation_model",
-           "trainable_state"]
+__all__ = ["TrainConfig", "TrainResult", "TrainSetup", "AdaptationModel", "CosineClassifier", "CollapseWatch",
+           "train", "setup_training", "train_one_epoch", "checkpoint_state", "build_optimizer",
+           "build_adaptation_model", "trainable_state", "lr_factor", "lr_schedule"]
 
 OBJECTIVES = ("swav", "supervised")
 ADAPTATIONS = ("mask", "full")
 BN_MODES = ("adapt", "frozen")
 DTYPES = ("float32", "float64")
 CLASSIFIERS = ("linear", "clip_text")
+SCHEDULES = ("cosine", "constant")
+ON_COLLAPSE = ("warn", "stop")
 
 
 @dataclass
@@ -137,14 +142,11 @@ class TrainConfig:
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r} is not known; allowed: {', '.join(OBJECTIVES)}")
-        if self.adaptation not in ADAPTATIONS:
-            raise ValueError(f"adaptation {self.adaptation!r} is not known; allowed: {', '.join(ADAPTATIONS)}")
-        if self.bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode {self.bn_mode!r} is not known; allowed: {', '.join(BN_MODES)}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule {self.schedule!r} is not known; allowed: cosine, constant")
+        for name, allowed in (("objective", OBJECTIVES), ("adaptation", ADAPTATIONS), ("bn_mode", BN_MODES),
+                              ("schedule", SCHEDULES), ("on_collapse", ON_COLLAPSE), ("dtype", DTYPES),
+                              ("classifier", CLASSIFIERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not known; allowed: {', '.join(allowed)}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -157,20 +159,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        if self.head_warmup_epochs is not None and not 0 <= self.head_warmup_epochs <= self.epochs:
-            raise ValueError(f"head_warmup_epochs must be in [0, epochs={self.epochs}] or null, "
-                             f"got {self.head_warmup_epochs}")
-        if self.on_collapse not in ("warn", "stop"):
-            raise ValueError(f"on_collapse {self.on_collapse!r} is not known; allowed: warn, stop")
+        for name in ("head_warmup_epochs", "weight_warmup_epochs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= self.epochs:
+                raise ValueError(f"{name} must be in [0, epochs={self.epochs}] or null, got {getattr(self, name)}")
         if self.collapse_patience < 1:
             raise ValueError(f"collapse_patience must be >= 1 epoch, got {self.collapse_patience}")
-        if self.weight_warmup_epochs is not None and not 0 <= self.weight_warmup_epochs <= self.epochs:
-            raise ValueError(f"weight_warmup_epochs must be in [0, epochs={self.epochs}] or null, "
-                             f"got {self.weight_warmup_epochs}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not known; allowed: {', '.join(DTYPES)}")
-        if self.classifier not in CLASSIFIERS:
-            raise ValueError(f"classifier {self.classifier!r} is not known; allowed: {', '.join(CLASSIFIERS)}")
         if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
             raise ValueError(f"prompt_template {self.prompt_template!r} is invalid; allowed: a string with exactly "
                              "one '{}' for the class name, e.g. 'a photo of a {}'")
@@ -325,6 +318,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, delay: int = 0)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def lr_schedule(total: int, warmup: int, schedule: str, delay: int = 0) -> np.ndarray:
+    """:func:`lr_factor` at every step ``0 .. total - 1``, as a ``(total,)`` float64 array (DINO's
+    precomputed per-iteration schedules; multiply by a group's base learning rate)."""
+    return np.array([lr_factor(step, total, warmup, schedule, delay) for step in range(total)], dtype=np.float64)
+
+
 def _set_bn_mode(model: nn.Module, bn_mode: str) -> None:
     if bn_mode == "frozen":
         for m in model.modules():
@@ -366,6 +365,307 @@ def _restore(model: AdaptationModel, opt: torch.optim.Optimizer, tensors: dict[s
     opt.load_state_dict(sd)
 
 
+@dataclass
+class TrainSetup:
+    """Everything one training run builds before its first step (:func:`setup_training`).
+
+    Attributes:
+        config: the run's hyperparameters.
+        core: the model being trained (after the dtype cast and, on several GPUs with ``bn_mode="adapt"``,
+            the ``SyncBatchNorm`` conversion); ``runner`` is what the loop calls: ``core`` itself, or its
+            ``DistributedDataParallel`` wrapper when ``torch.distributed`` is initialised.
+        optimizer: SGD over two parameter groups, ``[head, scores or backbone weights]``.
+        lr_schedules: one array per parameter group, the learning rate at every optimisation step
+            ``0 .. total_steps - 1`` (:func:`lr_schedule` times the group's base lr).
+        views, sampler, loader: the seeded view dataset, its ``DistributedSampler`` and the ``DataLoader``.
+        steps_per_epoch, total_steps: optimisation steps per epoch (capped by ``max_steps_per_epoch``) and
+            in the whole run.
+        queue_start_epoch: first epoch (0-based) with the SwAV queue on.
+        device, dtype: where and in which float type the model and the inputs live.
+        distributed, world, rank: the ``torch.distributed`` context (False, 1, 0 in-process).
+        start_epoch, start_step, history: where the run starts (0, 0, [] unless resumed) and the history
+            of the epochs before it.
+    """
+
+    config: TrainConfig
+    core: AdaptationModel
+    runner: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedules: list[np.ndarray]
+    views: SeededViewDataset
+    sampler: DistributedSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    queue_start_epoch: int
+    device: torch.device
+    dtype: torch.dtype
+    distributed: bool
+    world: int
+    rank: int
+    start_epoch: int
+    start_step: int
+    history: list[dict[str, float]]
+
+
+def _build_loader(dataset, config: TrainConfig, image_size: int, mean, std, world: int,
+                  rank: int) -> tuple[SeededViewDataset, DistributedSampler, DataLoader]:
+    """The augmented views of ``dataset`` (multi-crop for SwAV, one view otherwise), sharded over ``world``."""
+    if config.objective == "swav":
+        transform = MultiCropTransform(image_size, config.multicrop, mean, std)
+    else:
+        transform = _single_view(supervised_train_transform(image_size, mean, std))
+    views = SeededViewDataset(dataset, transform, seed=config.seed)
+    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
+    loader = DataLoader(views, batch_size=config.batch_size // world, sampler=sampler, drop_last=True,
+                        num_workers=config.loader_workers, collate_fn=collate_views,
+                        persistent_workers=config.loader_workers > 0)
+    return views, sampler, loader
+
+
+def _group_lr_schedules(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> list[np.ndarray]:
+    """Per-step learning rates of the two parameter groups ``[head, scores or backbone weights]`` (Sec. 4.1)."""
+    warmup_epochs = config.warmup_epochs
+    if config.adaptation == "full" and config.weight_warmup_epochs is not None:
+        warmup_epochs = config.weight_warmup_epochs
+    head_only = min(config.head_only_steps, total_steps - 1) if config.adaptation == "mask" else 0
+    head_warmup = config.head_warmup_epochs
+    if head_warmup is None:
+        head_warmup = 0.0 if config.objective == "swav" else warmup_epochs
+    body_lr = config.score_lr if config.adaptation == "mask" else config.weight_lr
+    return [config.head_lr * lr_schedule(total_steps, int(round(head_warmup * steps_per_epoch)), config.schedule),
+            body_lr * lr_schedule(total_steps, int(round(warmup_epochs * steps_per_epoch)), config.schedule,
+                                  head_only)]
+
+
+def build_optimizer(core: AdaptationModel, config: TrainConfig) -> torch.optim.SGD:
+    """The optimiser of :func:`train` (paper Sec. 4.1): SGD with momentum ``config.momentum`` over two groups,
+    ``[head (head_lr, head_weight_decay), scores (score_lr, no weight decay) or, for adaptation "full",
+    the trainable backbone weights (weight_lr, weight_decay)]``, at the groups' base learning rates."""
+    groups = [{"params": core.head_parameters(), "lr": config.head_lr, "weight_decay": config.head_weight_decay}]
+    if config.adaptation == "mask":
+        groups.append({"params": list(score_parameters(core.backbone).values()), "lr": config.score_lr,
+                       "weight_decay": 0.0})
+    else:
+        groups.append({"params": [p for p in core.backbone.parameters() if p.requires_grad],
+                       "lr": config.weight_lr, "weight_decay": config.weight_decay})
+    return torch.optim.SGD(groups, lr=config.head_lr, momentum=config.momentum)
+
+
+def setup_training(model: AdaptationModel, dataset, config: TrainConfig, *, image_size: int,
+                   mean: tuple[float, float, float], std: tuple[float, float, float],
+                   device: str | torch.device = "cpu",
+                   resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+                   init_state: dict[str, torch.Tensor] | None = None) -> TrainSetup:
+    """Build a run's loader, per-step learning-rate schedules and optimiser, move ``model`` to ``device``
+    and restore ``resume`` (or start from ``init_state``).
+
+    Arguments as in :func:`train`. The model is cast to ``config.dtype``; on several CUDA workers with
+    ``bn_mode="adapt"`` its BatchNorm layers become ``SyncBatchNorm``. Under ``torch.distributed`` the
+    global batch is split over the workers and the runner is a ``DistributedDataParallel`` wrapper.
+
+    Raises:
+        ValueError: if ``config.batch_size`` is not divisible by the number of workers, or the dataset
+            holds fewer samples than one global batch.
+    """
+    device = torch.device(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    rank = dist.get_rank() if distributed else 0
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {world} workers")
+    if len(dataset) < config.batch_size:
+        raise ValueError(f"dataset has {len(dataset)} samples, fewer than one batch of {config.batch_size}")
+    views, sampler, loader = _build_loader(dataset, config, image_size, mean, std, world, rank)
+    steps_per_epoch = len(loader)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+    dtype = getattr(torch, config.dtype)
+    model.to(device=device, dtype=dtype)
+    if distributed and device.type == "cuda" and config.bn_mode == "adapt":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
+    opt = build_optimizer(model, config)
+    start_epoch, start_step, history = _start_state(model, opt, device, resume, init_state)
+    runner: nn.Module = model
+    if distributed:
+        runner = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                     device_ids=[device.index] if device.type == "cuda" else None)
+    return TrainSetup(config=config, core=model, runner=runner, optimizer=opt,
+                      lr_schedules=_group_lr_schedules(config, steps_per_epoch, total_steps), views=views,
+                      sampler=sampler, loader=loader, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                      queue_start_epoch=int(round(config.swav.queue_start_fraction * config.epochs)),
+                      device=device, dtype=dtype, distributed=distributed, world=world, rank=rank,
+                      start_epoch=start_epoch, start_step=start_step, history=history)
+
+
+def _start_state(core: AdaptationModel, opt: torch.optim.Optimizer, device: torch.device,
+                 resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+                 init_state: dict[str, torch.Tensor] | None) -> tuple[int, int, list[dict[str, float]]]:
+    """``(start epoch, step, history)``: restored from ``resume``, else fresh (seeded by ``init_state``)."""
+    if resume is not None:
+        tensors, meta = resume
+        _restore(core, opt, {k: v.to(device) for k, v in tensors.items()})
+        return int(meta["epoch"]) + 1, int(meta["step"]), list(meta.get("history", []))
+    if init_state is not None:
+        _restore(core, opt, {k: v.to(device) for k, v in init_state.items()
+                             if k.startswith(("param.", "buffer.")) and ".queue" not in k})
+    return 0, 0, []
+
+
+class _EpochTotals:
+    """What one worker sums over an epoch's steps: losses, SwAV code counts and information, correct labels."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.code_counts: torch.Tensor | None = None
+        self.information: list[torch.Tensor] = []
+        self.n_correct = 0
+        self.n_seen = 0
+
+    def add(self, loss: torch.Tensor, stats: dict, batch_size: int) -> None:
+        self.losses.append(loss.detach())
+        if "code_counts" in stats:
+            counts = stats["code_counts"]
+            self.code_counts = counts if self.code_counts is None else self.code_counts + counts
+        if "prediction_information" in stats:
+            self.information.append(stats["prediction_information"])
+        if "correct" in stats:
+            self.n_correct += int(stats["correct"])
+            self.n_seen += batch_size
+
+
+def _mean_over_workers(value: torch.Tensor, setup: TrainSetup) -> torch.Tensor:
+    if setup.distributed:
+        dist.all_reduce(value)
+        value /= setup.world
+    return value
+
+
+def _begin_epoch(setup: TrainSetup, epoch: int) -> None:
+    """Per-epoch state: the progressive top-k density (App. E), the SwAV queue, data order, train mode."""
+    config, core = setup.config, setup.core
+    if config.adaptation == "mask" and config.mask.mode == "topk" and config.progressive_topk:
+        final = float(config.mask.topk_density)
+        frac = 1.0 if config.epochs == 1 else epoch / (config.epochs - 1)
+        set_topk_density(core.backbone, 1.0 - (1.0 - final) * frac)
+    if config.objective == "swav" and epoch >= setup.queue_start_epoch:
+        core.swav.start_queue()
+    setup.sampler.set_epoch(epoch)
+    setup.views.set_epoch(epoch)
+    setup.runner.train()
+    _set_bn_mode(core.backbone, config.bn_mode)  # the backbone's BN only: a head's own BN always trains
+
+
+def _train_step(setup: TrainSetup, batch_views: list[torch.Tensor], labels: torch.Tensor, step: int,
+                totals: _EpochTotals) -> None:
+    """One optimisation step at global step ``step`` (0-based): set the lrs, forward, backward, update."""
+    config, core, opt = setup.config, setup.core, setup.optimizer
+    for g, lrs in zip(opt.param_groups, setup.lr_schedules):
+        g["lr"] = float(lrs[step])
+    if config.objective == "swav":
+        core.swav.head.normalize_prototypes()
+    batch_views = [v.to(setup.device, dtype=setup.dtype, non_blocking=True) for v in batch_views]
+    labels = labels.to(setup.device)
+    loss, stats = setup.runner(batch_views, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.objective == "swav" and step < config.swav.freeze_prototypes_steps:
+        core.swav.head.prototypes.weight.grad = None
+    opt.step()
+    totals.add(loss, stats, labels.shape[0])
+
+
+def _epoch_metrics(setup: TrainSetup, totals: _EpochTotals, epoch: int, seconds_since: float) -> dict[str, float]:
+    """The epoch's loss (mean over steps and workers), last lr, seconds and, for SwAV, the code entropy
+    (normalised to [0, 1]) and prediction information, reduced over the workers."""
+    epoch_loss = _mean_over_workers(torch.stack(totals.losses).mean(), setup)
+    metrics: dict[str, float] = {"epoch": epoch, "loss": float(epoch_loss), "lr": setup.optimizer.param_groups[0]["lr"],
+                                 "seconds": time.perf_counter() - seconds_since}
+    if totals.code_counts is not None:
+        if setup.distributed:
+            dist.all_reduce(totals.code_counts)
+        p = totals.code_counts / totals.code_counts.sum()
+        metrics["code_entropy"] = float(torch.special.entr(p).sum() / math.log(len(p)))
+        if totals.information:
+            info = _mean_over_workers(torch.stack(totals.information).mean(), setup)
+            metrics["prediction_information"] = float(info)
+    return metrics
+
+
+class CollapseWatch:
+    """SwAV collapse detection across epochs (:func:`smn_core.swav.detect_collapse`, ``on_collapse``).
+
+    ``streak`` counts consecutive collapsed epochs (a resumed run continues the streak of its history);
+    ``collapse`` is the last epoch's verdict, ``collapse_epoch`` the first epoch of the streak that
+    reached ``collapse_patience``.
+    """
+
+    def __init__(self, config: TrainConfig, history: list[dict[str, float]]) -> None:
+        self.config = config
+        self.collapse: str | None = None
+        self.collapse_epoch: int | None = None
+        self.streak = 0
+        for h in history:
+            self.streak = self.streak + 1 if h.get("collapsed") else 0
+
+    def observe(self, metrics: dict[str, float]) -> None:
+        """Judge one SwAV epoch (metrics with ``code_entropy``) and record ``collapsed`` in ``metrics``."""
+        self.collapse = detect_collapse(metrics["loss"], self.config.swav.num_prototypes, metrics["code_entropy"],
+                                        prediction_information=metrics.get("prediction_information"))
+        metrics["collapsed"] = float(self.collapse is not None)
+        self.streak = self.streak + 1 if self.collapse else 0
+
+    def should_stop(self, epoch: int, say: Callable[[str], None] | None) -> bool:
+        """After epoch ``epoch``: True when ``on_collapse="stop"`` ends the run here, before its last epoch."""
+        if self.streak < self.config.collapse_patience or self.collapse_epoch is not None:
+            return False
+        self.collapse_epoch = epoch + 1 - self.streak
+        stop = self.config.on_collapse == "stop" and epoch + 1 < self.config.epochs
+        if stop and say is not None:
+            say(f"stopping early after epoch {epoch + 1}: SwAV collapsed for {self.streak} epochs ({self.collapse})")
+        return stop
+
+
+def train_one_epoch(setup: TrainSetup, epoch: int, step: int, watch: CollapseWatch) -> tuple[dict[str, float], int]:
+    """Run epoch ``epoch`` (0-based) from global step ``step``; returns ``(metrics, step after it)``.
+
+    Metrics: ``epoch``, ``loss``, ``lr`` (the head group's, at the epoch's last step), ``seconds`` and,
+    where they apply, ``code_entropy``, ``prediction_information``, ``collapsed`` (SwAV), ``train_top1``
+    (supervised) and ``density`` (masking).
+    """
+    t_epoch = time.perf_counter()
+    _begin_epoch(setup, epoch)
+    totals = _EpochTotals()
+    for batch_views, labels, _idx in itertools.islice(setup.loader, setup.steps_per_epoch):
+        _train_step(setup, batch_views, labels, step, totals)
+        step += 1
+    metrics = _epoch_metrics(setup, totals, epoch, t_epoch)
+    if "code_entropy" in metrics:
+        watch.observe(metrics)
+    if totals.n_seen:
+        metrics["train_top1"] = totals.n_correct / totals.n_seen
+    if setup.config.adaptation == "mask":
+        metrics["density"] = mask_density(setup.core.backbone)[0]
+    return metrics, step
+
+
+def checkpoint_state(setup: TrainSetup, epoch: int, step: int,
+                     history: list[dict[str, float]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` to checkpoint after epoch ``epoch``: :func:`trainable_state` plus the SGD momentum
+    buffers (``optim.<i>.momentum_buffer``), and ``{"epoch", "step", "history"}``; ``train(resume=...)``
+    continues from it."""
+    tensors = trainable_state(setup.core)
+    tensors.update(_optimizer_state(setup.optimizer))
+    return tensors, {"epoch": epoch, "step": step, "history": [dict(h) for h in history]}
+
+
+def _progress_line(config: TrainConfig, metrics: dict[str, float], eta: float) -> str:
+    extra = f" density {metrics['density']:.3f}" if "density" in metrics else ""
+    extra += " COLLAPSED" if metrics.get("collapsed") else ""
+    return f"epoch {metrics['epoch'] + 1}/{config.epochs} loss {metrics['loss']:.4f}{extra} eta {eta:.0f}s"
+
+
 def train(
     model: AdaptationModel,
     dataset,
@@ -381,6 +681,9 @@ def train(
     progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` (labels used only for ``objective="supervised"``).
+
+    Set-up (:func:`setup_training`), then :func:`train_one_epoch` per epoch, collapse detection and the
+    ``on_epoch_end`` checkpoint hook (:func:`checkpoint_state`) after each.
 
     Args:
         model: from :func:`build_adaptation_model` (moved to ``device`` here).
@@ -404,161 +707,25 @@ def train(
     Raises:
         ValueError: if the dataset yields fewer samples than one global batch.
     """
-    device = torch.device(device)
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    rank = dist.get_rank() if distributed else 0
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by {world} workers")
-    local_batch = config.batch_size // world
-    if len(dataset) < config.batch_size:
-        raise ValueError(f"dataset has {len(dataset)} samples, fewer than one batch of {config.batch_size}")
-
-    if config.objective == "swav":
-        transform = MultiCropTransform(image_size, config.multicrop, mean, std)
-    else:
-        transform = supervised_train_transform(image_size, mean, std)
-        transform = _single_view(transform)
-    views = SeededViewDataset(dataset, transform, seed=config.seed)
-    sampler = DistributedSampler(views, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
-    loader = DataLoader(views, batch_size=local_batch, sampler=sampler, drop_last=True,
-                        num_workers=config.loader_workers, collate_fn=collate_views,
-                        persistent_workers=config.loader_workers > 0)
-    steps_per_epoch = len(loader)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_epochs = config.warmup_epochs
-    if config.adaptation == "full" and config.weight_warmup_epochs is not None:
-        warmup_epochs = config.weight_warmup_epochs
-    head_only = min(config.head_only_steps, total_steps - 1) if config.adaptation == "mask" else 0
-    # (warmup steps, delay) per parameter group: [head, backbone scores or weights]
-    head_warmup = config.head_warmup_epochs
-    if head_warmup is None:
-        head_warmup = 0.0 if config.objective == "swav" else warmup_epochs
-    schedules = [(int(round(head_warmup * steps_per_epoch)), 0),
-                 (int(round(warmup_epochs * steps_per_epoch)), head_only)]
-    dtype = getattr(torch, config.dtype)
-
-    model.to(device=device, dtype=dtype)
-    if distributed and device.type == "cuda" and config.bn_mode == "adapt":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[assignment]
-    core: AdaptationModel = model
-    groups = [{"params": core.head_parameters(), "lr": config.head_lr, "weight_decay": config.head_weight_decay}]
-    if config.adaptation == "mask":
-        groups.append({"params": list(score_parameters(core.backbone).values()), "lr": config.score_lr,
-                       "weight_decay": 0.0})
-    else:
-        groups.append({"params": [p for p in core.backbone.parameters() if p.requires_grad],
-                       "lr": config.weight_lr, "weight_decay": config.weight_decay})
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    opt = torch.optim.SGD(groups, lr=config.head_lr, momentum=config.momentum)
-
-    start_epoch, step, history = 0, 0, []
-    if resume is not None:
-        tensors, meta = resume
-        _restore(core, opt, {k: v.to(device) for k, v in tensors.items()})
-        start_epoch, step, history = int(meta["epoch"]) + 1, int(meta["step"]), list(meta.get("history", []))
-    elif init_state is not None:
-        _restore(core, opt, {k: v.to(device) for k, v in init_state.items()
-                             if k.startswith(("param.", "buffer.")) and ".queue" not in k})
-    runner: nn.Module = core
-    if distributed:
-        runner = nn.parallel.DistributedDataParallel(core, broadcast_buffers=False,
-                                                     device_ids=[device.index] if device.type == "cuda" else None)
-    queue_start_epoch = int(round(config.swav.queue_start_fraction * config.epochs))
-    is_topk = config.adaptation == "mask" and config.mask.mode == "topk"
-    t_start = time.perf_counter()
-    collapse, streak, collapse_epoch, stopped_early = None, 0, None, False
-    for h in history:  # a resumed run continues its collapsed streak
-        streak = streak + 1 if h.get("collapsed") else 0
+    setup = setup_training(model, dataset, config, image_size=image_size, mean=mean, std=std, device=device,
+                           resume=resume, init_state=init_state)
+    start_epoch, step, history = setup.start_epoch, setup.start_step, setup.history
+    say = progress if progress is not None and setup.rank == 0 else None
+    watch = CollapseWatch(config, history)
+    t_start, stopped_early = time.perf_counter(), False
     for epoch in range(start_epoch, config.epochs):
-        t_epoch = time.perf_counter()
-        if is_topk and config.progressive_topk:
-            final = float(config.mask.topk_density)
-            frac = 1.0 if config.epochs == 1 else epoch / (config.epochs - 1)
-            set_topk_density(core.backbone, 1.0 - (1.0 - final) * frac)
-        if config.objective == "swav" and epoch >= queue_start_epoch:
-            core.swav.start_queue()
-        sampler.set_epoch(epoch)
-        views.set_epoch(epoch)
-        runner.train()
-        _set_bn_mode(core.backbone, config.bn_mode)  # the backbone's BN only: a head's own BN always trains
-        losses, n_correct, n_seen = [], 0, 0
-        code_counts, information = None, []
-        for batch_views, labels, _idx in itertools.islice(loader, steps_per_epoch):
-            for g, (warmup, delay) in zip(opt.param_groups, schedules):
-                g["lr"] = g["base_lr"] * lr_factor(step, total_steps, warmup, config.schedule, delay)
-            if config.objective == "swav":
-                core.swav.head.normalize_prototypes()
-            batch_views = [v.to(device, dtype=dtype, non_blocking=True) for v in batch_views]
-            labels = labels.to(device)
-            loss, stats = runner(batch_views, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.objective == "swav" and step < config.swav.freeze_prototypes_steps:
-                core.swav.head.prototypes.weight.grad = None
-            opt.step()
-            step += 1
-            losses.append(loss.detach())
-            if "code_counts" in stats:
-                code_counts = stats["code_counts"] if code_counts is None else code_counts + stats["code_counts"]
-            if "prediction_information" in stats:
-                information.append(stats["prediction_information"])
-            if "correct" in stats:
-                n_correct += int(stats["correct"])
-                n_seen += labels.shape[0]
-        epoch_loss = torch.stack(losses).mean()
-        if distributed:
-            dist.all_reduce(epoch_loss)
-            epoch_loss /= world
-        metrics: dict[str, float] = {"epoch": epoch, "loss": float(epoch_loss), "lr": opt.param_groups[0]["lr"],
-                                     "seconds": time.perf_counter() - t_epoch}
-        if code_counts is not None:
-            if distributed:
-                dist.all_reduce(code_counts)
-            p = code_counts / code_counts.sum()
-            ent = float(torch.special.entr(p).sum() / math.log(len(p)))
-            metrics["code_entropy"] = ent
-            info = None
-            if information:
-                info_t = torch.stack(information).mean()
-                if distributed:
-                    dist.all_reduce(info_t)
-                    info_t /= world
-                info = metrics["prediction_information"] = float(info_t)
-            collapse = detect_collapse(metrics["loss"], config.swav.num_prototypes, ent, prediction_information=info)
-            metrics["collapsed"] = float(collapse is not None)
-            streak = streak + 1 if collapse else 0
-        if n_seen:
-            metrics["train_top1"] = n_correct / n_seen
-        if config.adaptation == "mask":
-            metrics["density"] = mask_density(core.backbone)[0]
+        metrics, step = train_one_epoch(setup, epoch, step, watch)
         history.append(metrics)
-        elapsed = time.perf_counter() - t_start
-        done = epoch + 1 - start_epoch
-        eta = elapsed / done * (config.epochs - epoch - 1)
-        if progress is not None and rank == 0:
-            extra = f" density {metrics['density']:.3f}" if "density" in metrics else ""
-            extra += " COLLAPSED" if metrics.get("collapsed") else ""
-            progress(f"epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f}{extra} eta {eta:.0f}s")
-        if streak >= config.collapse_patience and collapse_epoch is None:
-            collapse_epoch = epoch + 1 - streak
-            if config.on_collapse == "stop":
-                stopped_early = epoch + 1 < config.epochs
-                if progress is not None and rank == 0 and stopped_early:
-                    progress(f"stopping early after epoch {epoch + 1}: SwAV collapsed for {streak} epochs ({collapse})")
+        if say is not None:
+            eta = (time.perf_counter() - t_start) / (epoch + 1 - start_epoch) * (config.epochs - epoch - 1)
+            say(_progress_line(config, metrics, eta))
+        stopped_early = watch.should_stop(epoch, say)
         if on_epoch_end is not None:
-            def state_fn(epoch=epoch) -> tuple[dict, dict]:
-                tensors = trainable_state(core)
-                tensors.update(_optimizer_state(opt))
-                return tensors, {"epoch": epoch, "step": step, "history": [dict(h) for h in history]}
-            on_epoch_end(epoch, metrics, state_fn)
+            on_epoch_end(epoch, metrics, functools.partial(checkpoint_state, setup, epoch, step, history))
         if stopped_early:
             break
-    return TrainResult(history=history, steps=step, collapse=collapse, resumed_from_epoch=start_epoch,
-                       collapse_epoch=collapse_epoch, stopped_early=stopped_early)
+    return TrainResult(history=history, steps=step, collapse=watch.collapse, resumed_from_epoch=start_epoch,
+                       collapse_epoch=watch.collapse_epoch, stopped_early=stopped_early)
 
 
 class _single_view:

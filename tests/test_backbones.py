@@ -53,6 +53,29 @@ def test_available_backbones_lists_every_arch():
     ])
 
 
+def test_backbones_are_registered_by_decorator_with_their_description():
+    from smn_core.backbones import register_backbone
+    from smn_core.registry import Registry
+
+    with pytest.raises(ValueError, match="backbone 'resnet18' is already registered"):
+        register_backbone("resnet18", description="again", hub_dependent=True)
+    # the registry itself: registration order, info, refusals
+    reg: Registry = Registry("widget")
+
+    @reg.register("b", colour="blue")
+    @reg.register("a")
+    def build(name):
+        return name.upper()
+
+    assert reg.names() == ["a", "b"] and list(reg) == ["a", "b"] and len(reg) == 2
+    assert reg["b"] is build and reg["b"]("b") == "B" and reg.info("b") == {"colour": "blue"}
+    assert "c" not in reg
+    with pytest.raises(KeyError):
+        reg["c"]
+    with pytest.raises(ValueError, match="widget name must be a non-empty str"):
+        reg.register("")
+
+
 def test_unknown_arch_lists_available():
     with pytest.raises(ValueError, match=r"unknown backbone arch 'vgg16'.*cifar_resnet20.*resnet18"):
         build_backbone("vgg16", "random")

@@ -273,6 +273,29 @@ def test_linear_probe_C_grid_errors(digits_split, kw, match):
         linear_probe(xtr, ytr, xte, yte, **kw)
 
 
+
+def test_linear_probe_reproduces_the_results_of_the_unsplit_function():
+    # linear_probe was split into checks, array conversion and the fit; these results were computed with
+    # the single function at commit d267b6c (main) on the same seeded features
+    g = np.random.default_rng(3)
+    xtr, ytr = g.normal(size=(60, 5)), np.arange(60) % 3
+    xte, yte = g.normal(size=(30, 5)), np.arange(30) % 3
+    xtr[:, 0] += ytr
+    xte[:, 0] += yte
+    one_row = ytr.copy()
+    one_row[0] = 7  # a class with a single train row: no fold can hold it out, the fixed C is fitted
+    cases = {  # kwargs -> (top1, train_top1, C, n_iter)
+        "fixed": ({}, ytr, (0.4666666666666667, 0.6666666666666666, 1.0, 7)),
+        "grid": ({"C_grid": [0.01, 0.1, 1.0, 10.0], "cv_folds": 3}, ytr,
+                 (0.4666666666666667, 0.6833333333333333, 10.0, 10)),
+        "raw": ({"standardize": False, "C": 100.0}, ytr, (0.4666666666666667, 0.6833333333333333, 100.0, 13)),
+        "grid, a class of one": ({"C_grid": [0.5, 2.0]}, one_row, (0.4666666666666667, 0.7, 1.0, 14)),
+    }
+    for name, (kw, labels, expected) in cases.items():
+        res = linear_probe(xtr, labels, xte, yte, **kw)
+        assert (res.top1, res.train_top1, res.C) == pytest.approx(expected[:3]), name
+        assert abs(res.n_iter - expected[3]) <= 2, name  # lbfgs iteration counts may shift with the BLAS
+
 # ---------------------------------------------------------------------------------------------
 # per-class sampling
 # ---------------------------------------------------------------------------------------------

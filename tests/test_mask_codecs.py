@@ -134,6 +134,16 @@ def test_fp32_weights_barely_compress_and_masks_codec_is_refused():
         measure_byte_codec("smn-ctx", weights)
 
 
+def test_codecs_are_registered_by_decorator_in_the_documented_order():
+    from smn_core.mask_codecs import ContextMaskCodec, register_codec
+
+    assert available_codecs() == ["none", *LIBRARY_CODECS, "smn-ctx"]
+    assert get_codec("gzip") is get_codec("gzip")  # built once, on first use
+    assert type(get_codec("smn-ctx")) is ContextMaskCodec
+    with pytest.raises(ValueError, match="codec 'gzip' is already registered"):
+        register_codec("gzip")
+
+
 def test_unknown_codec_names_the_allowed_ones():
     with pytest.raises(ValueError, match="codec 'brotli' is not known; allowed: none, gzip, bz2, lzma, lz4, snappy, zstd, smn-ctx"):
         get_codec("brotli")

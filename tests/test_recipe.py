@@ -230,6 +230,55 @@ def test_pretrained_bn_cell_differs_from_pretrained_and_records_both_knn_protoco
     assert control.metrics["knn_dino_top1"] != frozen.metrics["knn_dino_top1"]
 
 
+# run_cell's metrics for two small float64 cells on real digits, computed with the unsplit run_cell at commit
+# d267b6c (main); the split into _before_training / _adapt / _storage_bits changes no number and no key order
+PINNED_CELLS = {
+    "smn": {
+        "view_cos_same": -0.006461107637733221, "view_cos_other": -0.014107322320342064,
+        "view_cos_gap": 0.007646214682608843, "train_seconds": None, "steps": 6.0, "train_loss": 3.1361100536740776,
+        "collapsed": 0.0, "collapse_epoch": 0.0, "stopped_early": 0.0, "resumed_from_epoch": 0.0,
+        "train_loss@1": 5.564076683875968, "train_loss@2": 3.1361100536740776, "code_entropy": 0.8385418057441711,
+        "prediction_information": 0.005504305940121412, "density": 0.974487594390507, "mask_bits": 74160.0,
+        "trainable_masks": 74160.0, "knn_top1": 0.7708333333333334, "knn_dino_top1": 0.7708333333333334,
+        "knn_min_class_bank": 32.0, "linear_probe_top1": 0.9375, "linear_probe_train_top1": 1.0,
+        "linear_probe_C": 1.0, "lowshot_top1@0.1": 0.6666666666666666, "eval_seconds": None, "num_train": 96.0,
+        "num_test": 48.0, "backbone_params": 74640.0, "storage_bits": 74160.0},
+    "supervised_mask": {
+        "num_labelled": 48.0, "train_seconds": None, "steps": 6.0, "train_loss": 1.3240563089736046,
+        "collapsed": 0.0, "collapse_epoch": 0.0, "stopped_early": 0.0, "resumed_from_epoch": 0.0,
+        "train_loss@1": 1.4146541520140812, "train_loss@2": 1.3240563089736046, "density": 0.9992044228694714,
+        "mask_bits": 74160.0, "trainable_masks": 74160.0, "knn_top1": 0.7083333333333334,
+        "knn_dino_top1": 0.7083333333333334, "knn_min_class_bank": 32.0, "linear_probe_top1": 1.0,
+        "linear_probe_train_top1": 1.0, "linear_probe_C": 1.0, "classifier_top1": 0.3333333333333333,
+        "eval_seconds": None, "num_train": 96.0, "num_test": 48.0, "backbone_params": 74640.0,
+        "storage_bits": 74160.0},
+}
+PINNED_MASK_ONES = {"smn": 72268, "supervised_mask": 74101}
+
+
+def pinned_cell(method: str, **kw) -> CellConfig:
+    train = TrainConfig(epochs=2, batch_size=16, max_steps_per_epoch=3, dtype="float64",
+                        swav=SwAVConfig(num_prototypes=10, proj_dim=8, queue_length=0, freeze_prototypes_steps=0),
+                        multicrop=MultiCropConfig(n_global=2, n_local=1, local_size=16))
+    return CellConfig(method=method, backbone=BackboneSpec("cifar_resnet8", "random"),
+                      dataset=DataSpec("digits", classes=[5, 6, 7], image_size=32, max_train_samples=96,
+                                       max_test_samples=48, **kw.pop("data", {})),
+                      train=train, eval=EvalSpec(knn_k=20, batch_size=64, **kw.pop("eval", {})), seed=1)
+
+
+@pytest.mark.parametrize("method, kw", [("smn", {"eval": {"lowshot_fractions": [0.1]}}),
+                                        ("supervised_mask", {"data": {"label_fraction": 0.5}})])
+def test_run_cell_reproduces_the_metrics_of_the_unsplit_function(method, kw):
+    outcome = run_cell(pinned_cell(method, **kw))
+    expected = PINNED_CELLS[method]
+    assert list(outcome.metrics) == list(expected)  # the same metrics, in the same order (ledger columns)
+    for key, value in expected.items():
+        if value is not None:  # None: a duration
+            assert outcome.metrics[key] == pytest.approx(value, rel=1e-6), key
+    assert sum(int(m.sum()) for m in outcome.masks.values()) == PINNED_MASK_ONES[method]
+    assert [h["epoch"] for h in outcome.history] == [0, 1] and outcome.train_result.steps == 6
+
+
 def test_knn_protocols_follow_the_spec_and_warn_when_k_exceeds_a_class_bank():
     from smn_core.pipeline import load_cell_data, prepare_backbone
     cell = digits_cell("pretrained", knn_k=200, knn_dino_k=1, knn_dino_temperature=0.07)

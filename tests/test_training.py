@@ -336,3 +336,75 @@ def test_head_initialisation_is_seeded_and_leaves_global_rng_alone():
         assert torch.equal(pa, pb), n
     c = build_adaptation_model(masked_backbone(), FEATURE_DIM, config(seed=4))
     assert not torch.equal(c.swav.head.projection.weight, a.swav.head.projection.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# the split of train() into set-up, train_one_epoch and checkpoint_state changes no number
+
+# Per-epoch values of two short seeded float64 runs, computed with smn_core.training.train at commit
+# d267b6c (main, before train() was split into setup_training / train_one_epoch / checkpoint_state).
+PINNED_SWAV_MASK = [  # epoch, loss, lr, code_entropy, prediction_information, density
+    (0, 4.870096011278854, 0.12803300858899105, 0.9708837866783142, 0.0600784495472908, 1.0),
+    (1, 3.3489716182961553, 0.055588571617310935, 0.8362222909927368, 0.034589529037475586, 0.75),
+    (2, 3.061605097740113, 0.002555563028319885, 0.6894691586494446, 0.009686813689768314, 0.5),
+]
+PINNED_SUPERVISED_FULL = [  # epoch, loss, lr, train_top1
+    (0, 0.6928090527449419, 0.1, 0.5),
+    (1, 0.6960702232691887, 0.014644660940672627, 0.40625),
+]
+
+
+def pinned_swav_config() -> TrainConfig:
+    # every schedule knob at once: score warm-up, LP-FT head-only steps, progressive top-k, the queue
+    # switched on mid-run, prototypes frozen for the first steps, multi-crop with local views
+    return config(epochs=3, dtype="float64", warmup_epochs=1.0, head_only_steps=2, progressive_topk=True, score_lr=5.0,
+                  mask=MaskConfig(mode="topk", topk_density=0.5),
+                  swav=SwAVConfig(num_prototypes=10, proj_dim=8, queue_length=16, queue_start_fraction=0.34,
+                                  freeze_prototypes_steps=3))
+
+
+def test_seeded_runs_reproduce_the_numbers_of_the_unsplit_train(dataset):
+    cfg = pinned_swav_config()
+    net = masked_backbone(cfg.mask)
+    result = run(build_adaptation_model(net, FEATURE_DIM, cfg), dataset, cfg)
+    assert result.steps == 12 and result.collapse is None and not result.stopped_early
+    got = [(h["epoch"], h["loss"], h["lr"], h["code_entropy"], h["prediction_information"], h["density"])
+           for h in result.history]
+    assert got == [pytest.approx(row, rel=1e-6) for row in PINNED_SWAV_MASK]
+    assert float(score_parameters(net)["0.weight"].detach().sum()) == pytest.approx(216.47629145084153, rel=1e-6)
+
+    cfg = config(objective="supervised", adaptation="full", dtype="float64", warmup_epochs=1.0, bn_mode="frozen",
+                 weight_lr=0.05, head_lr=0.1)
+    net = backbone()
+    result = run(build_adaptation_model(net, FEATURE_DIM, cfg, num_classes=2), dataset, cfg)
+    assert result.steps == 8
+    got = [(h["epoch"], h["loss"], h["lr"], h["train_top1"]) for h in result.history]
+    assert got == [pytest.approx(row, rel=1e-6) for row in PINNED_SUPERVISED_FULL]
+    assert float(net[0].weight.detach().sum()) == pytest.approx(-2.0174263415504767, rel=1e-6)
+
+
+def test_train_is_setup_then_train_one_epoch_then_checkpoint_state(dataset):
+    from smn_core.training import (CollapseWatch, checkpoint_state, lr_factor, lr_schedule, setup_training,
+                                   train_one_epoch)
+
+    cfg = pinned_swav_config()
+    by_train = build_adaptation_model(masked_backbone(cfg.mask), FEATURE_DIM, cfg)
+    states = []
+    result = run(by_train, dataset, cfg, on_epoch_end=lambda e, m, state_fn: states.append(state_fn()))
+
+    by_hand = build_adaptation_model(masked_backbone(cfg.mask), FEATURE_DIM, cfg)
+    setup = setup_training(by_hand, dataset, cfg, image_size=IMAGE_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    assert (setup.start_epoch, setup.start_step, setup.history, setup.total_steps) == (0, 0, [], 12)
+    # the precomputed per-step schedule is lr_factor at each step, times the group's base lr
+    assert setup.lr_schedules[1].tolist() == [cfg.score_lr * lr_factor(s, 12, 4, "cosine", 2) for s in range(12)]
+    assert lr_schedule(12, 4, "cosine", 2).shape == (12,)
+    watch, step, history = CollapseWatch(cfg, []), 0, []
+    for epoch in range(cfg.epochs):
+        metrics, step = train_one_epoch(setup, epoch, step, watch)
+        history.append(metrics)
+        tensors, meta = checkpoint_state(setup, epoch, step, history)
+        assert meta["step"] == step == states[epoch][1]["step"]
+        for k, v in states[epoch][0].items() if epoch == cfg.epochs - 1 else ():
+            assert torch.equal(tensors[k], v), k
+    drop = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]  # noqa: E731
+    assert drop(history) == drop(result.history)
