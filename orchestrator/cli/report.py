@@ -1,6 +1,7 @@
 """``smn report``, ``smn ls`` and the output options of ``smn run`` / ``smn table`` (issue 15).
 
     smn report RESULTS [--experiment NAME] [--out DIR]   # report.md + self-contained report.html + PNGs
+    smn report RESULTS --docs OUT                        # docs/ result pages (orchestrator.reports.docs)
     smn ls RESULTS [--json]                              # experiments: cells done / failed / collapsed, last update
     smn run SPEC --json | --quiet | --track mlflow,wandb # summary object / final table only / trackers
     smn table DIR --format json|parquet --out FILE       # machine-readable tables
@@ -32,6 +33,8 @@ def add_parser(sub) -> None:
     rep.add_argument("results", metavar="RESULTS", help="results folder or URI")
     rep.add_argument("--experiment", default=None, help="only this experiment (default: all)")
     rep.add_argument("--out", default=None, help="output folder (default: RESULTS/report, ./report for a URI)")
+    rep.add_argument("--docs", default=None, metavar="OUT", help="instead of the page: write the deterministic "
+                     "result pages of docs/ (OUT/<experiment>.md per experiment and OUT/README.md, no durations)")
     rep.set_defaults(handler=_report)
 
     ls = sub.add_parser("ls", help="list the experiments of a results folder (cells done / failed / collapsed)",
@@ -44,6 +47,16 @@ def add_parser(sub) -> None:
 def _report(args) -> int:
     from orchestrator.reports.page import build_report
 
+    if getattr(args, "docs", None):
+        from orchestrator.reports.docs import write_docs
+
+        try:
+            written = write_docs(args.results, args.docs)
+        except ValueError as exc:
+            print(f"smn: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(written)} pages in {args.docs}")
+        return 0
     try:
         folder = build_report(args.results, args.out, args.experiment)
     except ValueError as exc:
