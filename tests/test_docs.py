@@ -120,6 +120,57 @@ def test_readme_is_a_front_door():
         assert part in text, part
 
 
+def _readme_prose_numbers() -> list[str]:
+    """The numbers of README.md outside code blocks, link targets and the generated demo block."""
+    text = README.read_text()
+    text = text[:text.index(docs.DEMO_START)] + text[text.index(docs.DEMO_END):]
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"\]\([^)]*\)|<https?://[^>]*>", "]", text)
+    return re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:-\d+)?", text)
+
+
+def test_every_number_in_the_readme_prose_is_checked_here():
+    """Each number the README states is read here from its source: the demo spec, the exit codes, the mask
+    format, pyproject.toml. A number added to the README without a check here fails."""
+    import tomllib
+
+    from orchestrator.cli.app import EXIT_CODES
+    from orchestrator.spec.experiment import load_spec
+    from smn_core.masking import MaskConfig
+
+    text = " ".join(README.read_text().split())
+    spec = load_spec(str(REPO / "experiments" / "demo.yaml"))
+    src, tgt = spec.pretrain.dataset.classes, spec.dataset.classes
+    python = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"].lstrip(">=")
+    claims = {
+        f"M = 1[S > {MaskConfig().threshold:g}]": ("1", f"{MaskConfig().threshold:g}"),
+        "A mask costs 1 bit per weight, 32x less than a fine-tuned fp32 copy": ("1", "32"),
+        f"only Python {python}+ needed": (python,),
+        f"CIFAR ResNet-{spec.backbone.arch.removeprefix('cifar_resnet')} on the digits {min(src)}-{max(src)}":
+            (spec.backbone.arch.removeprefix("cifar_resnet"), f"{min(src)}-{max(src)}"),
+        f"the unlabeled digits {min(tgt)}-{max(tgt)}": (f"{min(tgt)}-{max(tgt)}",),
+        f"the paper's k = {spec.eval.knn_k} (`knn_top1`)": (str(spec.eval.knn_k),),
+        f"DINO's k = {spec.eval.knn_dino_k} (`knn_dino_top1`)": (str(spec.eval.knn_dino_k),),
+        f"over {len(spec.seeds)} seeds": (str(len(spec.seeds)),),
+    }
+    ok, failed, usage, interrupted = sorted(EXIT_CODES)
+    claims[f"Exit codes: {ok} success, {failed} a runtime failure"] = (str(ok), str(failed))
+    claims[f"{usage} a usage or spec error"] = (str(usage),)
+    claims[f"{interrupted} interrupted (run the same command again to resume)"] = (str(interrupted),)
+    assert "interrupted" in EXIT_CODES[interrupted] and "usage" in EXIT_CODES[usage]
+    for classes in (src, tgt):  # the README writes them as a range
+        assert list(classes) == list(range(min(classes), max(classes) + 1))
+    checked = []
+    for claim, numbers in claims.items():
+        assert claim in text, f"README no longer says {claim!r} (its source says so)"
+        checked += numbers
+    unchecked = list(_readme_prose_numbers())
+    for n in checked:
+        if n in unchecked:
+            unchecked.remove(n)
+    assert not unchecked, f"numbers in README.md that no test checks: {unchecked}"
+
+
 def test_readme_test_command_is_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     ci_command = [line for line in ci if "scripts/setup.sh" in line]
