@@ -158,6 +158,13 @@ def test_every_number_in_the_readme_prose_is_checked_here():
     claims[f"{usage} a usage or spec error"] = (str(usage),)
     claims[f"{interrupted} interrupted (run the same command again to resume)"] = (str(interrupted),)
     assert "interrupted" in EXIT_CODES[interrupted] and "usage" in EXIT_CODES[usage]
+    from orchestrator.reports.tables import results_table
+
+    full_mask = pd.DataFrame({"cell_id": "c", "experiment": "e", "method": "smn", "backbone": "b", "dataset": "d",
+                              "seed": 0, "grid_json": "{}", "metric": ["storage_bits", "backbone_params"],
+                              "value": [1000.0, 1000.0]})  # a mask over every weight: one bit each
+    storage = results_table(full_mask)
+    assert storage[("bits_per_weight", "mean")].iloc[0] == 1 and storage[("x_smaller_than_fft", "mean")].iloc[0] == 32
     for classes in (src, tgt):  # the README writes them as a range
         assert list(classes) == list(range(min(classes), max(classes) + 1))
     checked = []
