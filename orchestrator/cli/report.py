@@ -50,6 +50,10 @@ def _report(args) -> int:
     if getattr(args, "docs", None):
         from orchestrator.reports.docs import write_docs
 
+        if args.experiment or args.out:
+            print("smn: --docs writes the pages of every experiment into OUT: leave out --experiment and --out",
+                  file=sys.stderr)
+            return 2
         try:
             written = write_docs(args.results, args.docs)
         except ValueError as exc:
