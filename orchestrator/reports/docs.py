@@ -225,8 +225,10 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("results")
     p.add_argument("--out", default=None)
     p.add_argument("--fill", nargs="*", default=[], metavar="PAGE.md")
+    p.add_argument("--label", default=None, help="the results folder as the pages' commands name it "
+                   "(default: RESULTS as given)")
     args = p.parse_args(argv)
-    for path in write_docs(args.results, args.out or args.results):
+    for path in write_docs(args.results, args.out or args.results, args.label):
         print(f"wrote {path}")
     for page in map(Path, args.fill):
         page.write_text(fill_generated(page.read_text(encoding="utf-8"), args.results), encoding="utf-8")
