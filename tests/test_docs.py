@@ -228,6 +228,14 @@ def test_the_link_checker_sees_broken_links(tmp_path):
     assert _broken_links([page], tmp_path) == ["p.md: missing.md", "p.md: p.md#nothing (no such heading)"]
 
 
+def test_spec_files_maps_experiment_names_to_spec_files(tmp_path):
+    (tmp_path / "b.yaml").write_text("name: table3_small\nmethods: [smn]\n")
+    (tmp_path / "a.yaml").write_text("methods: [smn]\n")  # no name
+    (tmp_path / "c.yaml").write_text("name: [unclosed\n")  # does not parse
+    assert docs.spec_files(tmp_path) == {"table3_small": "b.yaml"}
+    assert docs.spec_files()["demo"] == "demo.yaml"
+
+
 def test_page_rows_drop_durations_and_the_results_folder():
     rows = pd.DataFrame({"metric": ["knn_top1", "wall_s", "train_seconds", "eval_seconds", "steps"],
                          "value": [0.5, 3.0, 2.0, 1.0, 10.0]})
