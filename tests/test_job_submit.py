@@ -34,7 +34,7 @@ from orchestrator.spec.experiment import expand_cells, load_spec
 
 from .conftest import REPO
 
-README = REPO / "README.md"
+README = REPO / "docs" / "cluster.md"  # the cluster guide moved out of README.md (issue 24)
 VENV_BIN = str(Path(sys.executable).parent)
 BLOCKS = ("provisioning", "token", "env", "experiment", "sweep", "follow", "status-stop", "resume", "cascade",
           "table")

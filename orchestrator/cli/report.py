@@ -1,6 +1,7 @@
 """``smn report``, ``smn ls`` and the output options of ``smn run`` / ``smn table`` (issue 15).
 
     smn report RESULTS [--experiment NAME] [--out DIR]   # report.md + self-contained report.html + PNGs
+    smn report RESULTS --docs OUT                        # docs/ result pages (orchestrator.reports.docs)
     smn ls RESULTS [--json]                              # experiments: cells done / failed / collapsed, last update
     smn run SPEC --json | --quiet | --track mlflow,wandb # summary object / final table only / trackers
     smn table DIR --format json|parquet --out FILE       # machine-readable tables
@@ -23,6 +24,7 @@ from typing import Any, Iterator
 
 from orchestrator.cli.progress import run_progress
 from orchestrator.reports import registry, tables
+from orchestrator.reports.docs import write_docs
 from orchestrator.reports.page import build_report, ls_frame
 from orchestrator.reports.tracking import sync
 from orchestrator.results import ledger
@@ -42,6 +44,8 @@ def add_parser(sub) -> None:
     rep.add_argument("results", metavar="RESULTS", help="results folder or URI")
     rep.add_argument("--experiment", default=None, help="only this experiment (default: all)")
     rep.add_argument("--out", default=None, help="output folder (default: RESULTS/report, ./report for a URI)")
+    rep.add_argument("--docs", default=None, metavar="OUT", help="instead of the page: write the deterministic "
+                     "result pages of docs/ (OUT/<experiment>.md per experiment and OUT/README.md, no durations)")
 
     ls = sub.add_parser("ls", help="list the experiments of a results folder (cells done / failed / collapsed)",
                         description="One line per experiment under RESULTS: cells done, failed, collapsed, last update.")
@@ -51,6 +55,18 @@ def add_parser(sub) -> None:
 
 def report(args) -> int:
     """``smn report``: write the page; 2 when ``RESULTS`` holds no experiment (or not ``--experiment``)."""
+    if args.docs:
+        if args.experiment or args.out:
+            print("smn: --docs writes the pages of every experiment into OUT: leave out --experiment and --out",
+                  file=sys.stderr)
+            return 2
+        try:
+            written = write_docs(args.results, args.docs)
+        except ValueError as exc:
+            print(f"smn: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {len(written)} pages in {args.docs}")
+        return 0
     try:
         folder = build_report(args.results, args.out, args.experiment)
     except ValueError as exc:
