@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run every tier of the test suite, each in its own pytest process (tests/conftest.py defines the tiers):
-#   unit     no Ray, no subprocess: the inner loop (`.venv/bin/python -m pytest -m unit`)
+#   unit     no Ray, no subprocess; the inner loop: .venv/bin/python -m pytest -m "unit and not slow"
 #   ray      the one session-scoped local Ray, shared by every test of the tier
-#   cluster  tests that start a Ray of their own (multi-node clusters, `ray start`, `ray job submit`,
-#            `smn run` as a subprocess); their own process, so they never tear down the ray tier's session
+#   cluster  tests that start processes of their own (multi-node clusters, `ray start`, `ray job submit`,
+#            `smn run` or another Python as a subprocess); in their own pytest process, so they never tear
+#            down the ray tier's session
 # Extra arguments go to every pytest run (e.g. `bash scripts/test.sh -x`). Exits non-zero if any tier fails;
 # a tier that selects no test (pytest's exit code 5) is not a failure. Ends with each tier's summary line.
 set -uo pipefail

@@ -5,10 +5,15 @@ Every test carries exactly one tier marker (collection fails otherwise):
 
 - ``unit``: no Ray (a guard makes ``ray.init`` fail inside a unit test) and no subprocess;
 - ``ray``: runs on the one session-scoped local Ray (:func:`ray_local`, requested for every ``ray`` test);
-- ``cluster``: starts its own Ray (``ray.cluster_utils.Cluster``, ``ray start``, ``ray job submit``, a
-  subprocess ``smn run``). ``scripts/test.sh`` runs each tier in its own pytest process, so a cluster test
+- ``cluster``: starts processes of its own: a Ray (``ray.cluster_utils.Cluster``, ``ray start``,
+  ``ray job submit``, a subprocess ``smn run``) or another Python (the benchmark harness, ``python -m
+  orchestrator``). ``scripts/test.sh`` runs each tier in its own pytest process, so a cluster test
   never tears down the ``ray`` tier's session; in one process, the session's Ray is started again after a
   cluster test shut it down.
+
+``slow`` stays, beside the tiers: a test that takes more than a few seconds (real training on CIFAR-10, CLIP,
+Tune sweeps, clusters). The inner loop is ``pytest -m "unit and not slow"``; ``scripts/test.sh`` runs every
+tier, slow tests included.
 """
 
 from __future__ import annotations
