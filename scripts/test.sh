@@ -5,8 +5,9 @@
 #   cluster  tests that start processes of their own (multi-node clusters, `ray start`, `ray job submit`,
 #            `smn run` or another Python as a subprocess); in their own pytest process, so they never tear
 #            down the ray tier's session
-# Extra arguments go to every pytest run (e.g. `bash scripts/test.sh -x`). Exits non-zero if any tier fails;
-# a tier that selects no test (pytest's exit code 5) is not a failure. Ends with each tier's summary line.
+# Extra arguments go to every pytest run (`bash scripts/test.sh -x`, or test files instead of all of tests/).
+# Exits non-zero if any tier fails; a tier that selects no test (pytest's exit code 5) is not a failure.
+# Ends with each tier's exit code, seconds and pytest summary line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -17,7 +18,7 @@ summary=()
 for tier in unit ray cluster; do
   echo "=== tier $tier"
   start=$SECONDS
-  "$PY" -m pytest -q -m "$tier" --durations=15 "$@" tests 2>&1 | tee "$logs/$tier.log"
+  "$PY" -m pytest -q -m "$tier" --durations=15 "$@" 2>&1 | tee "$logs/$tier.log"  # no paths: testpaths
   rc=${PIPESTATUS[0]}
   line=$(grep -E '^=* ?[0-9]+ (passed|failed|skipped|deselected|errors?|xfailed|xpassed|warnings?)|no tests ran' \
          "$logs/$tier.log" | tail -n 1 | sed -E 's/^=+ //; s/ =+$//')
