@@ -38,7 +38,7 @@ import pytest
 from orchestrator.results import ledger
 from orchestrator.spec.experiment import expand_cells, load_spec
 
-from .conftest import REPO, TINY_SPEC, kill_driver_tree
+from .conftest import REPO, STARTUP_TIMEOUT, TINY_SPEC, kill_driver_tree
 from .test_cascade_ray import write_cascade_spec
 
 pytestmark = pytest.mark.cluster
@@ -65,8 +65,8 @@ def _spec(tmp_path: Path, kind: str) -> tuple[Path, list[str], int]:
 
 
 # A raylet has a fixed 30 s to register with the GCS (ray/_private/node.py), which a loaded 2-core machine can
-# miss; a driver whose Ray did not start is started again (the same command: nothing had run)
-STARTUP_TIMEOUT = "timed out during startup"
+# miss; a driver whose Ray did not start is started again (the same command: nothing had run), and so is a
+# cluster whose node did not start
 
 
 class Driver:
@@ -116,6 +116,25 @@ class Driver:
                 return rc
 
 
+def _start_cluster(head_cpus: int):
+    """A head and two 2-CPU worker nodes (``ray.cluster_utils.Cluster``); returns it and its first worker
+    node. A node that timed out during startup (a loaded machine) makes it start again (3 tries)."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(3):
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=head_cpus, include_dashboard=False)
+            first = cluster.add_node(num_cpus=2)
+            cluster.add_node(num_cpus=2)
+            cluster.wait_for_nodes()
+            return cluster, first
+        except Exception as exc:  # noqa: BLE001 - only the startup timeout is retried
+            cluster.shutdown()
+            if STARTUP_TIMEOUT not in str(exc) or attempt == 2:
+                raise
+
+
 def _metas(folder: Path) -> list[dict]:
     out = []
     for path in folder.rglob("meta.json") if folder.exists() else []:
@@ -140,14 +159,8 @@ def test_a_fault_mid_run_costs_no_cell_and_the_hit_cell_resumes(kind, tmp_path, 
     cmd = [sys.executable, "-m", "orchestrator", "run", str(spec_path), "--results", str(results), *overrides]
     cluster = None
     if kind in ("tune", "cascade"):
-        from ray.cluster_utils import Cluster
-
         # tune: a head without CPUs, so every trial is on a worker node; cascade: the head takes a stage task
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 0 if kind == "tune" else 1, "include_dashboard": False})
-        doomed = cluster.add_node(num_cpus=2)
-        cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
+        cluster, doomed = _start_cluster(head_cpus=0 if kind == "tune" else 1)
         cmd += ["--address", cluster.address]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     driver = Driver(cmd, env, tmp_path / "run.log", ray_tmp)
