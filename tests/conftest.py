@@ -1,4 +1,20 @@
-"""Shared fixtures: paths to ../shared, a real local Ray, small specs on real data (sklearn digits)."""
+"""Shared fixtures and the test tiers: paths to ../shared, one real local Ray for the session, small specs on real
+data (sklearn digits), and one landed ledger for the read-side tests.
+
+Every test carries exactly one tier marker (collection fails otherwise):
+
+- ``unit``: no Ray (a guard makes ``ray.init`` fail inside a unit test) and no subprocess;
+- ``ray``: runs on the one session-scoped local Ray (:func:`ray_local`, requested for every ``ray`` test);
+- ``cluster``: starts processes of its own: a Ray (``ray.cluster_utils.Cluster``, ``ray start``,
+  ``ray job submit``, a subprocess ``smn run``) or another Python (the benchmark harness, ``python -m
+  orchestrator``). ``scripts/test.sh`` runs each tier in its own pytest process, so a cluster test
+  never tears down the ``ray`` tier's session; in one process, the session's Ray is started again after a
+  cluster test shut it down.
+
+``slow`` stays, beside the tiers: a test that takes more than a few seconds (real training on CIFAR-10, CLIP,
+Tune sweeps, clusters). The inner loop is ``pytest -m "unit and not slow"``; ``scripts/test.sh`` runs every
+tier, slow tests included.
+"""
 
 from __future__ import annotations
 
@@ -49,17 +65,81 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray instance for the whole session (4 logical CPUs on 127.0.0.1)."""
+TIERS = ("unit", "ray", "cluster")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: every collected file is checked, whatever runs
+def pytest_collection_modifyitems(config, items):
+    """Fail collection when a test has no tier marker or more than one (:data:`TIERS`)."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'none'}")
+    if wrong:
+        raise pytest.UsageError("every test needs exactly one tier marker (pytest.mark.unit, .ray or .cluster; "
+                                "see tests/conftest.py); these have " + ("none or several:\n" + "\n".join(wrong)))
+
+
+def _tier(item) -> str:
+    return next(m.name for m in item.iter_markers() if m.name in TIERS)
+
+
+STARTUP_TIMEOUT = "timed out during startup"
+"""Ray's words when a raylet missed its fixed 30 s to register with the GCS (``ray/_private/node.py``), which a
+loaded 2-core machine can miss: such a start is tried again."""
+
+
+def _start_session_ray():
     import ray
 
-    if not ray.is_initialized():
-        # address="local": always a fresh instance, never a cluster some other process started
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}})
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            # address="local": always a fresh instance, never a cluster some other process started
+            ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}})
+        except Exception as exc:  # noqa: BLE001 - only the startup timeout is retried
+            ray.shutdown()
+            if STARTUP_TIMEOUT not in str(exc) or attempt == 2:
+                raise
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance for the whole session (4 logical CPUs on 127.0.0.1), shared by every ``ray``
+    test; ``cluster`` tests may not use it."""
+    ray = _start_session_ray()
     yield ray
     ray.shutdown()
+
+
+def _unit_guard(*args, **kwargs):
+    raise RuntimeError("a unit test started Ray: mark it pytest.mark.ray (the shared session Ray) or "
+                       "pytest.mark.cluster (a Ray of its own)")
+
+
+@pytest.fixture(autouse=True)
+def _tier_setup(request, monkeypatch):
+    """Per tier: ``unit`` may not start Ray; ``ray`` gets the session's Ray (started again if a cluster test
+    of the same process shut it down); ``cluster`` may not ask for the session's Ray (it shuts down any Ray of
+    its process before starting its own)."""
+    tier = _tier(request.node)
+    if tier == "unit":
+        import ray
+
+        monkeypatch.setattr(ray, "init", _unit_guard)
+        yield
+    elif tier == "ray":
+        request.getfixturevalue("ray_local")
+        _start_session_ray()
+        yield
+    else:
+        if "ray_local" in request.fixturenames:
+            pytest.fail("a cluster test may not use the session's ray_local: it starts a Ray of its own")
+        yield
 
 
 TINY_SPEC = """\
@@ -89,3 +169,65 @@ def tiny_spec(tmp_path):
         return path
 
     return make
+
+
+LANDED_GRID = """
+grid:
+  train.swav.num_prototypes: [10, 20, 30]
+tracking:
+  mlflow: {{uri: {mlruns}}}
+  wandb: {{project: smn-test, mode: offline, dir: {wandb}}}
+"""
+
+
+def last_json(text: str) -> dict:
+    """The summary object ``smn run --json`` prints last (Ray may still forward a worker line before it)."""
+    import json
+
+    lines = text.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
+def _smn_run_json(args: list[str]) -> dict:
+    import contextlib
+    import io
+
+    from orchestrator.cli.app import main
+
+    buf = io.StringIO()  # capsys is function-scoped: capture stdout by hand
+    with contextlib.redirect_stdout(buf):
+        code = main(["run", *args, "--json"])
+    assert code == 0, buf.getvalue()[-3000:]
+    return last_json(buf.getvalue())
+
+
+@pytest.fixture(scope="session")
+def landed(ray_local, tmp_path_factory):
+    """Two landed experiments for the read-side tests (report, table, ls, tracking, the store), run once per
+    session on the shared Ray through ``smn run --json`` (the CLI in this process):
+
+    - ``landed["plain"]``: the tiny plain spec (:data:`TINY_SPEC`: the frozen backbone and SMN, seed 0,
+      1 epoch), experiment ``tiny``, in its own results folder;
+    - ``landed["grid"]``: a 3-cell SMN grid over the prototype count (2 epochs), experiment ``sweep3``,
+      tracked in MLflow (a file store, ``root/mlruns``) and W&B (offline, ``root/wb``), run twice: the
+      second run lands and tracks nothing.
+
+    Each is a dict: ``root``, ``spec`` (path), ``results`` (str), ``first`` / ``second`` (the JSON summaries;
+    ``plain`` has ``first`` only). Tests may add files beside the ledger but must not change what landed.
+    """
+    out = {}
+    root = tmp_path_factory.mktemp("landed-plain")
+    spec = root / "tiny.yaml"
+    spec.write_text(TINY_SPEC.format(name="tiny", epochs=1, workers=1))
+    results = root / "results"
+    out["plain"] = {"root": root, "spec": spec, "results": str(results),
+                    "first": _smn_run_json([str(spec), "--results", str(results)])}
+    root = tmp_path_factory.mktemp("landed-grid")
+    spec = root / "sweep3.yaml"
+    spec.write_text(TINY_SPEC.format(name="sweep3", epochs=2, workers=1)
+                    + LANDED_GRID.format(mlruns=root / "mlruns", wandb=root / "wb"))
+    results = root / "results"
+    runs = [_smn_run_json([str(spec), "--results", str(results), "methods=[smn]"]) for _ in range(2)]
+    out["grid"] = {"root": root, "spec": spec, "results": str(results), "first": runs[0], "second": runs[1]}
+    return out

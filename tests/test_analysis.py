@@ -10,6 +10,8 @@ from smn_core.analysis import grouped_density, mask_agreement, network_order, te
 from smn_core.backbones import build_backbone
 from smn_core.masking import MaskConfig, attach_masks, export_masks, mask_density, mask_modules
 
+pytestmark = pytest.mark.unit
+
 
 def resnet20_masks(seed: int = 0, drop: float = 0.3) -> dict[str, torch.Tensor]:
     """Masks of a CIFAR ResNet-20 whose scores were pushed below the threshold at random positions."""

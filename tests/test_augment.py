@@ -23,6 +23,8 @@ from smn_core.augment import (
 )
 from smn_core.data import ImageDataset
 
+pytestmark = pytest.mark.unit
+
 
 def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -21,6 +21,8 @@ from smn_core.backbones import (
     load_checkpoint_state_dict,
 )
 
+pytestmark = pytest.mark.unit
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_WEIGHTS = SHARED / "weights" / "resnet_cifar10"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test.parquet"

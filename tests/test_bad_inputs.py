@@ -27,6 +27,8 @@ from typing import Callable
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CIFAR_PARQUET = SHARED / "data" / "cifar10"

@@ -27,6 +27,8 @@ from smn_core.training import TrainConfig, build_adaptation_model, train
 
 from .conftest import shared_path
 
+pytestmark = pytest.mark.unit
+
 
 def _train(model, backbone, ds, cfg):
     adapt = build_adaptation_model(model, backbone.feature_dim, cfg, num_classes=len(ds.class_names))

@@ -18,6 +18,8 @@ import pytest
 
 from benchmarks.common import AREAS
 
+pytestmark = pytest.mark.cluster
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = [k for k, _, _ in AREAS]
 

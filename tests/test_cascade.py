@@ -23,6 +23,8 @@ from smn_core.cascade import (
     restore_adapted_backbone,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def digits():

@@ -21,7 +21,7 @@ from orchestrator.engine.cascade import plan_cascades, run_cascade
 from orchestrator.spec.experiment import load_spec
 from smn_core.checkpoint import load_tensors
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CASCADE_SPEC = """\
 name: {name}

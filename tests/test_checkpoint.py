@@ -7,6 +7,8 @@ import torch
 
 from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 
+pytestmark = pytest.mark.unit
+
 
 def _tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

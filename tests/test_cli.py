@@ -14,6 +14,7 @@ from orchestrator.cli.app import build_parser, main
 from .conftest import REPO
 
 
+@pytest.mark.unit
 def test_help_lists_every_subcommand_and_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -28,6 +29,7 @@ def test_help_lists_every_subcommand_and_option(capsys):
     assert build_parser().prog == "smn"
 
 
+@pytest.mark.unit
 def test_bad_spec_exits_2_and_writes_nothing(tmp_path, capsys):
     results = tmp_path / "results"
     code = main(["run", str(REPO / "experiments" / "demo.yaml"), "--results", str(results), "train.epochs=-1"])
@@ -36,6 +38,7 @@ def test_bad_spec_exits_2_and_writes_nothing(tmp_path, capsys):
     assert not results.exists()
 
 
+@pytest.mark.unit
 def test_dry_run_lists_cells(capsys, tmp_path):
     assert main(["run", str(REPO / "experiments" / "demo.yaml"), "--dry-run", "--results", str(tmp_path),
                  "seeds=[0,1]", "methods=[pretrained,smn]"]) == 0
@@ -46,6 +49,7 @@ def test_dry_run_lists_cells(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.cluster
 def test_table_command_reads_the_ledger(tmp_path):
     now = time.time()
     ledger.write_cell(str(tmp_path), "exp", cell_id="c1", method="smn", backbone="cifar_resnet8", dataset="digits",
@@ -59,6 +63,7 @@ def test_table_command_reads_the_ledger(tmp_path):
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
+@pytest.mark.unit
 def test_run_hands_a_spec_with_a_cascade_section_to_the_cascade(capsys, tmp_path):
     spec = REPO / "experiments" / "table3_cascade_small.yaml"
     assert main(["run", str(spec), "--results", str(tmp_path / "r"), "--dry-run", "cascade.router.clusters=3"]) == 0
@@ -69,6 +74,7 @@ def test_run_hands_a_spec_with_a_cascade_section_to_the_cascade(capsys, tmp_path
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
 
 
+@pytest.mark.unit
 def test_version_bare_smn_and_help_list_env_and_exit_codes(capsys):
     import smn_core
 
@@ -86,6 +92,7 @@ def test_version_bare_smn_and_help_list_env_and_exit_codes(capsys):
         assert word in out, word
 
 
+@pytest.mark.unit
 def test_every_option_of_every_command_shows_its_default():
     import argparse
 
@@ -108,6 +115,7 @@ def test_every_option_of_every_command_shows_its_default():
     assert missing == []
 
 
+@pytest.mark.unit
 def test_layout_and_figure_lists_need_no_folder(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["table", "--layout", "list"]) == 0

@@ -21,6 +21,8 @@ from smn_core.masking import MaskConfig, attach_masks, iter_masked_tensors, scor
 from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, clip_text_classifier, run_cell
 from smn_core.training import CosineClassifier, TrainConfig
 
+pytestmark = pytest.mark.unit
+
 BLOCKS = 12
 PER_BLOCK = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
              "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")

@@ -12,6 +12,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 CLUSTER_YAML = REPO / "cluster.yaml"
 
 

@@ -24,6 +24,8 @@ from smn_core.data import (
     subset,
 )
 
+pytestmark = pytest.mark.unit
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_PARQUET = SHARED / "data" / "cifar10"
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -16,6 +16,7 @@ from orchestrator.results.layout import ExperimentLayout
 from smn_core.checkpoint import atomic_write
 
 
+@pytest.mark.unit
 def test_layout_names_every_location_local_and_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lay = ExperimentLayout.of("res", "exp")
@@ -37,6 +38,7 @@ def test_layout_names_every_location_local_and_uri(tmp_path, monkeypatch):
             lay.location("masks", bad)
 
 
+@pytest.mark.unit
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
     target = tmp_path / "deep" / "dir" / "f.json"
     atomic_write(str(target), b"first")
@@ -45,6 +47,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
 
 
+@pytest.mark.unit
 def test_read_cell_reads_one_file_and_wide_has_one_row_per_cell(tmp_path):
     results = str(tmp_path / "r")
     lay = ExperimentLayout.of(results, "e")
@@ -117,6 +120,7 @@ def _window(folder: str, i: int) -> tuple[float, float]:
     return t0, time.time()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_run_bounded_keeps_the_limit_and_retries_application_errors(ray_local, tmp_path):
     import ray
@@ -151,6 +155,7 @@ def _slow_job(marker: str) -> int:
     return os.getpid()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_warm_worker_keeps_its_process_and_replays_a_job_after_its_process_dies(ray_local, tmp_path):
     import ray
@@ -177,6 +182,7 @@ def test_warm_worker_keeps_its_process_and_replays_a_job_after_its_process_dies(
         assert replayed_pid != victim and int(Path(marker).read_text()) == replayed_pid
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_worker_out_of_restarts_fails_its_job_and_heal_gives_the_slot_a_fresh_worker(ray_local, tmp_path):
     import ray
@@ -210,6 +216,7 @@ def test_a_worker_out_of_restarts_fails_its_job_and_heal_gives_the_slot_a_fresh_
         assert second == "second" and err2 is None and pid != victim  # the slot's fresh worker ran it
 
 
+@pytest.mark.ray
 def test_pool_size_fits_fractional_workers_exactly(ray_local):
     """Ten 0.4-CPU experts fit on 4 CPUs (Ray counts in units of 1e-4; ``4 // 0.4`` is 9.0 in floats)."""
     import ray

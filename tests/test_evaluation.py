@@ -17,6 +17,8 @@ from smn_core.evaluation import (
     per_class_sample,
 )
 
+pytestmark = pytest.mark.unit
+
 
 # ---------------------------------------------------------------------------------------------
 # independent reference: brute-force weighted k-NN in numpy (loop over queries, full sort)

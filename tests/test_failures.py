@@ -1,22 +1,15 @@
-"""What clusters do to a run, injected for real on a local Ray: a DDP worker process killed mid-cell, a
-ledger file truncated or corrupted on disk, a spec asking for GPUs on a cluster without any.
+"""What clusters do to a run, injected for real on a local Ray: a ledger file truncated or corrupted on disk,
+a spec asking for GPUs on a cluster without any.
 
-(A killed driver is in test_ray_run.py, a stopped and resubmitted `ray job` in test_job_submit.py, the
+(A killed driver and a killed DDP worker are in test_kill_resume.py, a stopped and resubmitted `ray job` in test_job_submit.py, the
 ledger's own quarantine of unreadable files in test_ledger.py.)
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import ray
 
@@ -25,56 +18,8 @@ from orchestrator.cli.app import main as smn_main
 from orchestrator.engine.plain import run_experiment
 from orchestrator.spec.experiment import expand_cells, load_spec
 
-from .conftest import REPO, kill_driver_tree
 
-pytestmark = pytest.mark.slow
-
-
-def test_killed_ddp_worker_resumes_from_its_last_checkpoint(tiny_spec, tmp_path):
-    """SIGKILL one of the two TorchTrainer workers once two epoch checkpoints are registered: Ray Train
-    restarts the worker group, which resumes after the last checkpointed epoch, not from scratch, and the
-    cell lands once with every epoch's loss and the full step count."""
-    epochs, samples, batch = 16, 192, 32
-    spec_path = tiny_spec("ddpkill", epochs=epochs, workers=2)
-    results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "orchestrator", "run", str(spec_path), "--results", str(results),
-           "methods=[smn]", f"dataset.max_train_samples={samples}"]
-    ray_tmp = tempfile.mkdtemp(prefix="smnd", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    train_dir = results / "ddpkill" / "ray_train"
-    try:
-        deadline = time.time() + 400
-        while len(list(train_dir.rglob("meta.json")) if train_dir.exists() else []) < 2:
-            assert proc.poll() is None, log.read_text()
-            assert time.time() < deadline, "no two epoch checkpoints in time:\n" + log.read_text()
-            time.sleep(0.2)
-        # a checkpoint is on storage before the Train controller registers it (it polls the workers every
-        # couple of seconds); kill only once the controller has had time to register the second one
-        time.sleep(4)
-        assert proc.poll() is None and len(list(train_dir.rglob("meta.json"))) < epochs, "finished before the kill"
-        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "RayTrainWorker" in " ".join(p.cmdline())]
-        assert len(workers) == 2, [" ".join(p.cmdline())[:80] for p in psutil.Process(proc.pid).children(True)]
-        workers[-1].kill()
-        killed_at = time.time()
-        rc = proc.wait(timeout=600)
-    finally:
-        kill_driver_tree(proc, ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    text = log.read_text()
-    assert rc == 0, text
-    resumed = [int(m) for m in re.findall(r"resuming after epoch (\d+)", text)]
-    assert resumed and min(resumed) >= 1, text  # from an epoch checkpoint, not from scratch
-    df = ledger.read_ledger(str(results), "ddpkill")
-    assert df["cell_id"].nunique() == 1 and not df.duplicated(["cell_id", "metric"]).any()
-    m = df.set_index("metric")["value"]
-    assert m["steps"] == epochs * (samples // batch)
-    assert all(f"train_loss@{k}" in m.index for k in range(1, epochs + 1))
-    assert df["finished_at"].iloc[0].timestamp() > killed_at
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _bytes_and_mtime(path: Path) -> tuple[bytes, int]:

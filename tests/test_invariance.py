@@ -21,6 +21,8 @@ from smn_core.masking import MaskConfig
 from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, run_cell
 from smn_core.training import TrainConfig
 
+pytestmark = pytest.mark.unit
+
 SETTINGS = [(1.0, 0.0, 50.0), (2.5, 0.5, 100.0), (1.0, 0.0, 100.0), (1.0, 0.5, 50.0), (2.0, 0.0, 50.0)]
 
 

@@ -65,6 +65,7 @@ def readme_blocks() -> dict[str, str]:
     return dict(blocks)
 
 
+@pytest.mark.unit
 def test_every_readme_cluster_command_is_tagged_and_run_here():
     """The section's command blocks are exactly the ones this file runs (plus provisioning)."""
     blocks = readme_blocks()
@@ -223,6 +224,7 @@ def _cells_of(code: str) -> tuple[str, set[str]]:
     return spec.name, {c.cell_id for c in expand_cells(spec)}
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_job_server_is_local_and_needs_the_token(head):
     listening = [c for c in psutil.net_connections(kind="tcp")
@@ -237,6 +239,7 @@ def test_job_server_is_local_and_needs_the_token(head):
         assert resp.status == 200 and isinstance(json.loads(resp.read()), list)
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_readme_jobs_run_stop_resume_cascade_and_table(head):
     results = head.results

@@ -10,6 +10,8 @@ import pytest
 from orchestrator.results import ledger
 from orchestrator.reports import tables
 
+pytestmark = pytest.mark.unit
+
 
 def _write(results, cell_id, seed=0, method="smn", knn=0.5, experiment="exp"):
     now = time.time()

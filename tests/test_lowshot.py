@@ -13,6 +13,8 @@ from smn_core.evaluation import lowshot_linear_probe, per_class_sample
 from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, labelled_subset, lowshot_metric, run_cell
 from smn_core.training import TrainConfig
 
+pytestmark = pytest.mark.unit
+
 # NOTES.md: CIFAR 10, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625 %; SUN397 10, 8, 6, 4 %
 PAPER_FRACTIONS = [0.1, 0.08, 0.06, 0.04, 0.02, 0.01, 0.005, 0.0025, 0.00125, 0.000625]
 

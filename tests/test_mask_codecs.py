@@ -21,6 +21,8 @@ from smn_core.mask_codecs import (
 )
 from tests.conftest import shared_path
 
+pytestmark = pytest.mark.unit
+
 CIFAR_CKPT = ("weights", "resnet_cifar10", "resnet20-12fca82f.th")
 
 

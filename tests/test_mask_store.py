@@ -26,6 +26,8 @@ from smn_core.mask_file import (
 )
 from tests.conftest import shared_path
 
+pytestmark = pytest.mark.unit
+
 CIFAR_CKPT = ("weights", "resnet_cifar10", "resnet20-12fca82f.th")
 
 

@@ -28,6 +28,8 @@ from smn_core.masking import (
     set_topk_density,
 )
 
+pytestmark = pytest.mark.unit
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers

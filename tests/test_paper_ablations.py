@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 
 from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
@@ -11,6 +12,8 @@ from orchestrator.cli.app import main
 from orchestrator.spec.experiment import expand_cells, load_spec
 
 from .conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 
 def _write(results, spec, cells, metrics_of):

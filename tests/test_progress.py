@@ -44,6 +44,7 @@ def _run_in_pty(cmd: list[str], env: dict, timeout: float) -> tuple[int, str]:
     return code, b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_run_in_a_terminal_draws_bars_and_keeps_the_plain_lines(tmp_path):
     spec = tmp_path / "bars.yaml"
@@ -59,6 +60,7 @@ def test_run_in_a_terminal_draws_bars_and_keeps_the_plain_lines(tmp_path):
     assert "knn_top1" in out  # the final table
 
 
+@pytest.mark.unit
 def test_bars_only_on_a_terminal(tmp_path):
     with open(tmp_path / "log.txt", "w") as f:
         assert not wants_bars(f)
@@ -66,6 +68,7 @@ def test_bars_only_on_a_terminal(tmp_path):
         assert tap is None
 
 
+@pytest.mark.unit
 def test_a_run_progress_reads_the_engine_lines(tmp_path):
     """The lines the runner and the training loop print (their real formats) move the right bars."""
     import io
@@ -85,6 +88,7 @@ def test_a_run_progress_reads_the_engine_lines(tmp_path):
     assert "epoch 2/8 loss 4.6164" in text and "cells done" in text
 
 
+@pytest.mark.unit
 def test_cascade_expert_lines_get_their_own_bars():
     import io
 
@@ -98,6 +102,7 @@ def test_cascade_expert_lines_get_their_own_bars():
         assert len(tap.progress.tasks) == 1
 
 
+@pytest.mark.unit
 def test_sweep_lines_move_the_run_bar_and_close_finished_cells():
     """The sweep's own progress lines (orchestrator.engine.sweep.SweepProgress) drive the run's bar."""
     import io

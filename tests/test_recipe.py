@@ -22,6 +22,8 @@ from smn_core.swav import SwAVConfig
 from smn_core.training import TrainConfig, build_adaptation_model, lr_factor, train
 from smn_core.view_strength import view_similarity
 
+pytestmark = pytest.mark.unit
+
 IMAGE_SIZE = 16
 
 

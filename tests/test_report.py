@@ -6,9 +6,7 @@ with params, metrics, curves and the mask file, and a rerun adds none; a tracker
 
 from __future__ import annotations
 
-import contextlib
 import glob
-import io
 import json
 import os
 import shutil
@@ -24,40 +22,13 @@ from orchestrator.results import ledger
 from orchestrator.reports import tracking
 from orchestrator.cli.app import main
 
-from .conftest import TINY_SPEC
-
-SWEEP = """
-grid:
-  train.swav.num_prototypes: [10, 20, 30]
-tracking:
-  mlflow: {{uri: {mlruns}}}
-  wandb: {{project: smn-test, mode: offline, dir: {wandb}}}
-"""
-
+from .conftest import last_json
 
 @pytest.fixture(scope="module")
-def sweep(ray_local, tmp_path_factory):
-    """Run a 3-cell grid sweep (SMN, 1 epoch) with MLflow and W&B tracking through ``smn run --json``, twice."""
-    root = tmp_path_factory.mktemp("report")
-    spec = root / "sweep3.yaml"
-    spec.write_text(TINY_SPEC.format(name="sweep3", epochs=2, workers=1)
-                    + SWEEP.format(mlruns=root / "mlruns", wandb=root / "wb"))
-    results = root / "results"
-    outs = []
-    for _ in range(2):
-        buf = io.StringIO()  # capsys is function-scoped: capture stdout by hand
-        with contextlib.redirect_stdout(buf):
-            code = main(["run", str(spec), "--results", str(results), "methods=[smn]", "--json"])
-        assert code == 0
-        outs.append(last_json(buf.getvalue()))
-    return {"root": root, "spec": spec, "results": str(results), "first": outs[0], "second": outs[1]}
-
-
-def last_json(text: str) -> dict:
-    """The summary object ``smn run --json`` prints last (Ray may still forward a worker line before it)."""
-    lines = text.splitlines()
-    start = max(i for i, line in enumerate(lines) if line == "{")
-    return json.loads("\n".join(lines[start:]))
+def sweep(landed):
+    """The session's landed 3-cell grid sweep (SMN, 2 epochs) with MLflow and W&B tracking, run through
+    ``smn run --json`` twice (tests/conftest.py ``landed``)."""
+    return landed["grid"]
 
 
 def _mlflow_runs(root: Path):
@@ -93,6 +64,7 @@ def _wandb_records(path: str) -> list:
     return out
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_fills_mlflow_and_wandb_once_per_cell(sweep):
     first, second = sweep["first"], sweep["second"]
@@ -130,6 +102,7 @@ def test_sweep_fills_mlflow_and_wandb_once_per_cell(sweep):
     assert seen == {tracking.wandb_run_id("sweep3", c) for c in cells}
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_tracker_that_is_down_fails_nothing_and_warns_once(sweep, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -149,6 +122,7 @@ def test_a_tracker_that_is_down_fails_nothing_and_warns_once(sweep, monkeypatch,
     assert out.err.count("tracker mlflow is unavailable") == 1
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ls_table_formats_duckdb_and_polars(sweep, capsys, tmp_path):
     import duckdb
@@ -187,6 +161,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(sweep, tmp_path):
     browser = _chromium()
@@ -238,6 +213,7 @@ def test_report_renders_in_headless_chromium(sweep, tmp_path):
         shutil.copy(shot, Path(keep) / "test_report.png")
 
 
+@pytest.mark.unit
 def test_dry_run_prints_a_cost_estimate_from_the_benchmark_or_a_default(tmp_path, capsys, monkeypatch):
     from smn_core import __version__  # noqa: F401 - the package the estimate reads specs with
 
@@ -263,6 +239,7 @@ def test_dry_run_prints_a_cost_estimate_from_the_benchmark_or_a_default(tmp_path
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_track_flag_logs_the_ledger_into_a_store_beside_it(sweep, capsys):
     """``smn run --track mlflow`` on a finished sweep: no cell runs, the 3 cells land in RESULTS/mlruns once."""
@@ -279,6 +256,7 @@ def test_track_flag_logs_the_ledger_into_a_store_beside_it(sweep, capsys):
     assert len(runs) == 3 and runs["params.train.swav.num_prototypes"].notna().all()
 
 
+@pytest.mark.unit
 def test_one_pandas_renderer_for_every_format(tmp_path, capsys):
     """The generic table and a paper layout through the one renderer: display strings kept exactly in Markdown
     and LaTeX, numbers in CSV / JSON / Parquet."""

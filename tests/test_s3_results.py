@@ -62,6 +62,7 @@ def _tensors() -> dict[str, torch.Tensor]:
             "mask": torch.rand(5, 7, generator=g) > 0.5, "t": torch.randn(3, 4, generator=g).t()}
 
 
+@pytest.mark.unit
 def test_artifact_location_keeps_the_uri_and_its_query(tmp_path):
     uri = "s3://b/r?endpoint_override=h:1&scheme=http"
     assert ExperimentLayout.of(uri, "exp").location("masks", "c.safetensors") == \
@@ -73,6 +74,7 @@ def test_artifact_location_keeps_the_uri_and_its_query(tmp_path):
         ExperimentLayout.of(uri, "exp").location("..")
 
 
+@pytest.mark.unit
 def test_checkpoint_round_trip_on_s3(s3):
     endpoint, fs = s3
     prefix = f"ckpt-{uuid.uuid4().hex[:8]}"
@@ -119,6 +121,7 @@ def test_checkpoint_round_trip_on_s3(s3):
     assert not any(k.startswith("exp/checkpoints/cell/") for k in _keys(fs, prefix))
 
 
+@pytest.mark.unit
 def test_pipeline_weights_are_read_from_s3(s3):
     """``weights: pipeline`` with the pretraining artifact on S3 (prepare_backbone fetches it)."""
     from smn_core.backbones import build_backbone
@@ -134,6 +137,7 @@ def test_pipeline_weights_are_read_from_s3(s3):
     assert all(torch.equal(got[k], v) for k, v in state.items() if k in got)
 
 
+@pytest.mark.unit
 def test_preflight_accepts_a_reachable_bucket_and_leaves_no_probe(s3):
     endpoint, fs = s3
     prefix = f"pre-{uuid.uuid4().hex[:8]}"
@@ -147,6 +151,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.unit
 def test_preflight_refuses_an_unreachable_endpoint_before_writing_anything(tmp_path, tiny_spec, capsys):
     uri = _uri(f"127.0.0.1:{_free_port()}", "res")  # nothing listens there
     with pytest.raises(StorageUnreachable, match=r"not writable from the driver \(host .+\).*endpoint is reachable"):
@@ -159,6 +164,7 @@ def test_preflight_refuses_an_unreachable_endpoint_before_writing_anything(tmp_p
     assert time.time() - t0 < 60
 
 
+@pytest.mark.unit
 def test_preflight_refuses_a_missing_bucket(s3, tiny_spec, capsys):
     endpoint, fs = s3
     uri = _uri(endpoint, "res", bucket="no-such-bucket")
@@ -167,6 +173,7 @@ def test_preflight_refuses_a_missing_bucket(s3, tiny_spec, capsys):
     assert fs.get_file_info("no-such-bucket").type == pafs.FileType.NotFound
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_smn_run_results_on_s3(ray_local, s3, tiny_spec, capsys):
     """`smn run --results s3://...` (one Ray task per cell): ledger, masks and final states land in the bucket,
@@ -198,6 +205,7 @@ def test_smn_run_results_on_s3(ray_local, s3, tiny_spec, capsys):
     assert "0 cells ran, 2 were already done, 0 failed" in capsys.readouterr().out
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_tune_sweep_with_ddp_cell_on_s3(ray_local, s3, tiny_spec):
     """A grid spec runs as a Ray Tune sweep whose trial drives a 2-worker TorchTrainer: Tune's and Ray Train's
@@ -224,6 +232,7 @@ def test_tune_sweep_with_ddp_cell_on_s3(ray_local, s3, tiny_spec):
     assert run_experiment(spec, uri, echo=lines.append)["ran"] == 0
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_cascade_on_s3(ray_local, s3, tmp_path, capsys):
     """`smn run` of a cascade spec with results on S3: dispatcher, router, experts (actors) and combinations

@@ -33,6 +33,7 @@ def _clean_env(home: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------------- auth, unit level
 
 
+@pytest.mark.unit
 def test_token_file_is_created_private_and_a_loose_one_is_tightened(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "ray" / "auth_token"))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -45,6 +46,7 @@ def test_token_file_is_created_private_and_a_loose_one_is_tightened(tmp_path, mo
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == token  # kept, tightened
 
 
+@pytest.mark.unit
 def test_disabled_auth_is_the_users_explicit_choice_and_says_what_is_exposed(monkeypatch, capsys):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert ray_session.configure_auth(local=True) == "disabled"
@@ -56,6 +58,7 @@ def test_disabled_auth_is_the_users_explicit_choice_and_says_what_is_exposed(mon
 # ----------------------------------------------------------------------------------- the outsider test
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
     """Start a local Ray the way ``smn run`` does (``ensure_ray``, RAY_AUTH_MODE unset), then read it with
@@ -113,6 +116,7 @@ def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
 # ----------------------------------------------------------------------------------- no hangs
 
 
+@pytest.mark.ray
 def test_cpus_the_cluster_can_never_give_fail_at_once(ray_local, tiny_spec, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("SMN_ALLOW_AUTOSCALE_CPUS", raising=False)
     biggest = max(n["Resources"].get("CPU", 0) for n in ray_local.nodes() if n["Alive"])
@@ -137,6 +141,7 @@ def test_cpus_the_cluster_can_never_give_fail_at_once(ray_local, tiny_spec, tmp_
 # ----------------------------------------------------------------------------------- Ctrl-C, redirected output
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_redirected_output_is_plain(tmp_path):
     """A real ``smn run`` with stdout and stderr redirected: no Ray INFO lines, no ANSI codes; Ctrl-C
@@ -169,6 +174,7 @@ def test_ctrl_c_exits_130_and_redirected_output_is_plain(tmp_path):
         assert " INFO " not in text and "Started a local Ray instance" not in text, text[-2000:]
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_unsatisfiable_cpus_fail_in_a_fresh_smn_run_before_ray_starts(tiny_spec, tmp_path):
     """The whole command, in a fresh process without Ray: refused before a local Ray is started."""
@@ -184,6 +190,7 @@ def test_unsatisfiable_cpus_fail_in_a_fresh_smn_run_before_ray_starts(tiny_spec,
     print(f"refused in {took:.1f}s (a fresh process, imports included)")
 
 
+@pytest.mark.ray
 def test_a_remote_failure_is_one_line_naming_the_cell_and_the_stack_is_kept(ray_local, tiny_spec, tmp_path, capsys):
     bad = tmp_path / "weights.pth"
     bad.write_bytes(b"not a checkpoint" * 8)

@@ -11,6 +11,8 @@ from smn_core.masking import (MaskConfig, attach_masks, export_masks, mask_modul
                               trainable_mask_count)
 from smn_core.training import TrainConfig, build_adaptation_model, train
 
+pytestmark = pytest.mark.unit
+
 
 def _resnet():
     torch.manual_seed(0)

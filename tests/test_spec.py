@@ -8,6 +8,8 @@ from orchestrator.spec.experiment import SpecError, cell_id_of, expand_cells, lo
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 
 def test_demo_spec_is_valid_and_has_its_three_methods_on_three_seeds():
     spec = load_spec(REPO / "experiments" / "demo.yaml")

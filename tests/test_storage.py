@@ -38,17 +38,20 @@ PYCACHE = os.path.join(tempfile.gettempdir(), "smn-test-pycache")
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}}
 
 
+@pytest.mark.unit
 def test_local_folder_is_checked_and_left_clean(tmp_path):
     results = tmp_path / "new" / "results"
     check_results_location(str(results))
     assert results.is_dir() and list(results.iterdir()) == []  # the probe folder is removed
 
 
+@pytest.mark.unit
 def test_file_uri_is_checked(tmp_path):
     check_results_location(f"file://{tmp_path}/res")
     assert (tmp_path / "res").is_dir()
 
 
+@pytest.mark.unit
 def test_unwritable_location_names_the_driver_and_the_path(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -58,6 +61,7 @@ def test_unwritable_location_names_the_driver_and_the_path(tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.unit
 def test_unsupported_uri_is_a_clear_error():
     with pytest.raises(ValueError, match=r"results location 'ftp://host/x' is not supported"):
         check_results_location("ftp://host/x")
@@ -77,12 +81,10 @@ def cluster():
     """Head + two worker nodes on this machine (1 CPU each); the driver (this process) is on the head.
 
     The nodes take the machine's own IP: a driver cannot join a cluster_utils head bound to 127.0.0.1,
-    because ray.init rewrites a 127.0.0.1 address to that IP. The session's local Ray (conftest's
-    ray_local), if it was up, is restarted afterwards with the same settings.
+    because ray.init rewrites a 127.0.0.1 address to that IP. A cluster test: its own pytest process
+    (scripts/test.sh), so no session Ray is up; in a one-process run, conftest starts that again after.
     """
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
+    ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         for _ in range(2):
@@ -93,14 +95,13 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
-        if was_up:
-            ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=RUNTIME_ENV)
 
 
 def _alive() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_shared_folder_passes_on_every_node(cluster, tmp_path):
     assert len(_alive()) == 3
@@ -164,6 +165,7 @@ def _stop_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.skipif(not _can_unshare(), reason="needs Linux mount namespaces (unshare -m as root)")
 def test_nodes_without_the_shared_storage_are_named_and_nothing_runs(cluster, tiny_spec, tmp_path):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from smn_core.swav import SwAV, SwAVConfig, SwAVHead, detect_collapse, sinkhorn_knopp
 
+pytestmark = pytest.mark.unit
+
 
 def _scores(b: int = 32, k: int = 10, seed: int = 0) -> torch.Tensor:
     """Cosine-similarity-like prototype scores in [-1, 1], unbalanced on purpose."""

@@ -6,6 +6,8 @@ import pytest
 
 from orchestrator.spec.experiment import SpecError, expand_cells, load_spec, pending_references, search_cell
 
+pytestmark = pytest.mark.unit
+
 MASK_AXIS = """
 grid:
   train.mask:

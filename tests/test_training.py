@@ -19,6 +19,8 @@ from smn_core.masking import MaskConfig, attach_masks, iter_masked_tensors, mask
 from smn_core.swav import SwAVConfig
 from smn_core.training import TrainConfig, build_adaptation_model, train
 
+pytestmark = pytest.mark.unit
+
 FEATURE_DIM = 8
 IMAGE_SIZE = 16
 
