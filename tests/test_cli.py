@@ -135,6 +135,7 @@ print("codes", codes, "torch" in sys.modules, "ray" in sys.modules)
 """
 
 
+@pytest.mark.cluster  # subprocesses: a fresh interpreter per command
 def test_read_commands_load_neither_torch_nor_ray(tmp_path):
     now = time.time()
     for seed in (0, 1):

@@ -67,6 +67,7 @@ def test_read_cell_reads_one_file_and_wide_has_one_row_per_cell(tmp_path):
     assert ledger.wide(ledger.read_ledger(results, "missing")).empty
 
 
+@pytest.mark.unit
 def test_land_writes_failure_records_measurements_and_trained_cells(tmp_path):
     """land() is the one writer: a failure record, then a measurement cell (no wall_s), then a trained cell's
     masks, state, curves and ledger file, with its epoch checkpoint dropped and its failure record removed."""
@@ -102,7 +103,7 @@ def test_land_writes_failure_records_measurements_and_trained_cells(tmp_path):
     assert not has_checkpoint(lay.checkpoint("c1")), "a landed cell's epoch checkpoints are spent"
     from orchestrator.results.curves import read_curves
 
-    assert read_curves(lay.results, "e", "c1")["loss"].tolist() == [2.0, 1.5]
+    assert read_curves(lay, "c1")["loss"].tolist() == [2.0, 1.5]
 
 
 def _flaky(marker: str, value: int) -> int:

