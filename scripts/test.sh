@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every tier of the test suite, each in its own pytest process (tests/conftest.py defines the tiers):
-#   unit     no Ray, no subprocess; the inner loop: .venv/bin/python -m pytest -m "unit and not slow"
-#   ray      the one session-scoped local Ray, shared by every test of the tier
+#   unit     fast, no Ray, no subprocess; the inner loop: .venv/bin/python -m pytest -m unit
+#   ray      the one session-scoped local Ray, shared by every test of the tier, and the slow in-process tests
 #   cluster  tests that start processes of their own (multi-node clusters, `ray start`, `ray job submit`,
 #            `smn run` or another Python as a subprocess); in their own pytest process, so they never tear
 #            down the ray tier's session

@@ -3,8 +3,11 @@ data (sklearn digits), and one landed ledger for the read-side tests.
 
 Every test carries exactly one tier marker (collection fails otherwise):
 
-- ``unit``: no Ray (a guard makes ``ray.init`` fail inside a unit test) and no subprocess;
-- ``ray``: runs on the one session-scoped local Ray (:func:`ray_local`, requested for every ``ray`` test);
+- ``unit``: fast, no Ray (a guard makes ``ray.init`` fail inside a unit test) and no subprocess: the inner loop,
+  ``pytest -m unit`` (about 2 min on 2 cores);
+- ``ray``: runs in the process of the one session-scoped local Ray (:func:`ray_local`, requested for every ``ray``
+  test): the Ray tests, and the slow in-process tests (real training on CIFAR-10, CLIP, the mask store's real
+  masks), which would make the inner loop minutes long;
 - ``cluster``: starts processes of its own: a Ray (``ray.cluster_utils.Cluster``, ``ray start``,
   ``ray job submit``, a subprocess ``smn run``) or another Python (the benchmark harness, ``python -m
   orchestrator``). ``scripts/test.sh`` runs each tier in its own pytest process, so a cluster test
@@ -12,8 +15,7 @@ Every test carries exactly one tier marker (collection fails otherwise):
   cluster test shut it down.
 
 ``slow`` stays, beside the tiers: a test that takes more than a few seconds (real training on CIFAR-10, CLIP,
-Tune sweeps, clusters). The inner loop is ``pytest -m "unit and not slow"``; ``scripts/test.sh`` runs every
-tier, slow tests included.
+Tune sweeps, clusters); no ``unit`` test is slow. ``scripts/test.sh`` runs every tier, slow tests included.
 """
 
 from __future__ import annotations

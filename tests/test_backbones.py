@@ -21,7 +21,7 @@ from smn_core.backbones import (
     load_checkpoint_state_dict,
 )
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_WEIGHTS = SHARED / "weights" / "resnet_cifar10"
@@ -48,6 +48,7 @@ def _resnet20_file() -> Path:
 # ------------------------------------------------------------------------------------------ registry
 
 
+@pytest.mark.unit
 def test_available_backbones_lists_every_arch():
     assert available_backbones() == sorted([
         "cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
@@ -55,6 +56,7 @@ def test_available_backbones_lists_every_arch():
     ])
 
 
+@pytest.mark.unit
 def test_backbones_are_registered_by_decorator_with_their_description():
     from smn_core.backbones import register_backbone
     from smn_core.registry import Registry
@@ -78,27 +80,32 @@ def test_backbones_are_registered_by_decorator_with_their_description():
         reg.register("")
 
 
+@pytest.mark.unit
 def test_unknown_arch_lists_available():
     with pytest.raises(ValueError, match=r"unknown backbone arch 'vgg16'.*cifar_resnet20.*resnet18"):
         build_backbone("vgg16", "random")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("weights", ["imagenet", "", "Pretrained"])
 def test_unknown_weights_value(weights):
     with pytest.raises(ValueError, match=r"unknown weights .*allowed: pretrained, random, checkpoint"):
         build_backbone("cifar_resnet20", weights)
 
 
+@pytest.mark.unit
 def test_checkpoint_weights_require_a_path():
     with pytest.raises(ValueError, match="needs checkpoint="):
         build_backbone("cifar_resnet20", "checkpoint")
 
 
+@pytest.mark.unit
 def test_random_with_checkpoint_conflicts(tmp_path):
     with pytest.raises(ValueError, match="conflicts with weights='random'"):
         build_backbone("cifar_resnet20", "random", checkpoint=tmp_path / "x.pt")
 
 
+@pytest.mark.unit
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_backbone("cifar_resnet20", "checkpoint", checkpoint=tmp_path / "nope.pt")
@@ -107,6 +114,7 @@ def test_missing_checkpoint_file(tmp_path):
 # ------------------------------------------------------------------------------------- CIFAR ResNet
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("depth,blocks", [(20, 3), (32, 5), (44, 7), (56, 9)])
 def test_cifar_resnet_structure(depth, blocks):
     net = cifar_resnet(depth)
@@ -120,6 +128,7 @@ def test_cifar_resnet_structure(depth, blocks):
     assert torch.allclose(net(x), net.linear(net.features(x)))
 
 
+@pytest.mark.unit
 def test_cifar_option_a_shortcut_is_parameter_free_and_zero_padded():
     net = cifar_resnet(20)
     block = net.layer2[0]
@@ -133,17 +142,20 @@ def test_cifar_option_a_shortcut_is_parameter_free_and_zero_padded():
     assert sum(p.numel() for p in net.parameters()) == 269722
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("depth", [0, 7, 21, -4, 20.0, True])
 def test_cifar_resnet_bad_depth(depth):
     with pytest.raises(ValueError, match="6n\\+2"):
         cifar_resnet(depth)
 
 
+@pytest.mark.unit
 def test_cifar_resnet_bad_num_classes():
     with pytest.raises(ValueError, match="num_classes 0"):
         cifar_resnet(20, num_classes=0)
 
 
+@pytest.mark.unit
 def test_cifar_weights_urls_name_the_shared_files():
     for depth in (20, 32, 44, 56):
         url = cifar_weights_url(depth)
@@ -154,6 +166,7 @@ def test_cifar_weights_urls_name_the_shared_files():
         cifar_weights_url(110)
 
 
+@pytest.mark.unit
 @needs_weights
 def test_cifar_url_hash_prefix_is_sha256_of_the_file():
     # torch.hub's check_hash=True compares the 8 hex digits in the name with the file's SHA-256.
@@ -177,6 +190,7 @@ def _check_backbone(b: Backbone, arch: str, feature_dim: int, input_size: int, s
     assert torch.isfinite(f).all()
 
 
+@pytest.mark.unit
 def test_random_cifar_resnet20():
     b = build_backbone("cifar_resnet20", "random")
     _check_backbone(b, "cifar_resnet20", 64, 32, "conv", batch=4)
@@ -185,6 +199,7 @@ def test_random_cifar_resnet20():
     assert b.weights_source == "random"
 
 
+@pytest.mark.unit
 def test_random_resnet18():
     b = build_backbone("resnet18", "random")
     _check_backbone(b, "resnet18", 512, 224, "conv", batch=2)
@@ -198,6 +213,7 @@ def random_clip() -> Backbone:
     return build_backbone("clip_vit_b32", "random")
 
 
+@pytest.mark.unit
 def test_random_clip_vit_b32(random_clip):
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
@@ -211,6 +227,7 @@ def test_random_clip_vit_b32(random_clip):
     assert any(".resblocks.0.attn.in_proj_weight" in f".{n}" for n in names)
 
 
+@pytest.mark.unit
 def test_clip_text_head_shape_and_norm(random_clip):
     names = ["cat", "dog", "airplane", "cat"]
     w = build_clip_text_head(names, backbone=random_clip)
@@ -225,6 +242,7 @@ def test_clip_text_head_shape_and_norm(random_clip):
     assert not torch.allclose(w, w2, atol=1e-3)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("names,template,match", [
     ([], "a photo of a {}.", "non-empty list"),
     ("cat", "a photo of a {}.", "non-empty list"),
@@ -237,11 +255,13 @@ def test_clip_text_head_bad_input(names, template, match):
         build_clip_text_head(names, template, weights="random")
 
 
+@pytest.mark.unit
 def test_clip_text_head_rejects_non_clip_backbone():
     with pytest.raises(ValueError, match="not a CLIP backbone"):
         build_clip_text_head(["cat"], backbone=build_backbone("cifar_resnet20", "random"))
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_clip_checkpoint_round_trip(random_clip, tmp_path):
     from safetensors.torch import save_file
@@ -269,6 +289,7 @@ def test_clip_checkpoint_round_trip(random_clip, tmp_path):
 # ---------------------------------------------------------------------------------- checkpoint loading
 
 
+@pytest.mark.unit
 @needs_weights
 def test_real_cifar_checkpoints_load_strictly():
     for depth in (20, 32, 44, 56):
@@ -293,6 +314,7 @@ def test_real_cifar_checkpoints_load_strictly():
             assert torch.allclose(b.classifier(b.model(x)), net(x), atol=1e-6)
 
 
+@pytest.mark.unit
 def test_load_checkpoint_state_dict_unwraps_and_strips(tmp_path):
     sd = {"module.a.weight": torch.ones(2), "b": torch.zeros(1)}
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "c.pt")
@@ -301,6 +323,7 @@ def test_load_checkpoint_state_dict_unwraps_and_strips(tmp_path):
     assert torch.equal(out["a.weight"], torch.ones(2))
 
 
+@pytest.mark.unit
 @needs_weights
 def test_safetensors_round_trip_through_checkpoint(tmp_path):
     from safetensors.torch import save_file
@@ -327,6 +350,7 @@ def test_safetensors_round_trip_through_checkpoint(tmp_path):
         assert torch.equal(b3.model(x), ref.model(x))
 
 
+@pytest.mark.unit
 def test_checkpoint_head_with_other_class_count(tmp_path):
     net = cifar_resnet(20, num_classes=100)
     torch.save(net.state_dict(), tmp_path / "c100.pt")
@@ -335,6 +359,7 @@ def test_checkpoint_head_with_other_class_count(tmp_path):
     assert torch.equal(b.classifier.weight, net.linear.weight)
 
 
+@pytest.mark.unit
 def test_checkpoint_with_wrong_keys_is_a_clear_error(tmp_path):
     state = cifar_resnet(20).state_dict()
     state["layer9.0.conv1.weight"] = torch.zeros(3)
@@ -367,6 +392,7 @@ class _NotWeights:
         self.x = 1
 
 
+@pytest.mark.unit
 def test_unsafe_pickle_is_refused(tmp_path):
     buf = io.BytesIO()
     torch.save({"state_dict": _NotWeights()}, buf)
@@ -375,12 +401,14 @@ def test_unsafe_pickle_is_refused(tmp_path):
         load_checkpoint_state_dict(tmp_path / "evil.pt")
 
 
+@pytest.mark.unit
 def test_non_tensor_entries_are_refused(tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "train.pt")
     with pytest.raises(ValueError, match="not a state dict"):
         load_checkpoint_state_dict(tmp_path / "train.pt")
 
 
+@pytest.mark.unit
 def test_corrupt_safetensors_is_refused(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="safetensors"):
@@ -390,6 +418,7 @@ def test_corrupt_safetensors_is_refused(tmp_path):
 # ------------------------------------------------------------------------- pretrained lookup (offline)
 
 
+@pytest.mark.unit
 @needs_weights
 def test_cifar_env_dir_takes_priority(tmp_path, monkeypatch):
     torch.manual_seed(1)
@@ -402,6 +431,7 @@ def test_cifar_env_dir_takes_priority(tmp_path, monkeypatch):
     assert torch.equal(b.model.conv1.weight, net.conv1.weight)
 
 
+@pytest.mark.unit
 @needs_weights
 def test_cifar_download_fallback_is_safe_and_hash_checked(tmp_path, monkeypatch):
     calls = []
@@ -421,6 +451,7 @@ def test_cifar_download_fallback_is_safe_and_hash_checked(tmp_path, monkeypatch)
     assert torch.equal(b.model.layer3[2].conv2.weight, ref.model.layer3[2].conv2.weight)
 
 
+@pytest.mark.unit
 def test_download_failure_names_the_offline_remedy(tmp_path, monkeypatch):
     def failing_download(url, **kwargs):
         raise OSError("network is unreachable")
@@ -431,6 +462,7 @@ def test_download_failure_names_the_offline_remedy(tmp_path, monkeypatch):
         build_backbone("cifar_resnet32")
 
 
+@pytest.mark.unit
 def test_swav_pretrained_ignores_projection_head_and_prototypes(monkeypatch):
     import torchvision
 
@@ -458,6 +490,7 @@ def test_swav_pretrained_ignores_projection_head_and_prototypes(monkeypatch):
 # --------------------------------------------------------------------------- real accuracy (slow)
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 @needs_weights
 @needs_cifar_test

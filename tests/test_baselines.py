@@ -27,7 +27,7 @@ from smn_core.training import TrainConfig, build_adaptation_model, train
 
 from .conftest import shared_path
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 
 def _train(model, backbone, ds, cfg):
@@ -36,6 +36,7 @@ def _train(model, backbone, ds, cfg):
     return adapt
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_fft_changes_the_weights_while_masking_never_does():
     shared_path("weights", "resnet_cifar10")
@@ -63,6 +64,7 @@ def test_fft_changes_the_weights_while_masking_never_does():
     assert len(changed) == len(masked)
 
 
+@pytest.mark.unit
 def test_fft_uses_its_own_warmup():
     cfg = TrainConfig(epochs=10, warmup_epochs=4, weight_warmup_epochs=0)
     assert cfg.weight_warmup_epochs == 0
@@ -121,6 +123,7 @@ def _metric(outcomes, method, metric, label_fraction=None):
             if c.method == method and c.dataset.label_fraction == label_fraction]
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_storage_and_head_metrics_per_method(results):
     _, outcomes = results
@@ -138,6 +141,7 @@ def test_storage_and_head_metrics_per_method(results):
             assert [m[f"train_loss@{e + 1}"] for e in range(len(out.history))] == [h["loss"] for h in out.history]
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_table1_rows_sizes_and_values(results):
     path, outcomes = results
@@ -158,6 +162,7 @@ def test_table1_rows_sizes_and_values(results):
     assert "table1" in tables() and "fig3" in figures()
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_lowshot_table_and_fig3(results, tmp_path):
     path, outcomes = results
@@ -175,6 +180,7 @@ def test_lowshot_table_and_fig3(results, tmp_path):
     assert out.stat().st_size > 10_000
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_table10_runs_mean_and_std(results):
     path, outcomes = results
@@ -189,6 +195,7 @@ def test_table10_runs_mean_and_std(results):
     assert set(t["Method"].str.split(" ").str[0]) == {"fft", "supervised_mask"}  # the only cells with 2 seeds
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_sparsity_tables_and_fig7_from_masks(results, tmp_path):
     path, outcomes = results

@@ -23,7 +23,7 @@ from smn_core.cascade import (
     restore_adapted_backbone,
 )
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def digits():
 # ------------------------------------------------------------------------------------------ router
 
 
+@pytest.mark.unit
 def test_router_is_reproducible_with_one_seed(digits):
     x, _ = digits
     a = fit_router(x, components=20, clusters=5, seed=3)
@@ -45,12 +46,14 @@ def test_router_is_reproducible_with_one_seed(digits):
     assert a.components.shape == (20, 64) and a.clusters == 5
 
 
+@pytest.mark.unit
 def test_router_seed_changes_the_mixture(digits):
     x, _ = digits
     fits = [fit_router(x, components=10, clusters=5, seed=s).gmm.means_ for s in range(3)]
     assert any(not np.allclose(fits[0], f) for f in fits[1:]), "the seed must reach the mixture's initialisation"
 
 
+@pytest.mark.unit
 def test_router_round_trips_through_tensors(digits):
     x, _ = digits
     router = fit_router(x[:1200], components=10, clusters=4, seed=0)
@@ -60,12 +63,14 @@ def test_router_round_trips_through_tensors(digits):
     assert restored.seed == 0 and restored.clusters == 4
 
 
+@pytest.mark.unit
 def test_router_routes_on_l2_normalised_embeddings(digits):
     x, _ = digits
     router = fit_router(x, components=8, clusters=3, seed=0)
     assert np.array_equal(router.route(x), router.route(x * 7.5)), "routing must ignore the embedding's scale"
 
 
+@pytest.mark.unit
 def test_router_clusters_are_more_homogeneous_than_chance(digits):
     x, y = digits
     router = fit_router(x, components=20, clusters=5, seed=0)
@@ -78,6 +83,7 @@ def test_router_clusters_are_more_homogeneous_than_chance(digits):
     assert top2 > 0.5, f"the two most common classes hold only {top2:.2f} of the clusters"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs, message", [
     ({"components": 65}, "components=65 exceeds"),
     ({"components": 0}, "components must be an integer >= 1"),
@@ -91,6 +97,7 @@ def test_router_rejects_bad_settings(digits, kwargs, message):
         fit_router(x, **kwargs)
 
 
+@pytest.mark.unit
 def test_router_rejects_bad_embeddings(digits):
     x, _ = digits
     bad = x.clone()
@@ -107,6 +114,7 @@ def test_router_rejects_bad_embeddings(digits):
 # ------------------------------------------------------------------------------------------ budget
 
 
+@pytest.mark.unit
 def test_expert_epochs_matches_the_paper_formula():
     # paper Sec. 4.1: E = 50000 / D * 150, rounded to the nearest integer
     assert expert_epochs(50_000, 10_000, 150) == 750
@@ -115,6 +123,7 @@ def test_expert_epochs_matches_the_paper_formula():
     assert expert_epochs(100, 100, 1) == 1
 
 
+@pytest.mark.unit
 def test_expert_epochs_match_the_dispatchers_step_budget(digits):
     _, y = digits
     batch, epochs = 64, 150
@@ -127,6 +136,7 @@ def test_expert_epochs_match_the_dispatchers_step_budget(digits):
         assert abs(steps - disp_steps) <= e + (len(y) / size) * epochs, (size, steps, disp_steps)
 
 
+@pytest.mark.unit
 def test_expert_epochs_rejects_bad_input():
     with pytest.raises(ValueError, match="cluster_size=11 exceeds num_train=10"):
         expert_epochs(10, 11, 5)
@@ -144,6 +154,7 @@ def _blocks(x: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return x @ mats[0], [x @ m for m in mats[1:]]
 
 
+@pytest.mark.unit
 def test_unconditional_embedding_concatenates_every_block(digits):
     x, _ = digits
     d, experts = _blocks(x, 3)
@@ -154,6 +165,7 @@ def test_unconditional_embedding_concatenates_every_block(digits):
         assert torch.equal(e[:, 16 * (k + 1):16 * (k + 2)], experts[k])
 
 
+@pytest.mark.unit
 def test_conditional_embedding_is_zero_outside_the_routed_block(digits):
     x, _ = digits
     d, experts = _blocks(x, 5)
@@ -170,6 +182,7 @@ def test_conditional_embedding_is_zero_outside_the_routed_block(digits):
     assert ((e[:, 16:] != 0).any(1)).all(), "every image keeps its routed expert's (non-zero) block"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode, routes, message", [
     ("gated", None, "allowed: conditional, unconditional"),
     ("conditional", None, "needs routes"),
@@ -186,6 +199,7 @@ def test_cascade_embedding_rejects_bad_input(digits, mode, routes, message):
         cascade_embedding(d, [experts[0][:, :8]], "unconditional")
 
 
+@pytest.mark.unit
 def test_whitening_gives_unit_variance_and_eigenvalue_division_the_papers_text(digits):
     x, _ = digits
     d, experts = _blocks(x, 2)
@@ -204,6 +218,7 @@ def test_whitening_gives_unit_variance_and_eigenvalue_division_the_papers_text(d
     assert (np.diff(white.eigenvalues) <= 0).all(), "top components first"
 
 
+@pytest.mark.unit
 def test_projection_guards_zero_variance_components(digits):
     x, _ = digits
     d, _ = _blocks(x[:40], 1)
@@ -214,6 +229,7 @@ def test_projection_guards_zero_variance_components(digits):
     assert (proj.scale[proj.eigenvalues <= 1e-10 * proj.eigenvalues.max()] == 0).all()
 
 
+@pytest.mark.unit
 def test_projection_rejects_bad_settings(digits):
     x, _ = digits
     with pytest.raises(ValueError, match="allowed: whiten, eigenvalue, none"):
@@ -224,6 +240,7 @@ def test_projection_rejects_bad_settings(digits):
         fit_projection(x, 8).transform(x[:, :8])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", ["conditional", "unconditional"])
 def test_combined_embedding_has_the_dispatchers_dimension(digits, mode):
     x, _ = digits
@@ -239,6 +256,7 @@ def test_combined_embedding_has_the_dispatchers_dimension(digits, mode):
 # ------------------------------------------------------------------------------------------ analysis, cost
 
 
+@pytest.mark.unit
 def test_cluster_homogeneity_counts_the_most_common_classes():
     routes = np.array([0, 0, 0, 1, 1, 1, 1])
     labels = np.array([2, 2, 1, 0, 0, 0, 1])
@@ -252,6 +270,7 @@ def test_cluster_homogeneity_counts_the_most_common_classes():
         cluster_homogeneity(routes, labels, clusters=2, num_classes=2)
 
 
+@pytest.mark.unit
 def test_forward_passes_and_storage_follow_table3():
     assert [forward_passes(m, 5) for m in ("dispatcher", "conditional", "unconditional")] == [1, 2, 6]
     bits = 11_000.0
@@ -264,6 +283,7 @@ def test_forward_passes_and_storage_follow_table3():
 # ------------------------------------------------------------------------------------------ models
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_restored_dispatcher_reproduces_its_evaluation_and_subset_training():
     """A real 1-epoch self-masking run on digits; the backbone rebuilt from its final trainable state
@@ -311,6 +331,7 @@ def _spec(tmp_path, cascade: str, methods: str = "[smn]"):
     return load_spec(p)
 
 
+@pytest.mark.unit
 def test_cascade_section_defaults_are_the_papers(tmp_path):
     from orchestrator.spec.cascade import cascade_spec
 
@@ -320,6 +341,7 @@ def test_cascade_section_defaults_are_the_papers(tmp_path):
     assert cs.experts.epochs is None and cs.experts.max_restarts == -1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("section, message", [
     ("cascade: {router: {clusterz: 5}}", "cascade.router.clusterz: unknown key"),
     ("cascade: {router: {clusters: 1}}", "cascade.router.clusters"),
@@ -335,6 +357,7 @@ def test_cascade_section_errors_name_the_key(tmp_path, section, message):
         cascade_spec(_spec(tmp_path, section))
 
 
+@pytest.mark.unit
 def test_cascade_needs_a_self_masking_dispatcher(tmp_path):
     from orchestrator.spec.cascade import cascade_spec
     from orchestrator.spec.experiment import SpecError
@@ -343,6 +366,7 @@ def test_cascade_needs_a_self_masking_dispatcher(tmp_path):
         cascade_spec(_spec(tmp_path, "", methods="[pretrained]"))
 
 
+@pytest.mark.unit
 def test_cascade_ids_are_stable_and_depend_on_the_settings(tmp_path):
     from orchestrator.spec.cascade import cascade_spec
     from orchestrator.engine.cascade import plan_cascades

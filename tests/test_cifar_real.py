@@ -17,7 +17,7 @@ from smn_core.swav import SwAVConfig
 
 from .conftest import shared_path
 
-pytestmark = [pytest.mark.unit, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # slow and in-process: runs in the ray tier's process
 
 
 def _accuracy(model, classifier, dataset, backbone) -> float:

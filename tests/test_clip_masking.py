@@ -21,7 +21,7 @@ from smn_core.masking import MaskConfig, attach_masks, iter_masked_tensors, scor
 from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, clip_text_classifier, run_cell
 from smn_core.training import CosineClassifier, TrainConfig
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 BLOCKS = 12
 PER_BLOCK = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
@@ -34,6 +34,7 @@ def clip():
     return build_backbone("clip_vit_b32", "random")
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_masks_cover_exactly_the_attention_projections_and_mlps(clip):
     visual = copy.deepcopy(clip.model)
@@ -58,6 +59,7 @@ def test_masks_cover_exactly_the_attention_projections_and_mlps(clip):
     assert torch.equal(before, after)
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_text_head_gives_cosine_logits(clip):
     head = clip_text_classifier(clip, ["airplane", "automobile", "bird"], "a photo of a {}")
@@ -75,6 +77,7 @@ def test_text_head_gives_cosine_logits(clip):
         clip_text_classifier(build_backbone("cifar_resnet8", "random"), ["a", "b"], "a photo of a {}")
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_supervised_masking_of_clip_trains_only_scores(tmp_path):
     torch.manual_seed(0)
@@ -110,6 +113,7 @@ def test_supervised_masking_of_clip_trains_only_scores(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.unit
 def test_clip_text_head_needs_a_clip_backbone():
     with pytest.raises(ValueError, match="needs a CLIP backbone"):
         CellConfig(method="supervised_mask", backbone=BackboneSpec(arch="cifar_resnet20"),

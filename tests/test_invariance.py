@@ -21,7 +21,7 @@ from smn_core.masking import MaskConfig
 from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, run_cell
 from smn_core.training import TrainConfig
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 SETTINGS = [(1.0, 0.0, 50.0), (2.5, 0.5, 100.0), (1.0, 0.0, 100.0), (1.0, 0.5, 50.0), (2.0, 0.0, 50.0)]
 
@@ -44,6 +44,7 @@ def scores(outcome) -> dict[str, torch.Tensor]:
     return {k: v for k, v in outcome.state.items() if k.endswith(".scores")}
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_equivalent_settings_give_identical_masks_in_float64(runs):
     ref = runs[(1.0, 0.0, 50.0)][1]
@@ -63,6 +64,7 @@ def test_equivalent_settings_give_identical_masks_in_float64(runs):
             torch.testing.assert_close(sb[name] - b[1], k * (sa[name] - a[1]), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_non_equivalent_settings_differ(runs):
     ref = runs[(1.0, 0.0, 50.0)][1]
@@ -73,6 +75,7 @@ def test_non_equivalent_settings_differ(runs):
     assert density[(1.0, 0.0, 100.0)] < density[(1.0, 0.0, 50.0)] < density[(2.0, 0.0, 50.0)]
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_invariance_table_and_fig5_from_the_ledger(runs, tmp_path):
     results = str(tmp_path / "results")

@@ -13,7 +13,7 @@ from smn_core.evaluation import lowshot_linear_probe, per_class_sample
 from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, labelled_subset, lowshot_metric, run_cell
 from smn_core.training import TrainConfig
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 # NOTES.md: CIFAR 10, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625 %; SUN397 10, 8, 6, 4 %
 PAPER_FRACTIONS = [0.1, 0.08, 0.06, 0.04, 0.02, 0.01, 0.005, 0.0025, 0.00125, 0.000625]
@@ -31,6 +31,7 @@ def imbalanced_labels() -> np.ndarray:
     return np.random.default_rng(0).permutation(y)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fraction", PAPER_FRACTIONS)
 def test_per_class_sampling_never_drops_a_class(digits, fraction):
     for labels in (digits[1], imbalanced_labels()):
@@ -43,6 +44,7 @@ def test_per_class_sampling_never_drops_a_class(digits, fraction):
             assert int((kept == c).sum()) == min(n_c, max(1, round(fraction * n_c)))
 
 
+@pytest.mark.unit
 def test_uniform_sampling_would_drop_rare_classes():
     """Why the sampling is per class: a uniform 1 % sample of the long-tailed labels loses classes."""
     labels = imbalanced_labels()
@@ -51,6 +53,7 @@ def test_uniform_sampling_would_drop_rare_classes():
     assert len(set(labels[per_class_sample(labels, 0.01, seed=42)])) == 10
 
 
+@pytest.mark.unit
 def test_lowshot_probe_uses_only_the_sampled_labels(digits):
     x, y = digits
     order = np.random.default_rng(0).permutation(len(y))
@@ -73,6 +76,7 @@ def test_lowshot_probe_uses_only_the_sampled_labels(digits):
         lowshot_linear_probe(x[tr], y[tr], x[te], y[te], [0.1, 1.5])
 
 
+@pytest.mark.unit
 def test_labelled_subset_repeats_a_small_sample_to_one_batch():
     ds = load_dataset("digits", "train", image_size=16)
     sub = labelled_subset(ds, 0.01, seed=0, min_size=64)
@@ -86,6 +90,7 @@ def test_labelled_subset_repeats_a_small_sample_to_one_batch():
         labelled_subset(ds, 0.5, min_size=0)
 
 
+@pytest.mark.unit
 def test_label_fraction_only_matters_for_supervised_training():
     data = DataSpec(source="digits", label_fraction=0.05)
     assert CellConfig(method="supervised_mask", dataset=data).dataset.label_fraction == 0.05
@@ -100,6 +105,7 @@ def test_label_fraction_only_matters_for_supervised_training():
         EvalSpec(lowshot_fractions=[0.1, 0.1])
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_run_cell_reports_lowshot_probes_and_trains_on_the_labelled_share():
     data = dict(source="digits", image_size=16, max_train_samples=300, max_test_samples=120)

@@ -21,7 +21,7 @@ from smn_core.mask_codecs import (
 )
 from tests.conftest import shared_path
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 CIFAR_CKPT = ("weights", "resnet_cifar10", "resnet20-12fca82f.th")
 
@@ -46,6 +46,7 @@ def learned():
     return masks, [weights[n].detach().numpy() for n in names]
 
 
+@pytest.mark.unit
 def test_pack_bits_round_trip_odd_sizes():
     rng = np.random.default_rng(0)
     masks = [rng.random(s) < 0.7 for s in [(3, 5), (7,), (2, 3, 3, 3), (1,)]]
@@ -59,6 +60,7 @@ def test_pack_bits_round_trip_odd_sizes():
         pack_bits([np.array([0, 2, 1])])
 
 
+@pytest.mark.unit
 def test_binary_entropy_and_order0_bound():
     assert binary_entropy(0.5) == pytest.approx(1.0)
     assert binary_entropy(0.0) == 0.0 and binary_entropy(1.0) == 0.0
@@ -73,6 +75,7 @@ def test_binary_entropy_and_order0_bound():
         order0_entropy_bits([np.zeros(0, bool)])
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_every_codec_round_trips_real_learned_masks(learned):
     masks, weights = learned
@@ -95,6 +98,7 @@ def test_every_codec_round_trips_real_learned_masks(learned):
     assert m.compressed_bytes < sizes["none"]
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_smn_ctx_needs_the_weights_it_was_coded_with(learned):
     masks, weights = learned
@@ -107,6 +111,7 @@ def test_smn_ctx_needs_the_weights_it_was_coded_with(learned):
         codec.decode(payload, [m.shape for m in masks], [w.reshape(-1) for w in weights])
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_truncated_payloads_are_refused(learned):
     masks, weights = learned
@@ -121,6 +126,7 @@ def test_truncated_payloads_are_refused(learned):
         get_codec("smn-ctx").decode(get_codec("smn-ctx").encode(masks, weights), shapes[:-1], weights[:-1])
 
 
+@pytest.mark.unit
 def test_fp32_weights_barely_compress_and_masks_codec_is_refused():
     from smn_core.backbones import load_checkpoint_state_dict
 
@@ -136,6 +142,7 @@ def test_fp32_weights_barely_compress_and_masks_codec_is_refused():
         measure_byte_codec("smn-ctx", weights)
 
 
+@pytest.mark.unit
 def test_codecs_are_registered_by_decorator_in_the_documented_order():
     from smn_core.mask_codecs import ContextMaskCodec, register_codec
 
@@ -146,11 +153,13 @@ def test_codecs_are_registered_by_decorator_in_the_documented_order():
         register_codec("gzip")
 
 
+@pytest.mark.unit
 def test_unknown_codec_names_the_allowed_ones():
     with pytest.raises(ValueError, match="codec 'brotli' is not known; allowed: none, gzip, bz2, lzma, lz4, snappy, zstd, smn-ctx"):
         get_codec("brotli")
 
 
+@pytest.mark.unit
 def test_masks_must_be_binary():
     with pytest.raises(ValueError, match="only 0/1"):
         get_codec("gzip").encode([torch.tensor([0.0, 0.5]).numpy()])

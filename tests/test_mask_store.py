@@ -26,7 +26,7 @@ from smn_core.mask_file import (
 )
 from tests.conftest import shared_path
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 CIFAR_CKPT = ("weights", "resnet_cifar10", "resnet20-12fca82f.th")
 
@@ -96,6 +96,7 @@ def _reference(run, key, x):
         return feats, trained.classifier(feats)
 
 
+@pytest.mark.unit
 def test_pack_unpack_and_hash_are_canonical():
     m = torch.rand(5, 3, 3, 3) > 0.3
     packed = pack_mask(m)
@@ -115,6 +116,7 @@ def test_pack_unpack_and_hash_are_canonical():
     assert backbone_hash(a) != backbone_hash(b)
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["smn-ctx", "lzma"])
 def test_stored_compressed_loaded_applied_mask_is_identical_to_trained_model(run, tmp_path, codec):
@@ -132,6 +134,7 @@ def test_stored_compressed_loaded_applied_mask_is_identical_to_trained_model(run
         assert torch.equal(model(run["x"]), logits)
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_switching_tasks_swaps_masks_without_reloading(run, tmp_path):
     from orchestrator.store.mask_store import MaskStore
@@ -156,6 +159,7 @@ def test_switching_tasks_swaps_masks_without_reloading(run, tmp_path):
     assert [t.task for t in store.list()] == ["a", "b"]
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_wrong_backbone_hash_is_refused_before_any_change(run, tmp_path):
     from smn_core.backbones import build_backbone
@@ -179,6 +183,7 @@ def test_wrong_backbone_hash_is_refused_before_any_change(run, tmp_path):
     assert store.list() == []
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_corrupted_or_truncated_mask_files_are_refused(run, tmp_path):
     from orchestrator.store.mask_store import MaskStore
@@ -209,6 +214,7 @@ def test_corrupted_or_truncated_mask_files_are_refused(run, tmp_path):
     assert store.load("a").density == pytest.approx(run["a"][1].metrics["density"])
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_store_refuses_bad_input_and_never_overwrites(run, tmp_path):
     from orchestrator.store.mask_store import MaskStore, StoreError
@@ -239,6 +245,7 @@ def test_store_refuses_bad_input_and_never_overwrites(run, tmp_path):
         store.export("a", str(tmp_path / "s" / "store.json"))
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsys):
     from orchestrator.engine.cell import CellJob, land
@@ -288,6 +295,7 @@ def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsy
     assert "0 codec cells written" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_header_is_readable_without_decoding():
     masks = {"w": torch.tensor([[True, False], [True, True]])}
     task = TaskMask(masks=masks, backbone_hash="sha256:" + "0" * 64, arch="x", spec={"k": 1})
@@ -301,6 +309,7 @@ def test_header_is_readable_without_decoding():
         TaskMask(masks={"w": torch.ones(2)}, backbone_hash="sha256:" + "0" * 64)
 
 
+@pytest.mark.unit
 def test_fp32_weights_from_a_state_dict_file_or_a_final_state_folder(tmp_path):
     from smn_core.checkpoint import save_checkpoint, save_tensors
 

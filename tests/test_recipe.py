@@ -22,7 +22,7 @@ from smn_core.swav import SwAVConfig
 from smn_core.training import TrainConfig, build_adaptation_model, lr_factor, train
 from smn_core.view_strength import view_similarity
 
-pytestmark = pytest.mark.unit
+# tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast
 
 IMAGE_SIZE = 16
 
@@ -56,6 +56,7 @@ def run(model, ds, cfg, **kw):
 # top-k starts from a random, unstructured mask (Ramanujan et al. 2020)
 
 
+@pytest.mark.unit
 def test_topk_initial_mask_has_no_dead_output_channel():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 3)
@@ -69,6 +70,7 @@ def test_topk_initial_mask_has_no_dead_output_channel():
     assert int(mask.sum()) == round(0.5 * mask.numel())  # still exactly top-k
 
 
+@pytest.mark.unit
 def test_topk_initial_mask_is_seeded_by_the_cell_seed_and_differs_per_tensor():
     def first_masks(seed):
         torch.manual_seed(seed)
@@ -81,12 +83,14 @@ def test_topk_initial_mask_is_seeded_by_the_cell_seed_and_differs_per_tensor():
     assert not torch.equal(a[0], a[1])
 
 
+@pytest.mark.unit
 def test_threshold_masks_still_start_at_s0_everywhere():
     conv = nn.Conv2d(4, 4, 3)
     attach_masks(conv, MaskConfig())
     assert torch.all(score_parameters(conv)["weight"] == 1.0)
 
 
+@pytest.mark.unit
 def test_topk_init_noise_must_be_positive():
     with pytest.raises(ValueError, match="topk_init_noise"):
         MaskConfig(mode="topk", topk_density=0.5, topk_init_noise=0.0)
@@ -96,6 +100,7 @@ def test_topk_init_noise_must_be_positive():
 # separate warm-ups for scores and head; LP-FT head-only start
 
 
+@pytest.mark.unit
 def test_lr_factor_delay_then_warmup_then_cosine():
     assert [lr_factor(s, 10, 0, "cosine", delay=3) for s in range(3)] == [0.0, 0.0, 0.0]
     assert lr_factor(3, 10, 2, "cosine", delay=3) == pytest.approx(0.5)
@@ -108,6 +113,7 @@ def attach_and_return(model):
     return model
 
 
+@pytest.mark.unit
 def test_scores_and_head_get_their_own_warmups(dataset, monkeypatch):
     cfg = swav_config(epochs=2, warmup_epochs=2, schedule="constant")
     model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
@@ -135,6 +141,7 @@ def test_scores_and_head_get_their_own_warmups(dataset, monkeypatch):
     assert [s[0] / cfg.head_lr for s in seen] == pytest.approx([s[1] / cfg.score_lr for s in seen])
 
 
+@pytest.mark.unit
 def test_head_only_steps_keep_the_scores_still_then_train_them(dataset):
     cfg = swav_config(epochs=2, head_only_steps=4)  # 4 steps per epoch: epoch 1 is head-only
     model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
@@ -147,6 +154,7 @@ def test_head_only_steps_keep_the_scores_still_then_train_them(dataset):
     assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head_parameters()))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kwargs,match", [({"head_warmup_epochs": 5}, "head_warmup_epochs"),
                                           ({"head_warmup_epochs": -1}, "head_warmup_epochs"),
                                           ({"head_only_steps": -1}, "head_only_steps"),
@@ -168,6 +176,7 @@ def collapsing_config(**kw) -> TrainConfig:
                                                  freeze_prototypes_steps=0, temperature=1000.0), **kw)
 
 
+@pytest.mark.unit
 def test_on_collapse_stop_ends_training_early_and_says_when(dataset):
     cfg = collapsing_config(on_collapse="stop", collapse_patience=2)
     model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
@@ -178,6 +187,7 @@ def test_on_collapse_stop_ends_training_early_and_says_when(dataset):
     assert abs(result.history[-1]["loss"] - math.log(10)) < 0.02 * math.log(10)
 
 
+@pytest.mark.unit
 def test_on_collapse_warn_runs_every_epoch_and_records_it(dataset):
     cfg = collapsing_config(on_collapse="warn")
     model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
@@ -187,6 +197,7 @@ def test_on_collapse_warn_runs_every_epoch_and_records_it(dataset):
     assert all("collapsed" in h for h in result.history)
 
 
+@pytest.mark.unit
 def test_a_healthy_run_is_not_flagged(dataset):
     cfg = swav_config(epochs=2, on_collapse="stop")
     model = build_adaptation_model(attach_and_return(tiny_backbone()), 8, cfg)
@@ -204,6 +215,7 @@ def digits_cell(method: str, **eval_kw) -> CellConfig:
                       eval=EvalSpec(**eval_kw), seed=0)
 
 
+@pytest.mark.unit
 def test_pretrained_bn_re_estimates_bn_statistics_only():
     model = tiny_backbone()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -222,6 +234,7 @@ def test_pretrained_bn_re_estimates_bn_statistics_only():
     assert bn.num_batches_tracked.item() >= 1
 
 
+@pytest.mark.unit
 def test_pretrained_bn_cell_differs_from_pretrained_and_records_both_knn_protocols():
     frozen = run_cell(digits_cell("pretrained"))
     control = run_cell(digits_cell("pretrained_bn"))
@@ -268,6 +281,7 @@ def pinned_cell(method: str, **kw) -> CellConfig:
                       train=train, eval=EvalSpec(knn_k=20, batch_size=64, **kw.pop("eval", {})), seed=1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method, kw", [("smn", {"eval": {"lowshot_fractions": [0.1]}}),
                                         ("supervised_mask", {"data": {"label_fraction": 0.5}})])
 def test_run_cell_reproduces_the_metrics_of_the_unsplit_function(method, kw):
@@ -281,6 +295,7 @@ def test_run_cell_reproduces_the_metrics_of_the_unsplit_function(method, kw):
     assert [h["epoch"] for h in outcome.history] == [0, 1] and outcome.train_result.steps == 6
 
 
+@pytest.mark.unit
 def test_knn_protocols_follow_the_spec_and_warn_when_k_exceeds_a_class_bank():
     from smn_core.pipeline import load_cell_data, prepare_backbone
     cell = digits_cell("pretrained", knn_k=200, knn_dino_k=1, knn_dino_temperature=0.07)
@@ -305,6 +320,7 @@ def test_knn_protocols_follow_the_spec_and_warn_when_k_exceeds_a_class_bank():
                        std=backbone.std)
 
 
+@pytest.mark.unit
 def test_probe_C_grid_chooses_C_per_backbone_and_records_it():
     from smn_core.evaluation import linear_probe
     from smn_core.pipeline import load_cell_data, prepare_backbone
@@ -326,6 +342,7 @@ def test_probe_C_grid_chooses_C_per_backbone_and_records_it():
     assert fixed["linear_probe_C"] == 1.0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kw, match", [
     ({"probe_C_grid": [1.0, 0.0]}, r"eval.probe_C_grid must hold finite numbers > 0, got \[1.0, 0.0\]"),
     ({"probe_cv_folds": 1}, "eval.probe_cv_folds must be >= 2, got 1"),
@@ -335,6 +352,7 @@ def test_eval_spec_refuses_a_bad_probe_grid(kw, match):
         EvalSpec(**kw)
 
 
+@pytest.mark.unit
 def test_eval_spec_probe_kwargs_give_the_linear_probe_its_protocol():
     from smn_core.evaluation import linear_probe
 
@@ -353,6 +371,7 @@ def test_eval_spec_probe_kwargs_give_the_linear_probe_its_protocol():
 # the view-strength check
 
 
+@pytest.mark.unit
 def test_view_similarity_separates_weak_from_strong_views():
     torch.manual_seed(0)
     from smn_core.data import load_dataset
@@ -372,6 +391,7 @@ def test_view_similarity_separates_weak_from_strong_views():
 # the head can start from the frozen features (PCA whitening + k-means prototypes)
 
 
+@pytest.mark.unit
 def test_pca_kmeans_head_init_whitens_the_features_and_puts_prototypes_on_the_clusters():
     from smn_core.swav import SwAVConfig, SwAVHead, init_head_from_features
     rng = np.random.default_rng(0)
@@ -393,6 +413,7 @@ def test_pca_kmeans_head_init_whitens_the_features_and_puts_prototypes_on_the_cl
     assert torch.allclose(head.prototypes.weight.norm(dim=1), torch.ones(4), atol=1e-5)
 
 
+@pytest.mark.unit
 def test_pca_kmeans_head_init_with_input_norm_standardises_first():
     from smn_core.swav import SwAVConfig, SwAVHead, init_head_from_features
     rng = np.random.default_rng(1)
@@ -411,6 +432,7 @@ def test_pca_kmeans_head_init_with_input_norm_standardises_first():
     assert torch.allclose(z1, z2, atol=1e-3)
 
 
+@pytest.mark.unit
 def test_pca_kmeans_head_init_is_refused_for_an_mlp_head():
     from smn_core.swav import SwAVConfig
     with pytest.raises(ValueError, match="head_init 'pca_kmeans'.*hidden_dim"):
@@ -423,6 +445,7 @@ def test_pca_kmeans_head_init_is_refused_for_an_mlp_head():
 # the recipe on real data: self-masking improves the frozen backbone it adapts
 
 
+@pytest.mark.ray  # slow and in-process: runs in the ray tier's process
 @pytest.mark.slow
 def test_smn_improves_the_frozen_backbones_knn_on_real_digits(tmp_path):
     """The demo, seed 0, in-process: a CIFAR ResNet-8 pretrained on digits 0-4, self-masked on 5-9.
