@@ -27,8 +27,12 @@ for tier in unit ray cluster; do
     line="no tests selected${line:+ ($line)}"
   fi
   [ "$rc" -eq 0 ] || failed=1
+  echo "$line" > "$logs/$tier.summary"
   summary+=("$(printf '%-8s exit %-2s %4ss  %s' "$tier" "$rc" "$((SECONDS - start))" "${line:-no summary line}")")
 done
 echo "=== tiers"
 printf '%s\n' "${summary[@]}"
+count() { grep -hoE "[0-9]+ $1" "$logs"/*.summary | awk '{s += $1} END {print s + 0}'; }
+# the closing line: every tier's counts added up (errors count as failures)
+echo "tests: $(count passed) passed, $(( $(count failed) + $(count 'errors?') )) failed, $(count skipped) skipped"
 exit "$failed"
