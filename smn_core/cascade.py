@@ -161,14 +161,12 @@ class Router:
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Every number of the router as tensors (for ``safetensors``; restore with :meth:`from_tensors`)."""
         g = self.gmm
+        arrays = {"pca.mean": self.mean, "pca.components": self.components,
+                  "pca.explained_variance_ratio": self.explained_variance_ratio,
+                  "gmm.weights": g.weights_, "gmm.means": g.means_, "gmm.covariances": g.covariances_,
+                  "gmm.precisions_cholesky": g.precisions_cholesky_}
         return {
-            "pca.mean": torch.from_numpy(np.ascontiguousarray(self.mean)),
-            "pca.components": torch.from_numpy(np.ascontiguousarray(self.components)),
-            "pca.explained_variance_ratio": torch.from_numpy(np.ascontiguousarray(self.explained_variance_ratio)),
-            "gmm.weights": torch.from_numpy(np.ascontiguousarray(g.weights_)),
-            "gmm.means": torch.from_numpy(np.ascontiguousarray(g.means_)),
-            "gmm.covariances": torch.from_numpy(np.ascontiguousarray(g.covariances_)),
-            "gmm.precisions_cholesky": torch.from_numpy(np.ascontiguousarray(g.precisions_cholesky_)),
+            **{key: torch.from_numpy(np.ascontiguousarray(a)) for key, a in arrays.items()},
             "gmm.covariance_type": torch.tensor(COVARIANCE_TYPES.index(g.covariance_type)),
             "seed": torch.tensor(int(self.seed)),
         }

@@ -33,7 +33,7 @@ import smn_core
 
 from orchestrator.cli.cascade import add_parser as add_cascade_parser
 from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, INTERRUPTED,
-                                     ResultsError)
+                                     ResultsError, usage_error)
 from orchestrator.cli.report import add_parser as add_report_parser
 from orchestrator.cli.report import add_run_options
 from orchestrator.cli.store import add_parser as add_store_parser
@@ -225,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsmn: {INTERRUPTED}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except (ResultsError, ValueError) as exc:
-            print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
-            return EXIT_USAGE
+            return usage_error(exc)
         except OSError as exc:
             where = getattr(args, "results", None)
             print(f"smn: cannot read {where!r}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)

@@ -7,17 +7,25 @@ handler may import it.
 from __future__ import annotations
 
 import os
+import sys
 
 from orchestrator.results.layout import check_results_uri
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_CODES", "INTERRUPTED", "ResultsError",
-           "check_results_dir"]
+           "check_results_dir", "usage_error"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "runtime failure (cells failed, no GPU or too few CPUs, storage "
               "unreachable)", EXIT_USAGE: "usage or spec error (refused before any work)",
               EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume"}
 INTERRUPTED = "interrupted: run the same command again to resume"
+
+
+def usage_error(exc: BaseException) -> int:
+    """Print ``exc`` as one ``smn: <message>`` line on stderr (its whitespace runs folded to single spaces)
+    and return :data:`EXIT_USAGE`."""
+    print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 class ResultsError(ValueError):

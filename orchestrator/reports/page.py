@@ -41,7 +41,7 @@ from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
 from orchestrator.results.curves import read_curves
 from orchestrator.spec.keys import flatten
-from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
+from orchestrator.results.layout import ExperimentLayout, filesystem
 
 __all__ = ["ExperimentSection", "collect", "build_report", "environment", "ls_frame", "related", "RELATED"]
 
@@ -319,19 +319,11 @@ def _experiments_with_anything(results: str) -> list[str]:
     names = set(ledger.list_experiments(results))
     for fi in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         name = fi.path.rstrip("/").rsplit("/", 1)[-1]
-        if fi.type != pafs.FileType.Directory or name in names or not _is_plain_name(name):
+        if fi.type != pafs.FileType.Directory or name in names or not ledger.is_plain_name(name):
             continue
         if fs.get_file_info(ExperimentLayout.of(results, name).failures_dir).type == pafs.FileType.Directory:
             names.add(name)
     return sorted(names)
-
-
-def _is_plain_name(name: str) -> bool:
-    try:
-        check_experiment_name(name)
-    except ValueError:
-        return False
-    return True
 
 
 def build_report(results: str, out: str | None = None, experiment: str | None = None) -> Path:

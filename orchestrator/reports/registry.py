@@ -29,7 +29,7 @@ import pandas as pd
 from smn_core.checkpoint import atomic_write
 
 __all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
-           "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "mean_std", "grid_values", "metric_frame", "save_figure"]
+           "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "check_format", "mean_std", "grid_values", "metric_frame", "save_figure"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,16 @@ FORMATS = ("markdown", "latex", "csv", "json")
 """Text formats of :func:`render_frame` (``smn table --format parquet`` writes a file through :func:`write_frame`)."""
 
 
+def check_format(fmt: str) -> None:
+    """Check that ``fmt`` is one of :data:`FORMATS`.
+
+    Raises:
+        ValueError: on an unknown format (lists the allowed ones).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
+
+
 def flat_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with its named index levels as ordinary columns and flattened (``a_b``) column labels."""
     if any(n is not None for n in frame.index.names):
@@ -181,10 +191,9 @@ def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None =
     Markdown and LaTeX show a missing value as ``-``; CSV and JSON keep it empty / null.
 
     Raises:
-        ValueError: on an unknown format (lists the allowed ones).
+        ValueError: on an unknown format (lists the allowed ones), from :func:`check_format`.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
+    check_format(fmt)
     if frame is None or frame.empty:
         return "(no results in the ledger for this table yet)"
     flat = flat_frame(frame)
