@@ -536,7 +536,7 @@ def restore_adapted_backbone(cfg, state: dict[str, torch.Tensor], *, pipeline_we
     """
     from .masking import attach_masks
     from .pipeline import METHODS, prepare_backbone
-    from .training import build_adaptation_model
+    from .training import build_adaptation_model, copy_state
 
     if METHODS.get(cfg.method) is None:
         raise ValueError(f"method {cfg.method!r} trains nothing; a cascade needs a trained (masked) cell")
@@ -556,13 +556,7 @@ def restore_adapted_backbone(cfg, state: dict[str, torch.Tensor], *, pipeline_we
     unknown = sorted(given_params - set(params))
     if missing or unknown:
         raise ValueError(f"state does not match the cell's model: missing {missing[:3]}, unexpected {unknown[:3]}")
-    with torch.no_grad():
-        for key, value in state.items():
-            kind, _, name = key.partition(".")
-            if kind == "param":
-                params[name].copy_(value)
-            elif kind == "buffer" and name in buffers and ".queue" not in name:
-                buffers[name].copy_(value)
+    copy_state(params, buffers, state, keep_buffer=lambda name: name in buffers and ".queue" not in name)
     out = adapt.backbone.to(device).eval()
     return out, backbone
 

@@ -56,20 +56,24 @@ _FIGURES: dict[str, Figure] = {}
 
 def register_table(name: str, description: str):
     """Decorator registering a table layout under ``name`` (raises ValueError on a duplicate name)."""
-    def wrap(fn):
-        if name in _TABLES and _TABLES[name].build is not fn:
-            raise ValueError(f"table layout {name!r} is registered twice")
-        _TABLES[name] = TableLayout(name, description, fn)
-        return fn
-    return wrap
+    return _registrar(_TABLES, "table layout", name, lambda fn: TableLayout(name, description, fn), "build")
 
 
 def register_figure(name: str, description: str):
     """Decorator registering a figure under ``name`` (raises ValueError on a duplicate name)."""
+    return _registrar(_FIGURES, "figure", name, lambda fn: Figure(name, description, fn), "draw")
+
+
+def _registrar(registry: dict, kind: str, name: str, record: Callable, attr: str):
+    """A decorator that stores ``record(fn)`` as ``registry[name]`` and returns ``fn`` unchanged.
+
+    Raises:
+        ValueError: ``registry[name]`` already holds another function (its ``attr``), naming the ``kind``.
+    """
     def wrap(fn):
-        if name in _FIGURES and _FIGURES[name].draw is not fn:
-            raise ValueError(f"figure {name!r} is registered twice")
-        _FIGURES[name] = Figure(name, description, fn)
+        if name in registry and getattr(registry[name], attr) is not fn:
+            raise ValueError(f"{kind} {name!r} is registered twice")
+        registry[name] = record(fn)
         return fn
     return wrap
 
