@@ -123,25 +123,25 @@ def _smn(df: pd.DataFrame) -> pd.DataFrame:
     return cells[cells["method"] == "smn"].copy()
 
 
-def _smn_table(name: str, description: str):
+def _smn_table(name: str, description: str, *, bare_when_empty: bool = False):
     """Decorator registering (:func:`register_table`) a table built from the smn cells of the ledger:
     the decorated ``build(cells) -> DataFrame`` sees only a non-empty frame of :func:`_smn` cells; with none,
-    the table is that empty frame."""
+    the table is that empty frame (``bare_when_empty``: an empty ``DataFrame()`` without columns)."""
     def wrap(build):
         @register_table(name, description)
         @functools.wraps(build)
         def table(df: pd.DataFrame) -> pd.DataFrame:
             cells = _smn(df)
-            return cells if cells.empty else build(cells)
+            if cells.empty:
+                return pd.DataFrame() if bare_when_empty else cells
+            return build(cells)
         return table
     return wrap
 
 
-@register_table("table2", "Table 2: threshold masking (SMN) vs top-k% (50 % and the density SMN found)")
-def table2(df: pd.DataFrame) -> pd.DataFrame:
-    cells = _smn(df)
-    if cells.empty:
-        return pd.DataFrame()
+@_smn_table("table2", "Table 2: threshold masking (SMN) vs top-k% (50 % and the density SMN found)",
+            bare_when_empty=True)
+def table2(cells: pd.DataFrame) -> pd.DataFrame:
     cells["variant"] = cells.apply(mask_variant, axis=1)
     cells = cells[cells["variant"].notna() & ~cells["variant"].str.contains("progressive", na=False)]
     order = sorted({v for v in cells["variant"] if v.startswith("top-k ") and v != "top-k found"}) + \

@@ -27,6 +27,7 @@ from typing import Callable
 import pandas as pd
 
 from smn_core.checkpoint import atomic_write
+from smn_core.registry import check_choice
 
 __all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
            "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "check_format", "mean_std", "grid_values", "metric_frame", "save_figure"]
@@ -172,8 +173,7 @@ def check_format(fmt: str) -> None:
     Raises:
         ValueError: on an unknown format (lists the allowed ones).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
+    check_choice(fmt, FORMATS, "table format")
 
 
 def flat_frame(frame: pd.DataFrame) -> pd.DataFrame:
