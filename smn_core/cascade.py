@@ -161,14 +161,12 @@ class Router:
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Every number of the router as tensors (for ``safetensors``; restore with :meth:`from_tensors`)."""
         g = self.gmm
+        arrays = {"pca.mean": self.mean, "pca.components": self.components,
+                  "pca.explained_variance_ratio": self.explained_variance_ratio,
+                  "gmm.weights": g.weights_, "gmm.means": g.means_, "gmm.covariances": g.covariances_,
+                  "gmm.precisions_cholesky": g.precisions_cholesky_}
         return {
-            "pca.mean": torch.from_numpy(np.ascontiguousarray(self.mean)),
-            "pca.components": torch.from_numpy(np.ascontiguousarray(self.components)),
-            "pca.explained_variance_ratio": torch.from_numpy(np.ascontiguousarray(self.explained_variance_ratio)),
-            "gmm.weights": torch.from_numpy(np.ascontiguousarray(g.weights_)),
-            "gmm.means": torch.from_numpy(np.ascontiguousarray(g.means_)),
-            "gmm.covariances": torch.from_numpy(np.ascontiguousarray(g.covariances_)),
-            "gmm.precisions_cholesky": torch.from_numpy(np.ascontiguousarray(g.precisions_cholesky_)),
+            **{key: torch.from_numpy(np.ascontiguousarray(a)) for key, a in arrays.items()},
             "gmm.covariance_type": torch.tensor(COVARIANCE_TYPES.index(g.covariance_type)),
             "seed": torch.tensor(int(self.seed)),
         }
@@ -538,7 +536,7 @@ def restore_adapted_backbone(cfg, state: dict[str, torch.Tensor], *, pipeline_we
     """
     from .masking import attach_masks
     from .pipeline import METHODS, prepare_backbone
-    from .training import build_adaptation_model
+    from .training import build_adaptation_model, copy_state
 
     if METHODS.get(cfg.method) is None:
         raise ValueError(f"method {cfg.method!r} trains nothing; a cascade needs a trained (masked) cell")
@@ -558,13 +556,7 @@ def restore_adapted_backbone(cfg, state: dict[str, torch.Tensor], *, pipeline_we
     unknown = sorted(given_params - set(params))
     if missing or unknown:
         raise ValueError(f"state does not match the cell's model: missing {missing[:3]}, unexpected {unknown[:3]}")
-    with torch.no_grad():
-        for key, value in state.items():
-            kind, _, name = key.partition(".")
-            if kind == "param":
-                params[name].copy_(value)
-            elif kind == "buffer" and name in buffers and ".queue" not in name:
-                buffers[name].copy_(value)
+    copy_state(params, buffers, state, keep_buffer=lambda name: name in buffers and ".queue" not in name)
     out = adapt.backbone.to(device).eval()
     return out, backbone
 

@@ -78,38 +78,40 @@ class _ArrayStorage:
         return _ArrayStorage(self.array[indices])
 
 
-class _EncodedStorage:
-    """Encoded image file bytes (JPEG, PNG, ...), one ``bytes`` object per image."""
+class _ListStorage:
+    """One source per image (``items``), opened with PIL by the subclass's ``_open`` on access."""
 
-    def __init__(self, blobs: Sequence[bytes]):
-        self.blobs = list(blobs)
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
 
     def __len__(self) -> int:
-        return len(self.blobs)
+        return len(self.items)
 
     def load(self, i: int) -> Image.Image:
-        with Image.open(io.BytesIO(self.blobs[i])) as img:
+        with self._open(self.items[i]) as img:
             return img.convert("RGB")
 
-    def take(self, indices: np.ndarray) -> _EncodedStorage:
-        return _EncodedStorage([self.blobs[j] for j in indices])
+    def take(self, indices: np.ndarray) -> _ListStorage:
+        return type(self)([self.items[j] for j in indices])
 
 
-class _FileStorage:
+class _EncodedStorage(_ListStorage):
+    """Encoded image file bytes (JPEG, PNG, ...), one ``bytes`` object per image."""
+
+    @staticmethod
+    def _open(blob: bytes) -> Image.Image:
+        return Image.open(io.BytesIO(blob))
+
+
+class _FileStorage(_ListStorage):
     """Image file paths (str), opened with PIL on access."""
 
     def __init__(self, paths: Sequence[str | os.PathLike]):
-        self.paths = [str(p) for p in paths]
+        super().__init__([str(p) for p in paths])
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, i: int) -> Image.Image:
-        with Image.open(self.paths[i]) as img:
-            return img.convert("RGB")
-
-    def take(self, indices: np.ndarray) -> _FileStorage:
-        return _FileStorage([self.paths[j] for j in indices])
+    @staticmethod
+    def _open(path: str) -> Image.Image:
+        return Image.open(path)
 
 
 class _TorchvisionStorage:

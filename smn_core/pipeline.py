@@ -37,6 +37,7 @@ from .checkpoint import local_copy
 from .data import ImageDataset, load_dataset, subset
 from .evaluation import compute_embeddings, knn_top1, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
+from .registry import check_choice
 from .training import CosineClassifier, TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
 from .swav import init_head_from_features
 from .view_strength import view_similarity
@@ -77,8 +78,7 @@ def method_training(method: str) -> tuple[str, str] | None:
     Raises:
         ValueError: on an unknown method (lists the allowed ones).
     """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not known; allowed: {', '.join(METHODS)}")
+    check_choice(method, METHODS, "method")
     return METHODS[method]
 
 

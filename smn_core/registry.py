@@ -12,11 +12,21 @@ Plain Python; never imports ray.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, TypeVar
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "check_choice"]
 
 T = TypeVar("T", bound=Callable[..., Any])
+
+
+def check_choice(value: Any, allowed: Iterable[str], what: str) -> None:
+    """Check that ``value`` is one of ``allowed`` (names, or a mapping's keys).
+
+    Raises:
+        ValueError: ``"<what> <value!r> is not known; allowed: <a, b, ...>"``, one line.
+    """
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not known; allowed: {', '.join(allowed)}")
 
 
 class Registry(Generic[T]):

@@ -47,7 +47,7 @@ from .swav import SwAV, SwAVConfig, detect_collapse
 
 __all__ = ["TrainConfig", "TrainResult", "TrainSetup", "AdaptationModel", "CosineClassifier", "CollapseWatch",
            "train", "setup_training", "train_one_epoch", "checkpoint_state", "build_optimizer",
-           "build_adaptation_model", "trainable_state", "lr_factor", "lr_schedule"]
+           "build_adaptation_model", "trainable_state", "copy_state", "lr_factor", "lr_schedule"]
 
 OBJECTIVES = ("swav", "supervised")
 ADAPTATIONS = ("mask", "full")
@@ -347,16 +347,27 @@ def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _restore(model: AdaptationModel, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
+def copy_state(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+               keep_buffer=None) -> None:
+    """Copy a saved state's ``param.<name>`` / ``buffer.<name>`` tensors (:func:`trainable_state`'s keys) in place,
+    without autograd, into ``params[name]`` / ``buffers[name]``; other keys are ignored, and so is a buffer for which
+    ``keep_buffer(name)`` is False (``None``: every buffer).
+
+    Raises:
+        KeyError: a ``param.`` name not in ``params`` (or a kept ``buffer.`` name not in ``buffers``).
+        RuntimeError: a tensor whose shape does not match its target.
+    """
     with torch.no_grad():
         for key, value in tensors.items():
             kind, _, name = key.partition(".")
             if kind == "param":
                 params[name].copy_(value)
-            elif kind == "buffer":
+            elif kind == "buffer" and (keep_buffer is None or keep_buffer(name)):
                 buffers[name].copy_(value)
+
+
+def _restore(model: AdaptationModel, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    copy_state(dict(model.named_parameters()), dict(model.named_buffers()), tensors)
     sd = opt.state_dict()
     for key, value in tensors.items():
         if key.startswith("optim."):

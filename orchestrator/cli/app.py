@@ -33,7 +33,7 @@ import smn_core
 
 from orchestrator.cli.cascade import add_parser as add_cascade_parser
 from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, INTERRUPTED,
-                                     ResultsError)
+                                     ResultsError, add_spec_arguments, usage_error)
 from orchestrator.cli.report import add_parser as add_report_parser
 from orchestrator.cli.report import add_run_options
 from orchestrator.cli.store import add_parser as add_store_parser
@@ -97,7 +97,8 @@ class SmnArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``smn`` (every subcommand documented in ``--help``, with its defaults)."""
+    """The argument parser of ``smn`` (every subcommand documented in ``--help``, with its defaults; every
+    subparser gets :class:`HelpFormatter` from :func:`_use_formatter`)."""
     p = SmnArgumentParser(
         prog="smn", description="Self-Masking Networks: learn binary masks over frozen pretrained backbones, "
         "orchestrated on Ray, with every result in a Parquet ledger.",
@@ -106,32 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=SmnArgumentParser)
 
     run = sub.add_parser("run", help="run every cell of a spec that the ledger does not hold yet",
-                         formatter_class=HelpFormatter,
                          description="Validate SPEC, start (or join) Ray, run the missing cells, print the table. "
                          "Running the same command again resumes: finished cells are skipped, interrupted ones "
                          "continue from their last epoch checkpoint.")
-    run.add_argument("spec", help="experiment spec (YAML), e.g. experiments/demo.yaml")
-    run.add_argument("overrides", nargs="*", metavar="key=value", default=[],
-                     help="override spec keys with dotted paths, e.g. train.epochs=3 seeds=[0,1]")
-    run.add_argument("--results", default="results", help="results folder or URI (s3://bucket/prefix) of the ledger")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster to join; None: $RAY_ADDRESS, else start a local Ray (token authentication)")
-    run.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
-    run.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
-                     help="format of the table printed at the end")
+    add_spec_arguments(run, spec="experiment spec (YAML), e.g. experiments/demo.yaml",
+                       overrides="override spec keys with dotted paths, e.g. train.epochs=3 seeds=[0,1]",
+                       overrides_default=[], results="results folder or URI (s3://bucket/prefix) of the ledger",
+                       address="Ray cluster to join; None: $RAY_ADDRESS, else start a local Ray (token authentication)",
+                       dry_run="validate and list the cells; run nothing",
+                       table_format="format of the table printed at the end")
     # --- output and tracking options (orchestrator.cli.report): --json, --quiet, --track ---
     add_run_options(run)
     # --- end output and tracking options ---
 
     val = sub.add_parser("validate", help="validate a spec and list its cells (writes nothing)",
-                         formatter_class=HelpFormatter,
                          description="Validate SPEC (with overrides) against what exists (backbones, datasets and "
                          "their metadata, sizes) and list its cells with their ids.")
     val.add_argument("spec", help="experiment spec (YAML)")
     val.add_argument("overrides", nargs="*", metavar="key=value", default=[], help="override spec keys")
 
     tab = sub.add_parser("table", help="rebuild the results table from the ledger alone (reads only)",
-                         formatter_class=HelpFormatter,
                          description="Aggregate the Parquet ledger under DIR into a table (mean ± std over seeds). "
                          "Reads only: an unreadable ledger file is skipped with a warning and left in place.")
     tab.add_argument("results", metavar="DIR", nargs="?", default=None,
@@ -146,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a paper table (e.g. table2, table3, table5a); 'list' shows them all; None: the generic "
                      "one-row-per-cell-group table")
 
-    plot = sub.add_parser("plot", help="draw a paper figure from the ledger alone (PNG)", formatter_class=HelpFormatter,
+    plot = sub.add_parser("plot", help="draw a paper figure from the ledger alone (PNG)",
                           description="Draw a registered figure (e.g. fig8, fig9, fig11) from the ledger under DIR.")
     plot.add_argument("results", metavar="DIR", nargs="?", default=None,
                       help="results folder or URI (not needed for --figure list)")
@@ -225,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nsmn: {INTERRUPTED}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except (ResultsError, ValueError) as exc:
-            print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
-            return EXIT_USAGE
+            return usage_error(exc)
         except OSError as exc:
             where = getattr(args, "results", None)
             print(f"smn: cannot read {where!r}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.cli.common import add_spec_arguments
+
 __all__ = ["add_parser"]
 
 _DESCRIPTION = """\
@@ -32,12 +34,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("cascade", help="run the model cascade (dispatcher, router, experts, combination)",
                               description=_DESCRIPTION, epilog=_EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("spec", help="experiment spec (YAML) with the smn method and an optional cascade section")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override spec keys with dotted paths, e.g. cascade.router.clusters=3 train.epochs=4")
-    p.add_argument("--results", default="results", help="results folder or URI (s3://bucket/prefix) holding the ledger (default: ./results)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)")
-    p.add_argument("--dry-run", action="store_true", help="validate and list the cascade's cells; run nothing")
-    p.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"),
-                   help="format of Table 3 printed at the end")
+    add_spec_arguments(
+        p, spec="experiment spec (YAML) with the smn method and an optional cascade section",
+        overrides="override spec keys with dotted paths, e.g. cascade.router.clusters=3 train.epochs=4",
+        results="results folder or URI (s3://bucket/prefix) holding the ledger (default: ./results)",
+        address="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray on 127.0.0.1)",
+        dry_run="validate and list the cascade's cells; run nothing", table_format="format of Table 3 printed at the end")

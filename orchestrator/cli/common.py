@@ -7,17 +7,39 @@ handler may import it.
 from __future__ import annotations
 
 import os
+import sys
 
 from orchestrator.results.layout import check_results_uri
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_CODES", "INTERRUPTED", "ResultsError",
-           "check_results_dir"]
+           "add_spec_arguments", "check_results_dir", "usage_error"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES = {EXIT_OK: "success", EXIT_FAILED: "runtime failure (cells failed, no GPU or too few CPUs, storage "
               "unreachable)", EXIT_USAGE: "usage or spec error (refused before any work)",
               EXIT_INTERRUPTED: "interrupted (Ctrl-C); run the same command again to resume"}
 INTERRUPTED = "interrupted: run the same command again to resume"
+
+
+def add_spec_arguments(parser, *, spec: str, overrides: str, results: str, address: str, dry_run: str,
+                       table_format: str, overrides_default: list | None = None) -> None:
+    """Add the arguments of a command that runs a spec (``smn run``, ``smn cascade``) to ``parser``, each with
+    the given help text: ``spec``, ``overrides`` (``key=value`` words; default ``overrides_default``),
+    ``--results`` (default ``results``), ``--address``, ``--dry-run`` and ``--format`` of the table printed at the
+    end (markdown, latex or csv)."""
+    parser.add_argument("spec", help=spec)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", default=overrides_default, help=overrides)
+    parser.add_argument("--results", default="results", help=results)
+    parser.add_argument("--address", default=None, help=address)
+    parser.add_argument("--dry-run", action="store_true", help=dry_run)
+    parser.add_argument("--format", default="markdown", choices=("markdown", "latex", "csv"), help=table_format)
+
+
+def usage_error(exc: BaseException) -> int:
+    """Print ``exc`` as one ``smn: <message>`` line on stderr (its whitespace runs folded to single spaces)
+    and return :data:`EXIT_USAGE`."""
+    print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 class ResultsError(ValueError):

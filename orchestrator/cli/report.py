@@ -60,19 +60,16 @@ def report(args) -> int:
             print("smn: --docs writes the pages of every experiment into OUT: leave out --experiment and --out",
                   file=sys.stderr)
             return 2
-        try:
-            written = write_docs(args.results, args.docs)
-        except ValueError as exc:
-            print(f"smn: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {len(written)} pages in {args.docs}")
-        return 0
     try:
-        folder = build_report(args.results, args.out, args.experiment)
+        if args.docs:
+            done = f"wrote {len(write_docs(args.results, args.docs))} pages in {args.docs}"
+        else:
+            folder = build_report(args.results, args.out, args.experiment)
+            done = f"wrote {folder / 'report.html'} and {folder / 'report.md'}"
     except ValueError as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {folder / 'report.html'} and {folder / 'report.md'}")
+    print(done)
     return 0
 
 

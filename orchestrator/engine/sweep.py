@@ -96,14 +96,19 @@ class SweepProgress(tune.Callback):
         self._echo(f"{self.line()}  <- retrying {self.label(trial.config)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.running.discard(trial.trial_id)
-        self.done += 1
-        self._echo(f"{self.line()}  <- finished {self.label(trial.config)}")
+        self._trial_over(trial, failed=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._trial_over(trial, failed=True)
+
+    def _trial_over(self, trial, failed: bool) -> None:
+        """Count a trial that finished (or failed) and echo the progress line naming it."""
         self.running.discard(trial.trial_id)
-        self.failed += 1
-        self._echo(f"{self.line()}  <- FAILED {self.label(trial.config)}")
+        if failed:
+            self.failed += 1
+        else:
+            self.done += 1
+        self._echo(f"{self.line()}  <- {'FAILED' if failed else 'finished'} {self.label(trial.config)}")
 
 
 def _report(metrics: dict[str, Any], cell_id: str) -> None:

@@ -14,6 +14,7 @@ vary the relevant keys feeds these layouts; with several seeds every entry is me
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -122,11 +123,25 @@ def _smn(df: pd.DataFrame) -> pd.DataFrame:
     return cells[cells["method"] == "smn"].copy()
 
 
-@register_table("table2", "Table 2: threshold masking (SMN) vs top-k% (50 % and the density SMN found)")
-def table2(df: pd.DataFrame) -> pd.DataFrame:
-    cells = _smn(df)
-    if cells.empty:
-        return pd.DataFrame()
+def _smn_table(name: str, description: str, *, bare_when_empty: bool = False):
+    """Decorator registering (:func:`register_table`) a table built from the smn cells of the ledger:
+    the decorated ``build(cells) -> DataFrame`` sees only a non-empty frame of :func:`_smn` cells; with none,
+    the table is that empty frame (``bare_when_empty``: an empty ``DataFrame()`` without columns)."""
+    def wrap(build):
+        @register_table(name, description)
+        @functools.wraps(build)
+        def table(df: pd.DataFrame) -> pd.DataFrame:
+            cells = _smn(df)
+            if cells.empty:
+                return pd.DataFrame() if bare_when_empty else cells
+            return build(cells)
+        return table
+    return wrap
+
+
+@_smn_table("table2", "Table 2: threshold masking (SMN) vs top-k% (50 % and the density SMN found)",
+            bare_when_empty=True)
+def table2(cells: pd.DataFrame) -> pd.DataFrame:
     cells["variant"] = cells.apply(mask_variant, axis=1)
     cells = cells[cells["variant"].notna() & ~cells["variant"].str.contains("progressive", na=False)]
     order = sorted({v for v in cells["variant"] if v.startswith("top-k ") and v != "top-k found"}) + \
@@ -137,40 +152,28 @@ def table2(df: pd.DataFrame) -> pd.DataFrame:
     return _eval_rows(cells, order, extra=dens)
 
 
-@register_table("table5a", "Table 5a: number of prototypes (k-NN)")
-def table5a(df: pd.DataFrame) -> pd.DataFrame:
-    cells = _smn(df)
-    if cells.empty:
-        return cells
+@_smn_table("table5a", "Table 5a: number of prototypes (k-NN)")
+def table5a(cells: pd.DataFrame) -> pd.DataFrame:
     cells["prototypes"] = cells["config"].map(lambda c: c["train"]["swav"]["num_prototypes"])
     out = _pivot(cells.sort_values("prototypes"), "prototypes", "knn_top1")
     return out.sort_index()
 
 
-@register_table("table5b", "Table 5b: parameter groups kept frozen, i.e. not masked (k-NN)")
-def table5b(df: pd.DataFrame) -> pd.DataFrame:
-    cells = _smn(df)
-    if cells.empty:
-        return cells
+@_smn_table("table5b", "Table 5b: parameter groups kept frozen, i.e. not masked (k-NN)")
+def table5b(cells: pd.DataFrame) -> pd.DataFrame:
     cells["frozen"] = cells.apply(frozen_label, axis=1)
     return _pivot(cells, "frozen", "knn_top1", ["none", "BNs", "biases"])
 
 
-@register_table("table5c", "Table 5c: initialisation of the backbone (k-NN)")
-def table5c(df: pd.DataFrame) -> pd.DataFrame:
-    cells = _smn(df)
-    if cells.empty:
-        return cells
+@_smn_table("table5c", "Table 5c: initialisation of the backbone (k-NN)")
+def table5c(cells: pd.DataFrame) -> pd.DataFrame:
     cells["initialisation"] = cells["config"].map(
         lambda c: f"{c['backbone']['arch']} ({c['backbone']['weights']})")
     return _pivot(cells, "initialisation", "knn_top1")
 
 
-@register_table("appE", "App. E (Table 9): progressive top-k vs top-k at the found density vs threshold")
-def app_e(df: pd.DataFrame) -> pd.DataFrame:
-    cells = _smn(df)
-    if cells.empty:
-        return cells
+@_smn_table("appE", "App. E (Table 9): progressive top-k vs top-k at the found density vs threshold")
+def app_e(cells: pd.DataFrame) -> pd.DataFrame:
     cells["variant"] = cells.apply(mask_variant, axis=1)
     cells = cells[cells["variant"].notna()]
     order = [v for v in sorted(set(cells["variant"])) if "progressive" in v] + ["top-k found", "SMN (threshold)"]

@@ -282,6 +282,17 @@ def _plt():
     return plt
 
 
+def _nonempty(frame: pd.DataFrame, missing: str) -> pd.DataFrame:
+    """``frame``, the points of a figure, when it has any.
+
+    Raises:
+        ValueError: ``missing`` (what the ledger lacks and the spec that makes it) when ``frame`` is empty.
+    """
+    if frame.empty:
+        raise ValueError(missing)
+    return frame
+
+
 @register_figure("fig3", "Fig. 3: low-shot top-1 against the share of labels, per method")
 def fig3(df: pd.DataFrame, out: str) -> None:
     """Fig. 3: one panel per (backbone, dataset); x = share of training labels (log scale, %), y = test
@@ -290,10 +301,8 @@ def fig3(df: pd.DataFrame, out: str) -> None:
     Raises:
         ValueError: if the ledger has no low-shot cell (``eval.lowshot_fractions`` / ``dataset.label_fraction``).
     """
-    pts = _lowshot_frame(df)
-    if pts.empty:
-        raise ValueError("the ledger holds no low-shot results (cells with eval.lowshot_fractions or "
-                         "dataset.label_fraction); run experiments/fig3_lowshot_small.yaml")
+    pts = _nonempty(_lowshot_frame(df), "the ledger holds no low-shot results (cells with "
+                    "eval.lowshot_fractions or dataset.label_fraction); run experiments/fig3_lowshot_small.yaml")
     plt = _plt()
     panels = list(pts.groupby(["backbone", "data"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
@@ -429,10 +438,8 @@ def fig5(df: pd.DataFrame, out: str) -> None:
     Raises:
         ValueError: if the ledger holds no such group.
     """
-    cells = _invariance_cells(df)
-    if cells.empty:
-        raise ValueError("the ledger holds no masking cells that differ only in (S0, mu, lr); "
-                         "run experiments/fig5_invariance_small.yaml")
+    cells = _nonempty(_invariance_cells(df), "the ledger holds no masking cells that differ only in "
+                      "(S0, mu, lr); run experiments/fig5_invariance_small.yaml")
     plt = _plt()
     groups = list(cells.groupby("group", sort=False))[:4]
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.8 * len(groups)), squeeze=False)
@@ -541,6 +548,14 @@ def sparsity_blocks(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).set_index(["Backbone", "Method", "Stage", "Block"])
 
 
+def _sparsity_axes(ax, title: str, **grid) -> None:
+    """Label a sparsity panel: y label, ``title`` (small), a light grid (``grid``: e.g. ``axis="y"``), legend."""
+    ax.set_ylabel("sparsity (% of weights masked)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, **grid)
+    ax.legend(fontsize=8)
+
+
 @register_figure("fig6",
                  "Fig. 6: sparsity per CLIP ViT block and projection (q, k, v, out, fc1, fc2), weights and biases")
 def fig6(df: pd.DataFrame, out: str) -> None:
@@ -551,9 +566,8 @@ def fig6(df: pd.DataFrame, out: str) -> None:
     Raises:
         ValueError: if no ViT masks are found, or ``df.attrs["results"]`` is missing.
     """
-    dens = _densities(df, "fig6", vit=True)
-    if dens.empty:
-        raise ValueError("no CLIP ViT masks in this ledger (run experiments/clip_vit_b32.yaml)")
+    dens = _nonempty(_densities(df, "fig6", vit=True),
+                     "no CLIP ViT masks in this ledger (run experiments/clip_vit_b32.yaml)")
     plt = _plt()
     dens["block_index"] = dens["block"].str.replace("block", "").astype(int)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
@@ -564,10 +578,7 @@ def fig6(df: pd.DataFrame, out: str) -> None:
             if not s.empty:
                 ax.plot(s.index, 100 * (1 - s.values), marker="o", markersize=3, label=comp)
         ax.set_xlabel("block")
-        ax.set_ylabel("sparsity (% of weights masked)")
-        ax.set_title(f"{kind}s ({', '.join(sorted(dens['data'].unique()))})", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _sparsity_axes(ax, f"{kind}s ({', '.join(sorted(dens['data'].unique()))})")
     save_figure(fig, out)
 
 
@@ -585,9 +596,8 @@ def fig7(df: pd.DataFrame, out: str) -> None:
     Raises:
         ValueError: if no ResNet masks are found, or ``df.attrs["results"]`` is missing.
     """
-    dens = _densities(df, "fig7", vit=False)
-    if dens.empty:
-        raise ValueError("no ResNet masks in this ledger (run experiments/table8_sparsity_small.yaml)")
+    dens = _nonempty(_densities(df, "fig7", vit=False),
+                     "no ResNet masks in this ledger (run experiments/table8_sparsity_small.yaml)")
     plt = _plt()
     backbones = sorted(dens["backbone"].unique())
     fig, axes = plt.subplots(len(backbones), 1, figsize=(max(8, 0.3 * dens["index"].max() + 4), 4 * len(backbones)),
@@ -605,10 +615,7 @@ def fig7(df: pd.DataFrame, out: str) -> None:
                    label=f"{method} (n={int(agg['count'].max())})")
         ax.set_xticks(x)
         ax.set_xticklabels([_short(n) for n in names], rotation=90, fontsize=7)
-        ax.set_ylabel("sparsity (% of weights masked)")
-        ax.set_title(f"{backbone}: {', '.join(sorted(sub['data'].unique()))}", fontsize=9)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=8)
+        _sparsity_axes(ax, f"{backbone}: {', '.join(sorted(sub['data'].unique()))}", axis="y")
     save_figure(fig, out)
 
 

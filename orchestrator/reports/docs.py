@@ -28,12 +28,12 @@ from the committed ledgers and fails when one differs from the committed file.
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import pandas as pd
 
 from orchestrator.reports import registry
+from orchestrator.reports.page import applicable_tables
 from orchestrator.reports.page import related as page_related
 from orchestrator.results import ledger
 
@@ -70,17 +70,7 @@ def page_tables(rows: pd.DataFrame, experiment: str = "") -> list[tuple[str, str
     :func:`orchestrator.reports.page.related` names for ``experiment`` (``results``, ``vs_frozen``, its paper
     table), then the others in the registry's (alphabetical) order. A layout that raises on these cells does
     not apply to them and is left out."""
-    rows = page_rows(rows)
-    out = []
-    for layout in registry.tables().values():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                frame = layout.build(rows)
-        except Exception:  # noqa: BLE001 - a layout that cannot build from these cells does not apply to them
-            continue
-        if frame is not None and not frame.empty:
-            out.append((layout.name, layout.description, frame))
+    out = applicable_tables(page_rows(rows))
     first = {name: i for i, name in enumerate(page_related(experiment))}
     return sorted(out, key=lambda t: first.get(t[0], len(first)))
 

@@ -41,9 +41,10 @@ from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
 from orchestrator.results.curves import read_curves
 from orchestrator.spec.keys import flatten
-from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
+from orchestrator.results.layout import ExperimentLayout, filesystem
 
-__all__ = ["ExperimentSection", "collect", "build_report", "environment", "ls_frame", "related", "RELATED"]
+__all__ = ["ExperimentSection", "collect", "build_report", "environment", "ls_frame", "related", "RELATED",
+           "applicable_tables"]
 
 
 @dataclass
@@ -135,7 +136,10 @@ def related(experiment: str) -> tuple[str, ...]:
     return ("results", "vs_frozen") + RELATED.get(head, RELATED.get(experiment, ()))
 
 
-def _applicable_tables(df: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+def applicable_tables(df: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """``(name, description, frame)`` of every registered table layout that builds a non-empty frame from the
+    ledger rows ``df``, in the registry's (alphabetical) order; a layout that raises on these cells does not
+    apply to them and is left out (its warnings are silenced)."""
     out = []
     for layout in reports.tables().values():
         try:
@@ -223,7 +227,7 @@ def collect(results: str, experiment: str, figures_dir: Path) -> ExperimentSecti
                                "code_entropy": round(float(wide.at[cid, "code_entropy"]), 3) if "code_entropy" in wide else None}
                               for cid in sorted(collapsed_ids)])
     shown = related(experiment)
-    tables = _applicable_tables(df)
+    tables = applicable_tables(df)
     tables.sort(key=lambda t: shown.index(t[0]) if t[0] in shown else len(shown))
     wanted = {n for n in shown if n in reports.figures()}
     return ExperimentSection(experiment, summary, shared, [t for t in tables if t[0] in shown],
@@ -319,19 +323,11 @@ def _experiments_with_anything(results: str) -> list[str]:
     names = set(ledger.list_experiments(results))
     for fi in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         name = fi.path.rstrip("/").rsplit("/", 1)[-1]
-        if fi.type != pafs.FileType.Directory or name in names or not _is_plain_name(name):
+        if fi.type != pafs.FileType.Directory or name in names or not ledger.is_plain_name(name):
             continue
         if fs.get_file_info(ExperimentLayout.of(results, name).failures_dir).type == pafs.FileType.Directory:
             names.add(name)
     return sorted(names)
-
-
-def _is_plain_name(name: str) -> bool:
-    try:
-        check_experiment_name(name)
-    except ValueError:
-        return False
-    return True
 
 
 def build_report(results: str, out: str | None = None, experiment: str | None = None) -> Path:

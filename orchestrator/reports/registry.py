@@ -27,9 +27,10 @@ from typing import Callable
 import pandas as pd
 
 from smn_core.checkpoint import atomic_write
+from smn_core.registry import check_choice
 
 __all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
-           "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "mean_std", "grid_values", "metric_frame", "save_figure"]
+           "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "check_format", "mean_std", "grid_values", "metric_frame", "save_figure"]
 
 
 @dataclass(frozen=True)
@@ -56,20 +57,24 @@ _FIGURES: dict[str, Figure] = {}
 
 def register_table(name: str, description: str):
     """Decorator registering a table layout under ``name`` (raises ValueError on a duplicate name)."""
-    def wrap(fn):
-        if name in _TABLES and _TABLES[name].build is not fn:
-            raise ValueError(f"table layout {name!r} is registered twice")
-        _TABLES[name] = TableLayout(name, description, fn)
-        return fn
-    return wrap
+    return _registrar(_TABLES, "table layout", name, lambda fn: TableLayout(name, description, fn), "build")
 
 
 def register_figure(name: str, description: str):
     """Decorator registering a figure under ``name`` (raises ValueError on a duplicate name)."""
+    return _registrar(_FIGURES, "figure", name, lambda fn: Figure(name, description, fn), "draw")
+
+
+def _registrar(registry: dict, kind: str, name: str, record: Callable, attr: str):
+    """A decorator that stores ``record(fn)`` as ``registry[name]`` and returns ``fn`` unchanged.
+
+    Raises:
+        ValueError: ``registry[name]`` already holds another function (its ``attr``), naming the ``kind``.
+    """
     def wrap(fn):
-        if name in _FIGURES and _FIGURES[name].draw is not fn:
-            raise ValueError(f"figure {name!r} is registered twice")
-        _FIGURES[name] = Figure(name, description, fn)
+        if name in registry and getattr(registry[name], attr) is not fn:
+            raise ValueError(f"{kind} {name!r} is registered twice")
+        registry[name] = record(fn)
         return fn
     return wrap
 
@@ -162,6 +167,15 @@ FORMATS = ("markdown", "latex", "csv", "json")
 """Text formats of :func:`render_frame` (``smn table --format parquet`` writes a file through :func:`write_frame`)."""
 
 
+def check_format(fmt: str) -> None:
+    """Check that ``fmt`` is one of :data:`FORMATS`.
+
+    Raises:
+        ValueError: on an unknown format (lists the allowed ones).
+    """
+    check_choice(fmt, FORMATS, "table format")
+
+
 def flat_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with its named index levels as ordinary columns and flattened (``a_b``) column labels."""
     if any(n is not None for n in frame.index.names):
@@ -181,10 +195,9 @@ def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None =
     Markdown and LaTeX show a missing value as ``-``; CSV and JSON keep it empty / null.
 
     Raises:
-        ValueError: on an unknown format (lists the allowed ones).
+        ValueError: on an unknown format (lists the allowed ones), from :func:`check_format`.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
+    check_format(fmt)
     if frame is None or frame.empty:
         return "(no results in the ledger for this table yet)"
     flat = flat_frame(frame)

@@ -17,7 +17,7 @@ import json
 
 import pandas as pd
 
-from orchestrator.reports.registry import FORMATS, mean_std, metric_frame, register_table, render_frame
+from orchestrator.reports.registry import check_format, mean_std, metric_frame, register_table, render_frame
 from orchestrator.reports.registry import tables as registered_tables
 
 __all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render", "table_frame",
@@ -100,10 +100,10 @@ def render(table: pd.DataFrame, fmt: str = "markdown") -> str:
     :func:`orchestrator.reports.registry.render_frame`.
 
     Raises:
-        ValueError: on an unknown format (lists the allowed ones).
+        ValueError: on an unknown format (lists the allowed ones), from
+            :func:`orchestrator.reports.registry.check_format`.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"table format {fmt!r} is not known; allowed: {', '.join(FORMATS)}")
+    check_format(fmt)
     if table.empty:
         return "(no results in the ledger yet)"
     return render_frame(table if fmt in ("csv", "json") else display_table(table), fmt)

@@ -48,7 +48,7 @@ from smn_core.checkpoint import atomic_write
 from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
 
 __all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "write_cell", "read_ledger", "read_cell", "wide",
-           "completed_cells", "list_experiments", "check_experiment", "write_failure", "read_failures", "cell_metric", "as_ledger_table"]
+           "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures", "cell_metric", "as_ledger_table"]
 
 LEDGER_SCHEMA = pa.schema([
     ("cell_id", pa.string()),
@@ -192,7 +192,7 @@ def list_experiments(results: str) -> list[str]:
     fs, root = filesystem(results)
     info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     names = [os.path.basename(f.path) for f in info if f.type == pafs.FileType.Directory]
-    layouts = [ExperimentLayout.of(results, n) for n in names if _is_plain_name(n)]
+    layouts = [ExperimentLayout.of(results, n) for n in names if is_plain_name(n)]
     return sorted(lay.experiment for lay in layouts
                   if fs.get_file_info(lay.ledger_dir).type == pafs.FileType.Directory)
 
@@ -212,7 +212,8 @@ def check_experiment(results: str, experiment: str | None) -> None:
                          f"{', '.join(known) or '(none yet: run a spec first)'}")
 
 
-def _is_plain_name(name: str) -> bool:
+def is_plain_name(name: str) -> bool:
+    """True when ``name`` passes :func:`check_experiment_name` (a folder that can be an experiment)."""
     try:
         check_experiment_name(name)
     except ValueError:

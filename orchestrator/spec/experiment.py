@@ -458,31 +458,34 @@ def _check_raw(raw: dict) -> None:
     _check_value({k: v for k, v in raw.items() if k not in ("grid", "search", "cascade", "method_overrides")},
                  ExperimentSpec, "")
     # method_overrides' values are checked where they land: in each cell's validation (expand_cells)
-    grid = raw.get("grid")
-    if isinstance(grid, dict):
-        for key, values in grid.items():
-            tp = _dotted_type(str(key))
-            if isinstance(values, list) and tp is not None:
-                for v in values:
-                    try:
-                        _check_value(v, tp, str(key))
-                    except SpecError as exc:
-                        raise SpecError(f"grid value {key}={v!r}: {exc}") from None
+    for key, values, tp in _typed_entries(raw.get("grid"), list):
+        for v in values:
+            try:
+                _check_value(v, tp, str(key))
+            except SpecError as exc:
+                raise SpecError(f"grid value {key}={v!r}: {exc}") from None
     search = raw.get("search")
     if isinstance(search, dict):
         _check_value({k: v for k, v in search.items() if k != "space"}, SearchSpec, "search")
-        space = search.get("space")
-        if isinstance(space, dict):
-            for key, axis in space.items():
-                tp = _dotted_type(str(key))
-                if isinstance(axis, dict) and tp is not None:
-                    for bound in ("low", "high"):
-                        if bound in axis:
-                            _check_value(axis[bound], tp if axis.get("type") == "int" else float,
-                                         f"search.space.{key}.{bound}")
-                    if axis.get("type") in ("uniform", "loguniform") and not _admits(tp, float):
-                        raise SpecError(f"search.space.{key}: type {axis.get('type')!r} draws floats but {key} takes "
-                                        f"{getattr(tp, '__name__', tp)}; allowed: type int (integers) or choice")
+        for key, axis, tp in _typed_entries(search.get("space"), dict):
+            for bound in ("low", "high"):
+                if bound in axis:
+                    _check_value(axis[bound], tp if axis.get("type") == "int" else float,
+                                 f"search.space.{key}.{bound}")
+            if axis.get("type") in ("uniform", "loguniform") and not _admits(tp, float):
+                raise SpecError(f"search.space.{key}: type {axis.get('type')!r} draws floats but {key} takes "
+                                f"{getattr(tp, '__name__', tp)}; allowed: type int (integers) or choice")
+
+
+def _typed_entries(section: Any, kind: type):
+    """``(key, value, field type)`` of each entry of a raw ``grid`` or ``search.space`` mapping whose value is a
+    ``kind`` and whose dotted key names a spec field (:func:`_dotted_type`); nothing when ``section`` is not a dict."""
+    if not isinstance(section, dict):
+        return
+    for key, value in section.items():
+        tp = _dotted_type(str(key))
+        if isinstance(value, kind) and tp is not None:
+            yield key, value, tp
 
 
 @dataclass(frozen=True)

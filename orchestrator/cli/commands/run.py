@@ -15,7 +15,7 @@ from orchestrator.cli import report as report_cli
 from orchestrator.cli.commands import cascade as cascade_cmd
 from orchestrator.cli.commands.read import table_text
 from orchestrator.cli.commands.validate import load_checked, print_cells
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_error
 from orchestrator.engine.plain import run_experiment
 from orchestrator.engine.preflight import StorageUnreachable
 from orchestrator.engine.session import ClusterTooSmall, check_local_fits, error_cause
@@ -63,8 +63,7 @@ def _run_cells(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as exc:
-        print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(exc)
     except RuntimeError as exc:
         print(f"smn: {error_cause(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
