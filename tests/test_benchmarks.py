@@ -1,8 +1,8 @@
 """The benchmark harness (benchmarks/run_all.py) in its quickest mode: it writes the Parquet file and the
 Markdown report, with a section for every area and a figure beside its floor or comparison.
 
-The fast test runs the areas without Ray (seconds of work each); the Ray areas (a local Ray, cold worker
-processes, two TorchTrainers, a Tune sweep, a cascade) take minutes; the slow test runs the sweep area.
+The test runs the areas without Ray (seconds of work each) and the sweep area (a local Ray and a Tune grid) in one
+harness run; the other Ray areas (cold worker processes, two TorchTrainers, a cascade) take minutes.
 """
 
 from __future__ import annotations
@@ -57,16 +57,11 @@ def check_outputs(out: Path, ran: list[str]) -> None:
     assert "## Largest gaps to the floor" in report and "load average" in report
 
 
-def test_quick_harness_writes_parquet_and_report_with_every_section(tmp_path):
-    ran = ["train_step", "eval", "storage", "data"]
-    out, _ = run_harness(tmp_path, ran, timeout=600)
-    check_outputs(out, ran)
-
-
 @pytest.mark.slow
-def test_quick_harness_ray_area(tmp_path):
-    # one Ray area (a local Ray and a Tune grid) keeps CI's budget; `ray` and `cascade` take minutes more and
-    # run with the harness itself (python -m benchmarks.run_all)
-    ran = ["sweep"]
+def test_quick_harness_writes_parquet_and_report_with_every_section(tmp_path):
+    # the areas without Ray and one Ray area (a local Ray and a Tune grid), in one harness run (one interpreter and
+    # one report, as a user runs it); `ray`, `cascade` and `engine` take minutes more and run with the harness
+    # itself (python -m benchmarks.run_all)
+    ran = ["train_step", "eval", "storage", "data", "sweep"]
     out, _ = run_harness(tmp_path, ran, timeout=1200)
     check_outputs(out, ran)
