@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from .registry import Registry
+from .registry import Registry, check_choice
 
 __all__ = [
     "ImageDataset",
@@ -488,10 +488,8 @@ def load_dataset(
             ``test_fraction``, ``split_seed`` or ``max_samples``, or ``root`` missing where needed.
         FileNotFoundError: the data is not under ``root`` (and ``download`` is False).
     """
-    if source not in _DATASETS:
-        raise ValueError(f"unknown dataset source {source!r}; available: {available_datasets()}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
+    check_choice(source, available_datasets(), "dataset source")
+    check_choice(split, SPLITS, "split")
     image_size = _check_image_size(image_size)
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")

@@ -131,7 +131,7 @@ def test_bad_arguments_raise_clear_value_errors():
         load_dataset("digits", "train", classes=[1, "1"])
     with pytest.raises(ValueError, match="empty"):
         load_dataset("digits", "train", classes=[])
-    with pytest.raises(ValueError, match="'mnist'.*available"):
+    with pytest.raises(ValueError, match="'mnist'.*allowed"):
         load_dataset("mnist", "train")
     with pytest.raises(ValueError, match="test_fraction"):
         load_dataset("digits", "train", test_fraction=1.5)
