@@ -5,8 +5,11 @@
 writes ``DIR/report.md``, a self-contained ``DIR/report.html`` (figures embedded as data URIs, no
 network) and ``DIR/figures/<experiment>-<figure>.png``. For every experiment under ``RESULTS``:
 
-* what was run: methods, backbones, datasets, seeds, grid axes, and the resolved config keys that all its
-  cells share (the spec, as the ledger recorded it);
+* what was run: methods, backbones, datasets, seeds, grid axes, the resolved config keys that all its
+  cells share (the spec, as the ledger recorded it), and per method and setting its resolved config as the
+  keys that differ from the defaults (:func:`orchestrator.reports.settings.method_settings`);
+* each setting's mean with its 95 % interval and, under it, one row per seed
+  (:func:`orchestrator.reports.tables.per_seed_frame`); cells of different settings are never pooled;
 * every registered table layout (:func:`orchestrator.reports.registry.tables`) that its cells support, i.e. that
   builds a non-empty table from them, with mean ± std over seeds, and every registered figure that
   draws from them (a layout or figure the cells do not support is left out, not shown empty);
@@ -40,6 +43,8 @@ import smn_core
 from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
 from orchestrator.results.curves import read_curves
+from orchestrator.reports.settings import method_settings
+from orchestrator.reports.tables import per_seed_frame
 from orchestrator.spec.keys import flatten
 from orchestrator.results.layout import ExperimentLayout, filesystem
 
@@ -59,6 +64,8 @@ class ExperimentSection:
     failures: pd.DataFrame = field(default_factory=pd.DataFrame)
     collapsed: pd.DataFrame = field(default_factory=pd.DataFrame)
     also: list[str] = field(default_factory=list)  # other layouts that build from these cells
+    settings: pd.DataFrame = field(default_factory=pd.DataFrame)  # per method and setting: what ran
+    per_seed: pd.DataFrame = field(default_factory=pd.DataFrame)  # each setting's mean, its seeds under it
 
 
 def environment(df: pd.DataFrame | None = None) -> dict[str, str]:
@@ -232,7 +239,7 @@ def collect(results: str, experiment: str, figures_dir: Path) -> ExperimentSecti
     wanted = {n for n in shown if n in reports.figures()}
     return ExperimentSection(experiment, summary, shared, [t for t in tables if t[0] in shown],
                              _applicable_figures(df, experiment, figures_dir, wanted), fail_frame, collapsed,
-                             [t[0] for t in tables if t[0] not in shown])
+                             [t[0] for t in tables if t[0] not in shown], method_settings(df), per_seed_frame(df))
 
 
 def _markdown(sections: list[ExperimentSection], env: dict[str, str], results: str, out: Path) -> str:
@@ -244,6 +251,12 @@ def _markdown(sections: list[ExperimentSection], env: dict[str, str], results: s
         if s.shared_config:
             lines += ["<details><summary>resolved config shared by every cell</summary>", "", "```",
                       *(f"{k}: {v}" for k, v in s.shared_config.items()), "```", "</details>", ""]
+        if not s.settings.empty:
+            lines += ["### What ran: each method's settings, as differences from the defaults", "",
+                      reports.render_frame(s.settings, "markdown"), ""]
+        if not s.per_seed.empty:
+            lines += ["### Each setting's mean [95 % interval] and its seeds", "",
+                      reports.render_frame(s.per_seed, "markdown"), ""]
         for name, title, frame in s.tables:
             lines += [f"### {title}", "", f"`smn table {results} --experiment {s.name} --layout {name}`", "",
                       reports.render_frame(frame, "markdown"), ""]
@@ -271,6 +284,11 @@ def _html_table(frame: pd.DataFrame, cls: str) -> str:
     return f'<div class="scroll">{table}</div>'
 
 
+def _html_note(frame: pd.DataFrame) -> str:
+    note = frame.attrs.get("note", "")
+    return "".join(f'<p class="note">Note: {html.escape(line)}</p>' for line in note.splitlines())
+
+
 def _html(sections: list[ExperimentSection], env: dict[str, str], results: str) -> str:
     e = html.escape
     body = [f"<h1>smn report: {e(results)}</h1>",
@@ -282,9 +300,15 @@ def _html(sections: list[ExperimentSection], env: dict[str, str], results: str) 
         if s.shared_config:
             body.append("<details><summary>resolved config shared by every cell</summary><pre>"
                         + e("\n".join(f"{k}: {v}" for k, v in s.shared_config.items())) + "</pre></details>")
+        if not s.settings.empty:
+            body.append("<h3>What ran: each method's settings, as differences from the defaults</h3>"
+                        + _html_table(s.settings, "settings"))
+        if not s.per_seed.empty:
+            body.append("<h3>Each setting's mean [95 % interval] and its seeds</h3>"
+                        + _html_table(s.per_seed, "per-seed") + _html_note(s.per_seed))
         for name, title, frame in s.tables:
             body.append(f'<h3>{e(title)}</h3><p><code>smn table {e(results)} --experiment {e(s.name)} --layout '
-                        f'{e(name)}</code></p>' + _html_table(frame, f"smn-table layout-{name}"))
+                        f'{e(name)}</code></p>' + _html_table(frame, f"smn-table layout-{name}") + _html_note(frame))
         if s.also:
             body.append('<p class="also">Other layouts that build from these cells: ' + ", ".join(
                 f"<code>{e(a)}</code>" for a in s.also) + f" (<code>smn table {e(results)} --experiment {e(s.name)} "

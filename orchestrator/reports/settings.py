@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
@@ -31,7 +32,7 @@ import yaml
 from orchestrator.spec.keys import config_hash, flatten
 
 __all__ = ["SEED_KEYS", "MAX_KEYS", "NOTE", "KEYS", "setting_config", "setting_id", "split_settings", "select",
-           "parse_where", "diff_from", "setting_label"]
+           "parse_where", "diff_from", "setting_label", "DEFAULTS_FILE", "cell_defaults", "method_settings"]
 
 SEED_KEYS = ("seed", "train.seed")
 """Config keys that hold the seed (``train.seed`` is set from ``seed``, smn_core.pipeline.CellConfig)."""
@@ -192,3 +193,41 @@ def diff_from(config: dict, defaults: dict) -> dict[str, Any]:
     mine, base = flatten(setting_config(config)), flatten(setting_config(defaults))
     return {k: v for k, v in sorted(mine.items())
             if json.dumps(base.get(k, _MISSING), default=str) != json.dumps(v, default=str)}
+
+
+DEFAULTS_FILE = Path(__file__).with_name("cell_defaults.json")
+"""The resolved config of a cell that sets nothing (``smn_core.pipeline.CellConfig(method="smn").to_dict()``,
+without method and seed), stored as JSON so that the report need not import torch to read it;
+``tests/test_settings.py`` checks it against ``CellConfig``."""
+
+
+def cell_defaults() -> dict:
+    """The defaults a method's settings are shown against (:data:`DEFAULTS_FILE`)."""
+    return json.loads(DEFAULTS_FILE.read_text(encoding="utf-8"))
+
+
+def method_settings(df: pd.DataFrame) -> pd.DataFrame:
+    """What ran: one row per setting of ledger rows ``df`` (after :func:`split_settings`): ``method``,
+    ``setting`` (the split label, ``""`` when the method has one setting), ``seeds``, ``cells`` and
+    ``differs from defaults`` (``key: value`` lines: the setting's config where it differs from
+    :func:`cell_defaults`, a ``pretrain`` section against the defaults of its dataset and training; a method
+    without training has no ``train`` keys)."""
+    if df.empty:
+        return pd.DataFrame(columns=["method", "setting", "seeds", "cells", "differs from defaults"])
+    rows = split_settings(df)
+    keys = rows.attrs.get(KEYS, ())
+    cells = rows.drop_duplicates("cell_id")
+    defaults = cell_defaults()
+    defaults["pretrain"] = {"dataset": defaults["dataset"], "train": defaults["train"]}  # PretrainSpec's parts
+    out = []
+    for (method, grid_json), g in cells.groupby(["method", "grid_json"], sort=True):
+        config = json.loads(g["config_json"].iloc[0])
+        config.pop("method", None)
+        diff = diff_from(config, defaults)
+        if config.get("train") is None:
+            diff = {k: v for k, v in diff.items() if not k.startswith("train.")}
+        out.append({"method": method, "setting": setting_label(json.loads(grid_json), keys),
+                    "seeds": ", ".join(str(int(s)) for s in sorted(g["seed"].unique())), "cells": int(len(g)),
+                    "differs from defaults": "; ".join(f"{k}={json.dumps(v, default=str)}" for k, v in diff.items())
+                    or "(defaults)"})
+    return pd.DataFrame(out)

@@ -21,13 +21,13 @@ import math
 import numpy as np
 import pandas as pd
 
-from orchestrator.reports.intervals import t_quantile
+from orchestrator.reports.intervals import t_interval, t_quantile
 from orchestrator.reports.settings import KEYS, NOTE, select, setting_label, split_settings
 from orchestrator.reports.registry import check_format, mean_std, metric_frame, register_table, render_frame
 from orchestrator.reports.registry import tables as registered_tables
 
 __all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render", "table_frame",
-           "check_layout", "layout_list"]
+           "check_layout", "layout_list", "per_seed_frame", "PER_SEED_METRICS", "INTERVAL_METRICS"]
 
 DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
                    "code_entropy", "collapsed", "wall_s")
@@ -190,3 +190,39 @@ def table_frame(df: pd.DataFrame, fmt: str, metrics: str | None = None,
             raise ValueError(f"metric(s) {', '.join(map(repr, unknown))} not in the ledger; allowed: {', '.join(have)}")
     table = results_table(df, chosen)
     return (table if fmt in ("csv", "json", "parquet") or table.empty else display_table(table)), None
+
+
+PER_SEED_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "collapsed")
+
+
+def per_seed_frame(df: pd.DataFrame, metrics: tuple[str, ...] = PER_SEED_METRICS) -> pd.DataFrame:
+    """Each setting's mean and, under it, one row per seed (``smn report``): columns ``experiment``, ``method``,
+    ``setting`` (grid values and split keys, :mod:`orchestrator.reports.settings`), ``seed`` (``mean of N`` on
+    the setting's row, the seed on the rows under it) and one per metric of ``metrics`` the ledger holds (the
+    mean row as ``mean ± std [95 % interval]``, seed rows as the value). Empty for no rows."""
+    if df.empty:
+        return pd.DataFrame()
+    rows = split_settings(df)
+    cells = rows[rows["metric"].isin(metrics)]
+    if cells.empty:
+        return pd.DataFrame()
+    wide = cells.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
+    meta = rows.drop_duplicates("cell_id").set_index("cell_id")[["experiment", "method", "grid_json", "seed"]]
+    wide = meta.join(wide, how="inner")
+    shown = [m for m in metrics if m in wide.columns]
+    out = []
+    for (exp, method, grid_json), g in wide.groupby(["experiment", "method", "grid_json"], sort=True):
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(json.loads(grid_json).items())) or "-"
+        head = {"experiment": exp, "method": method, "setting": label, "seed": f"mean of {len(g)}"}
+        for m in shown:
+            v = g[m].dropna()
+            ci = t_interval(list(v))
+            head[m] = _cell_text(v.mean(), v.std(), len(v), m if m in INTERVAL_METRICS else "", ci.lo, ci.hi) \
+                if len(v) else "-"
+        out.append(head)
+        for _, c in g.sort_values("seed").iterrows():
+            out.append({"experiment": exp, "method": method, "setting": label, "seed": str(int(c["seed"])),
+                        **{m: "-" if pd.isna(c[m]) else f"{c[m]:.3f}" for m in shown}})
+    frame = pd.DataFrame(out)
+    frame.attrs["note"] = rows.attrs.get(NOTE, "")
+    return frame
