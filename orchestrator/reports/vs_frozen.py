@@ -7,7 +7,7 @@ T = 0.07) and the linear probe, each as mean ± std over seeds with its 95 % int
 difference to the frozen backbone in accuracy points with its 95 % interval:
 
 * over the same test images and seeds (:func:`orchestrator.reports.intervals.paired_bootstrap`) when both
-  cells stored their per-image correctness (:mod:`orchestrator.reports.per_image`);
+  cells stored their per-image correctness (:mod:`orchestrator.results.per_image`);
 * otherwise over seeds (:func:`orchestrator.reports.intervals.paired_seed_interval`: the t-interval of the
   per-seed differences, the seeds both have).
 
@@ -27,7 +27,7 @@ import pandas as pd
 
 from orchestrator.reports.baselines import cell_frame
 from orchestrator.reports.intervals import Interval, paired_bootstrap, paired_seed_interval, t_interval, verdict
-from orchestrator.reports.per_image import load_correctness
+from orchestrator.results.per_image import load_correctness
 from orchestrator.reports.registry import mean_std, register_table
 from orchestrator.spec.keys import config_hash
 

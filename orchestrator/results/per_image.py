@@ -4,7 +4,8 @@ A cell that stored it has ``<results>/<experiment>/per_image/<cell_id>.parquet``
 (``ExperimentLayout.inner("per_image", ...)``, :func:`location`): one row per test image, in the test split's
 order, one boolean column per evaluation (``knn_top1``, ``knn_dino_top1``, ``linear_probe_top1``: was the
 image's prediction right). Parquet packs booleans as bits, so a 10 000-image test split costs about 4 KB.
-The cell's ledger row ``per_image_images`` (the number of images) says that the file exists.
+Like the masks and curves, its place follows from the ledger's ``cell_id`` (no new ledger metric: a cell's
+metrics stay what they were); it is written before the ledger file, so a landed cell that evaluated has one.
 
 Ledgers written before this (the committed ``docs/results/``) have no such file: the tables then pair over
 seeds (:mod:`orchestrator.reports.vs_frozen`).
@@ -23,11 +24,10 @@ from smn_core.checkpoint import atomic_write
 
 from orchestrator.results.layout import ExperimentLayout
 
-__all__ = ["FOLDER", "STORED_METRIC", "location", "write_correctness", "load_correctness"]
+__all__ = ["FOLDER", "location", "write_correctness", "load_correctness"]
 
 FOLDER = "per_image"
-STORED_METRIC = "per_image_images"
-"""The ledger metric that records how many test images a cell's per-image file holds."""
+"""The folder of an experiment that holds the per-image files."""
 
 
 def location(layout: ExperimentLayout, cell_id: str) -> str:

@@ -1,0 +1,133 @@
+"""Intervals and paired differences (issue 25): the interval code against a direct computation, the per-image
+correctness a cell stores, and ``vs_frozen`` pairing over images when it is there, over seeds when not."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from orchestrator.reports import intervals, registry
+from orchestrator.results import ledger
+from orchestrator.results.layout import ExperimentLayout
+from orchestrator.results.per_image import load_correctness, write_correctness
+
+from .conftest import REPO
+
+DEMO = REPO / "docs" / "results" / "demo" / "ledger"
+T_975 = {1: 12.706204736, 2: 4.302652730, 4: 2.776445105}  # Student-t 0.975 quantiles (printed tables)
+
+
+@pytest.mark.unit
+def test_t_interval_is_the_textbook_formula():
+    values = [0.662, 0.647, 0.677]
+    got = intervals.t_interval(values)
+    mean = sum(values) / 3
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+    half = T_975[2] * s / math.sqrt(3)
+    assert (got.mean, got.lo, got.hi, got.n) == pytest.approx((mean, mean - half, mean + half, 3), abs=1e-9)
+    assert intervals.t_quantile(1) == pytest.approx(T_975[1]) and intervals.t_quantile(4) == pytest.approx(T_975[4])
+    one = intervals.t_interval([0.5])
+    assert one.mean == 0.5 and not one.known and intervals.verdict(one) == intervals.UNCLEAR
+    assert intervals.t_interval([float("nan"), 0.4, 0.6]).n == 2
+    with pytest.raises(ValueError, match="degrees of freedom 0"):
+        intervals.t_quantile(0)
+
+
+@pytest.mark.unit
+def test_paired_seed_interval_pairs_by_seed_and_leaves_unmatched_seeds_out():
+    a = {0: 0.70, 1: 0.72, 2: 0.71, 5: 0.99}
+    b = {0: 0.65, 1: 0.69, 2: 0.66, 7: 0.10}
+    got = intervals.paired_seed_interval(a, b)
+    direct = intervals.t_interval([0.05, 0.03, 0.05])
+    assert (got.mean, got.lo, got.hi, got.n) == pytest.approx((direct.mean, direct.lo, direct.hi, 3))
+    assert got.lo > 0 and intervals.verdict(got) == intervals.GAIN
+    assert intervals.verdict(intervals.paired_seed_interval(b, a)) == intervals.LOSS
+
+
+@pytest.mark.unit
+def test_paired_bootstrap_matches_the_normal_approximation_and_is_paired():
+    rng = np.random.default_rng(1)
+    base = rng.random((3, 4000)) < 0.7
+    flips = rng.random((3, 4000)) < 0.05
+    better = base | flips  # a adds ~1.5 points on the same images
+    got = intervals.paired_bootstrap(better, base, resamples=4000, seed=0)
+    d = (better.astype(float) - base.astype(float)).mean(axis=0)
+    se = d.std(ddof=1) / math.sqrt(d.size)
+    assert got.mean == pytest.approx(d.mean(), abs=1e-12)
+    assert got.lo == pytest.approx(d.mean() - 1.96 * se, abs=0.15 * 1.96 * se)
+    assert got.hi == pytest.approx(d.mean() + 1.96 * se, abs=0.15 * 1.96 * se)
+    assert intervals.verdict(got) == intervals.GAIN
+    same = intervals.paired_bootstrap(base, base)
+    assert (same.mean, same.lo, same.hi) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same"):
+        intervals.paired_bootstrap(base, base[:, :10])
+
+
+@pytest.mark.unit
+def test_interval_text_marks_and_signs():
+    d = intervals.Interval(0.012, -0.003, 0.027, 3, "paired t over seeds")
+    assert d.text(scale=100, digits=1, signed=True) == "+1.2 [-0.3, +2.7]"
+    assert intervals.verdict(d) == intervals.UNCLEAR
+
+
+def _demo_copy(root):
+    dst = root / "demo" / "ledger"
+    dst.mkdir(parents=True)
+    for f in DEMO.glob("*.parquet"):
+        shutil.copyfile(f, dst / f.name)
+    return root
+
+
+@pytest.mark.unit
+def test_vs_frozen_pairs_over_images_when_every_cell_stored_them(tmp_path):
+    """Per-image files written beside the committed demo ledger: vs_frozen's difference is then the paired
+    bootstrap over those images and seeds, the same numbers as a direct call; without them, over seeds."""
+    results = _demo_copy(tmp_path)
+    rows = ledger.read_ledger(str(results), "demo")
+    vs_seed = registry.tables()["vs_frozen"].build(rows).reset_index()
+    assert set(vs_seed["paired over"]) == {"", "seeds"}
+    cells = rows.drop_duplicates("cell_id")
+    lay = ExperimentLayout.of(str(results), "demo")
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for cid, method, seed in zip(cells["cell_id"], cells["method"], cells["seed"]):
+        p = 0.9 if method == "smn" else 0.8
+        arrays[(method, int(seed))] = rng.random(269) < p
+        write_correctness(lay, cid, {m: arrays[(method, int(seed))]
+                                     for m in ("knn_top1", "knn_dino_top1", "linear_probe_top1")})
+    assert load_correctness(str(results), "demo", cells["cell_id"].iloc[0], "knn_top1").shape == (269,)
+    assert load_correctness(str(results), "demo", "nocell", "knn_top1") is None
+    by_image = registry.tables()["vs_frozen"].build(ledger.read_ledger(str(results), "demo")).reset_index()
+    smn = by_image[by_image["Method"] == "smn"].iloc[0]
+    assert smn["paired over"] == "images x seeds"
+    direct = intervals.paired_bootstrap(np.stack([arrays[("smn", s)] for s in (0, 1, 2)]),
+                                        np.stack([arrays[("pretrained", s)] for s in (0, 1, 2)]))
+    assert smn["k-NN (k=20) vs frozen"] == (f"{100 * direct.mean:+.1f} [{100 * direct.lo:+.1f}, "
+                                            f"{100 * direct.hi:+.1f}] gain")
+    assert vs_seed[vs_seed["Method"] == "smn"].iloc[0]["k-NN (k=200) vs frozen"] == "+3.0 [-0.7, +6.7]"
+
+
+@pytest.mark.unit
+def test_layout_header_says_when_a_difference_is_a_gain():
+    desc = registry.tables()["vs_frozen"].description
+    assert "gain" in desc and "excludes 0" in desc
+
+
+@pytest.mark.ray
+def test_a_landed_cell_stores_its_per_image_correctness(landed):
+    """The tiny plain run (frozen + SMN, seed 0): each cell's per-image file holds as many images as the
+    test split, and its mean is the ledger's accuracy."""
+    results = landed["plain"]["results"]
+    rows = ledger.read_ledger(results, "tiny")
+    cells = ledger.wide(rows)
+    for _, c in cells.iterrows():
+        for metric in ("knn_top1", "knn_dino_top1", "linear_probe_top1"):
+            correct = load_correctness(results, "tiny", c["cell_id"], metric)
+            assert correct is not None and correct.dtype == bool and correct.size == int(c["num_test"])
+            assert correct.mean() == pytest.approx(c[metric], abs=1e-12)
+    vs = registry.tables()["vs_frozen"].build(rows).reset_index()
+    assert set(vs["paired over"]) == {"", "images x seeds"}, json.dumps(vs.to_dict(orient="records"))
