@@ -131,3 +131,63 @@ def test_a_landed_cell_stores_its_per_image_correctness(landed):
             assert correct.mean() == pytest.approx(c[metric], abs=1e-12)
     vs = registry.tables()["vs_frozen"].build(rows).reset_index()
     assert set(vs["paired over"]) == {"", "images x seeds"}, json.dumps(vs.to_dict(orient="records"))
+
+
+def _cfg(method: str, seed: int, *, mode="threshold", topk=None, prototypes=10) -> dict:
+    train = None if method == "pretrained" else {
+        "seed": seed, "progressive_topk": False,
+        "mask": {"mode": mode, "topk_density": topk, "selective": "none", "stages": None, "selector": "conv",
+                 "include_bn": False},
+        "swav": {"num_prototypes": prototypes}}
+    return {"method": method, "seed": seed, "backbone": {"arch": "cifar_resnet8", "weights": "pipeline"},
+            "dataset": {"source": "digits", "classes": [5, 6, 7, 8, 9]}, "eval": {"knn_k": 200}, "train": train}
+
+
+def _synthetic(root) -> str:
+    """Ledgers whose claims have known verdicts: SMN clearly above frozen on 3 seeds (claim 1 holds), the
+    threshold mask clearly below top-k 50 % (claim 2 does not), prototypes mixed (claim 4 inconclusive), a
+    one-seed cascade (claim 7 inconclusive: no interval), densities near 0.9 (claim 9 holds)."""
+    import time
+
+    now, n = time.time(), 0
+
+    def cell(exp, method, seed, grid, metrics, **cfg):
+        nonlocal n
+        n += 1
+        ledger.write_cell(str(root), exp, cell_id=f"c{n:03d}", method=method, backbone="cifar_resnet8",
+                          dataset="digits", seed=seed, grid=grid, config=_cfg(method, seed, **cfg), metrics=metrics,
+                          started_at=now, finished_at=now)
+
+    for s, (a, b) in enumerate(((0.70, 0.60), (0.72, 0.61), (0.71, 0.63))):
+        cell("t1", "pretrained", s, {}, {"knn_top1": b, "knn_dino_top1": b + 0.1})
+        cell("t1", "smn", s, {}, {"knn_top1": a, "knn_dino_top1": a + 0.1, "density": 0.9 + s / 1000})
+    for s, gap in enumerate((0.10, 0.12, 0.11)):
+        cell("t2", "smn", s, {"train.mask": {"mode": "threshold"}},
+             {"knn_top1": 0.6, "linear_probe_top1": 0.8, "density": 0.9 + s / 1000})
+        cell("t2", "smn", s, {"train.mask": {"mode": "topk", "topk_density": 0.5}},
+             {"knn_top1": 0.6 + gap, "linear_probe_top1": 0.8 + gap, "density": 0.5}, mode="topk", topk=0.5)
+    for s, gap in enumerate((0.05, -0.04, 0.01)):
+        cell("t5a", "smn", s, {"train.swav.num_prototypes": 2}, {"knn_top1": 0.6, "density": 0.9 + s / 1000},
+             prototypes=2)
+        cell("t5a", "smn", s, {"train.swav.num_prototypes": 100}, {"knn_top1": 0.6 + gap, "density": 0.9},
+             prototypes=100)
+    for method, knn in (("smn", 0.80), ("cascade_conditional", 0.85), ("cascade_unconditional", 0.90)):
+        cell("t3", method, 0, {}, {"knn_top1": knn, "density": 0.9} if method == "smn" else {"knn_top1": knn})
+    return str(root)
+
+
+@pytest.mark.unit
+def test_scorecard_gives_the_known_verdicts_of_a_synthetic_ledger(tmp_path):
+    from orchestrator.reports import scorecard
+
+    card = scorecard.scorecard(ledger.read_ledger(_synthetic(tmp_path))).set_index("#")
+    assert len(card) == len(scorecard.CLAIMS) >= 10
+    verdicts = dict(zip(card.index, card["Verdict"]))
+    assert verdicts == {1: "holds", 2: "does not", 3: "inconclusive", 4: "inconclusive", 5: "inconclusive",
+                        6: "inconclusive", 7: "inconclusive", 8: "inconclusive", 9: "holds", 10: "inconclusive"}
+    direct = intervals.paired_seed_interval({0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.61, 2: 0.63})
+    assert f"t1: SMN - frozen, k-NN (k=200): {100 * direct.mean:+.1f} [{100 * direct.lo:+.1f}, " \
+           f"{100 * direct.hi:+.1f}] points (3 seeds paired)" in card.at[1, "Evidence"]
+    assert "one seed: no interval" in card.at[7, "Evidence"] and "unconditional - conditional" in card.at[7, "Evidence"]
+    assert card.at[3, "Evidence"].startswith("no cells in these ledgers test it")
+    assert "t5a: 100 - 2 prototypes" in card.at[4, "Evidence"]

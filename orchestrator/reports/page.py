@@ -15,6 +15,8 @@ network) and ``DIR/figures/<experiment>-<figure>.png``. For every experiment und
   draws from them (a layout or figure the cells do not support is left out, not shown empty);
 * per-epoch training curves (loss, density, code entropy) where :mod:`orchestrator.results.curves` stored them;
 * failed cells (failure records) and cells whose SwAV training collapsed;
+* at the top, the scorecard: the paper's qualitative claims scored against these ledgers
+  (:mod:`orchestrator.reports.scorecard`);
 * the environment: package versions, the host, when the page was made, and the hosts / smn versions
   that wrote the ledger.
 """
@@ -43,6 +45,7 @@ import smn_core
 from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
 from orchestrator.results.curves import read_curves
+from orchestrator.reports.scorecard import scorecard
 from orchestrator.reports.settings import method_settings
 from orchestrator.reports.tables import per_seed_frame
 from orchestrator.spec.keys import flatten
@@ -242,9 +245,18 @@ def collect(results: str, experiment: str, figures_dir: Path) -> ExperimentSecti
                              [t[0] for t in tables if t[0] not in shown], method_settings(df), per_seed_frame(df))
 
 
-def _markdown(sections: list[ExperimentSection], env: dict[str, str], results: str, out: Path) -> str:
+SCORECARD_TITLE = "Scorecard: the paper's claims against these ledgers"
+SCORECARD_RULE = ("Differences in accuracy points between cells of one experiment, paired over seeds (or test images "
+                  "and seeds), 95 % interval; holds = every interval above 0, does not = one below, inconclusive "
+                  "otherwise (single-seed evidence is shown without a vote).")
+
+
+def _markdown(sections: list[ExperimentSection], env: dict[str, str], results: str, out: Path,
+              card: pd.DataFrame | None = None) -> str:
     lines = [f"# smn report: {results}", "",
              f"{len(sections)} experiment(s): " + ", ".join(s.name for s in sections), ""]
+    if card is not None and not card.empty:
+        lines += [f"## {SCORECARD_TITLE}", "", SCORECARD_RULE, "", reports.render_frame(card, "markdown"), ""]
     for s in sections:
         lines += [f"## {s.name}", ""]
         lines += [pd.DataFrame({"": list(s.summary), "value": list(s.summary.values())}).to_markdown(index=False), ""]
@@ -289,11 +301,15 @@ def _html_note(frame: pd.DataFrame) -> str:
     return "".join(f'<p class="note">Note: {html.escape(line)}</p>' for line in note.splitlines())
 
 
-def _html(sections: list[ExperimentSection], env: dict[str, str], results: str) -> str:
+def _html(sections: list[ExperimentSection], env: dict[str, str], results: str,
+          card: pd.DataFrame | None = None) -> str:
     e = html.escape
     body = [f"<h1>smn report: {e(results)}</h1>",
             f"<p>{len(sections)} experiment(s): " + ", ".join(f'<a href="#{e(s.name)}">{e(s.name)}</a>' for s in sections)
             + "</p>"]
+    if card is not None and not card.empty:
+        body.append(f'<section id="scorecard"><h2>{e(SCORECARD_TITLE)}</h2><p>{e(SCORECARD_RULE)}</p>'
+                    + _html_table(card, "scorecard") + "</section>")
     for s in sections:
         body.append(f'<section class="experiment" id="{e(s.name)}"><h2>{e(s.name)}</h2>')
         body.append(_html_table(pd.DataFrame({"": list(s.summary), "value": list(s.summary.values())}), "summary"))
@@ -378,9 +394,11 @@ def build_report(results: str, out: str | None = None, experiment: str | None = 
     figures = folder / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     sections = [collect(results, name, figures) for name in names]
-    env = environment(ledger.read_ledger(results, experiment))
-    (folder / "report.md").write_text(_markdown(sections, env, str(results), folder), encoding="utf-8")
-    (folder / "report.html").write_text(_html(sections, env, str(results)), encoding="utf-8")
+    all_rows = ledger.read_ledger(results, experiment)
+    env = environment(all_rows)
+    card = scorecard(all_rows)
+    (folder / "report.md").write_text(_markdown(sections, env, str(results), folder, card), encoding="utf-8")
+    (folder / "report.html").write_text(_html(sections, env, str(results), card), encoding="utf-8")
     return folder
 
 
