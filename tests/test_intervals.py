@@ -191,3 +191,45 @@ def test_scorecard_gives_the_known_verdicts_of_a_synthetic_ledger(tmp_path):
     assert "one seed: no interval" in card.at[7, "Evidence"] and "unconditional - conditional" in card.at[7, "Evidence"]
     assert card.at[3, "Evidence"].startswith("no cells in these ledgers test it")
     assert "t5a: 100 - 2 prototypes" in card.at[4, "Evidence"]
+
+
+def _invariance_ledger(root, flip: int) -> str:
+    """One experiment of three SMN cells differing only in (S0, mu, lr): the reference (1, 0, 50), an
+    equivalent (2, 0, 100) whose masks differ from the reference's in ``flip`` of 1000 bits, and a
+    non-equivalent (1, 0, 100)."""
+    import time
+
+    import torch
+
+    from smn_core.checkpoint import save_tensors
+
+    now = time.time()
+    ref = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.9
+    for n, (s0, lr) in enumerate(((1.0, 50.0), (2.0, 100.0), (1.0, 100.0))):
+        config = {"method": "smn", "seed": 0, "backbone": {"arch": "cifar_resnet8", "weights": "pipeline"},
+                  "dataset": {"source": "digits"},
+                  "train": {"seed": 0, "adaptation": "mask", "score_lr": lr, "momentum": 0.9, "dtype": "float32",
+                            "mask": {"mode": "threshold", "init_score": s0, "threshold": 0.0}}}
+        ledger.write_cell(str(root), "inv", cell_id=f"i{n}", method="smn", backbone="cifar_resnet8", dataset="digits",
+                          seed=0, grid={"train.score_lr": lr}, config=config,
+                          metrics={"knn_top1": 0.6, "train_loss@1": 1.0}, started_at=now, finished_at=now)
+        masks = ref.clone()
+        if n == 1:
+            masks[:flip] = ~masks[:flip]
+        elif n == 2:
+            masks = ~masks
+        save_tensors(ExperimentLayout.of(str(root), "inv").mask(f"i{n}"), {"layer3.0.conv1.weight": masks})
+    return str(root)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("flip, expected", [(0, "holds"), (50, "does not")])
+def test_scorecard_judges_equivalent_masks_from_the_exported_masks(tmp_path, flip, expected):
+    from orchestrator.reports import scorecard
+
+    rows = ledger.read_ledger(_invariance_ledger(tmp_path, flip))
+    card = scorecard.scorecard(rows).set_index("#")
+    assert card.at[8, "Verdict"] == expected
+    assert f"(2, 0, 100) vs the reference: {100 - flip / 10:.4f}%" in card.at[8, "Evidence"]
+    rows.attrs.pop("results")  # the docs pages: the ledger files alone, no masks
+    assert scorecard.scorecard(rows).set_index("#").at[8, "Verdict"] == "inconclusive"

@@ -348,7 +348,7 @@ def _invariance_cells(df: pd.DataFrame) -> pd.DataFrame:
     cells = cell_frame(df)
     if cells.empty:
         return pd.DataFrame()
-    cells = cells[cells["config"].map(lambda c: "train" in c and c["train"].get("adaptation") == "mask"
+    cells = cells[cells["config"].map(lambda c: (c.get("train") or {}).get("adaptation") == "mask"
                                       and c["train"]["mask"].get("mode", "threshold") == "threshold")].copy()
     if cells.empty:
         return cells

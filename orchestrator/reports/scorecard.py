@@ -12,7 +12,11 @@ stored their per-image correctness (:func:`orchestrator.reports.vs_frozen.paired
 * is **inconclusive** otherwise: an interval holding 0, only single-seed comparisons (no interval: shown as
   evidence, without a vote), or no cells in the ledgers that test it (the evidence column says which).
 
-Only comparisons inside one experiment are made (its cells share the data, split and evaluation).
+Claim 8 (equivalent hyperparameters give the same masks) is judged on the share of identical mask bits the
+``invariance`` layout measures from the exported masks (holds at >= 99.99 % for every equivalent pair, does
+not below 99 %); it needs the results folder (``rows.attrs["results"]``), so the docs page, built from the
+ledger files alone, cannot test it. Only comparisons inside one experiment are made (its cells share the
+data, split and evaluation).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable
 import pandas as pd
 
 from orchestrator.reports.ablations import frozen_label, mask_variant
-from orchestrator.reports.baselines import cell_frame
+from orchestrator.reports.baselines import cell_frame, invariance
 from orchestrator.reports.intervals import GAIN, LOSS, Interval, t_interval, verdict
 from orchestrator.reports.settings import split_settings
 from orchestrator.reports.vs_frozen import paired_difference
@@ -53,6 +57,8 @@ class Claim:
     source: str
     compare: Callable[[pd.DataFrame, str | None], list[Comparison]]
     untested: str  # what cells would test it (shown when the ledgers hold none)
+    judge: Callable[[list[Comparison]], str] | None = None  # None: claim_verdict
+    rows: bool = False  # compare() takes the experiment's ledger rows, not its cell frame
 
 
 def _diff(a: pd.DataFrame, b: pd.DataFrame, metric: str, results: str | None) -> Interval | None:
@@ -163,11 +169,41 @@ def _cascade(cells, results):
                   metrics=(("knn_top1", "k-NN (k=200)"),))
 
 
-def _equivalent_masks(cells, results):
-    if "identical_bits" not in cells:
+IDENTICAL = 0.9999
+"""Claim 8 holds when every equivalent pair shares at least this fraction of mask bits (App. A: exactly the
+same masks), and does not when one shares less than :data:`DIFFERENT`."""
+DIFFERENT = 0.99
+
+
+def _equivalent_masks(rows: pd.DataFrame, results: str | None) -> list[Comparison]:
+    """The invariance layout (:func:`orchestrator.reports.baselines.invariance`, which reads the exported masks
+    under ``results``): for each cell equivalent to its reference, the share of identical mask bits, as an
+    interval of width 0 (a measured share, no sampling)."""
+    if not results:
         return []
-    v = cells["identical_bits"].dropna()
-    return [Comparison(cells["experiment"].iloc[0], "share of identical mask bits - 1", t_interval(list(v - 1.0)))]
+    rows = rows.copy()
+    rows.attrs = {**rows.attrs, "results": results}
+    table = invariance(rows)
+    if table.empty:
+        return []
+    table = table.reset_index()
+    out = []
+    for _, r in table[table["equivalent"] == "yes"].iterrows():
+        if r["identical mask bits"] == "-":
+            continue
+        share = float(str(r["identical mask bits"]).rstrip("%")) / 100
+        out.append(Comparison(str(rows["experiment"].iloc[0]), f"identical mask bits, (S0, mu, lr) = ({r['S0']}, "
+                              f"{r['mu']}, {r['lr']}) vs the reference", Interval(share, share, share, 1, "measured")))
+    return out
+
+
+def _judge_identical(comparisons: list[Comparison]) -> str:
+    if not comparisons:
+        return INCONCLUSIVE
+    shares = [c.diff.mean for c in comparisons]
+    if all(v >= IDENTICAL for v in shares):
+        return HOLDS
+    return DOES_NOT if any(v < DIFFERENT for v in shares) else INCONCLUSIVE
 
 
 def _density(cells, results):
@@ -199,8 +235,9 @@ CLAIMS = (
           "smn and pretrained cells on two or more backbone initialisations"),
     Claim("Cascade: unconditional > conditional > single model", "Table 3", _cascade,
           "cascade_unconditional, cascade_conditional and smn cells"),
-    Claim("Equivalent hyperparameters give the same masks", "Sec. 3.2, Table 10 / Fig. 5", _equivalent_masks,
-          "cells with equivalent (S0, mu, lr) and their exported masks (layout invariance)"),
+    Claim("Equivalent hyperparameters give the same masks", "Sec. 3.2, App. A / Fig. 5", _equivalent_masks,
+          "cells with equivalent (S0, mu, lr) and their exported masks (layout invariance)", _judge_identical,
+          rows=True),
     Claim("The masks keep most weights active", "Table 8", _density, "smn cells (density)"),
     Claim("SMN helps in the low-shot regime", "Fig. 3", _lowshot,
           "smn and pretrained cells with eval.lowshot_fractions"),
@@ -224,6 +261,8 @@ def _evidence_text(c: Comparison) -> str:
     d = c.diff
     if not math.isfinite(d.mean):
         return f"{c.experiment}: {c.text}: -"
+    if d.method == "measured":
+        return f"{c.experiment}: {c.text}: {100 * d.mean:.4f}%"
     scale, unit = (100, " points")
     how = {"paired bootstrap over images": "images x seeds", "paired t over seeds": f"{d.n} seeds paired",
            "t over seeds": f"{d.n} seeds"}.get(d.method, d.method)
@@ -247,16 +286,16 @@ def scorecard(rows: pd.DataFrame) -> pd.DataFrame:
         for exp, part in rows.groupby("experiment", sort=True):
             part = part.copy()
             part.attrs = dict(rows.attrs)
-            per_exp.append(cell_frame(part))
+            per_exp.append((part, cell_frame(part)))
     out = []
     for i, claim in enumerate(CLAIMS, 1):
         comps = []
-        for cells in per_exp:
+        for part, cells in per_exp:
             try:
-                comps += claim.compare(cells, results)
+                comps += claim.compare(part if claim.rows else cells, results)
             except (KeyError, TypeError, ValueError):  # cells whose config lacks what the claim reads
                 continue
         evidence = "; ".join(_evidence_text(c) for c in comps) or f"no cells in these ledgers test it (needs {claim.untested})"
         out.append({"#": i, "Claim": claim.text, "Paper": claim.source, "Evidence": evidence,
-                    "Verdict": claim_verdict(comps)})
+                    "Verdict": (claim.judge or claim_verdict)(comps)})
     return pd.DataFrame(out)
