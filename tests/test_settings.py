@@ -131,7 +131,9 @@ def test_the_report_shows_both_settings_what_ran_and_each_seed(pooled, tmp_path)
     assert "train.epochs=1" in what_ran and "train.epochs=8" in what_ran and "train.score_lr=10.0" in what_ran
     per_seed = md.split("### Each setting's mean")[1].split("###")[0]
     assert per_seed.count("| mean of 3 ") == 3 and per_seed.count("| mean of 1 ") == 1
-    assert "epochs=1" in (tmp_path / "rep" / "report.html").read_text()
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "epochs=1" in page and 'id="scorecard"' in page
+    assert "## Scorecard: the paper's claims" in md and "| SMN beats the frozen backbone on k-NN " in md
 
 
 def test_smn_run_json_summary_is_strict_and_per_setting(pooled, capsys):
