@@ -32,7 +32,7 @@ from orchestrator.reports.ablations import frozen_label, mask_variant
 from orchestrator.reports.baselines import cell_frame, invariance
 from orchestrator.reports.intervals import GAIN, LOSS, Interval, t_interval, verdict
 from orchestrator.reports.settings import split_settings
-from orchestrator.reports.vs_frozen import paired_difference
+from orchestrator.reports.vs_frozen import paired_difference, reference_key
 
 __all__ = ["Claim", "Comparison", "CLAIMS", "HOLDS", "DOES_NOT", "INCONCLUSIVE", "scorecard", "claim_verdict"]
 
@@ -95,13 +95,17 @@ def _one_setting(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def _beats_frozen(cells, results):
+    """SMN's most-seeded setting against the frozen cells of the same data and evaluation
+    (:func:`orchestrator.reports.vs_frozen.reference_key`)."""
     smn, frozen = _one_setting(_smn(cells)), cells[cells["method"] == "pretrained"]
     if smn.empty or frozen.empty:
         return []
+    frozen = frozen[frozen["config"].map(reference_key) == reference_key(smn["config"].iloc[0])]
     return _pairs(cells, results, [("SMN - frozen", smn, frozen)])
 
 
 def _variant_row(r: pd.Series) -> str | None:
+    """:func:`orchestrator.reports.ablations.mask_variant` of a :func:`cell_frame` row (its grid parsed)."""
     row = r.copy()
     row["grid"] = json.loads(r["grid_json"])
     return mask_variant(row)
