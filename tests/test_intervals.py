@@ -233,3 +233,35 @@ def test_scorecard_judges_equivalent_masks_from_the_exported_masks(tmp_path, fli
     assert f"(2, 0, 100) vs the reference: {100 - flip / 10:.4f}%" in card.at[8, "Evidence"]
     rows.attrs.pop("results")  # the docs pages: the ledger files alone, no masks
     assert scorecard.scorecard(rows).set_index("#").at[8, "Verdict"] == "inconclusive"
+
+
+@pytest.mark.unit
+def test_vs_frozen_compares_smn_with_the_strongest_random_mask(tmp_path):
+    """Random-mask control cells beside the committed demo (as the random_mask method lands them): two
+    settings, about 2 points and about 1 point below SMN's k = 20 (a little more each seed); SMN's row is paired
+    with the stronger one."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    results = _demo_copy(tmp_path)
+    dst = results / "demo" / "ledger"
+    for f in sorted(DEMO.glob("*.parquet")):
+        rows = pq.read_table(f).to_pandas()
+        if rows["method"].iloc[0] != "smn":
+            continue
+        for match, gap in (("count", 0.02), ("magnitude", 0.01)):
+            r = rows.copy()
+            config = json.loads(r["config_json"].iloc[0])
+            config["method"] = "random_mask"
+            r["method"], r["grid_json"] = "random_mask", json.dumps({"match": match})
+            r["config_json"], r["cell_id"] = json.dumps(config), f"{match}{int(r['seed'].iloc[0])}"
+            r.loc[r["metric"] == "knn_dino_top1", "value"] -= gap + 0.002 * int(r["seed"].iloc[0])
+            pq.write_table(pa.Table.from_pandas(r, preserve_index=False), dst / f"{r['cell_id'].iloc[0]}.parquet")
+    vs = registry.tables()["vs_frozen"].build(ledger.read_ledger(str(results), "demo")).reset_index()
+    smn = vs[vs["Method"] == "smn"].iloc[0]
+    d = intervals.t_interval([0.010, 0.012, 0.014])  # magnitude: the stronger control
+    assert smn["k-NN (k=20) vs random mask"] == f"+1.2 [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] gain"
+    assert set(vs[vs["Method"].str.startswith("random_mask")]["k-NN (k=20) vs random mask"]) == {""}
+    assert set(vs["Method"]) >= {"random_mask (match=count)", "random_mask (match=magnitude)"}
+    assert "vs random mask" in registry.tables()["vs_frozen"].description and pd.notna(smn["paired over"])

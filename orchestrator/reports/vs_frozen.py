@@ -11,6 +11,10 @@ difference to the frozen backbone in accuracy points with its 95 % interval:
 * otherwise over seeds (:func:`orchestrator.reports.intervals.paired_seed_interval`: the t-interval of the
   per-seed differences, the seeds both have).
 
+When the ledger holds random-mask control cells (method ``random_mask``), SMN and STN rows also get
+``<metric> vs random mask``: the paired difference to the strongest random-mask setting of the same grid
+values (:func:`_strongest_random`), in the same form.
+
 A difference is marked ``gain`` only when its whole interval is above 0 (``loss`` below 0); one whose interval
 holds 0, or that has none (one seed), carries no mark, nor does a difference paired over seeds that is the
 same for every seed (two deterministic evaluations, e.g. the BN control against the frozen backbone: the
@@ -31,7 +35,7 @@ from orchestrator.results.per_image import load_correctness
 from orchestrator.reports.registry import mean_std, register_table
 from orchestrator.spec.keys import config_hash
 
-__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key"]
+__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "MASKED"]
 
 COMPARED = (("knn_top1", "k-NN (k=200)"), ("knn_dino_top1", "k-NN (k=20)"), ("linear_probe_top1", "linear probe"))
 
@@ -83,8 +87,8 @@ def _stat_text(values: pd.Series) -> str:
 
 
 @register_table("vs_frozen", "Adapted vs frozen backbone: k-NN (k=200, k=20), linear probe (mean ± std [95 % "
-                "interval]); vs frozen = paired difference in points [95 % interval], marked gain / loss only "
-                "when the interval excludes 0; collapsed cells")
+                "interval]); vs frozen (and vs random mask, when the ledger has that control) = paired difference "
+                "in points [95 % interval], marked gain / loss only when the interval excludes 0; collapsed cells")
 def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (backbone, dataset, method, setting) with a ``pretrained`` reference.
 
@@ -109,13 +113,34 @@ def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index(["Backbone", "Dataset", "Method"])
 
 
+RANDOM = "random_mask"
+"""The random-mask control (issue 25): a mask of the same count per layer as an SMN cell's, drawn at random."""
+MASKED = ("smn", "stn")
+"""Methods compared with the random-mask control (column ``<metric> vs random mask``)."""
+
+
+def _strongest_random(randoms: pd.DataFrame, grid: str, metric: str) -> pd.DataFrame | None:
+    """The random-mask setting to compare a masked method's row with: among the random-mask cells of the same
+    grid values (else all of them), the setting (grid label) with the highest mean ``metric``: the strongest
+    control, so a gain over it is a gain over every one. None when no random-mask cell has ``metric``."""
+    same = randoms[randoms["grid"] == grid]
+    pool = same if not same.empty else randoms
+    if metric not in pool or pool[metric].dropna().empty:
+        return None
+    means = pool.groupby("grid")[metric].mean()
+    return pool[pool["grid"] == means.idxmax()]
+
+
 def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, results: str | None,
           label: str) -> list[dict]:
     rows = []
+    randoms = others[others["method"] == RANDOM]
     row = {"Backbone": backbone, "Dataset": data, "Method": "frozen (pretrained)" + (f" ({label})" if label else "")}
     for m, name in COMPARED:
         row[name] = _stat_text(frozen[m]) if m in frozen else "-"
         row[f"{name} vs frozen"] = ""
+        if not randoms.empty:
+            row[f"{name} vs random mask"] = ""
     row["paired over"] = ""
     row["collapsed"] = ""
     rows.append(row)
@@ -125,11 +150,17 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
         for m, name in COMPARED:
             if m not in g or m not in frozen or g[m].dropna().empty:
                 row[name], row[f"{name} vs frozen"] = "-", "-"
+                if not randoms.empty:
+                    row[f"{name} vs random mask"] = "-"
                 continue
             row[name] = _stat_text(g[m])
             d = paired_difference(g, frozen, m, results)
             row[f"{name} vs frozen"] = _diff_text(d)
             how.add("images x seeds" if d.method.startswith("paired bootstrap") else "seeds")
+            if not randoms.empty:
+                control = _strongest_random(randoms, grid, m) if method in MASKED else None
+                vs = None if control is None else paired_difference(g, control, m, results)
+                row[f"{name} vs random mask"] = "" if vs is None else _diff_text(vs)
         row["paired over"] = ", ".join(sorted(how))
         collapsed = g["collapsed"].fillna(0) if "collapsed" in g else pd.Series(0.0, index=g.index)
         row["collapsed"] = f"{int((collapsed > 0).sum())}/{len(g)}" if method in ("smn", "stn") else ""
