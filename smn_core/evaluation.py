@@ -30,6 +30,7 @@ __all__ = [
     "compute_embeddings",
     "knn_predict",
     "knn_top1",
+    "knn_correct",
     "LinearProbeResult",
     "linear_probe",
     "per_class_sample",
@@ -285,6 +286,23 @@ def knn_predict(
     return preds
 
 
+def knn_correct(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    **kw: Any,
+) -> np.ndarray:
+    """Per-query correctness of :func:`knn_predict`: ``(Q,)`` bool, True where the prediction equals the label
+    (what a paired comparison of two models over the same test images needs; its mean is :func:`knn_top1`).
+
+    Args and Raises: as :func:`knn_top1`.
+    """
+    test_labels = _check_labelled("test", test_features, test_labels, "accuracy needs at least one query")
+    preds = knn_predict(train_features, train_labels, test_features, **kw)
+    return (preds.cpu() == test_labels.cpu()).numpy().astype(bool)
+
+
 def knn_top1(
     train_features: Tensor,
     train_labels: Tensor,
@@ -301,7 +319,8 @@ def knn_top1(
             ``chunk_size``).
 
     Returns:
-        Fraction of queries whose prediction equals the label, a float in [0, 1].
+        Fraction of queries whose prediction equals the label, a float in [0, 1]
+        (the mean of :func:`knn_correct`).
 
     Raises:
         ValueError: everything :func:`knn_predict` raises, plus an empty query set or
@@ -309,9 +328,7 @@ def knn_top1(
 
     Source: Caron et al. 2021 (DINO) k-NN protocol; paper Sec. 4.1 (k = 200, T = 0.1).
     """
-    test_labels = _check_labelled("test", test_features, test_labels, "accuracy needs at least one query")
-    preds = knn_predict(train_features, train_labels, test_features, **kw)
-    return float((preds.cpu() == test_labels.cpu()).double().mean().item())
+    return float(knn_correct(train_features, train_labels, test_features, test_labels, **kw).astype(np.float64).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,12 +345,14 @@ class LinearProbeResult:
         train_top1: accuracy on the training embeddings in [0, 1].
         C: inverse L2-regularisation strength used (sklearn ``C``).
         n_iter: lbfgs iterations run (== max_iter when it did not converge).
+        correct: ``(Q,)`` bool, per test row: the prediction equals the label (``top1`` is its mean).
     """
 
     top1: float
     train_top1: float
     C: float
     n_iter: int
+    correct: np.ndarray | None = None
 
 
 def linear_probe(
@@ -401,8 +420,9 @@ def linear_probe(
                       cv_folds=cv_folds)
     clf = pipe[-1]
     train_top1 = float(np.mean(pipe.predict(xtr) == ytr))
-    top1 = float(np.mean(pipe.predict(xte) == yte))
-    return LinearProbeResult(top1=top1, train_top1=train_top1, C=float(clf.C), n_iter=int(np.max(clf.n_iter_)))
+    correct = np.asarray(pipe.predict(xte) == yte, dtype=bool)
+    return LinearProbeResult(top1=float(np.mean(correct)), train_top1=train_top1, C=float(clf.C),
+                             n_iter=int(np.max(clf.n_iter_)), correct=correct)
 
 
 def _is_positive_number(value: Any) -> bool:

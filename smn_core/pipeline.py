@@ -35,7 +35,7 @@ from .augment import MultiCropTransform, SeededViewDataset, eval_transform
 from .backbones import Backbone, build_backbone, build_clip_text_head
 from .checkpoint import local_copy
 from .data import ImageDataset, load_dataset, subset
-from .evaluation import compute_embeddings, knn_top1, linear_probe, lowshot_linear_probe, per_class_sample
+from .evaluation import compute_embeddings, knn_correct, knn_top1, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
 from .registry import check_choice
 from .training import CosineClassifier, TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
@@ -286,6 +286,7 @@ class CellOutcome:
     history: list[dict[str, float]]
     train_result: TrainResult | None
     state: dict[str, torch.Tensor] | None = None
+    per_image: dict[str, np.ndarray] | None = None  # test images' correctness per evaluation (evaluate_model)
 
 
 def _image_size(spec: DataSpec, backbone: Backbone) -> int:
@@ -369,13 +370,17 @@ class _CastInput(torch.nn.Module):
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: ImageDataset, spec: EvalSpec, *,
                    image_size: int, mean, std, device: str | torch.device = "cpu",
-                   classifier: torch.nn.Module | None = None) -> dict[str, float]:
+                   classifier: torch.nn.Module | None = None,
+                   per_image: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """k-NN (train split as bank, test split as queries) and linear probe on unaugmented embeddings.
 
     Args:
         model: images ``(B, 3, s, s)`` -> features ``(B, F)``.
         classifier: the trained head of a supervised run (features -> logits ``(B, C)``); when given,
             its test accuracy is reported as ``classifier_top1`` (Table 1's "FFT" and "Mask" rows).
+        per_image: when given, filled with each test image's correctness, ``{"knn_top1", "knn_dino_top1",
+            "linear_probe_top1"[, "classifier_top1"]: (Q,) bool}`` in the test split's order (paired
+            comparisons over images, issue 25).
 
     Returns ``{"knn_top1", "knn_dino_top1", "knn_min_class_bank", "linear_probe_top1",
     "linear_probe_train_top1", "linear_probe_C", "eval_seconds"}`` (``knn_top1``: the paper's k-NN, ``spec.knn_k`` /
@@ -395,11 +400,15 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
         if k > smallest:
             warnings.warn(f"eval.{name} = {k} exceeds the smallest class's bank of {smallest} train images: "
                           f"its k-NN votes reach into other classes (DINO's k = 20 suits small banks)", stacklevel=2)
-    knn = knn_top1(xtr, ytr, xte, yte, k=spec.knn_k, temperature=spec.knn_temperature, num_classes=num_classes)
-    knn_dino = knn_top1(xtr, ytr, xte, yte, k=spec.knn_dino_k, temperature=spec.knn_dino_temperature,
-                        num_classes=num_classes)
+    correct = {"knn_top1": knn_correct(xtr, ytr, xte, yte, k=spec.knn_k, temperature=spec.knn_temperature,
+                                       num_classes=num_classes),
+               "knn_dino_top1": knn_correct(xtr, ytr, xte, yte, k=spec.knn_dino_k,
+                                            temperature=spec.knn_dino_temperature, num_classes=num_classes)}
     probe = linear_probe(xtr, ytr, xte, yte, **spec.probe_kwargs())
-    out = {"knn_top1": knn, "knn_dino_top1": knn_dino, "knn_min_class_bank": float(smallest),
+    correct["linear_probe_top1"] = probe.correct
+    out = {"knn_top1": float(correct["knn_top1"].astype(np.float64).mean()),
+           "knn_dino_top1": float(correct["knn_dino_top1"].astype(np.float64).mean()),
+           "knn_min_class_bank": float(smallest),
            "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1,
            "linear_probe_C": probe.C}
     if spec.lowshot_fractions:
@@ -414,6 +423,9 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
         pred = classifier(feats).argmax(1).cpu()
         classifier.train(was_training)
         out["classifier_top1"] = float((pred == yte).double().mean())
+        correct["classifier_top1"] = (pred == yte).numpy().astype(bool)
+    if per_image is not None:
+        per_image.update(correct)
     out["eval_seconds"] = time.perf_counter() - t0
     return out
 
@@ -642,15 +654,18 @@ def run_cell(
                          head_features=head_features, metrics=metrics, device=device,
                          train_kw=dict(resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
                                        progress=progress))
+    per_image: dict[str, np.ndarray] | None = None
     if evaluate:
         trained_dtype = getattr(torch, cfg.train.dtype) if training is not None else torch.float32
         eval_model = model if trained_dtype == torch.float32 else _CastInput(model, trained_dtype)
+        per_image = {}
         metrics.update(evaluate_model(eval_model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
                                       std=backbone.std, device=device,
-                                      classifier=adapted.classifier if adapted else None))
+                                      classifier=adapted.classifier if adapted else None, per_image=per_image))
     metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)), backbone_params=float(backbone_params))
     metrics["storage_bits"] = _storage_bits(cfg, metrics, backbone_params)
     if adapted is None:
-        return CellOutcome(metrics=metrics, masks=None, history=[], train_result=None, state=None)
+        return CellOutcome(metrics=metrics, masks=None, history=[], train_result=None, state=None,
+                           per_image=per_image or None)
     return CellOutcome(metrics=metrics, masks=adapted.masks, history=adapted.result.history,
-                       train_result=adapted.result, state=adapted.state)
+                       train_result=adapted.result, state=adapted.state, per_image=per_image or None)

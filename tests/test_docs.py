@@ -159,7 +159,12 @@ def test_every_number_in_the_readme_prose_is_checked_here():
     claims[f"{usage} a usage or spec error"] = (str(usage),)
     claims[f"{interrupted} interrupted (run the same command again to resume)"] = (str(interrupted),)
     assert "interrupted" in EXIT_CODES[interrupted] and "usage" in EXIT_CODES[usage]
+    from orchestrator.reports.intervals import LEVEL
     from orchestrator.reports.tables import results_table
+
+    level = f"{100 * LEVEL:.0f}"  # the intervals of the tables (issue 25)
+    claims[f"with its {level} % t-interval in brackets"] = (level,)
+    claims[f"only when its {level} % interval excludes 0"] = (level, "0")
 
     full_mask = pd.DataFrame({"cell_id": "c", "experiment": "e", "method": "smn", "backbone": "b", "dataset": "d",
                               "seed": 0, "grid_json": "{}", "metric": ["storage_bits", "backbone_params"],

@@ -278,4 +278,4 @@ def test_one_pandas_renderer_for_every_format(tmp_path, capsys):
     assert row["knn_top1_mean"] == pytest.approx(0.9) and row["density_n"] == 2 and row["grid"] == ""
     assert main(["table", str(tmp_path), "--format", "csv", "--metrics", "density"]) == 0
     csv = capsys.readouterr().out.splitlines()
-    assert csv[0].endswith("density_mean,density_std,density_n") and len(csv) == 2
+    assert csv[0].endswith("density_mean,density_std,density_n,density_ci_lo,density_ci_hi") and len(csv) == 2

@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated metrics; None: knn_top1,linear_probe_top1,density,code_entropy,collapsed,wall_s")
     tab.add_argument("--layout", default=None,
                      help="a paper table (e.g. table2, table3, table5a); 'list' shows them all; None: the generic "
-                     "one-row-per-cell-group table")
+                     "one-row-per-setting table")
+    tab.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                     help="only the cells whose resolved config holds this value, e.g. train.epochs=8 "
+                     "(repeatable: all must hold)")
 
     plot = sub.add_parser("plot", help="draw a paper figure from the ledger alone (PNG)",
                           description="Draw a registered figure (e.g. fig8, fig9, fig11) from the ledger under DIR.")

@@ -26,13 +26,14 @@ from orchestrator.cli.progress import run_progress
 from orchestrator.reports import registry, tables
 from orchestrator.reports.docs import write_docs
 from orchestrator.reports.page import build_report, ls_frame
+from orchestrator.reports.settings import setting_id
 from orchestrator.reports.tracking import sync
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.tracking import track_flag
 
 __all__ = ["add_parser", "report", "ls", "add_run_options", "quiet_output", "finish_run", "finish_cascade", "track",
-           "tracking_section", "write_table"]
+           "tracking_section", "write_table", "dry_run_json"]
 
 
 def add_parser(sub) -> None:
@@ -77,7 +78,7 @@ def ls(args) -> int:
     """``smn ls``: one line (or JSON object) per experiment."""
     frame = ls_frame(args.results)
     if args.json:
-        print(frame.to_json(orient="records", indent=1))
+        print(registry.dumps_strict(registry.json_records(frame), indent=1))
     elif frame.empty:
         print(f"(no experiments under {args.results})")
     else:
@@ -141,12 +142,14 @@ def finish_run(args, spec, summary: dict, started: float, table_text: str) -> No
     if args.json:
         rows = ledger.read_ledger(args.results, spec.name)
         table = tables.results_table(rows)
+        note = table.attrs.get("note", "") if not table.empty else ""
         obj = {"experiment": spec.name, "results": str(args.results), "total": summary.get("total"),
                "ran": summary.get("ran"), "skipped": summary.get("skipped"), "failed": summary.get("failed", {}),
                "wall_s": round(time.time() - started, 3), "tracking": tracked,
                "ledger": ExperimentLayout.of(args.results, spec.name).location("ledger"),
-               "table": json.loads(tables.render(table, "json")) if not table.empty else []}
-        print(json.dumps(obj, indent=1))
+               "table": json.loads(tables.render(table, "json")) if not table.empty else [],
+               "note": note or None}
+        print(registry.dumps_strict(registry.strict(obj), indent=1))
         return
     print()
     print(table_text)
@@ -165,7 +168,7 @@ def finish_cascade(args, spec, code: int) -> None:
     if args.json:
         table = tables.results_table(rows)
         layout = registry.tables()["table3"].build(rows) if not rows.empty else None
-        print(json.dumps({"experiment": spec.name, "results": str(args.results), "exit_code": code,
+        print(registry.dumps_strict({"experiment": spec.name, "results": str(args.results), "exit_code": code,
                           "cells": int(rows["cell_id"].nunique()) if len(rows) else 0, "tracking": tracked,
                           "ledger": ExperimentLayout.of(args.results, spec.name).location("ledger"),
                           "table": json.loads(tables.render(table, "json")) if not table.empty else [],
@@ -174,6 +177,19 @@ def finish_cascade(args, spec, code: int) -> None:
     elif args.quiet:
         layout = registry.tables()["table3"]
         print(registry.render_frame(layout.build(rows), args.format, title=layout.description))
+
+
+def dry_run_json(spec, cells) -> str:
+    """``smn run SPEC --dry-run --json``: the cells a run would make, as strict JSON: experiment, and per cell
+    its id, label, method, seed, grid values and setting id (:func:`orchestrator.reports.settings.setting_id`:
+    cells of one setting differ only in the seed)."""
+    rows = []
+    for c in cells:
+        config = c.config.to_dict()
+        rows.append({"cell_id": c.cell_id, "label": c.label, "method": config.get("method"),
+                     "seed": int(config.get("seed", 0)), "grid": c.grid_values,
+                     "setting": setting_id(json.dumps(config, sort_keys=True, default=str))})
+    return registry.dumps_strict(registry.strict({"experiment": spec.name, "cells": rows}), indent=1)
 
 
 def write_table(frame, fmt: str, out: str | None) -> str:

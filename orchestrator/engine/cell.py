@@ -53,6 +53,7 @@ import ray
 from smn_core.checkpoint import delete_checkpoint, has_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 
 from orchestrator.results import ledger
+from orchestrator.results import per_image
 from orchestrator.results.curves import write_curves
 from orchestrator.results.layout import ExperimentLayout
 
@@ -240,7 +241,8 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
     """Land one unit of work: the only writer of ledger rows, curves, failure records and final state.
 
     * ``result`` a :class:`smn_core.pipeline.CellOutcome` (a trained cell): its masks
-      (``masks/<cell_id>``), final state (``states/<cell_id>/``) and per-epoch curves, then its ledger file
+      (``masks/<cell_id>``), final state (``states/<cell_id>/``), per-epoch curves and per-test-image
+      correctness (``per_image/<cell_id>.parquet``, :mod:`orchestrator.results.per_image`), then its ledger file
       (the cell "lands"; a failure record of it is removed), then its epoch checkpoints are dropped.
     * ``result`` a mapping ``{metric: value}`` (a stage, a measurement): its ledger file only.
     * ``result`` a :class:`Failure`: the failure record ``failures/<cell_id>.json`` only.
@@ -271,6 +273,8 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
         if result.state is not None:
             save_checkpoint(lay.state(job.cell_id), result.state, {"cell_id": job.cell_id, "config": cfg.to_dict()})
         write_curves(lay, job.cell_id, result.history)  # loss / density / entropy per epoch
+    if trained and getattr(result, "per_image", None):  # each test image's correctness: paired differences
+        per_image.write_correctness(lay, job.cell_id, result.per_image)
     metrics = dict(result.metrics if trained else result)
     metrics.update(extra or {})
     now = time.time()

@@ -22,6 +22,7 @@ import pandas as pd
 
 from orchestrator.results import ledger
 from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
+from orchestrator.reports.settings import KEYS, setting_label
 
 __all__ = ["cells_frame", "mask_variant", "frozen_label", "selection_strategy"]
 
@@ -29,13 +30,16 @@ EVALS = (("knn_top1", "k-NN"), ("linear_probe_top1", "linear probe"))
 
 
 def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: ``cell_id, experiment, method, backbone, dataset, seed, config (dict), grid (dict)``
-    and one column per metric."""
+    """One row per cell: ``cell_id, experiment, method, backbone, dataset, seed, config (dict), grid (dict)``,
+    ``setting`` (the keys :func:`orchestrator.reports.settings.split_settings` added to tell settings apart,
+    ``k=v, ...``, else ``""``) and one column per metric."""
     if df.empty:
         return pd.DataFrame()
+    keys = df.attrs.get(KEYS, ())
     out = ledger.wide(df).drop(columns=["started_at", "finished_at", "host", "smn_version"])
     out["config"] = out.pop("config_json").map(json.loads)
     out["grid"] = out.pop("grid_json").map(json.loads)
+    out["setting"] = out["grid"].map(lambda g: setting_label(g, keys))
     return out
 
 
@@ -88,8 +92,12 @@ def selection_strategy(row: pd.Series) -> tuple[str, str]:
 
 
 def _pivot(frame: pd.DataFrame, row_key: str, metric: str, row_order=None) -> pd.DataFrame:
+    """``row_key`` x dataset of ``metric`` (mean ± std over seeds); a row per setting: a split setting's keys
+    follow its row label (``SMN (threshold) (epochs=1)``)."""
     if frame.empty or metric not in frame:
         return pd.DataFrame()
+    if "setting" in frame and (frame["setting"] != "").any():
+        frame = frame.assign(**{row_key: [f"{r} ({s})" if s else r for r, s in zip(frame[row_key], frame["setting"])]})
     g = frame.groupby([row_key, "dataset"])[metric].agg(["mean", "std", "count"])
     table = {}
     for (r, ds), v in g.iterrows():
@@ -148,7 +156,7 @@ def table2(cells: pd.DataFrame) -> pd.DataFrame:
         ["top-k found", "SMN (threshold)"]
     dens = _pivot(cells[cells["variant"] == "SMN (threshold)"], "variant", "density")
     if not dens.empty:
-        dens.index = ["density found by SMN"]
+        dens.index = [i.replace("SMN (threshold)", "density found by SMN", 1) for i in dens.index]
     return _eval_rows(cells, order, extra=dens)
 
 

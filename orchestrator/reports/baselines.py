@@ -43,6 +43,7 @@ from smn_core.checkpoint import load_tensors, location_exists
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
+from orchestrator.reports.settings import KEYS, setting_label
 
 __all__ = ["cell_frame", "load_cell_masks", "table1", "lowshot", "invariance", "table8", "sparsity_blocks",
            "table10", "fig3", "fig5", "fig6", "fig7"]
@@ -98,13 +99,17 @@ def _setting(grid_json: str, drop: tuple[str, ...] = _DATASET_KEYS) -> str:
 
 def cell_frame(df: pd.DataFrame) -> pd.DataFrame:
     """One row per cell: ``cell_id``, the ledger's meta columns, one column per metric, ``config``
-    (the parsed config) and ``data`` (short dataset label). Empty for an empty ledger."""
+    (the parsed config), ``data`` (short dataset label) and ``setting`` (the keys that
+    :func:`orchestrator.reports.settings.split_settings` added to tell settings apart, ``k=v, ...``; ``""``
+    for most cells). Empty for an empty ledger."""
     if df.empty:
         return pd.DataFrame()
+    keys = df.attrs.get(KEYS, ())
     cells = ledger.wide(df)
     cells = cells[["cell_id", *_META, *(c for c in cells.columns if c not in ledger.META_COLUMNS and c != "cell_id")]]
     cells["config"] = cells["config_json"].map(json.loads)
     cells["data"] = cells["config"].map(_dataset_label)
+    cells["setting"] = cells["grid_json"].map(lambda g: setting_label(json.loads(g), keys))
     return cells
 
 
@@ -224,8 +229,9 @@ def _lowshot_points(cells: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, c in cells.iterrows():
         base = {"backbone": c["backbone"], "data": c["data"], "seed": c["seed"]}
+        suffix = f" ({c['setting']})" if c.get("setting") else ""
         if c["method"] in _UNLABELED:
-            series = _UNLABELED[c["method"]]
+            series = _UNLABELED[c["method"]] + suffix
             for col in cells.columns:
                 m = _LOWSHOT.match(str(col))
                 if m and not pd.isna(c[col]):
@@ -234,7 +240,7 @@ def _lowshot_points(cells: pd.DataFrame) -> pd.DataFrame:
                 rows.append({**base, "series": series, "fraction": 1.0, "value": c["linear_probe_top1"]})
         elif c["method"] in _LABELED and not pd.isna(c.get("classifier_top1", np.nan)):
             frac = c["config"]["dataset"].get("label_fraction") or 1.0
-            rows.append({**base, "series": _LABELED[c["method"]], "fraction": float(frac),
+            rows.append({**base, "series": _LABELED[c["method"]] + suffix, "fraction": float(frac),
                          "value": c["classifier_top1"]})
     return pd.DataFrame(rows)
 
@@ -342,7 +348,7 @@ def _invariance_cells(df: pd.DataFrame) -> pd.DataFrame:
     cells = cell_frame(df)
     if cells.empty:
         return pd.DataFrame()
-    cells = cells[cells["config"].map(lambda c: "train" in c and c["train"].get("adaptation") == "mask"
+    cells = cells[cells["config"].map(lambda c: (c.get("train") or {}).get("adaptation") == "mask"
                                       and c["train"]["mask"].get("mode", "threshold") == "threshold")].copy()
     if cells.empty:
         return cells

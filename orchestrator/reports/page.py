@@ -5,13 +5,18 @@
 writes ``DIR/report.md``, a self-contained ``DIR/report.html`` (figures embedded as data URIs, no
 network) and ``DIR/figures/<experiment>-<figure>.png``. For every experiment under ``RESULTS``:
 
-* what was run: methods, backbones, datasets, seeds, grid axes, and the resolved config keys that all its
-  cells share (the spec, as the ledger recorded it);
+* what was run: methods, backbones, datasets, seeds, grid axes, the resolved config keys that all its
+  cells share (the spec, as the ledger recorded it), and per method and setting its resolved config as the
+  keys that differ from the defaults (:func:`orchestrator.reports.settings.method_settings`);
+* each setting's mean with its 95 % interval and, under it, one row per seed
+  (:func:`orchestrator.reports.tables.per_seed_frame`); cells of different settings are never pooled;
 * every registered table layout (:func:`orchestrator.reports.registry.tables`) that its cells support, i.e. that
   builds a non-empty table from them, with mean ± std over seeds, and every registered figure that
   draws from them (a layout or figure the cells do not support is left out, not shown empty);
 * per-epoch training curves (loss, density, code entropy) where :mod:`orchestrator.results.curves` stored them;
 * failed cells (failure records) and cells whose SwAV training collapsed;
+* at the top, the scorecard: the paper's qualitative claims scored against these ledgers
+  (:mod:`orchestrator.reports.scorecard`);
 * the environment: package versions, the host, when the page was made, and the hosts / smn versions
   that wrote the ledger.
 """
@@ -40,6 +45,9 @@ import smn_core
 from orchestrator.results import ledger
 from orchestrator.reports import registry as reports
 from orchestrator.results.curves import read_curves
+from orchestrator.reports.scorecard import scorecard
+from orchestrator.reports.settings import method_settings
+from orchestrator.reports.tables import per_seed_frame
 from orchestrator.spec.keys import flatten
 from orchestrator.results.layout import ExperimentLayout, filesystem
 
@@ -59,6 +67,8 @@ class ExperimentSection:
     failures: pd.DataFrame = field(default_factory=pd.DataFrame)
     collapsed: pd.DataFrame = field(default_factory=pd.DataFrame)
     also: list[str] = field(default_factory=list)  # other layouts that build from these cells
+    settings: pd.DataFrame = field(default_factory=pd.DataFrame)  # per method and setting: what ran
+    per_seed: pd.DataFrame = field(default_factory=pd.DataFrame)  # each setting's mean, its seeds under it
 
 
 def environment(df: pd.DataFrame | None = None) -> dict[str, str]:
@@ -232,18 +242,33 @@ def collect(results: str, experiment: str, figures_dir: Path) -> ExperimentSecti
     wanted = {n for n in shown if n in reports.figures()}
     return ExperimentSection(experiment, summary, shared, [t for t in tables if t[0] in shown],
                              _applicable_figures(df, experiment, figures_dir, wanted), fail_frame, collapsed,
-                             [t[0] for t in tables if t[0] not in shown])
+                             [t[0] for t in tables if t[0] not in shown], method_settings(df), per_seed_frame(df))
 
 
-def _markdown(sections: list[ExperimentSection], env: dict[str, str], results: str, out: Path) -> str:
+SCORECARD_TITLE = "Scorecard: the paper's claims against these ledgers"
+SCORECARD_RULE = ("Differences in accuracy points between cells of one experiment, paired over seeds (or test images "
+                  "and seeds), 95 % interval; holds = every interval above 0, does not = one below, inconclusive "
+                  "otherwise (single-seed evidence is shown without a vote).")
+
+
+def _markdown(sections: list[ExperimentSection], env: dict[str, str], results: str, out: Path,
+              card: pd.DataFrame | None = None) -> str:
     lines = [f"# smn report: {results}", "",
              f"{len(sections)} experiment(s): " + ", ".join(s.name for s in sections), ""]
+    if card is not None and not card.empty:
+        lines += [f"## {SCORECARD_TITLE}", "", SCORECARD_RULE, "", reports.render_frame(card, "markdown"), ""]
     for s in sections:
         lines += [f"## {s.name}", ""]
         lines += [pd.DataFrame({"": list(s.summary), "value": list(s.summary.values())}).to_markdown(index=False), ""]
         if s.shared_config:
             lines += ["<details><summary>resolved config shared by every cell</summary>", "", "```",
                       *(f"{k}: {v}" for k, v in s.shared_config.items()), "```", "</details>", ""]
+        if not s.settings.empty:
+            lines += ["### What ran: each method's settings, as differences from the defaults", "",
+                      reports.render_frame(s.settings, "markdown"), ""]
+        if not s.per_seed.empty:
+            lines += ["### Each setting's mean [95 % interval] and its seeds", "",
+                      reports.render_frame(s.per_seed, "markdown"), ""]
         for name, title, frame in s.tables:
             lines += [f"### {title}", "", f"`smn table {results} --experiment {s.name} --layout {name}`", "",
                       reports.render_frame(frame, "markdown"), ""]
@@ -271,20 +296,35 @@ def _html_table(frame: pd.DataFrame, cls: str) -> str:
     return f'<div class="scroll">{table}</div>'
 
 
-def _html(sections: list[ExperimentSection], env: dict[str, str], results: str) -> str:
+def _html_note(frame: pd.DataFrame) -> str:
+    note = frame.attrs.get("note", "")
+    return "".join(f'<p class="note">Note: {html.escape(line)}</p>' for line in note.splitlines())
+
+
+def _html(sections: list[ExperimentSection], env: dict[str, str], results: str,
+          card: pd.DataFrame | None = None) -> str:
     e = html.escape
     body = [f"<h1>smn report: {e(results)}</h1>",
             f"<p>{len(sections)} experiment(s): " + ", ".join(f'<a href="#{e(s.name)}">{e(s.name)}</a>' for s in sections)
             + "</p>"]
+    if card is not None and not card.empty:
+        body.append(f'<section id="scorecard"><h2>{e(SCORECARD_TITLE)}</h2><p>{e(SCORECARD_RULE)}</p>'
+                    + _html_table(card, "scorecard") + "</section>")
     for s in sections:
         body.append(f'<section class="experiment" id="{e(s.name)}"><h2>{e(s.name)}</h2>')
         body.append(_html_table(pd.DataFrame({"": list(s.summary), "value": list(s.summary.values())}), "summary"))
         if s.shared_config:
             body.append("<details><summary>resolved config shared by every cell</summary><pre>"
                         + e("\n".join(f"{k}: {v}" for k, v in s.shared_config.items())) + "</pre></details>")
+        if not s.settings.empty:
+            body.append("<h3>What ran: each method's settings, as differences from the defaults</h3>"
+                        + _html_table(s.settings, "settings"))
+        if not s.per_seed.empty:
+            body.append("<h3>Each setting's mean [95 % interval] and its seeds</h3>"
+                        + _html_table(s.per_seed, "per-seed") + _html_note(s.per_seed))
         for name, title, frame in s.tables:
             body.append(f'<h3>{e(title)}</h3><p><code>smn table {e(results)} --experiment {e(s.name)} --layout '
-                        f'{e(name)}</code></p>' + _html_table(frame, f"smn-table layout-{name}"))
+                        f'{e(name)}</code></p>' + _html_table(frame, f"smn-table layout-{name}") + _html_note(frame))
         if s.also:
             body.append('<p class="also">Other layouts that build from these cells: ' + ", ".join(
                 f"<code>{e(a)}</code>" for a in s.also) + f" (<code>smn table {e(results)} --experiment {e(s.name)} "
@@ -354,9 +394,11 @@ def build_report(results: str, out: str | None = None, experiment: str | None = 
     figures = folder / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     sections = [collect(results, name, figures) for name in names]
-    env = environment(ledger.read_ledger(results, experiment))
-    (folder / "report.md").write_text(_markdown(sections, env, str(results), folder), encoding="utf-8")
-    (folder / "report.html").write_text(_html(sections, env, str(results)), encoding="utf-8")
+    all_rows = ledger.read_ledger(results, experiment)
+    env = environment(all_rows)
+    card = scorecard(all_rows)
+    (folder / "report.md").write_text(_markdown(sections, env, str(results), folder, card), encoding="utf-8")
+    (folder / "report.html").write_text(_html(sections, env, str(results), card), encoding="utf-8")
     return folder
 
 

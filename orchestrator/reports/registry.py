@@ -19,27 +19,45 @@ torch at import time (``smn table`` must start quickly).
 from __future__ import annotations
 
 import json
+import math
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from smn_core.checkpoint import atomic_write
 from smn_core.registry import check_choice
 
+from orchestrator.reports.settings import NOTE, split_settings
+
 __all__ = ["TableLayout", "Figure", "register_table", "register_figure", "tables", "figures",
-           "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "check_format", "mean_std", "grid_values", "metric_frame", "save_figure"]
+           "render_frame", "write_frame", "flat_frame", "figure_list", "check_figure", "draw_figure", "FORMATS", "check_format", "mean_std", "grid_values", "metric_frame", "save_figure",
+           "json_records", "dumps_strict", "strict", "COUNT_COLUMNS"]
 
 
 @dataclass(frozen=True)
 class TableLayout:
-    """A named table: ``build(ledger rows) -> DataFrame of strings``."""
+    """A named table: ``build(ledger rows) -> DataFrame of strings``.
+
+    ``func`` is the registered function; :meth:`build` hands it the rows through
+    :func:`orchestrator.reports.settings.split_settings`, so cells of different settings never share a row,
+    and puts the split's one-line note in the frame's ``attrs["note"]`` (:func:`render_frame` prints it)."""
 
     name: str
     description: str
-    build: Callable[[pd.DataFrame], pd.DataFrame]
+    func: Callable[[pd.DataFrame], pd.DataFrame]
+
+    def build(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The layout of ledger rows ``df``, one row per setting (see the class docstring)."""
+        rows = split_settings(df)
+        frame = self.func(rows)
+        if frame is not None and rows.attrs.get(NOTE):
+            frame.attrs["note"] = rows.attrs[NOTE]
+        return frame
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,7 @@ _FIGURES: dict[str, Figure] = {}
 
 def register_table(name: str, description: str):
     """Decorator registering a table layout under ``name`` (raises ValueError on a duplicate name)."""
-    return _registrar(_TABLES, "table layout", name, lambda fn: TableLayout(name, description, fn), "build")
+    return _registrar(_TABLES, "table layout", name, lambda fn: TableLayout(name, description, fn), "func")
 
 
 def register_figure(name: str, description: str):
@@ -190,9 +208,11 @@ def flat_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None = None) -> str:
     """Render a table with pandas: Markdown (``DataFrame.to_markdown``), LaTeX (``Styler.to_latex``,
-    booktabs rules), CSV (``to_csv``) or JSON (one object per row, ``to_dict(orient="records")``).
+    booktabs rules), CSV (``to_csv``) or strict JSON (one object per row, :func:`json_records`).
 
-    Markdown and LaTeX show a missing value as ``-``; CSV and JSON keep it empty / null.
+    Markdown and LaTeX show a missing value as ``-``; CSV keeps it empty, JSON null (with a ``note``).
+    The frame's ``attrs["note"]`` (e.g. settings split into rows of their own,
+    :func:`orchestrator.reports.settings.split_settings`) follows a Markdown or LaTeX table.
 
     Raises:
         ValueError: on an unknown format (lists the allowed ones), from :func:`check_format`.
@@ -200,24 +220,93 @@ def render_frame(frame: pd.DataFrame, fmt: str = "markdown", title: str | None =
     check_format(fmt)
     if frame is None or frame.empty:
         return "(no results in the ledger for this table yet)"
+    note = frame.attrs.get("note", "")
     flat = flat_frame(frame)
     if fmt == "csv":
         return flat.to_csv(index=False).rstrip("\n")
     if fmt == "json":
-        records = flat.astype(object).where(flat.notna(), None).to_dict(orient="records")
-        return json.dumps(records, indent=1, ensure_ascii=False, default=str)
+        return dumps_strict(json_records(flat), indent=1)
     shown = flat.astype(object).where(flat.notna(), "-")
     if fmt == "latex":
         styler = shown.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
         body = styler.to_latex(hrules=True, column_format="l" + "r" * (shown.shape[1] - 1))
         for char, tex in (("±", r"$\pm$"), ("∞", r"$\infty$"), ("β", r"$\beta$"), ("≈", r"$\approx$")):
             body = body.replace(char, tex)
-        return (f"% {title}\n" if title else "") + body.rstrip("\n")
+        return (f"% {title}\n" if title else "") + body.rstrip("\n") + "".join(
+            f"\n% Note: {line}" for line in note.splitlines())
     # display strings stay as they are ("0.900" is not re-read as 0.9); numbers right-aligned as strings
     align = ["right" if shown[c].map(_numeric_text).all() and (shown[c] != "-").any() else "left"
              for c in shown.columns]
     return (f"**{title}**\n\n" if title else "") + shown.to_markdown(index=False, disable_numparse=True,
-                                                                       colalign=align)
+                                                                       colalign=align) + "".join(
+        f"\n\nNote: {line}" for line in note.splitlines())
+
+
+COUNT_COLUMNS = re.compile(r"(?:_n$|^n$|^seeds$|^cells$|^done$|^failed$|^collapsed$|^attempts$|^seed$|_count$)")
+"""Column names that hold counts: written to JSON as integers (``knn_top1_n: 3``, not ``3.0``)."""
+
+
+def _plain(value):
+    """A JSON-ready Python value: numpy scalars unwrapped, non-finite floats as ``(None, reason)``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, ("infinite" if math.isinf(value) else "not measured")
+    if value is pd.NaT or (not isinstance(value, (list, dict, tuple, str)) and pd.isna(value)):
+        return None, "not measured"
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat(), None
+    return value, None
+
+
+def json_records(frame: pd.DataFrame) -> list[dict]:
+    """``frame`` (flat columns) as strict-JSON-ready records: no NaN or infinity (``None``, and the row's
+    ``note`` names each such column and why: ``infinite`` or ``not measured``), counts as ``int``
+    (:data:`COUNT_COLUMNS`), numpy scalars unwrapped. Parses under ``json.loads(s, parse_constant=raise)``."""
+    records = []
+    for row in frame.to_dict(orient="records"):
+        out, why = {}, {}
+        for col, value in row.items():
+            value, reason = _plain(value)
+            if reason is not None:
+                why.setdefault(reason, []).append(str(col))
+            elif isinstance(value, float) and COUNT_COLUMNS.search(str(col)) and value.is_integer():
+                value = int(value)
+            out[str(col)] = value
+        if why:
+            text = "; ".join(f"{', '.join(cols)}: {reason}" for reason, cols in sorted(why.items()))
+            out["note"] = f"{out['note']}; {text}" if isinstance(out.get("note"), str) and out["note"] else text
+        records.append(out)
+    return records
+
+
+def _strict_default(value):
+    plain, reason = _plain(value)
+    if reason is not None or plain is not value:
+        return plain
+    return str(value)
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """``json.dumps`` that never writes ``NaN`` / ``Infinity`` (``allow_nan=False``): numpy scalars unwrapped,
+    a non-finite float inside ``obj`` must be replaced first (:func:`json_records`, :func:`strict`).
+
+    Raises:
+        ValueError: ``obj`` still holds a non-finite float.
+    """
+    return json.dumps(obj, allow_nan=False, ensure_ascii=False, default=_strict_default, **kwargs)
+
+
+def strict(obj):
+    """``obj`` (nested dicts / lists / scalars) with every non-finite float as ``None`` and numpy scalars
+    unwrapped: ready for :func:`dumps_strict`."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, (float, np.generic)):
+        return _plain(obj)[0]
+    return obj
 
 
 def _numeric_text(v) -> bool:

@@ -1,8 +1,10 @@
 """The generic results table, rebuilt from the ledger alone: one layout (``results``) of the report
 registry (:mod:`orchestrator.reports.registry`), rendered by pandas (Markdown, LaTeX, CSV, JSON, Parquet).
 
-One row per (experiment, method, backbone, dataset, grid values); one column per metric. With
-several seeds a cell shows ``mean +- std`` (sample std, ddof=1) and the number of seeds.
+One row per setting: (experiment, method, backbone, dataset, grid values), and, where cells sharing those
+ran with another config, the keys that differ (:mod:`orchestrator.reports.settings`); one column per metric.
+With several seeds a cell shows ``mean +- std`` (sample std, ddof=1), the accuracies also their 95 %
+t-interval over seeds, and the number of seeds.
 
 Every table has a storage column pair (paper Table 1 "Size", App. C), derived from the cells'
 ``storage_bits`` and ``backbone_params``: ``bits_per_weight`` (bits one task costs per backbone
@@ -14,38 +16,64 @@ copy, uncompressed).
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pandas as pd
 
+from orchestrator.reports.intervals import t_interval, t_quantile
+from orchestrator.reports.settings import KEYS, NOTE, select, setting_label, split_settings
 from orchestrator.reports.registry import check_format, mean_std, metric_frame, register_table, render_frame
 from orchestrator.reports.registry import tables as registered_tables
 
 __all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render", "table_frame",
-           "check_layout", "layout_list"]
+           "check_layout", "layout_list", "per_seed_frame", "PER_SEED_METRICS", "INTERVAL_METRICS"]
 
 DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
                    "code_entropy", "collapsed", "wall_s")
 
 
 def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) -> pd.DataFrame:
-    """Aggregate long ledger rows into a wide table of ``mean``/``std``/``n`` per metric.
+    """Aggregate long ledger rows into a wide table of ``mean``/``std``/``n``/``ci_lo``/``ci_hi`` per metric.
+
+    One row per setting (:func:`orchestrator.reports.settings.split_settings`): cells that share experiment,
+    method, backbone, dataset and grid values but ran with another config (``train.epochs=1``) get a row of
+    their own, with a ``setting`` index level naming the keys that differ (present only when some row needs
+    it); ``attrs["note"]`` says so in one line. ``ci_lo`` / ``ci_hi``: the 95 % Student-t interval of the mean
+    over seeds (:func:`orchestrator.reports.intervals.t_interval`; NaN with one seed).
 
     Args:
         df: rows from :func:`orchestrator.results.ledger.read_ledger`.
         metrics: metric names to show (those absent from the ledger are dropped).
 
     Returns:
-        A DataFrame indexed by (experiment, method, backbone, dataset, grid) with columns
-        ``(metric, stat)`` for stat in mean, std, n.
+        A DataFrame indexed by (experiment, method, backbone, dataset, grid[, setting]) with columns
+        ``(metric, stat)`` for stat in mean, std, n, ci_lo, ci_hi.
     """
     if df.empty:
         return pd.DataFrame()
+    df = split_settings(df)
+    added, note = set(df.attrs.get(KEYS, ())), df.attrs.get(NOTE, "")
     df = pd.concat([df, _storage_rows(df)], ignore_index=True)
     df = df[df["metric"].isin(metrics)].copy()
-    df["grid"] = df["grid_json"].map(lambda g: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(g).items()))
-    wide = metric_frame(df, metrics, ["experiment", "method", "backbone", "dataset", "grid"])
+    grids = df["grid_json"].map(json.loads)
+    df["grid"] = grids.map(lambda g: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g.items() if k not in added))
+    by = ["experiment", "method", "backbone", "dataset", "grid"]
+    if added:
+        df["setting"] = grids.map(lambda g: setting_label(g, added))
+        by.append("setting")
+    wide = metric_frame(df, metrics, by)
+    if wide.empty:
+        return wide
     order = [m for m in metrics if m in wide.columns.get_level_values(0)]
-    return wide.reindex(columns=pd.MultiIndex.from_product([order, ["mean", "std", "n"]]))
+    for m in order:
+        half = [t_quantile(int(n) - 1) * s / math.sqrt(n) if n >= 2 and pd.notna(s) else np.nan
+                for s, n in zip(wide[(m, "std")], wide[(m, "n")].fillna(0))]
+        wide[(m, "ci_lo")] = wide[(m, "mean")] - half
+        wide[(m, "ci_hi")] = wide[(m, "mean")] + half
+    out = wide.reindex(columns=pd.MultiIndex.from_product([order, ["mean", "std", "n", "ci_lo", "ci_hi"]]))
+    out.attrs["note"] = note
+    return out
 
 
 def _storage_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -66,10 +94,18 @@ def _storage_rows(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)[df.columns]
 
 
-def _cell_text(mean: float, std: float, n: float, metric: str) -> str:
+INTERVAL_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1")
+"""Metrics whose display cell carries the 95 % interval after mean ± std: ``0.685 ± 0.012 [0.655, 0.715]``."""
+
+
+def _cell_text(mean: float, std: float, n: float, metric: str, lo: float = np.nan, hi: float = np.nan) -> str:
     if not pd.isna(mean) and mean == float("inf"):
         return "∞ (no storage)"
-    return mean_std(mean, std, n, digits=1 if metric in ("wall_s", "x_smaller_than_fft") else 3)
+    digits = 1 if metric in ("wall_s", "x_smaller_than_fft") else 3
+    text = mean_std(mean, std, n, digits=digits)
+    if metric in INTERVAL_METRICS and pd.notna(lo) and pd.notna(hi):
+        text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return text
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -80,15 +116,17 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=table.index)
     out["seeds"] = table[[(m, "n") for m in metrics]].max(axis=1).astype(int).astype(str)
     for m in metrics:
-        out[m] = [_cell_text(mean, std, n, m) for mean, std, n in
-                  zip(table[(m, "mean")], table[(m, "std")], table[(m, "n")])]
+        stats = [table[(m, s)] if (m, s) in table else pd.Series(np.nan, index=table.index)
+                 for s in ("mean", "std", "n", "ci_lo", "ci_hi")]
+        out[m] = [_cell_text(mean, std, n, m, lo, hi) for mean, std, n, lo, hi in zip(*stats)]
     out = out.reset_index()
     out["grid"] = out["grid"].replace("", "-")
+    out.attrs["note"] = table.attrs.get("note", "")
     return out
 
 
-@register_table("results", "All results: one row per experiment, method, backbone, dataset and grid values "
-                "(mean ± std over seeds)")
+@register_table("results", "All results: one row per setting (experiment, method, backbone, dataset, grid "
+                "values and any other config key that differs), mean ± std over seeds [95 % t-interval]")
 def results_layout(df: pd.DataFrame) -> pd.DataFrame:
     """The generic table as a report layout (:func:`display_table` of :func:`results_table`)."""
     return display_table(results_table(df))
@@ -126,7 +164,7 @@ def check_layout(layout: str | None) -> None:
 
 
 def table_frame(df: pd.DataFrame, fmt: str, metrics: str | None = None,
-                layout: str | None = None) -> tuple[pd.DataFrame, str | None]:
+                layout: str | None = None, where: list[str] | None = None) -> tuple[pd.DataFrame, str | None]:
     """``(frame, title)`` of ``smn table``: a registered layout's display strings (title: its description), or
     the generic table, numbers for csv / json / parquet and display strings otherwise (no title).
 
@@ -134,10 +172,13 @@ def table_frame(df: pd.DataFrame, fmt: str, metrics: str | None = None,
         df: ledger rows (:func:`orchestrator.results.ledger.read_ledger`).
         metrics: comma-separated metrics of the generic table; None: :data:`DEFAULT_METRICS`.
         layout: a registered layout name (:func:`check_layout`), or None.
+        where: ``KEY=VALUE`` conditions (``smn table --where``): only the cells whose config holds them all
+            (:func:`orchestrator.reports.settings.select`).
 
     Raises:
-        ValueError: a metric that the ledger does not hold (names the ones it does).
+        ValueError: a metric that the ledger does not hold (names the ones it does); a bad ``where``.
     """
+    df = select(df, where or [])
     if layout is not None:
         known = registered_tables()
         return known[layout].build(df), known[layout].description
@@ -149,3 +190,39 @@ def table_frame(df: pd.DataFrame, fmt: str, metrics: str | None = None,
             raise ValueError(f"metric(s) {', '.join(map(repr, unknown))} not in the ledger; allowed: {', '.join(have)}")
     table = results_table(df, chosen)
     return (table if fmt in ("csv", "json", "parquet") or table.empty else display_table(table)), None
+
+
+PER_SEED_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "collapsed")
+
+
+def per_seed_frame(df: pd.DataFrame, metrics: tuple[str, ...] = PER_SEED_METRICS) -> pd.DataFrame:
+    """Each setting's mean and, under it, one row per seed (``smn report``): columns ``experiment``, ``method``,
+    ``setting`` (grid values and split keys, :mod:`orchestrator.reports.settings`), ``seed`` (``mean of N`` on
+    the setting's row, the seed on the rows under it) and one per metric of ``metrics`` the ledger holds (the
+    mean row as ``mean ± std [95 % interval]``, seed rows as the value). Empty for no rows."""
+    if df.empty:
+        return pd.DataFrame()
+    rows = split_settings(df)
+    cells = rows[rows["metric"].isin(metrics)]
+    if cells.empty:
+        return pd.DataFrame()
+    wide = cells.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
+    meta = rows.drop_duplicates("cell_id").set_index("cell_id")[["experiment", "method", "grid_json", "seed"]]
+    wide = meta.join(wide, how="inner")
+    shown = [m for m in metrics if m in wide.columns]
+    out = []
+    for (exp, method, grid_json), g in wide.groupby(["experiment", "method", "grid_json"], sort=True):
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(json.loads(grid_json).items())) or "-"
+        head = {"experiment": exp, "method": method, "setting": label, "seed": f"mean of {len(g)}"}
+        for m in shown:
+            v = g[m].dropna()
+            ci = t_interval(list(v))
+            head[m] = _cell_text(v.mean(), v.std(), len(v), m if m in INTERVAL_METRICS else "", ci.lo, ci.hi) \
+                if len(v) else "-"
+        out.append(head)
+        for _, c in g.sort_values("seed").iterrows():
+            out.append({"experiment": exp, "method": method, "setting": label, "seed": str(int(c["seed"])),
+                        **{m: "-" if pd.isna(c[m]) else f"{c[m]:.3f}" for m in shown}})
+    frame = pd.DataFrame(out)
+    frame.attrs["note"] = rows.attrs.get(NOTE, "")
+    return frame

@@ -20,7 +20,6 @@ axes for a metric with a trial budget (see :class:`SearchSpec`).
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from smn_core.training import TrainConfig
 from orchestrator.results.layout import check_experiment_name
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
 from orchestrator.spec.cascade import cascade_spec
-from orchestrator.spec.keys import flatten
+from orchestrator.spec.keys import config_hash, flatten
 from orchestrator.spec.tracking import parse_tracking
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
@@ -659,14 +658,6 @@ def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
                                 f"allowed: cascade.router.{name} <= {n_train}")
     if cs.experts.resources is not None:
         _check_value(cs.experts.resources.model_dump(), Resources, "cascade.experts.resources")
-
-
-def config_hash(payload: dict) -> str:
-    """The one config hash of smn: SHA-256 (first 16 hex digits) of ``payload``'s canonical JSON (sorted keys,
-    no spaces, non-JSON values as ``str``). Cell ids, cascade stage ids and pretraining-artifact keys all
-    come from it, so the same inputs always name the same ledger file."""
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cell_id_of(config: CellConfig) -> str:

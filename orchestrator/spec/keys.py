@@ -6,9 +6,11 @@ use it as freely as the spec loader does.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
-__all__ = ["flatten"]
+__all__ = ["flatten", "config_hash"]
 
 
 def flatten(d: dict, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
@@ -28,3 +30,12 @@ def flatten(d: dict, prefix: str = "", *, keep_empty: bool = False) -> dict[str,
         else:
             out[key] = v
     return out
+
+
+def config_hash(payload: dict) -> str:
+    """The one config hash of smn: SHA-256 (first 16 hex digits) of ``payload``'s canonical JSON (sorted keys,
+    no spaces, non-JSON values as ``str``). Cell ids (:func:`orchestrator.spec.experiment.cell_id_of`), setting ids
+    (:func:`orchestrator.reports.settings.setting_id`), cascade stage ids and pretraining-artifact keys all
+    come from it, so the same inputs always name the same ledger file."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ import os
 from orchestrator.cli.common import EXIT_OK, check_results_dir
 from orchestrator.cli.report import write_table
 from orchestrator.reports import registry, tables
+from orchestrator.reports.settings import parse_where
 from orchestrator.results import ledger
 from orchestrator.results.layout import figure_location
 
@@ -14,9 +15,10 @@ __all__ = ["table", "plot", "table_text"]
 
 
 def table_text(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
-               out: str | None = None) -> str:
+               out: str | None = None, where: list[str] | None = None) -> str:
     """What ``smn table`` prints: the table of the ledger under ``results`` (``layout``: a registered one,
-    ``'list'``: the list of them), or ``wrote FILE`` when it goes to ``out`` (always for parquet).
+    ``'list'``: the list of them), or ``wrote FILE`` when it goes to ``out`` (always for parquet). ``where``:
+    ``KEY=VALUE`` conditions on the cells' configs (``--where``, :func:`orchestrator.reports.settings.select`).
 
     Raises:
         ResultsError: a missing results folder. ValueError: an unknown layout, experiment or metric.
@@ -24,19 +26,21 @@ def table_text(results: str | None, experiment: str | None, fmt: str, metrics: s
     if layout == "list":
         return tables.layout_list()
     tables.check_layout(layout)
+    parse_where(where or [])
     results = check_results_dir(results, "table")
     ledger.check_experiment(results, experiment)
-    frame, title = tables.table_frame(ledger.read_ledger(results, experiment), fmt, metrics, layout)
+    frame, title = tables.table_frame(ledger.read_ledger(results, experiment), fmt, metrics, layout, where)
     if out is not None or fmt == "parquet":
         return write_table(frame, fmt, out)
     if frame is None or frame.empty:
-        return "(no results in the ledger yet)"
+        return f"(no cell matches --where {' '.join(where)})" if where else "(no results in the ledger yet)"
     return registry.render_frame(frame, fmt, title=title)
 
 
 def table(args) -> int:
     """``smn table``: print (or write) the table."""
-    print(table_text(args.results, args.experiment, args.format, args.metrics, args.layout, args.out))
+    print(table_text(args.results, args.experiment, args.format, args.metrics, args.layout, args.out,
+                     getattr(args, "where", None)))
     return EXIT_OK
 
 

@@ -36,7 +36,10 @@ def run(args) -> int:
         return _cascade(args, spec)
     cells = expand_cells(spec)
     if args.dry_run:
-        print_cells(spec, cells, estimate=True)
+        if getattr(args, "json", False):
+            print(report_cli.dry_run_json(spec, cells))
+        else:
+            print_cells(spec, cells, estimate=True)
         return EXIT_OK
     return _run_cells(args, spec, cells)
 
