@@ -658,9 +658,8 @@ def check_arch(arch: str, weights: str = "pretrained", checkpoint: str | os.Path
     Raises:
         ValueError: one line naming the unknown name or the absent weights and what is allowed.
     """
-    if not isinstance(arch, str) or not arch:
-        raise ValueError(f"backbone.arch {arch!r} is invalid; allowed: a registered name, timm/<name> or "
-                         f"open_clip/<name>:<tag>")
+    if not isinstance(arch, str):
+        arch = repr(arch)  # named in the not-known error below
     pretrained = weights == "pretrained" and checkpoint is None
     if arch.startswith(TIMM_PREFIX):
         import timm

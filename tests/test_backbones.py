@@ -620,3 +620,44 @@ def test_random_open_clip_image_tower():
     b = build_backbone("open_clip/RN50:openai", "random")
     assert b.default_mask_selector == "conv" and b.feature_dim == 1024 and b.input_size == 224
     assert b.extras["text_tower_loaded"] is False
+
+
+@pytest.mark.unit
+def test_an_unknown_timm_name_is_refused_before_any_work(tiny_spec, tmp_path, capsys):
+    """``smn run`` with ``timm/nosuchnet``: one line naming it and what is allowed, exit 2, nothing written; the
+    check asks timm's registry (no model is built)."""
+    import time
+
+    from orchestrator.cli.app import main
+
+    import timm  # noqa: F401 - imported first: what is timed is the check, not the import
+
+    spec = tiny_spec("nosuch")
+    t0 = time.perf_counter()
+    code = main(["run", str(spec), "--results", str(tmp_path / "results"), "backbone.arch=timm/nosuchnet"])
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and elapsed < 2.0, (code, elapsed)
+    assert len(err) == 1 and "timm has no model 'nosuchnet'" in err[0] and "timm.list_models()" in err[0]
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_timm_resnet18_cell_runs_one_epoch(ray_local, tiny_spec, tmp_path):
+    """A demo-sized cell (digits at 16 px, 1 epoch, SMN) on ``timm/resnet18`` with random weights: it trains its
+    masks on every conv and lands in the ledger."""
+    from orchestrator.engine.plain import run_experiment
+    from orchestrator.results import ledger
+    from orchestrator.spec.experiment import load_spec
+
+    spec = load_spec(tiny_spec("timm18"), ["methods=[smn]", "backbone.arch=timm/resnet18"])
+    results = str(tmp_path / "results")
+    lines: list[str] = []
+    summary = run_experiment(spec, results, echo=lines.append)
+    assert summary["ran"] == 1 and not summary["failed"], "\n".join(lines)
+    df = ledger.read_ledger(results, "timm18")
+    m = dict(zip(df["metric"], df["value"]))
+    assert df["backbone"].iloc[0] == "timm/resnet18"
+    assert m["backbone_params"] == sum(p.numel() for p in build_backbone("timm/resnet18", "random").model.parameters())
+    assert 0 < m["density"] <= 1 and m["mask_bits"] > 1e6 and 0 <= m["knn_top1"] <= 1
