@@ -40,7 +40,7 @@ _EPOCH = re.compile(r"\[(?P<key>[^\[\]]+)\] epoch (?P<k>\d+)/(?P<n>\d+) "
 _CELLS_DONE = re.compile(r"\[(?P<k>\d+)/(?P<n>\d+) cells done[^\]]*\] (?P<cell>[0-9a-f]{16})(?P<rest>.*)")
 _SWEEP = re.compile(r"(?P<done>\d+) done, (?P<running>\d+) running, (?P<pending>\d+) pending, (?P<failed>\d+) failed"
                     r"(?:; best (?P<metric>\S+) (?P<best>[\d.]+))?")
-_ALREADY = re.compile(r"(?P<total>\d+) cells.*?, (?P<skipped>\d+) already in the ledger(?:, (?P<todo>\d+) to run)?")
+_ALREADY = re.compile(r"(?P<total>\d+) cells?\b.*?, (?P<skipped>\d+) already in the ledger(?:, (?P<todo>\d+) to run)?")
 _RAY_STARTED = ("Started a local Ray instance", "Connected to Ray cluster")
 
 

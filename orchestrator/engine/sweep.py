@@ -269,7 +269,7 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
         summary["skipped"] += sum(c.cell_id in done for c in cells if c.cell_id not in seen)
         seen.update(c.cell_id for c in cells)
         if first:
-            echo(f"sweep {spec.name}: {len(cells)} cells" + (f" (+ top-k cells at found densities, after their "
+            echo(f"sweep {spec.name}: {len(cells)} cell{'' if len(cells) == 1 else 's'}" + (f" (+ top-k cells at found densities, after their "
                  f"{len(waiting)} threshold cells)" if waiting else "") +
                  f", {summary['skipped']} already in the ledger, {len(todo)} to run now")
             first = False
