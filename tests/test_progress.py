@@ -144,6 +144,9 @@ def test_the_run_bar_says_what_the_run_waits_for():
         tap.write("sweep sw: 4 cells, 3 already in the ledger, 1 to run now\n")
         tap.ray_started(local=False)
         assert tap.progress.tasks[0].fields["info"] == "starting 1 trial..."
+    with RunProgress(1, "one", stream=io.StringIO(), resources=res) as tap:
+        tap.write("experiment one: 1 cell, 0 already in the ledger, 1 to run\n")  # the singular line is read too
+        assert tap.todo == 1 and tap.progress.tasks[0].fields["info"] == "starting Ray..."
 
 
 @pytest.mark.unit
