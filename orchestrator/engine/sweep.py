@@ -191,8 +191,8 @@ class _AxisValue:
     def __init__(self, axis: str, values: dict[str, dict[str, Any]]) -> None:
         self.axis, self.values = axis, values
 
-    def __call__(self, spec) -> Any:
-        return self.values[spec.config.cell_id][self.axis]
+    def __call__(self, config: dict) -> Any:
+        return self.values[config["cell_id"]][self.axis]
 
 
 def grid_param_space(cells: list[Cell]) -> dict[str, Any]:
