@@ -16,8 +16,8 @@ printed as it is, and its bar simply does not move.
 Before the first epoch the run's bar says what the run waits for: ``starting Ray``, ``starting 2 workers``
 (``starting 2 trials`` for a sweep), ``pretraining``. Ray's own driver log records (``INFO worker.py --
 Started a local Ray instance``, Tune's notices) go to a log file, ``smn_driver.log`` in the Ray session's log
-folder (:func:`ray_log`), in every mode: neither onto the bars nor into a pipe; Ray's warnings are still shown,
-one line each, in smn's words.
+folder (:func:`ray_log`), in every mode: neither onto the bars nor into a pipe (where ``smn`` also keeps Ray's
+logger at warning level, :mod:`orchestrator.cli.app`); Ray's warnings are still shown, one line each.
 """
 
 from __future__ import annotations
