@@ -19,7 +19,7 @@ from orchestrator.results import ledger
 from orchestrator.results.curves import write_curves
 from orchestrator.results.layout import ExperimentLayout
 
-pytestmark = pytest.mark.unit
+# the tracker tests import MLflow and start W&B's service process (as test_report's do): the ray tier's process
 
 DATASET = {"source": "digits", "classes": [5, 6, 7], "image_size": 16}
 # cell id -> (method, train_seconds, eval_seconds, setup seconds before training, epochs)
@@ -43,6 +43,8 @@ def _landed(results: Path) -> float:
     return t0
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_mlflow_runs_nest_under_the_experiment_and_span_training(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -85,6 +87,8 @@ def test_mlflow_runs_nest_under_the_experiment_and_span_training(tmp_path, monke
     assert prun.info.end_time == max(client.get_run(r).info.end_time for r in cells["run_id"])
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_wandb_offline_runs_carry_group_job_type_time_and_commit(tmp_path):
     from tests.test_report import _wandb_records
 
@@ -126,6 +130,7 @@ def _record(tmp_path: Path, cid: str) -> tracking.CellRecord:
     return rec
 
 
+@pytest.mark.unit
 def test_git_commit_reads_a_worktree_without_git(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     commit = tracking.git_commit(repo)
