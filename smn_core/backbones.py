@@ -19,6 +19,11 @@ arch                      feature_dim  size  pretrained weights ("pretrained")
 ``clip_vit_b32``          512          224   OpenAI CLIP ViT-B/32 via open_clip (Hugging Face hub)
 ========================  ===========  ====  ======================================================
 
+Beyond the registry, ``"timm/<name>"`` builds any model timm knows (headless, ``timm.create_model``) and
+``"open_clip/<name>:<pretrained tag>"`` the image tower of any open_clip model; their pretrained weights come
+from the local Hugging Face cache or a local file only, never a download (:func:`check_arch` says, before any
+work, whether the name exists and the weights are there).
+
 Every arch except the CIFAR ResNets with a local weight file is *hub-dependent*: "pretrained"
 downloads weights. On an offline machine pass ``checkpoint=<local file>`` (with ``weights="pretrained"``
 or ``weights="checkpoint"``). All pickle files are loaded with ``torch.load(..., weights_only=True)``;
