@@ -19,6 +19,11 @@ arch                      feature_dim  size  pretrained weights ("pretrained")
 ``clip_vit_b32``          512          224   OpenAI CLIP ViT-B/32 via open_clip (Hugging Face hub)
 ========================  ===========  ====  ======================================================
 
+Beyond the registry, ``"timm/<name>"`` builds any model timm knows (headless, ``timm.create_model``) and
+``"open_clip/<name>:<pretrained tag>"`` the image tower of any open_clip model; their pretrained weights come
+from the local Hugging Face cache or a local file only, never a download (:func:`check_arch` says, before any
+work, whether the name exists and the weights are there).
+
 Every arch except the CIFAR ResNets with a local weight file is *hub-dependent*: "pretrained"
 downloads weights. On an offline machine pass ``checkpoint=<local file>`` (with ``weights="pretrained"``
 or ``weights="checkpoint"``). All pickle files are loaded with ``torch.load(..., weights_only=True)``;
@@ -54,6 +59,7 @@ __all__ = [
     "available_backbones",
     "build_backbone",
     "build_clip_text_head",
+    "check_arch",
     "cifar_resnet",
     "cifar_weights_url",
     "load_checkpoint_state_dict",
@@ -568,6 +574,191 @@ def _build_clip(arch: str, weights: str, checkpoint: str | None) -> Backbone:
 
 
 # --------------------------------------------------------------------------------------------------
+# Any timm / open_clip model: "timm/<name>", "open_clip/<name>:<pretrained tag>"
+# --------------------------------------------------------------------------------------------------
+
+TIMM_PREFIX = "timm/"
+OPEN_CLIP_PREFIX = "open_clip/"
+# the weight files timm and open_clip publish on the Hugging Face hub, safest first
+_TIMM_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+_OPEN_CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _hf_cached_file(repo_id: str, filenames: Sequence[str]) -> str | None:
+    """Path of the first of ``filenames`` of hub repo ``repo_id`` in the local Hugging Face cache, or None.
+
+    Reads the cache only (``huggingface_hub.try_to_load_from_cache``): never touches the network.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in filenames:
+        path = try_to_load_from_cache(repo_id, name)
+        if isinstance(path, str) and Path(path).is_file():
+            return path
+    return None
+
+
+def _timm_weights_file(name: str) -> tuple[str, str]:
+    """``(local file, hub id)`` of the pretrained weights of timm model ``name`` (tag allowed), from the cache.
+
+    Raises:
+        ValueError: an unknown pretrained tag, a model without published weights, or weights absent from the
+            local Hugging Face cache (names the hub id and the offline remedy).
+    """
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as exc:
+        raise ValueError(f"backbone.arch 'timm/{name}': {exc}") from None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        raise ValueError(f"backbone.arch 'timm/{name}' has no weights on the Hugging Face hub; "
+                         f"allowed: weights random, or checkpoint with a local file")
+    files = (cfg.hf_hub_filename,) if getattr(cfg, "hf_hub_filename", None) else _TIMM_HF_FILES
+    path = _hf_cached_file(hub_id, files)
+    if path is None:
+        raise ValueError(f"backbone.arch 'timm/{name}': pretrained weights {hub_id} are not in the local Hugging Face "
+                         f"cache (no download here); fetch them once with `hf download {hub_id}` on a machine with "
+                         f"internet, or use weights checkpoint with a local file")
+    return path, hub_id
+
+
+def _open_clip_weights_file(name: str, tag: str) -> str:
+    """Local file of open_clip ``name`` pretrained ``tag``, from the Hugging Face cache.
+
+    Raises:
+        ValueError: an unknown tag, or weights absent from the local cache.
+    """
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        raise ValueError(f"backbone.arch 'open_clip/{name}:{tag}': pretrained tag {tag!r} is not known; "
+                         f"allowed: {', '.join(tags) or 'none (use weights random or checkpoint)'}")
+    hub = (open_clip.get_pretrained_cfg(name, tag) or {}).get("hf_hub", "")
+    parts = hub.strip("/").split("/")  # "org/repo/" or "org/repo/file"
+    repo_id, filename = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) >= 2 else ("", "")
+    path = _hf_cached_file(repo_id, (filename,) if filename else _OPEN_CLIP_HF_FILES) if repo_id else None
+    if path is None:
+        raise ValueError(f"backbone.arch 'open_clip/{name}:{tag}': pretrained weights "
+                         f"{repo_id or '(no Hugging Face copy)'} are not in the local Hugging Face cache (no download "
+                         f"here); fetch them once on a machine with internet, or use weights checkpoint with a local file")
+    return path
+
+
+def _split_open_clip(arch: str) -> tuple[str, str]:
+    name, _, tag = arch[len(OPEN_CLIP_PREFIX):].partition(":")
+    return name, tag
+
+
+def check_arch(arch: str, weights: str = "pretrained", checkpoint: str | os.PathLike | None = None) -> None:
+    """Check, without building anything, that :func:`build_backbone` knows ``arch`` and can find its weights.
+
+    Registered archs need only be known. ``timm/<name>`` needs ``timm.is_model(name)``;
+    ``open_clip/<name>:<tag>`` needs ``name`` in ``open_clip.list_models()``. With ``weights="pretrained"`` and
+    no ``checkpoint``, their weights must be in the local Hugging Face cache (nothing is downloaded); the
+    registered hub-dependent archs download as before and are not checked here.
+
+    Raises:
+        ValueError: one line naming the unknown name or the absent weights and what is allowed.
+    """
+    if not isinstance(arch, str):
+        arch = repr(arch)  # named in the not-known error below
+    pretrained = weights == "pretrained" and checkpoint is None
+    if arch.startswith(TIMM_PREFIX):
+        import timm
+
+        name = arch[len(TIMM_PREFIX):]
+        if not name or not timm.is_model(name):
+            raise ValueError(f"backbone.arch {arch!r}: timm has no model {name!r}; allowed: a name from "
+                             f"timm.list_models() (e.g. timm/resnet18, timm/convnext_tiny, timm/vit_small_patch16_224)")
+        if pretrained:
+            _timm_weights_file(name)
+    elif arch.startswith(OPEN_CLIP_PREFIX):
+        import open_clip
+
+        name, tag = _split_open_clip(arch)
+        if name not in open_clip.list_models():
+            raise ValueError(f"backbone.arch {arch!r}: open_clip has no model {name!r}; allowed: a name from "
+                             f"open_clip.list_models() (e.g. open_clip/ViT-B-32:openai)")
+        if pretrained:
+            if not tag:
+                raise ValueError(f"backbone.arch {arch!r} needs a pretrained tag for weights pretrained; allowed: "
+                                 f"open_clip/{name}:<tag> with a tag from open_clip.list_pretrained_tags_by_model")
+            _open_clip_weights_file(name, tag)
+    elif arch not in _BACKBONES:
+        raise ValueError(f"backbone.arch {arch!r} is not known; allowed: {', '.join(available_backbones())}, "
+                         f"timm/<name> or open_clip/<name>:<tag>")
+
+
+def _default_selector(model: nn.Module) -> str:
+    """``"conv"`` for a network of convolutions; ``"attn_mlp"`` for a transformer (at most a patch-embedding conv)."""
+    convs = sum(1 for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    return "conv" if convs > 1 else "attn_mlp"
+
+
+def _build_timm_any(arch: str, weights: str, checkpoint: str | None) -> Backbone:
+    """``timm/<name>``: any timm model, headless; weights random, from a local file or from the HF cache."""
+    import timm
+
+    name = arch[len(TIMM_PREFIX):]
+    source = "random"
+    if weights == "pretrained" and checkpoint is None:
+        path, hub_id = _timm_weights_file(name)
+        # timm's own loader (head filtering, key remapping) reads the cached file: nothing downloads
+        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path})
+        source = f"timm:{hub_id}"
+    else:
+        net = timm.create_model(name, pretrained=False)
+    feature_dim = int(net.num_features)
+    head = net.get_classifier()
+    classifier: nn.Module | None = None
+    if isinstance(head, nn.Linear):
+        classifier = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        classifier.load_state_dict(head.state_dict())
+    head_name = str(net.pretrained_cfg.get("classifier") or "fc")
+    net.reset_classifier(0)  # forward -> pooled (B, num_features)
+    if checkpoint is not None:
+        source = str(checkpoint)
+        classifier = _load_headed(net, load_checkpoint_state_dict(checkpoint), head_prefix=head_name + ".",
+                                  feature_dim=feature_dim, what=f"{arch} checkpoint {source}")
+    cfg = net.pretrained_cfg
+    return Backbone(model=net.eval(), feature_dim=feature_dim, input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+                    mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+                    std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)), arch=arch,
+                    default_mask_selector=_default_selector(net), classifier=classifier, weights_source=source)
+
+
+def _build_open_clip_any(arch: str, weights: str, checkpoint: str | None) -> Backbone:
+    """``open_clip/<name>:<tag>``: the image tower of any open_clip model; weights as in :func:`_build_timm_any`."""
+    import open_clip
+
+    name, tag = _split_open_clip(arch)
+    quick_gelu = bool(tag and (open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu", False))
+    source, text_loaded = "random", False
+    if weights == "pretrained" and checkpoint is None:
+        path = _open_clip_weights_file(name, tag)
+        clip = open_clip.create_model(name, pretrained=path, force_quick_gelu=quick_gelu, weights_only=True)
+        source, text_loaded = f"open_clip:{name}:{tag}", True
+    else:
+        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+        if checkpoint is not None:
+            source = str(checkpoint)
+            text_loaded = _load_clip_checkpoint(clip, load_checkpoint_state_dict(checkpoint), f"{arch} checkpoint {source}")
+    clip.eval()
+    visual = clip.visual
+    size = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,)
+    mean = getattr(visual, "image_mean", None) or open_clip.constants.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.constants.OPENAI_DATASET_STD
+    return Backbone(model=visual, feature_dim=int(visual.output_dim), input_size=int(size[0]),
+                    mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), arch=arch,
+                    default_mask_selector=_default_selector(visual), classifier=None,
+                    extras={"clip_model": clip, "tokenizer": open_clip.get_tokenizer(name), "text_tower_loaded": text_loaded},
+                    weights_source=source)
+
+
+# --------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------
 
@@ -609,16 +800,26 @@ def build_backbone(arch: str, weights: str = "pretrained", *, checkpoint: str | 
         :class:`Backbone` whose ``model`` (eval mode, CPU, float32) maps ``(B, 3, input_size, input_size)``
         normalised images to ``(B, feature_dim)`` features.
 
+    ``arch`` may also name any model of timm, ``"timm/<name>"`` (e.g. ``"timm/convnext_tiny"``, a pretrained
+    tag allowed: ``"timm/resnet18.a1_in1k"``), or the image tower of any open_clip model,
+    ``"open_clip/<name>:<pretrained tag>"`` (e.g. ``"open_clip/ViT-B-32:openai"``). Their ``"pretrained"``
+    weights come from the local Hugging Face cache only (never downloaded; see :func:`check_arch`), or from
+    ``checkpoint``; the head keys of a timm checkpoint are those of the model's ``pretrained_cfg["classifier"]``.
+    Their ``default_mask_selector`` is ``"conv"`` for convolutional networks, ``"attn_mlp"`` for transformers.
+
     Raises:
-        ValueError: unknown ``arch`` (lists the available ones); ``weights`` not in
+        ValueError: unknown ``arch`` (lists the available ones), an unknown timm / open_clip name or tag, or
+            their pretrained weights absent from the local cache; ``weights`` not in
             ``("pretrained", "random", "checkpoint")``; ``weights="checkpoint"`` without ``checkpoint``;
             ``checkpoint`` given with ``weights="random"``; a checkpoint that cannot be read safely or
             does not match the architecture (names the offending keys).
         FileNotFoundError: ``checkpoint`` does not exist.
         RuntimeError: pretrained weights could not be downloaded (hub-dependent archs offline).
     """
-    if arch not in _BACKBONES:
-        raise ValueError(f"unknown backbone arch {arch!r}; available: {', '.join(available_backbones())}")
+    family = arch.startswith(TIMM_PREFIX) or arch.startswith(OPEN_CLIP_PREFIX) if isinstance(arch, str) else False
+    if not family and arch not in _BACKBONES:
+        raise ValueError(f"unknown backbone arch {arch!r}; available: {', '.join(available_backbones())}, "
+                         f"timm/<name> or open_clip/<name>:<tag>")
     if weights not in WEIGHTS_CHOICES:
         raise ValueError(f"unknown weights {weights!r}; allowed: {', '.join(WEIGHTS_CHOICES)}")
     if weights == "checkpoint" and checkpoint is None:
@@ -628,7 +829,12 @@ def build_backbone(arch: str, weights: str = "pretrained", *, checkpoint: str | 
                          f"use weights='checkpoint' (or 'pretrained') to load it")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file {str(checkpoint)!r} does not exist")
-    return _BACKBONES[arch](arch, weights, None if checkpoint is None else str(checkpoint))
+    ck = None if checkpoint is None else str(checkpoint)
+    if family:
+        check_arch(arch, weights, ck)
+        build = _build_timm_any if arch.startswith(TIMM_PREFIX) else _build_open_clip_any
+        return build(arch, weights, ck)
+    return _BACKBONES[arch](arch, weights, ck)
 
 
 def build_clip_text_head(

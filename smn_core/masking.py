@@ -50,10 +50,19 @@ __all__ = [
     "SELECTIVE",
 ]
 
-SELECTORS = ("conv", "linear", "conv+linear", "clip_attn_mlp", "all", "all_but_norm", "all_but_bias")
+SELECTORS = ("conv", "linear", "conv+linear", "attn_mlp", "clip_attn_mlp", "all", "all_but_norm", "all_but_bias")
 SELECTIVE = ("none", "random", "magnitude")
 _MASK_MODES = ("threshold", "topk")
-_STAGE = re.compile(r"^(?:.*\.)?layer(\d+)\.")
+_ATTN_MLP = ("attn_mlp", "clip_attn_mlp")
+# a stage: ResNet "layer<k>" (k from 1); timm "stages.<i>" (ConvNeXt, RegNet, EfficientNet-style, i from 0); a
+# transformer's "blocks.<i>" / "resblocks.<i>" (timm ViT, open_clip; i from 0). The first that matches wins.
+_STAGE_PATTERNS = (
+    (re.compile(r"(?:^|\.)layer(\d+)\."), 0),
+    (re.compile(r"(?:^|\.)stages\.(\d+)\."), 1),
+    (re.compile(r"(?:^|\.)(?:res)?blocks\.(\d+)\."), 1),
+)
+# a transformer block's container: a Linear under it is an attention or MLP projection
+_BLOCK = re.compile(r"(?:^|\.)(?:res)?blocks\.\d+\.")
 
 
 @dataclass
@@ -63,8 +72,10 @@ class MaskConfig:
     Attributes:
         selector: which parameter tensors get a mask: ``"conv"`` (weights of every ``nn.Conv*``,
             downsample convolutions included; the ResNet default), ``"linear"``, ``"conv+linear"``,
-            ``"clip_attn_mlp"`` (CLIP ViT: attention q/k/v/out projections and MLP of every block,
-            weights and biases), ``"all"`` (every floating-point parameter: Table 5b "none frozen"),
+            ``"attn_mlp"`` (any transformer: every ``nn.Linear`` inside a block ``blocks.<i>`` or
+            ``resblocks.<i>``, i.e. the attention projections, fused ``qkv`` included, and the MLP, plus the
+            ``in_proj_weight`` of every ``nn.MultiheadAttention``; weights and biases), ``"clip_attn_mlp"``
+            (the same, its historical name for the CLIP ViT), ``"all"`` (every floating-point parameter: Table 5b "none frozen"),
             ``"all_but_norm"`` (every parameter except those of normalisation layers: Table 5b "BNs
             frozen", which on a ResNet backbone is the conv default), ``"all_but_bias"`` (every
             parameter except biases: Table 5b "biases frozen"), or ``"re:<regex>"`` matched against
@@ -84,8 +95,8 @@ class MaskConfig:
             output channels die at step 0; Ramanujan et al. (2020) start from random scores, so the
             first top-k mask is random and unstructured. Must be > 0 for top-k.
         stages: selective masking (App. F, Fig. 8): mask only the parameters of the first N stages
-            of a ResNet (modules named ``layer1`` .. ``layerN``; the stem before ``layer1`` counts
-            with stage 1). None: every selected tensor.
+            (see :func:`stage_of`: a ResNet's ``layer1`` .. ``layerN``, timm's ``stages.0 .. N-1``, a
+            transformer's first N blocks; the stem counts with stage 1). None: every selected tensor.
         selective: selective masking within each masked tensor (App. F, Figs. 8-9): ``"none"``
             (every position has a trainable mask), ``"random"`` (a random fraction
             ``selective_fraction`` of the positions of each tensor, drawn with ``selective_seed``)
@@ -286,22 +297,22 @@ def select_parameters(model: nn.Module, config: MaskConfig) -> list[str]:
             pick = (
                 (sel in ("conv", "conv+linear") and is_conv)
                 or (sel in ("linear", "conv+linear") and is_linear)
-                or (sel == "clip_attn_mlp" and is_linear and ".resblocks." in f".{mname}.")
+                or (sel in _ATTN_MLP and is_linear and _BLOCK.search(f"{mname}.") is not None)
             )
             if pick:
                 add(mname, "weight", module)
-                if config.include_bias or sel == "clip_attn_mlp":
+                if config.include_bias or sel in _ATTN_MLP:
                     add(mname, "bias", module)
-            if sel == "clip_attn_mlp" and isinstance(module, nn.MultiheadAttention):
+            if sel in _ATTN_MLP and isinstance(module, nn.MultiheadAttention):
                 add(mname, "in_proj_weight", module)
                 add(mname, "in_proj_bias", module)
         if config.include_bn and isinstance(module, _norm_layers()) and not regex:
             add(mname, "weight", module)
             add(mname, "bias", module)
     if config.stages is not None:
-        if not any(_STAGE.match(n) for n in names):
-            raise ValueError(f"mask stages={config.stages} needs a ResNet (parameters under layer1..layerN); "
-                             f"{type(model).__name__} has none")
+        if not any(stage_of(n) for n in names):
+            raise ValueError(f"mask stages={config.stages} needs staged parameters (under layer1..layerN, stages.<i> "
+                             f"or blocks.<i>); {type(model).__name__} has none")
         names = [n for n in names if stage_of(n) <= config.stages]
     if not names:
         raise ValueError(
@@ -312,9 +323,16 @@ def select_parameters(model: nn.Module, config: MaskConfig) -> list[str]:
 
 
 def stage_of(name: str) -> int:
-    """ResNet stage of a parameter name: k for names under ``layer<k>``, 0 for the stem and the rest."""
-    m = _STAGE.match(name)
-    return int(m.group(1)) if m else 0
+    """Stage of a parameter name, counted from 1; 0 for the stem and the rest (head, final norm).
+
+    ``k`` under a ResNet's ``layer<k>``; ``i + 1`` under timm's ``stages.<i>`` (ConvNeXt, RegNet, ...) or a
+    transformer's ``blocks.<i>`` / ``resblocks.<i>`` (timm ViT, open_clip), whichever comes first in that order.
+    """
+    for pattern, offset in _STAGE_PATTERNS:
+        m = pattern.search(name)
+        if m:
+            return int(m.group(1)) + offset
+    return 0
 
 
 def _trainable_positions(name: str, weight: torch.Tensor, config: MaskConfig) -> torch.Tensor | None:

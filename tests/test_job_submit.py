@@ -285,7 +285,8 @@ def test_readme_jobs_run_stop_resume_cascade_and_table(head):
     assert rc == 0, out
     missing = len(sweep_cells) - len(landed)
     assert f"{len(sweep_cells)} cells, {len(landed)} already in the ledger, {missing} to run now" in out, out
-    assert f"{missing} cells ran, {len(landed)} were already done, 0 failed" in out, out
+    done = f"{len(landed)} {'was' if len(landed) == 1 else 'were'} already done"
+    assert f"{missing} cell{'s' if missing > 1 else ''} ran, {done}, 0 failed" in out, out
     after = _ledger_files(results, sweep)
     assert set(after) == sweep_cells
     assert {c: after[c] for c in landed} == landed  # not rewritten

@@ -115,3 +115,83 @@ def test_sweep_lines_move_the_run_bar_and_close_finished_cells():
                   "seed=0)  <- finished smn num_prototypes=10 seed=0\n")
         (run,) = tap.progress.tasks
         assert run.completed == 2 and run.fields["info"] == "2 running, 0 failed, best knn 0.783"
+
+
+@pytest.mark.unit
+def test_the_run_bar_says_what_the_run_waits_for():
+    """Before the first epoch: reading the ledger, starting Ray, starting N workers (no more than fit), pretraining."""
+    import io
+    from types import SimpleNamespace
+
+    res = SimpleNamespace(cpus_per_worker=1, workers=1, max_concurrent_cells=None)
+    with RunProgress(9, "demo", stream=io.StringIO(), resources=res) as tap:
+        info = lambda: tap.progress.tasks[0].fields["info"]  # noqa: E731
+        assert info() == "reading the ledger..."
+        tap.write("experiment demo: 9 cells, 0 already in the ledger, 9 to run\n")
+        assert info() == "starting Ray..."
+        tap.ray_started(local=True)
+        assert info() == f"starting {min(9, os.cpu_count())} worker{'s' if min(9, os.cpu_count()) > 1 else ''}..."
+        tap.write("pretraining cifar_resnet8 on digits -> pretrain-abc\n")
+        assert info() == "pretraining..."
+        tap.write("[pretrain] epoch 1/3 loss 2.0000\n")
+        assert info() == "pretraining..."
+        tap.write("pretrained backbone ready (source_test_top1 0.900)\n")
+        assert info().startswith("starting ")
+        tap.write("[0123456789abcdef smn seed=0] epoch 1/2 loss 3.7100 density 0.999 eta 4s\n")
+        assert info() == "0 failed"
+    res = SimpleNamespace(cpus_per_worker=1, workers=1, max_concurrent_cells=2)
+    with RunProgress(4, "sw", stream=io.StringIO(), resources=res) as tap:
+        tap.write("sweep sw: 4 cells, 3 already in the ledger, 1 to run now\n")
+        tap.ray_started(local=False)
+        assert tap.progress.tasks[0].fields["info"] == "starting 1 trial..."
+    with RunProgress(1, "one", stream=io.StringIO(), resources=res) as tap:
+        tap.write("experiment one: 1 cell, 0 already in the ledger, 1 to run\n")  # the singular line is read too
+        assert tap.todo == 1 and tap.progress.tasks[0].fields["info"] == "starting Ray..."
+
+
+@pytest.mark.unit
+def test_plurals():
+    from orchestrator.cli.progress import plural
+
+    assert plural(1, "cell") == "1 cell" and plural(0, "cell") == "0 cells" and plural(2, "trial") == "2 trials"
+
+
+@pytest.mark.unit
+def test_ray_driver_log_goes_to_its_file_and_warnings_stay_one_line(tmp_path, monkeypatch, capsys):
+    import logging
+
+    from orchestrator.cli.progress import ray_log
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    logger = logging.getLogger("ray")
+    before = logger.handlers[:]
+    started, warned = [], []
+    with ray_log(warn=warned.append, on_start=started.append) as handler:
+        logging.getLogger("ray._private.worker").info("Started a local Ray instance.")
+        logging.getLogger("ray.tune").warning("something odd\nwith a second line")
+    assert logger.handlers == before  # Ray's own handlers are back
+    assert started == [True] and handler.path == str(tmp_path / "smn_driver.log")
+    text = (tmp_path / "smn_driver.log").read_text()
+    assert "INFO ray._private.worker" in text and "Started a local Ray instance." in text and "second line" in text
+    assert warned == [f"ray warning: something odd (details: {handler.path})"]
+    assert "Started" not in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_knn_bank_note_is_one_line_in_smn_words():
+    import json
+
+    import pandas as pd
+
+    from orchestrator.cli.progress import knn_bank_note
+
+    def rows(bank: int, k: int, n: int) -> pd.DataFrame:
+        cfg = json.dumps({"eval": {"knn_k": k, "knn_dino_k": 20}})
+        return pd.DataFrame([{"cell_id": f"{i:016x}", "metric": m, "value": v, "config_json": cfg}
+                             for i in range(n) for m, v in (("knn_min_class_bank", bank), ("knn_top1", 0.5))])
+
+    note = knn_bank_note(rows(45, 200, 3))
+    assert note == ("note: eval.knn_k = 200 is more than the 45 train images of the smallest class in 3 of 3 cells: "
+                    "those k-NN votes reach into other classes (a k of 20, as DINO's knn_dino_k, suits small banks)")
+    assert "\n" not in note and "1 of 1 cell:" in knn_bank_note(rows(10, 200, 1))
+    assert knn_bank_note(rows(45, 20, 3)) is None and knn_bank_note(pd.DataFrame()) is None

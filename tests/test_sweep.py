@@ -89,3 +89,28 @@ def test_optuna_search_lands_its_trials_and_a_bigger_budget_runs_only_the_rest(r
     second = run_experiment(load_spec(path, ["methods=[smn]", "search.num_samples=3"]), results, echo=lines.append)
     assert second["skipped"] == 2 and second["ran"] == 1
     assert ledger.read_ledger(results, "optuna")["cell_id"].nunique() == 3
+
+
+def test_tune_sees_the_grid_axes_by_name(landed):
+    """The session's landed 3-cell grid (``train.swav.num_prototypes``: 10, 20, 30): Tune's own ResultGrid, read
+    back from the sweep's Tune storage, has one column per axis (method, seed and the grid key under its dotted
+    name) and the cell id as the identity, each row the settings of the cell the ledger holds under that id."""
+    from pathlib import Path
+
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from orchestrator.results.layout import ExperimentLayout
+
+    sweep = landed["grid"]
+    runs = sorted(Path(ExperimentLayout.of(sweep["results"], "sweep3").tune).glob("sweep-*"))
+    assert len(runs) == 1, runs  # the second run had nothing to do: no Tune run
+    df = ResultGrid(ExperimentAnalysis(str(runs[0]))).get_dataframe()
+    axes = {c for c in df.columns if c.startswith("config/")}
+    assert axes == {"config/cell_id", "config/method", "config/seed", "config/train.swav.num_prototypes"}
+    assert sorted(df["config/train.swav.num_prototypes"]) == [10, 20, 30]
+    assert set(df["config/method"]) == {"smn"} and set(df["config/seed"]) == {0}
+    rows = ledger.read_ledger(sweep["results"], "sweep3").groupby("cell_id")["grid_json"].first()
+    assert set(df["config/cell_id"]) == set(rows.index)
+    for cid, protos in zip(df["config/cell_id"], df["config/train.swav.num_prototypes"]):
+        assert json.loads(rows[cid]) == {"train.swav.num_prototypes": protos}
+    assert df["knn_top1"].notna().all()  # the trials' reported metrics, beside their settings

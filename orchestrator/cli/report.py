@@ -22,7 +22,7 @@ import time
 import warnings
 from typing import Any, Iterator
 
-from orchestrator.cli.progress import run_progress
+from orchestrator.cli.progress import knn_bank_note, plural, ray_log, run_progress
 from orchestrator.reports import registry, tables
 from orchestrator.reports.docs import write_docs
 from orchestrator.reports.page import build_report, ls_frame
@@ -98,19 +98,20 @@ def add_run_options(run) -> None:
 
 
 @contextlib.contextmanager
-def quiet_output(args, total: int | None = 0, name: str = "") -> Iterator[None]:
+def quiet_output(args, total: int | None = 0, name: str = "", resources=None) -> Iterator[None]:
     """While a run goes on: progress to stderr for ``--json`` (stdout keeps the summary object only),
     nowhere for ``--quiet``; rich bars above the lines when stdout is a terminal
-    (:func:`orchestrator.cli.progress.run_progress`, ``total`` cells of experiment ``name``, None: not known);
-    plain lines otherwise."""
+    (:func:`orchestrator.cli.progress.run_progress`, ``total`` cells of experiment ``name``, None: not known;
+    ``resources``: the spec's, for its "starting N workers"); plain lines otherwise. Ray's driver log goes to
+    its file in every mode (:func:`orchestrator.cli.progress.ray_log`)."""
     if getattr(args, "json", False):
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), ray_log():
             yield
     elif getattr(args, "quiet", False):
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), ray_log():
             yield
     else:
-        with run_progress(total, name):
+        with run_progress(total, name, resources=resources):
             yield
 
 
@@ -138,9 +139,12 @@ def track(spec, args, echo=print) -> dict[str, int]:
 
 def finish_run(args, spec, summary: dict, started: float, table_text: str) -> None:
     """Print the end of ``smn run``: the JSON summary object (``--json``) or the table and a summary line."""
-    tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if (args.json or args.quiet) else print)
+    aside = (lambda line: print(line, file=sys.stderr)) if (args.json or args.quiet) else print
+    tracked = track(spec, args, echo=aside)
+    rows = ledger.read_ledger(args.results, spec.name)
+    if summary.get("ran") and (note := knn_bank_note(rows)):  # once per run, not once per cell from the workers
+        aside(note)
     if args.json:
-        rows = ledger.read_ledger(args.results, spec.name)
         table = tables.results_table(rows)
         note = table.attrs.get("note", "") if not table.empty else ""
         obj = {"experiment": spec.name, "results": str(args.results), "total": summary.get("total"),
@@ -151,11 +155,13 @@ def finish_run(args, spec, summary: dict, started: float, table_text: str) -> No
                "note": note or None}
         print(registry.dumps_strict(registry.strict(obj), indent=1))
         return
-    print()
+    if not args.quiet:  # --quiet prints the table alone
+        print()
     print(table_text)
     if args.quiet:
         return
-    print(f"\n{summary['ran']} cells ran, {summary['skipped']} were already done, "
+    skipped = summary["skipped"]
+    print(f"\n{plural(summary['ran'], 'cell')} ran, {skipped} {'was' if skipped == 1 else 'were'} already done, "
           f"{len(summary['failed'])} failed; {time.time() - started:.0f}s")
 
 

@@ -120,7 +120,8 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
     done = completed_cells(layout, spec.name)
     todo = [c for c in cells if c.cell_id not in done]
     summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo), ran=0, failed={})
-    echo(f"experiment {spec.name}: {len(cells)} cells, {summary['skipped']} already in the ledger, {len(todo)} to run")
+    echo(f"experiment {spec.name}: {len(cells)} cell{'' if len(cells) == 1 else 's'}, {summary['skipped']} already in the "
+         f"ledger, {len(todo)} to run")
     if not todo:
         return summary
     start_ray_for(spec, layout, address)

@@ -1,7 +1,8 @@
 """Ablation sweeps on Ray Tune: a spec's grid, or an Optuna search, as Tune trials of one cell each.
 
 * **Grid** (``grid:`` in the spec): every cell of methods x grid x seeds that the ledger does not
-  hold becomes one trial of a ``tune.grid_search`` over cell indices. Trials run concurrently within
+  hold becomes one trial of a ``tune.grid_search`` over cell ids, with the cell's method, seed and grid
+  values in the trial's config under their dotted names (:func:`grid_param_space`). Trials run concurrently within
   the resources the spec asks for (``cpus_per_worker`` / ``gpus_per_worker`` per trial;
   ``max_concurrent_cells``). A trial with ``workers > 1`` builds and fits a Ray Train
   ``TorchTrainer`` inside the trial (DDP), as Ray 2.60 requires.
@@ -44,7 +45,7 @@ from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.experiment import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
 
-__all__ = ["run_sweep", "SweepProgress"]
+__all__ = ["run_sweep", "SweepProgress", "grid_param_space"]
 
 _PROGRESS_METRIC = "knn_top1"
 
@@ -116,10 +117,10 @@ def _report(metrics: dict[str, Any], cell_id: str) -> None:
     tune.report({**clean, "cell_id": cell_id})
 
 
-def _grid_trial(config: dict, *, jobs: list[CellJob], resources) -> None:
-    """Tune trial of a grid sweep: run cell ``jobs[config["cell_index"]]`` (or read it from its ledger file
+def _grid_trial(config: dict, *, jobs: dict[str, CellJob], resources) -> None:
+    """Tune trial of a grid sweep: run cell ``jobs[config["cell_id"]]`` (or read it from its ledger file
     when another driver finished it meanwhile) and report its metrics."""
-    job = jobs[config["cell_index"]]
+    job = jobs[config["cell_id"]]
     metrics = ledger.read_cell(job.layout, job.cell_id)
     if metrics is None:
         metrics = run_job(job, resources)
@@ -181,22 +182,50 @@ def _quiet_tune() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+class _AxisValue:
+    """``tune.sample_from`` resolver of one grid axis: the value the trial's cell (``config["cell_id"]``) has.
+
+    A class, not a lambda, so Tune can pickle it with the experiment state.
+    """
+
+    def __init__(self, axis: str, values: dict[str, dict[str, Any]]) -> None:
+        self.axis, self.values = axis, values
+
+    def __call__(self, config: dict) -> Any:
+        return self.values[config["cell_id"]][self.axis]
+
+
+def grid_param_space(cells: list[Cell]) -> dict[str, Any]:
+    """Tune ``param_space`` of a grid round: the cells' settings under their own names.
+
+    ``cell_id`` (a ``grid_search`` over the cells to run) is the identity; ``method``, ``seed`` and every grid
+    axis under its dotted name (``train.swav.num_prototypes``) are resolved from it (``tune.sample_from``), so
+    Tune's tables, callbacks and ``ResultGrid.get_dataframe()`` (columns ``config/<axis>``) show the settings,
+    while the cells to run need not be a full product of the axes (cells in the ledger are left out).
+    """
+    values = {c.cell_id: {"method": c.config.method, "seed": c.config.seed, **c.grid_values} for c in cells}
+    axes = list(dict.fromkeys(k for v in values.values() for k in v))
+    return {"cell_id": tune.grid_search([c.cell_id for c in cells]),
+            **{axis: tune.sample_from(_AxisValue(axis, values)) for axis in axes}}
+
+
 def _grid_round(spec: ExperimentSpec, layout: ExperimentLayout, cells: list[Cell], summary: RunSummary,
                 echo: Callable[[str], None]) -> None:
     weights = prepare_pipeline_weights(spec, layout, cells, echo)
-    trainable = tune.with_parameters(_grid_trial, jobs=cell_jobs(cells, layout, weights), resources=spec.resources)
+    jobs = {job.cell_id: job for job in cell_jobs(cells, layout, weights)}
+    trainable = tune.with_parameters(_grid_trial, jobs=jobs, resources=spec.resources)
     trainable = tune.with_resources(trainable, _trial_resources(spec))
-    progress = SweepProgress(len(cells), lambda cfg: cells[cfg["cell_index"]].label, _PROGRESS_METRIC, "max",
+    by_id = {c.cell_id: c for c in cells}
+    progress = SweepProgress(len(cells), lambda cfg: by_id[cfg["cell_id"]].label, _PROGRESS_METRIC, "max",
                              echo, spec.name)
     tuner = tune.Tuner(
         trainable,
-        param_space={"cell_index": tune.grid_search(list(range(len(cells))))},
+        param_space=grid_param_space(cells),
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=True),
         run_config=_run_config(spec, layout, [progress]),
     )
     grid = tuner.fit()
-    _record_failures(spec, layout, grid, lambda cfg: cells[cfg["cell_index"]] if "cell_index" in cfg else None,
-                     summary, echo)
+    _record_failures(spec, layout, grid, lambda cfg: by_id.get(cfg.get("cell_id")), summary, echo)
 
 
 def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Callable[[str], None] = print,
@@ -240,7 +269,7 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
         summary["skipped"] += sum(c.cell_id in done for c in cells if c.cell_id not in seen)
         seen.update(c.cell_id for c in cells)
         if first:
-            echo(f"sweep {spec.name}: {len(cells)} cells" + (f" (+ top-k cells at found densities, after their "
+            echo(f"sweep {spec.name}: {len(cells)} cell{'' if len(cells) == 1 else 's'}" + (f" (+ top-k cells at found densities, after their "
                  f"{len(waiting)} threshold cells)" if waiting else "") +
                  f", {summary['skipped']} already in the ledger, {len(todo)} to run now")
             first = False

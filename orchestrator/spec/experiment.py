@@ -610,14 +610,13 @@ def check_spec(spec: ExperimentSpec) -> None:
     Raises:
         SpecError: one line naming the bad key or value and what is allowed.
     """
-    from smn_core.backbones import available_backbones
+    from smn_core.backbones import check_arch
 
     if len(spec.seeds) > MAX_SEEDS:
         raise SpecError(f"seeds: {len(spec.seeds)} seeds; allowed: <= {MAX_SEEDS:,}")
     cells = expand_cells(spec)  # every grid value validated, before any work starts
     if len(cells) > MAX_CELLS:
         raise SpecError(f"the spec expands to {len(cells):,} cells; allowed: <= {MAX_CELLS:,}")
-    archs = available_backbones()
     sizes: dict[str, int | None] = {}
     seen: set[str] = set()
     for cell in cells:
@@ -625,9 +624,11 @@ def check_spec(spec: ExperimentSpec) -> None:
         key = json.dumps([cfg.backbone.arch, cfg.backbone.weights, cfg.backbone.checkpoint], default=str)
         if key not in seen:
             seen.add(key)
-            if cfg.backbone.arch not in archs:
-                raise SpecError(f"backbone.arch {cfg.backbone.arch!r} is not known; allowed: {', '.join(archs)}")
             ck = cfg.backbone.checkpoint
+            try:  # timm/<name>, open_clip/<name>:<tag>: the name exists, pretrained weights are in the local cache
+                check_arch(cfg.backbone.arch, cfg.backbone.weights, ck)
+            except ValueError as exc:
+                raise SpecError(str(exc)) from None
             if cfg.backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
                 raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
                                 "(.safetensors or a torch file)")

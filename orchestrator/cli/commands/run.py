@@ -60,7 +60,7 @@ def _run_cells(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
             check_local_fits(spec.resources.cpus_per_worker, spec.resources.workers)  # before a local Ray starts
         layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
         # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.cli.progress)
-        with report_cli.quiet_output(args, len(cells), spec.name):
+        with report_cli.quiet_output(args, len(cells), spec.name, spec.resources):
             summary = run_experiment(spec, layout, address=args.address, cells=cells)
     except (ClusterTooSmall, StorageUnreachable) as exc:
         print(f"smn: {exc}", file=sys.stderr)

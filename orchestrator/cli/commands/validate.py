@@ -28,7 +28,7 @@ def load_checked(args, results_command: str | None = None) -> ExperimentSpec | N
 def print_cells(spec: ExperimentSpec, cells: list[Cell], estimate: bool = False) -> None:
     """Print ``spec <name>: valid, N cells`` and one line per cell (id, label); with ``estimate``, the dry-run
     cost estimate (:func:`orchestrator.spec.estimate.estimate_text`)."""
-    print(f"spec {spec.name}: valid, {len(cells)} cells")
+    print(f"spec {spec.name}: valid, {len(cells)} cell{'' if len(cells) == 1 else 's'}")
     for c in cells:
         print(f"  {c.cell_id}  {c.label}")
     if estimate:
