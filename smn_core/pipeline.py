@@ -35,7 +35,7 @@ from .augment import MultiCropTransform, SeededViewDataset, eval_transform
 from .backbones import Backbone, build_backbone, build_clip_text_head
 from .checkpoint import local_copy
 from .data import ImageDataset, load_dataset, subset
-from .evaluation import compute_embeddings, knn_correct, knn_top1, linear_probe, lowshot_linear_probe, per_class_sample
+from .evaluation import compute_embeddings, knn_correct, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
 from .registry import check_choice
 from .training import CosineClassifier, TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
