@@ -173,6 +173,7 @@ class MaskStore:
             raise StoreError(f"{path}: format {self.meta.get('format')!r} is not {STORE_FORMAT!r}")
         self._switcher: MaskSwitcher | None = None
         self._weights: dict[str, torch.Tensor] | None = None
+        self._facts: tuple[int, tuple[float, ...], tuple[float, ...]] | None = None
 
     # ------------------------------------------------------------------ creation and backbone
     @classmethod
@@ -217,7 +218,9 @@ class MaskStore:
         except Exception as exc:  # safetensors' own error types
             raise StoreError(f"{self.files.backbone} is not readable ({exc})") from None
         with torch.random.fork_rng(devices=[]):
-            model = build_backbone(self.arch, "random").model
+            built = build_backbone(self.arch, "random")
+        model = built.model
+        self._facts = (built.input_size, tuple(built.mean), tuple(built.std))
         model.load_state_dict(state, strict=True)
         h = backbone_hash(model)
         if h != self.backbone_hash:
@@ -231,6 +234,13 @@ class MaskStore:
             model = self._load_backbone()
             self._switcher = MaskSwitcher(model, model_hash=self.backbone_hash)
         return self._switcher
+
+    def input_facts(self) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+        """``(input size in pixels, RGB mean, RGB std)`` that the store's backbone expects (its arch's
+        evaluation transform, :func:`smn_core.augment.eval_transform`); loads the backbone on first use."""
+        if self._facts is None:
+            self.switcher()
+        return self._facts  # type: ignore[return-value]
 
     def backbone_weights(self) -> dict[str, torch.Tensor]:
         """The pristine backbone tensors by name (codec context for ``smn-ctx``)."""
