@@ -63,7 +63,8 @@ def decode_image(data: bytes, formats: Sequence[str] = ("JPEG", "PNG")) -> Image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):
             raise
-        raise ImageError(f"the body is not a readable JPEG or PNG image ({' '.join(str(exc).split())[:120]})") from None
+        raise ImageError(f"the body ({len(data)} bytes) is not a readable JPEG or PNG image "
+                         f"({type(exc).__name__})") from None
 
 
 @dataclass
