@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.func import functional_call
 
 from smn_core.augment import eval_transform
+from smn_core.mask_file import check_against_backbone, pack_mask
 
 from orchestrator.store.mask_store import MaskStore
 
@@ -131,8 +132,6 @@ class TaskBank:
             StoreError: unknown task. MaskFileError: truncated or corrupted file. BackboneMismatchError: the
                 task belongs to another backbone (hash, names or shapes).
         """
-        from smn_core.mask_file import check_against_backbone, pack_mask
-
         mask = self.store.load(task)
         check_against_backbone(mask, self.backbone, self.store.backbone_hash)
         packed = {}
