@@ -279,13 +279,15 @@ class CellOutcome:
     """Result of :func:`run_cell`: ``metrics`` (name -> float), the exported ``masks`` (or None),
     the per-epoch ``history``, the training result, and ``state``: the final trainable state
     (:func:`smn_core.training.trainable_state`: scores, head, prototypes, BN buffers; None for
-    ``pretrained``), from which a cascade expert starts."""
+    ``pretrained``), from which a cascade expert starts; ``probe_head``: the evaluation's fitted linear probe
+    (:func:`smn_core.evaluation.probe_head_arrays` plus ``classes``, the class names in label order), or None."""
 
     metrics: dict[str, float]
     masks: dict[str, torch.Tensor] | None
     history: list[dict[str, float]]
     train_result: TrainResult | None
     state: dict[str, torch.Tensor] | None = None
+    probe_head: dict[str, Any] | None = None
 
 
 def _image_size(spec: DataSpec, backbone: Backbone) -> int:
@@ -369,13 +371,16 @@ class _CastInput(torch.nn.Module):
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: ImageDataset, spec: EvalSpec, *,
                    image_size: int, mean, std, device: str | torch.device = "cpu",
-                   classifier: torch.nn.Module | None = None) -> dict[str, float]:
+                   classifier: torch.nn.Module | None = None,
+                   probe_head: dict[str, Any] | None = None) -> dict[str, float]:
     """k-NN (train split as bank, test split as queries) and linear probe on unaugmented embeddings.
 
     Args:
         model: images ``(B, 3, s, s)`` -> features ``(B, F)``.
         classifier: the trained head of a supervised run (features -> logits ``(B, C)``); when given,
             its test accuracy is reported as ``classifier_top1`` (Table 1's "FFT" and "Mask" rows).
+        probe_head: when given, filled with the full probe's head (:func:`smn_core.evaluation.probe_head_arrays`)
+            and ``classes`` (the train split's class names), so a caller can keep it.
 
     Returns ``{"knn_top1", "knn_dino_top1", "knn_min_class_bank", "linear_probe_top1",
     "linear_probe_train_top1", "linear_probe_C", "eval_seconds"}`` (``knn_top1``: the paper's k-NN, ``spec.knn_k`` /
@@ -399,6 +404,8 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
     knn_dino = knn_top1(xtr, ytr, xte, yte, k=spec.knn_dino_k, temperature=spec.knn_dino_temperature,
                         num_classes=num_classes)
     probe = linear_probe(xtr, ytr, xte, yte, **spec.probe_kwargs())
+    if probe_head is not None and probe.head is not None:
+        probe_head.update(probe.head, classes=list(train_ds.class_names))
     out = {"knn_top1": knn, "knn_dino_top1": knn_dino, "knn_min_class_bank": float(smallest),
            "linear_probe_top1": probe.top1, "linear_probe_train_top1": probe.train_top1,
            "linear_probe_C": probe.C}
@@ -642,15 +649,16 @@ def run_cell(
                          head_features=head_features, metrics=metrics, device=device,
                          train_kw=dict(resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
                                        progress=progress))
+    probe_head: dict[str, Any] = {}
     if evaluate:
         trained_dtype = getattr(torch, cfg.train.dtype) if training is not None else torch.float32
         eval_model = model if trained_dtype == torch.float32 else _CastInput(model, trained_dtype)
         metrics.update(evaluate_model(eval_model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
                                       std=backbone.std, device=device,
-                                      classifier=adapted.classifier if adapted else None))
+                                      classifier=adapted.classifier if adapted else None, probe_head=probe_head))
     metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)), backbone_params=float(backbone_params))
     metrics["storage_bits"] = _storage_bits(cfg, metrics, backbone_params)
     if adapted is None:
         return CellOutcome(metrics=metrics, masks=None, history=[], train_result=None, state=None)
     return CellOutcome(metrics=metrics, masks=adapted.masks, history=adapted.result.history,
-                       train_result=adapted.result, state=adapted.state)
+                       train_result=adapted.result, state=adapted.state, probe_head=probe_head or None)
