@@ -342,3 +342,19 @@ def test_serve_app_answers_every_path_error_and_interleaved_tasks(app, store, tm
     image.write_bytes(store["images"][0])
     resp = _run_curl_like(_curl_example(), base=base, key=app["key"], image=image)
     assert resp.status_code == 200 and "label" in resp.json(), resp.text
+
+
+@pytest.mark.unit
+def test_serve_config_yaml_is_a_valid_serve_config_of_this_app():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from orchestrator.serve.app import app_builder
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve_config.yaml").read_text()))
+    (app_cfg,) = config.applications
+    assert app_cfg.import_path == "orchestrator.serve.app:app_builder" and config.http_options.host == "127.0.0.1"
+    with pytest.raises(ValueError, match="no mask store at"):
+        app_builder(dict(app_cfg.args))  # the EDIT placeholder is refused before any replica starts
+    with pytest.raises(ValueError, match="unknown \\['replica'\\]"):
+        app_builder({"store": "x", "replica": 2})
