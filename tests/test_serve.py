@@ -273,8 +273,9 @@ def _run_curl_like(argv: list[str], *, base: str, key: str, image: Path):
 
 @pytest.fixture(scope="module")
 def app(store, tmp_path_factory):
-    """One real Serve application on 127.0.0.1 (session Ray): 2 model replicas holding 1 task each (so two
-    interleaved tasks make them switch), a bearer token, a 64 KiB body limit."""
+    """One real Serve application on 127.0.0.1 (session Ray): one model replica holding one task at a time (so
+    two interleaved tasks make it evict and reload while requests are in flight), a bearer token, a 64 KiB
+    body limit."""
     from ray import serve
 
     from orchestrator.serve.app import build_app
@@ -283,7 +284,7 @@ def app(store, tmp_path_factory):
     key_file.write_text("s3cret-token-for-tests\n")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(store["root"], replicas=2, max_tasks=1, api_key_file=str(key_file),
+    serve.run(build_app(store["root"], replicas=1, max_tasks=1, api_key_file=str(key_file),
                         max_body_bytes=64 * 1024, replica_cpus=0.5), name="smn", route_prefix="/")
     yield {"base": f"http://127.0.0.1:{port}", "key": "s3cret-token-for-tests"}
     serve.shutdown()
@@ -329,7 +330,7 @@ def test_serve_app_answers_every_path_error_and_interleaved_tasks(app, store, tm
     for (status, words), resp in errors.items():
         assert resp.status_code == status and words in resp.json()["error"], (status, resp.text)
 
-    # two tasks interleaved, concurrently, on replicas that hold one task each: every answer is its task's own
+    # two tasks interleaved, concurrently, on a replica that holds one task at a time: every answer is its own task's
     jobs = [("t0" if i % 2 == 0 else "t1", i % len(store["images"])) for i in range(48)]
     with ThreadPoolExecutor(max_workers=12) as pool:
         got = list(pool.map(lambda j: (j, post(j[0], "embed", store["images"][j[1]])), jobs))
