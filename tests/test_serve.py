@@ -185,6 +185,35 @@ def test_smn_serve_refuses_bad_input_before_ray_starts(store, tmp_path, capsys):
     assert "is taken" in capsys.readouterr().err
 
 
+@pytest.mark.unit
+def test_store_add_head_file_folds_the_probe_standardisation_into_the_head(store, tmp_path, capsys):
+    from smn_core.checkpoint import save_tensors
+
+    from orchestrator.cli.app import main
+    from orchestrator.serve.model import MaskedModel
+    from orchestrator.store.mask_store import MaskStore
+
+    g = torch.Generator().manual_seed(3)
+    probe = {"weight": torch.randn(3, 64, generator=g, dtype=torch.float64),
+             "bias": torch.randn(3, generator=g, dtype=torch.float64),
+             "mean": torch.rand(64, generator=g, dtype=torch.float64),
+             "scale": torch.rand(64, generator=g, dtype=torch.float64) + 0.5, "labels": torch.tensor([0, 2, 3])}
+    head_file = str(tmp_path / "probe.safetensors")
+    save_tensors(head_file, probe, metadata={"classes": '["koala", "goose", "snail", "slug"]'})
+    masks = str(tmp_path / "t1_masks.safetensors")
+    MaskStore(store["root"]).export("t1", masks)
+    assert main(["store", "add", store["root"], "t1-probe", "--masks", masks, "--head", head_file]) == 0
+    model = MaskedModel.for_task(store["root"], "t1-probe")
+    assert model.classes == ["koala", "snail", "slug"]  # the probe's outputs are labels 0, 2 and 3
+    x = _batch(store, 4)
+    feats = model.embed(x).double()
+    want = ((feats - probe["mean"]) / probe["scale"]) @ probe["weight"].T + probe["bias"]
+    assert torch.allclose(model.logits(x).double(), want, atol=1e-4)
+    capsys.readouterr()
+    assert main(["store", "add", store["root"], "t1-bad", "--masks", masks, "--head", masks]) == 2
+    assert "a probe head file holds" in capsys.readouterr().err
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_store_add_from_a_cell_keeps_its_linear_probe_as_the_head(tmp_path):

@@ -161,7 +161,12 @@ class TaskBank:
     @torch.no_grad()
     def features(self, task: ResidentTask, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, s, s)`` normalised images -> ``(B, F)`` features of the backbone under ``task``'s masks."""
-        state = self.masked_state(task)
+        return self.forward_with(self.masked_state(task), x)
+
+    @torch.no_grad()
+    def forward_with(self, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The backbone's forward with ``state`` (:meth:`masked_state`, possibly kept by a caller that caches
+        materialised weights) in place of its own tensors: ``(B, 3, s, s)`` -> ``(B, F)``."""
         with self._lock:
             return functional_call(self.backbone, state, (x,), strict=False)
 
