@@ -117,7 +117,8 @@ def _images(n: int) -> list[bytes]:
 
 
 def build_stores(s: Settings, n_real: int, n_scale: int, log):
-    """``(real store path, scale store path, real task names, fp32 bytes of one copy)``."""
+    """``(real store, the same tasks coded with ``none``, the scale store, real task names, fp32 bytes of one
+    copy)``."""
     from smn_core.backbones import build_backbone
 
     from orchestrator.store.mask_store import MaskStore
@@ -127,30 +128,38 @@ def build_stores(s: Settings, n_real: int, n_scale: int, log):
     real = MaskStore.create(str(s.work / "real"), model, "cifar_resnet20", weights_source=str(CKPT))
     for name, t in tasks:
         real.add(name, t)
+    plain = MaskStore.create(str(s.work / "real_none"), model, "cifar_resnet20", weights_source=str(CKPT))
+    for name, t in tasks:
+        plain.add(name, t, codec="none")
     scale = MaskStore.create(str(s.work / "scale"), model, "cifar_resnet20", weights_source=str(CKPT))
     t0 = time.perf_counter()
     for i in range(n_scale):
         scale.add(f"task{i:04d}", flipped(tasks[i % len(tasks)][1], seed=i))
     log(f"{n_scale} derived tasks encoded in {time.perf_counter() - t0:.1f} s")
     fp32 = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
-    return real, scale, [n for n, _ in tasks], fp32
+    return real, plain, scale, [n for n, _ in tasks], fp32
 
 
-def switch_rows(s: Settings, real, names, fp32_bytes) -> list[Row]:
+def switch_rows(s: Settings, real, plain, names, fp32_bytes) -> list[Row]:
     """Task switch (resident and cold) against a forward of 32 and against loading an fp32 copy."""
     from safetensors.torch import load_file
 
+    from smn_core.backbones import build_backbone
+
     from orchestrator.serve.model import TaskBank
 
-    bank = TaskBank(real)
+    bank, plain_bank = TaskBank(real), TaskBank(plain)
     images, _ = _images(32)
     x = bank.preprocess(images)
     models = [bank.load(n) for n in names]
     copy = str(s.work / "finetuned_fp32.safetensors")
     real.export(names[0], copy, fmt="weights")
-    target = real.switcher().reset().backbone
+    target = build_backbone("cifar_resnet20", "checkpoint", checkpoint=str(CKPT)).model.eval()
     state = {n: v.clone() for n, v in target.state_dict().items()}
     it = iter(range(10**9))
+
+    def cold_plain():
+        plain_bank.masked_state(plain_bank.load(names[next(it) % len(names)]).task)
 
     def resident():
         bank.masked_state(models[next(it) % len(models)].task)
@@ -166,8 +175,8 @@ def switch_rows(s: Settings, real, names, fp32_bytes) -> list[Row]:
         target.load_state_dict({k: v for k, v in load_file(copy).items() if k in state}, strict=False)
 
     rounds = 6 if s.quick else 20
-    t = interleave({"resident": resident, "cold": cold, "forward": forward, "fp32": fp32_load}, rounds)
-    target.load_state_dict(state)
+    t = interleave({"resident": resident, "cold": cold, "cold_plain": cold_plain, "forward": forward,
+                    "fp32": fp32_load}, rounds)
     m = {k: median(v) for k, v in t.items()}
     mem = statistics.mean(md.task.nbytes for md in models)
     note = f"median of {rounds} interleaved; {len(names)} real tasks; CIFAR-10 ResNet-20 on 32x32"
@@ -176,8 +185,14 @@ def switch_rows(s: Settings, real, names, fp32_bytes) -> list[Row]:
                  "one forward, batch of 32", m["forward"], ideal=0.2, notes=note, settings=s, repeats=rounds),
         compared(AREA, "task switch, cold task (read + verify + decode smn-ctx + build)", m["cold"], "s",
                  "one forward, batch of 32", m["forward"], ideal=0.2, notes=note, settings=s, repeats=rounds),
+        compared(AREA, "task switch, cold task from a store coded with `none` (1 bit/weight)", m["cold_plain"], "s",
+                 "one forward, batch of 32", m["forward"], ideal=0.2, notes=note, settings=s, repeats=rounds),
+        compared(AREA, "task switch, resident task", m["resident"], "s", "load a fine-tuned fp32 copy from disk "
+                 "(safetensors into the model)", m["fp32"], notes=note + "; the copy is in the page cache",
+                 settings=s, repeats=rounds),
         compared(AREA, "task switch, cold task", m["cold"], "s", "load a fine-tuned fp32 copy from disk "
-                 "(safetensors into the model)", m["fp32"], notes=note, settings=s, repeats=rounds),
+                 "(safetensors into the model)", m["fp32"], notes=note + "; the copy is in the page cache",
+                 settings=s, repeats=rounds),
         compared(AREA, "memory per resident task (packed masks, BN stats, head)", mem / MB, "MB",
                  "one fp32 copy of the backbone", fp32_bytes / MB, ideal=1 / 25, notes=note, settings=s),
     ]
@@ -328,8 +343,8 @@ def _classify_row(s: Settings, real, classify, images, labels) -> Row:
     from orchestrator.serve.model import TaskBank
 
     task = next(i.task for i in real.list() if i.has_head and "c10" in i.task)
-    model = real.apply(task)
     x = TaskBank(real).preprocess(images)
+    model = real.apply(task)
     with torch.no_grad():
         want = model(x).argmax(1).tolist()
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -351,8 +366,8 @@ def run(s: Settings) -> list[Row]:
     def log(msg):
         print(f"[serve] {msg}", flush=True)
 
-    real, scale, names, fp32 = build_stores(s, n_real, n_scale, log)
-    rows = switch_rows(s, real, names, fp32)
+    real, plain, scale, names, fp32 = build_stores(s, n_real, n_scale, log)
+    rows = switch_rows(s, real, plain, names, fp32)
     rows.append(store_size_row(s, scale, fp32))
     rows += inprocess_throughput(s, scale, n_scale)
     log("in-process figures done; starting Serve")

@@ -118,7 +118,8 @@ class TaskBank:
     """
 
     def __init__(self, store: MaskStore | str) -> None:
-        self.store = store if isinstance(store, MaskStore) else MaskStore(str(store))
+        # a MaskStore of its own: another user's MaskStore.apply bakes masks into that store's shared backbone
+        self.store = MaskStore(store.location if isinstance(store, MaskStore) else str(store))
         self.backbone = self.store.switcher().reset().backbone.eval()  # hash-checked here, once
         self.input_size, self.mean, self.std = self.store.input_facts()
         self._base = {k: v.detach() for k, v in self.backbone.named_parameters()}
