@@ -91,6 +91,8 @@ def serve(args) -> int:
     try:
         while True:
             time.sleep(3600)
+    except KeyboardInterrupt:
+        print("smn serve: stopped (Ctrl-C)", file=sys.stderr, flush=True)
     finally:
         ray_serve.shutdown()
     return EXIT_OK
