@@ -3,9 +3,9 @@
 All on the CPU with the real CIFAR-10 ResNet-20 (``../shared/weights``; the area is skipped without it) and
 real CIFAR-10 test images. Two stores:
 
-* **50 real tasks**: the masks of 50 short real cells run here (``smn`` and ``supervised_mask``, seeds 0-24,
-  CIFAR-10 and the Tiny ImageNet subset of ``../shared``, 128 train images, one epoch at score lr 2000,
-  BN statistics adapted); the supervised ones carry their trained head. Cached in
+* **50 real tasks**: the masks of 50 short real cells run here (``smn`` and ``supervised_mask`` x CIFAR-10 and
+  the Tiny ImageNet subset of ``../shared`` x seeds 0-12, the first 50 of those 52; 128 train images, one
+  epoch at score lr 2000, BN statistics adapted); the supervised ones carry their trained head. Cached in
   ``results/bench_serve_masks/`` (ignored by git) so a second run skips the training.
 * **1,000 tasks for the scale figures**: derived from the real masks by seeded random flips (task ``i``:
   real mask ``i % 50`` with 1 % of its kept weights dropped and as many dropped weights kept, so each task

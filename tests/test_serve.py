@@ -388,3 +388,12 @@ def test_serve_config_yaml_is_a_valid_serve_config_of_this_app():
         app_builder(dict(app_cfg.args))  # the EDIT placeholder is refused before any replica starts
     with pytest.raises(ValueError, match="unknown \\['replica'\\]"):
         app_builder({"store": "x", "replica": 2})
+
+
+@pytest.mark.unit
+def test_every_serve_curl_line_of_readme_is_the_one_the_app_test_runs():
+    """README's pointer to serving (added by the coordinator) may only quote docs/serve.md's tested curl line."""
+    tested = " ".join(_curl_example())
+    readme = [ln.strip() for ln in (REPO / "README.md").read_text().splitlines()
+              if ln.strip().startswith("curl ") and "/v1/tasks" in ln]
+    assert all(" ".join(shlex.split(ln)) == tested for ln in readme), readme
