@@ -217,7 +217,7 @@ def test_store_add_head_file_folds_the_probe_standardisation_into_the_head(store
 @pytest.mark.ray
 @pytest.mark.slow
 def test_store_add_from_a_cell_keeps_its_linear_probe_as_the_head(tmp_path):
-    """A real smn cell (one SwAV step on 64 CIFAR-10 images, then k-NN and the linear probe) lands its probe;
+    """A real smn cell (one SwAV step on 32 CIFAR-10 images, then k-NN and the linear probe) lands its probe;
     ``smn store add`` makes it the task's head, and that head on the served features reproduces the cell's
     own probe accuracy on its test images, in CIFAR-10's class names."""
     from orchestrator.cli.app import main
@@ -232,9 +232,9 @@ def test_store_add_from_a_cell_keeps_its_linear_probe_as_the_head(tmp_path):
     root = str(shared_path("data", "cifar10"))
     cfg = CellConfig(method="smn", seed=0, backbone=BackboneSpec("cifar_resnet20", "checkpoint",
                                                                  str(shared_path(*CIFAR_CKPT))),
-                     dataset=DataSpec(source="parquet", root=root, max_train_samples=64, max_test_samples=32),
-                     train=TrainConfig(epochs=1, batch_size=64, score_lr=2000.0, schedule="constant"),
-                     eval=EvalSpec(knn_k=5, knn_dino_k=5))
+                     dataset=DataSpec(source="parquet", root=root, max_train_samples=32, max_test_samples=16),
+                     train=TrainConfig(epochs=1, batch_size=32, score_lr=2000.0, schedule="constant"),
+                     eval=EvalSpec(knn_k=2, knn_dino_k=2))
     res = run_cell(cfg)
     results, cell_id = str(tmp_path / "results"), cell_id_of(cfg)
     land(CellJob(cfg, cell_id, cell_id, {}, ExperimentLayout.of(results, "exp")), res, time.time())
@@ -246,7 +246,7 @@ def test_store_add_from_a_cell_keeps_its_linear_probe_as_the_head(tmp_path):
     model = MaskedModel.for_task(store, "c10")
     assert model.has_head and model.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                                 "horse", "ship", "truck"]
-    test = load_dataset("parquet", "test", root=root, max_samples=32)
+    test = load_dataset("parquet", "test", root=root, max_samples=16)
     x = model.preprocess([test[i][0] for i in range(len(test))])
     labels = np.array([test[i][1] for i in range(len(test))])
     answers = model.classify(x)
