@@ -40,6 +40,7 @@ AREAS: tuple[tuple[str, str, str], ...] = (
     ("storage", "bench_storage", "Mask storage"),
     ("data", "bench_data", "Data loading: multi-crop pipeline vs training-step demand"),
     ("engine", "bench_engine", "Cell engine: imports, warm workers, sweep and cascade efficiency (issue 16)"),
+    ("serve", "bench_serve", "Serving many tasks from one backbone (issue 29)"),
 )
 
 MB = 1e6  # bytes per MB in every figure of the report

@@ -5,7 +5,7 @@
     .venv/bin/python -m benchmarks.run_all --out DIR --device cuda             # the same on a GPU node
     .venv/bin/python -m benchmarks.run_all --out DIR --only train_step,eval    # some areas
 
-Areas: train_step, ray, sweep, cascade, eval, storage, data (see ``benchmarks/bench_*.py``). An area that
+Areas: train_step, ray, sweep, cascade, eval, storage, data, engine, serve (see ``benchmarks/bench_*.py``). An area that
 fails becomes an ``error`` row with the reason; the others still run. Areas left out by ``--only`` are
 listed as ``not run`` in the report.
 """

@@ -33,6 +33,7 @@ __all__ = [
     "knn_correct",
     "LinearProbeResult",
     "linear_probe",
+    "probe_head_arrays",
     "per_class_sample",
     "lowshot_linear_probe",
 ]
@@ -346,6 +347,9 @@ class LinearProbeResult:
         C: inverse L2-regularisation strength used (sklearn ``C``).
         n_iter: lbfgs iterations run (== max_iter when it did not converge).
         correct: ``(Q,)`` bool, per test row: the prediction equals the label (``top1`` is its mean).
+        head: the fitted probe as arrays (:func:`probe_head_arrays`): ``weight`` ``(C, F)``, ``bias`` ``(C,)``,
+            the standardisation ``mean`` / ``scale`` ``(F,)`` (0 / 1 without it) and ``labels`` ``(C,)``, the
+            label value of each output; ``logits = ((x - mean) / scale) @ weight.T + bias``.
     """
 
     top1: float
@@ -353,6 +357,7 @@ class LinearProbeResult:
     C: float
     n_iter: int
     correct: np.ndarray | None = None
+    head: dict[str, np.ndarray] | None = None
 
 
 def linear_probe(
@@ -422,7 +427,27 @@ def linear_probe(
     train_top1 = float(np.mean(pipe.predict(xtr) == ytr))
     correct = np.asarray(pipe.predict(xte) == yte, dtype=bool)
     return LinearProbeResult(top1=float(np.mean(correct)), train_top1=train_top1, C=float(clf.C),
-                             n_iter=int(np.max(clf.n_iter_)), correct=correct)
+                             n_iter=int(np.max(clf.n_iter_)), correct=correct, head=probe_head_arrays(pipe))
+
+
+def probe_head_arrays(pipe) -> dict[str, np.ndarray]:
+    """The linear head of a fitted probe pipeline ([``StandardScaler``,] ``LogisticRegression``) as float64
+    arrays: ``weight`` ``(C, F)``, ``bias`` ``(C,)``, ``mean`` and ``scale`` ``(F,)`` of the standardisation
+    (zeros and ones without a scaler), ``labels`` ``(C,)`` int64 (the label value of each output).
+
+    ``argmax(((x - mean) / scale) @ weight.T + bias)`` indexes ``labels`` with the probe's prediction; for two
+    classes sklearn's one logit ``z`` becomes the pair ``(0, z)`` (the same softmax).
+    """
+    clf = pipe[-1]
+    coef, bias = np.asarray(clf.coef_, dtype=np.float64), np.asarray(clf.intercept_, dtype=np.float64)
+    if coef.shape[0] == 1 and len(clf.classes_) == 2:
+        coef, bias = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], bias])
+    features = coef.shape[1]
+    scaler = pipe[0] if len(pipe) > 1 else None
+    mean = np.asarray(scaler.mean_, dtype=np.float64) if scaler is not None else np.zeros(features)
+    scale = np.asarray(scaler.scale_, dtype=np.float64) if scaler is not None else np.ones(features)
+    return {"weight": coef, "bias": bias, "mean": mean, "scale": scale,
+            "labels": np.asarray(clf.classes_).astype(np.int64)}
 
 
 def _is_positive_number(value: Any) -> bool:

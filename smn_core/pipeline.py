@@ -280,7 +280,8 @@ class CellOutcome:
     """Result of :func:`run_cell`: ``metrics`` (name -> float), the exported ``masks`` (or None),
     the per-epoch ``history``, the training result, and ``state``: the final trainable state
     (:func:`smn_core.training.trainable_state`: scores, head, prototypes, BN buffers; None for
-    ``pretrained``), from which a cascade expert starts."""
+    ``pretrained``), from which a cascade expert starts; ``probe_head``: the evaluation's fitted linear probe
+    (:func:`smn_core.evaluation.probe_head_arrays` plus ``classes``, the class names in label order), or None."""
 
     metrics: dict[str, float]
     masks: dict[str, torch.Tensor] | None
@@ -288,6 +289,7 @@ class CellOutcome:
     train_result: TrainResult | None
     state: dict[str, torch.Tensor] | None = None
     per_image: dict[str, np.ndarray] | None = None  # test images' correctness per evaluation (evaluate_model)
+    probe_head: dict[str, Any] | None = None
 
 
 def _image_size(spec: DataSpec, backbone: Backbone) -> int:
@@ -379,7 +381,8 @@ class SmallKnnBankWarning(UserWarning):
 def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: ImageDataset, spec: EvalSpec, *,
                    image_size: int, mean, std, device: str | torch.device = "cpu",
                    classifier: torch.nn.Module | None = None,
-                   per_image: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+                   per_image: dict[str, np.ndarray] | None = None,
+                   probe_head: dict[str, Any] | None = None) -> dict[str, float]:
     """k-NN (train split as bank, test split as queries) and linear probe on unaugmented embeddings.
 
     Args:
@@ -389,6 +392,8 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
         per_image: when given, filled with each test image's correctness, ``{"knn_top1", "knn_dino_top1",
             "linear_probe_top1"[, "classifier_top1"]: (Q,) bool}`` in the test split's order (paired
             comparisons over images, issue 25).
+        probe_head: when given, filled with the full probe's head (:func:`smn_core.evaluation.probe_head_arrays`)
+            and ``classes`` (the train split's class names), so a caller can keep it.
 
     Returns ``{"knn_top1", "knn_dino_top1", "knn_min_class_bank", "linear_probe_top1",
     "linear_probe_train_top1", "linear_probe_C", "eval_seconds"}`` (``knn_top1``: the paper's k-NN, ``spec.knn_k`` /
@@ -415,6 +420,8 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
                                             temperature=spec.knn_dino_temperature, num_classes=num_classes)}
     probe = linear_probe(xtr, ytr, xte, yte, **spec.probe_kwargs())
     correct["linear_probe_top1"] = probe.correct
+    if probe_head is not None and probe.head is not None:
+        probe_head.update(probe.head, classes=list(train_ds.class_names))
     out = {"knn_top1": float(correct["knn_top1"].astype(np.float64).mean()),
            "knn_dino_top1": float(correct["knn_dino_top1"].astype(np.float64).mean()),
            "knn_min_class_bank": float(smallest),
@@ -664,6 +671,7 @@ def run_cell(
                          train_kw=dict(resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
                                        progress=progress))
     per_image: dict[str, np.ndarray] | None = None
+    probe_head: dict[str, Any] = {}
     if evaluate:
         trained_dtype = getattr(torch, cfg.train.dtype) if training is not None else torch.float32
         eval_model = model if trained_dtype == torch.float32 else _CastInput(model, trained_dtype)
@@ -672,11 +680,13 @@ def run_cell(
             warnings.simplefilter("ignore", SmallKnnBankWarning)
             metrics.update(evaluate_model(eval_model, train_ds, test_ds, cfg.eval, image_size=size,
                                           mean=backbone.mean, std=backbone.std, device=device,
-                                          classifier=adapted.classifier if adapted else None, per_image=per_image))
+                                          classifier=adapted.classifier if adapted else None, per_image=per_image,
+                                          probe_head=probe_head))
     metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)), backbone_params=float(backbone_params))
     metrics["storage_bits"] = _storage_bits(cfg, metrics, backbone_params)
     if adapted is None:
         return CellOutcome(metrics=metrics, masks=None, history=[], train_result=None, state=None,
                            per_image=per_image or None)
     return CellOutcome(metrics=metrics, masks=adapted.masks, history=adapted.result.history,
-                       train_result=adapted.result, state=adapted.state, per_image=per_image or None)
+                       train_result=adapted.result, state=adapted.state, per_image=per_image or None,
+                       probe_head=probe_head or None)

@@ -6,6 +6,7 @@
     smn ls DIR [--json]                                # experiments, cells done / failed / collapsed
     smn plot [DIR] --figure NAME|list [--experiment NAME] [--out FILE.png]
     smn validate SPEC.yaml [key=value ...]
+    smn serve STORE [--replicas N] [--max-tasks-per-replica M] [--host H --port P] [--api-key-file F]
 
 This module parses and dispatches, nothing else. The parsers of ``smn store``, ``smn cascade``, ``smn report``
 and ``smn ls`` are in :mod:`orchestrator.cli.store`, :mod:`orchestrator.cli.cascade` and
@@ -36,6 +37,7 @@ from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, 
                                      ResultsError, add_spec_arguments, usage_error)
 from orchestrator.cli.report import add_parser as add_report_parser
 from orchestrator.cli.report import add_run_options
+from orchestrator.cli.serve import add_parser as add_serve_parser
 from orchestrator.cli.store import add_parser as add_store_parser
 
 __all__ = ["main", "build_parser", "COMMANDS", "EXIT_CODES", "SmnArgumentParser", "HelpFormatter"]
@@ -53,6 +55,7 @@ COMMANDS = {
     "report": "orchestrator.cli.report:report",
     "ls": "orchestrator.cli.report:ls",
     "store": "orchestrator.cli.commands.store:handle",
+    "serve": "orchestrator.cli.commands.serve:serve",
 }
 
 _EPILOG = """\
@@ -152,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--experiment", default=None, help="only this experiment; None: all")
     plot.add_argument("--out", default=None, help="output PNG file; None: DIR/figures/NAME.png (also for a URI DIR)")
 
-    for add_parser in (add_store_parser, add_cascade_parser, add_report_parser):
+    for add_parser in (add_store_parser, add_serve_parser, add_cascade_parser, add_report_parser):
         add_parser(sub)
     _use_formatter(p)
     return p

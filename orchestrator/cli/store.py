@@ -1,7 +1,7 @@
 """``smn store``: keep one backbone and many task masks, apply a task, measure the codecs (paper App. C).
 
     smn store init STORE --arch ARCH [--weights pretrained|checkpoint|random] [--checkpoint FILE]
-    smn store add STORE TASK (--masks FILE [--state DIR] | --results DIR --experiment NAME --cell ID) [--codec C]
+    smn store add STORE TASK (--masks FILE [--state DIR] [--head FILE] | --results DIR --experiment NAME --cell ID) [--codec C]
     smn store list STORE [--format markdown|csv]
     smn store show STORE TASK
     smn store apply STORE TASK [--out FILE]
@@ -32,6 +32,13 @@ examples:
 """
 
 
+def _add_head_option(p) -> None:
+    """``smn store add --head FILE``: the classification head ``/classify`` (``smn serve``) answers with."""
+    p.add_argument("--head", default=None,
+                   help="with --masks: a cell's linear-probe head file (<results>/<experiment>/probes/<cell>.safetensors); "
+                   "from a cell (--results ...) its probe head is added by itself")
+
+
 def add_parser(subparsers) -> None:
     """Register ``smn store`` and its subcommands on the ``smn`` parser's subparsers."""
     st = subparsers.add_parser(
@@ -58,6 +65,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--experiment", default=None, help="experiment of the cell (with --results and --cell)")
     p.add_argument("--cell", default=None, help="cell id (see `smn table` / the ledger)")
     p.add_argument("--codec", default=DEFAULT_CODEC, choices=codecs, help="mask codec")
+    _add_head_option(p)
 
     p = sub.add_parser("list", help="list the tasks (name, codec, bytes, bits/weight, density)")
     p.add_argument("store")

@@ -42,6 +42,7 @@ same effect from Tune's own actor reuse (``reuse_actors=True``): a trial actor r
 from __future__ import annotations
 
 import abc
+import json
 import os
 import tempfile
 import time
@@ -241,8 +242,9 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
     """Land one unit of work: the only writer of ledger rows, curves, failure records and final state.
 
     * ``result`` a :class:`smn_core.pipeline.CellOutcome` (a trained cell): its masks
-      (``masks/<cell_id>``), final state (``states/<cell_id>/``), per-epoch curves and per-test-image
-      correctness (``per_image/<cell_id>.parquet``, :mod:`orchestrator.results.per_image`), then its ledger file
+      (``masks/<cell_id>``), final state (``states/<cell_id>/``), linear-probe head (``probes/<cell_id>``, see
+      :func:`_save_probe`), per-epoch curves and per-test-image correctness (``per_image/<cell_id>.parquet``,
+      :mod:`orchestrator.results.per_image`), then its ledger file
       (the cell "lands"; a failure record of it is removed), then its epoch checkpoints are dropped.
     * ``result`` a mapping ``{metric: value}`` (a stage, a measurement): its ledger file only.
     * ``result`` a :class:`Failure`: the failure record ``failures/<cell_id>.json`` only.
@@ -272,6 +274,8 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
                          metadata={"cell_id": job.cell_id, "arch": cfg.backbone.arch})
         if result.state is not None:
             save_checkpoint(lay.state(job.cell_id), result.state, {"cell_id": job.cell_id, "config": cfg.to_dict()})
+        if result.masks is not None and getattr(result, "probe_head", None):
+            _save_probe(lay.probe(job.cell_id), job.cell_id, result.probe_head)
         write_curves(lay, job.cell_id, result.history)  # loss / density / entropy per epoch
     if trained and getattr(result, "per_image", None):  # each test image's correctness: paired differences
         per_image.write_correctness(lay, job.cell_id, result.per_image)
@@ -287,6 +291,16 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
     if trained:
         delete_checkpoint(lay.checkpoint(job.cell_id))  # the cell has landed: its epoch checkpoints are spent
     return metrics
+
+
+def _save_probe(location: str, cell_id: str, head: Mapping) -> None:
+    """Write a masked cell's fitted linear probe (:func:`smn_core.evaluation.probe_head_arrays`: ``weight``,
+    ``bias``, ``mean``, ``scale``, ``labels``) as safetensors, its ``classes`` (names in label order) as JSON
+    metadata, so ``smn store add`` can give the task a head that answers in class names."""
+    import torch  # reason: torch is loaded in any process that holds a CellOutcome
+
+    tensors = {k: torch.as_tensor(head[k]) for k in ("weight", "bias", "mean", "scale", "labels")}
+    save_tensors(location, tensors, metadata={"cell_id": cell_id, "classes": json.dumps(list(head["classes"]))})
 
 
 def _train(job: CellJob, device, resume, on_epoch_end, *, evaluate: bool = True):

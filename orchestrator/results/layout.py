@@ -214,6 +214,10 @@ class ExperimentLayout:
         """Location of a finished cell's masks (``masks/<cell_id>.safetensors``)."""
         return self.location("masks", f"{cell_id}.safetensors")
 
+    def probe(self, cell_id: str) -> str:
+        """Location of a finished cell's linear-probe head (``probes/<cell_id>.safetensors``)."""
+        return self.location("probes", f"{cell_id}.safetensors")
+
     def state(self, cell_id: str) -> str:
         """Location of a finished cell's final trainable state folder (``states/<cell_id>/``)."""
         return self.location("states", cell_id)

@@ -53,7 +53,8 @@ from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, filesystem
 
 __all__ = ["MaskStore", "StoreLayout", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
-           "task_from_masks_file", "task_from_cell", "load_fp32_weights", "HEAD_PREFIX"]
+           "task_from_masks_file", "task_from_cell", "load_fp32_weights", "HEAD_PREFIX",
+           "read_probe_head", "with_probe_head"]
 
 STORE_FORMAT = "smn-store/1"
 TASK_SUFFIX = ".smnmask"
@@ -173,6 +174,7 @@ class MaskStore:
             raise StoreError(f"{path}: format {self.meta.get('format')!r} is not {STORE_FORMAT!r}")
         self._switcher: MaskSwitcher | None = None
         self._weights: dict[str, torch.Tensor] | None = None
+        self._facts: tuple[int, tuple[float, ...], tuple[float, ...]] | None = None
 
     # ------------------------------------------------------------------ creation and backbone
     @classmethod
@@ -217,7 +219,9 @@ class MaskStore:
         except Exception as exc:  # safetensors' own error types
             raise StoreError(f"{self.files.backbone} is not readable ({exc})") from None
         with torch.random.fork_rng(devices=[]):
-            model = build_backbone(self.arch, "random").model
+            built = build_backbone(self.arch, "random")
+        model = built.model
+        self._facts = (built.input_size, tuple(built.mean), tuple(built.std))
         model.load_state_dict(state, strict=True)
         h = backbone_hash(model)
         if h != self.backbone_hash:
@@ -231,6 +235,13 @@ class MaskStore:
             model = self._load_backbone()
             self._switcher = MaskSwitcher(model, model_hash=self.backbone_hash)
         return self._switcher
+
+    def input_facts(self) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+        """``(input size in pixels, RGB mean, RGB std)`` that the store's backbone expects (its arch's
+        evaluation transform, :func:`smn_core.augment.eval_transform`); loads the backbone on first use."""
+        if self._facts is None:
+            self.switcher()
+        return self._facts  # type: ignore[return-value]
 
     def backbone_weights(self) -> dict[str, torch.Tensor]:
         """The pristine backbone tensors by name (codec context for ``smn-ctx``)."""
@@ -479,7 +490,59 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
     masks_uri = lay.mask(cell_id)
     state_uri = lay.state(cell_id) if has_state else None
     spec = {"cell_id": cell_id, "experiment": experiment, "config": config}
-    return task_from_masks_file(masks_uri, backbone, arch=cfg.backbone.arch, state_dir=state_uri, spec=spec)
+    task = task_from_masks_file(masks_uri, backbone, arch=cfg.backbone.arch, state_dir=state_uri, spec=spec)
+    if _exists(lay.fs, lay.inner("probes", f"{cell_id}.safetensors")):
+        task = with_probe_head(task, read_probe_head(lay.probe(cell_id)))
+    return task
+
+
+def read_probe_head(location: str) -> dict[str, Any]:
+    """A cell's linear-probe head file (``probes/<cell_id>.safetensors``, written when the cell lands):
+    ``{"weight" (C, F), "bias" (C,), "mean" (F,), "scale" (F,), "labels" (C,), "classes": [names in label
+    order]}``.
+
+    Raises:
+        FileNotFoundError: nothing at ``location``. MaskFileError: not a probe head file.
+    """
+    fs, path = filesystem(location)
+    if not _exists(fs, path):
+        raise FileNotFoundError(f"no probe head file at {location!r}")
+    data = _read(fs, path)
+    try:
+        tensors = st_load(data)
+        meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
+        classes = json.loads(meta.get("classes", "[]"))
+    except Exception as exc:  # safetensors' and json's own error types
+        raise MaskFileError(f"{location}: not a readable probe head file ({' '.join(str(exc).split())})") from None
+    need = {"weight", "bias", "mean", "scale", "labels"}
+    if not need <= set(tensors):
+        raise MaskFileError(f"{location}: a probe head file holds {sorted(need)}, this one {sorted(tensors)}")
+    return {**tensors, "classes": [str(c) for c in classes]}
+
+
+def with_probe_head(task: TaskMask, probe: dict[str, Any]) -> TaskMask:
+    """``task`` with the head a ``/classify`` answers with, and its class names in ``spec["head"]``.
+
+    A task with a trained head (supervised masking) keeps it and only gains the class names. Otherwise the
+    cell's linear probe becomes the head, its standardisation folded in: ``weight / scale`` and
+    ``bias - (weight / scale) @ mean`` (float64, stored as float32), so ``head(features)`` gives the probe's
+    logits ``((features - mean) / scale) @ weight.T + bias``.
+    """
+    names = probe["classes"]
+    labels = [int(v) for v in probe["labels"].tolist()]
+    per_output = [names[v] if 0 <= v < len(names) else str(v) for v in labels]
+    spec = dict(task.spec)
+    if task.head:
+        rows = task.head["weight"].shape[0]
+        spec["head"] = {"source": "trained classifier", "classes": names if len(names) == rows else
+                        [str(i) for i in range(rows)]}
+        return TaskMask(task.masks, task.backbone_hash, task.arch, spec, task.head, task.buffers)
+    w = probe["weight"].double() / probe["scale"].double()
+    b = probe["bias"].double() - w @ probe["mean"].double()
+    spec["head"] = {"source": "linear probe", "classes": per_output,
+                    "standardisation": "folded into weight and bias"}
+    return TaskMask(task.masks, task.backbone_hash, task.arch, spec, {"weight": w.float(), "bias": b.float()},
+                    task.buffers)
 
 
 def load_fp32_weights(location: str) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ from orchestrator.reports.codec_costs import codec_table, measure_task_codecs
 from orchestrator.reports.registry import render_frame
 from orchestrator.results import ledger
 from orchestrator.store.codec_cells import record_codec_measurements
-from orchestrator.store.mask_store import (MaskStore, StoreError, load_fp32_weights, task_from_cell, task_from_masks_file,
-                                           validate_task_name)
+from orchestrator.store.mask_store import (MaskStore, StoreError, load_fp32_weights, read_probe_head, task_from_cell,
+                                           task_from_masks_file, validate_task_name, with_probe_head)
 
 __all__ = ["handle"]
 
@@ -26,6 +26,17 @@ __all__ = ["handle"]
 def _fail(msg: str) -> int:
     print(f"smn store: {' '.join(str(msg).split())}", file=sys.stderr)
     return 2
+
+
+def _with_head(mask, args, from_cell: bool):
+    """``add --head FILE``: the task gets that probe head (:func:`with_probe_head`); from a cell the head comes
+    with the cell (``probes/<cell>``), so ``--head`` there is refused."""
+    head = getattr(args, "head", None)
+    if head is None:
+        return mask
+    if from_cell:
+        raise ValueError("--head goes with --masks; a cell's probe head is added from the cell itself")
+    return with_probe_head(mask, read_probe_head(head))
 
 
 def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
@@ -54,6 +65,7 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
             else:
                 mask = task_from_masks_file(args.masks, store.switcher().reset().backbone, arch=store.arch,
                                             state_dir=args.state, spec={"source": args.masks})
+            mask = _with_head(mask, args, from_cell)
             info = store.add(args.task, mask, codec=args.codec)
             print(f"added {info.task}: {info.num_weights:,} masked weights, density {info.density:.4f}, "
                   f"{info.file_bytes:,} bytes ({info.bits_per_weight:.4f} bits/weight, codec {info.codec})")
