@@ -43,6 +43,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -317,66 +318,57 @@ def _connect():
 def _source(con, fs: pafs.FileSystem, paths: list[str], columns: list[str]):
     """The DuckDB relation of the rows of ``paths`` with ``columns`` plus ``filename`` and ``file_row_number``.
 
-    Local files are scanned by DuckDB's own Parquet reader (projection and filters pushed into it); files on
-    another ``pyarrow.fs`` filesystem (S3) through ``pyarrow.dataset``, reading only ``columns``."""
+    Local files are scanned by DuckDB's own Parquet reader (projection and filters pushed into it; columns
+    matched by name, types cast to the first file's); files on another ``pyarrow.fs`` filesystem (S3)
+    through ``pyarrow.dataset``, reading only ``columns``."""
     if isinstance(fs, pafs.LocalFileSystem):
-        return con.read_parquet(paths, union_by_name=True, filename=True, file_row_number=True)
+        return con.read_parquet(paths, filename=True, file_row_number=True)
     dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA)
     table = dataset.to_table(columns={**{c: pads.field(c) for c in columns}, "filename": pads.field("__filename")})
     table = table.append_column("file_row_number", pa.array(np.arange(table.num_rows), pa.int64()))
     return con.from_arrow(table)
 
 
-def _file_checks(con) -> dict[str, tuple[int, int, int]]:
-    """``{filename: (rows, distinct cell ids, values that are numbers)}`` of every file of the view ``src``
-    that has a row."""
-    rows = con.sql("SELECT filename, count(*), count(DISTINCT cell_id), "
-                   "count(value) FILTER (WHERE NOT isnan(CAST(value AS DOUBLE))) FROM src GROUP BY filename").fetchall()
-    return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
-
-
-def _row_problems(sets: list[LedgerFiles], checks: dict[str, tuple[int, int, int]]) -> dict[str, str]:
-    """Per-cell files whose rows are not one cell's, with a metric that is a number: ``{path: reason}``."""
-    out = {}
-    for files in sets:
-        for path in files.cell_files.values():
-            rows, cells, numbers = checks.get(path, (0, 0, 0))
-            if rows == 0:
-                out[path] = "no rows"
-            elif cells != 1:
-                out[path] = "rows of more than one cell" if cells else "no cell_id"
-            elif numbers == 0:
-                out[path] = "every metric value is NaN or missing (no number in column 'value')"
-    return out
-
-
-def _query_rows(con, columns: list[str], metrics: list[str] | None, bad: list[str]) -> pa.Table:
-    """The rows of the view ``src`` with ``columns`` (of ``metrics`` only, None: all), not from the files
-    ``bad``, in the order of a per-file read (experiment, cell, file, row), typed as :data:`LEDGER_SCHEMA`."""
+def _query_rows(con, columns: list[str], metrics: list[str] | None) -> pa.Table:
+    """The rows of the view ``src`` with ``columns`` and ``filename`` (of ``metrics`` only, None: all), in the
+    order of a per-file read (experiment, cell, file, row), typed as :data:`LEDGER_SCHEMA`."""
     types = {f.name: f.type for f in LEDGER_SCHEMA}
     select = ", ".join('CAST("value" AS DOUBLE) AS "value"' if c == "value" else f'"{c}"' for c in columns)
-    where, params = "filename NOT IN (SELECT unnest($bad::VARCHAR[]))", {"bad": bad}
+    where, params = "", {}
     if metrics is not None:
-        where += " AND metric IN (SELECT unnest($metrics::VARCHAR[]))"
-        params["metrics"] = list(metrics)
-    table = con.sql(f"SELECT {select} FROM src WHERE {where} ORDER BY experiment, cell_id, filename, file_row_number",
-                    params=params).to_arrow_table()
-    return table.cast(pa.schema([pa.field(c, types[c]) for c in columns]))
+        where, params = "WHERE metric IN (SELECT unnest($metrics::VARCHAR[]))", {"metrics": list(metrics)}
+    table = con.sql(f"SELECT {select}, filename FROM src {where} "
+                    "ORDER BY experiment, cell_id, filename, file_row_number", params=params).to_arrow_table()
+    return table.cast(pa.schema([*(pa.field(c, types[c]) for c in columns), pa.field("filename", pa.string())]))
+
+
+def _suspects(table: pa.Table, cell_files: set[str]) -> set[str]:
+    """Per-cell files that a footer check must clear (:func:`footer_problem`): those without a row in
+    ``table``, those whose rows there hold more than one cell or only NaN values."""
+    value = table.column("value")
+    number = pc.fill_null(pc.invert(pc.is_nan(value)), False)
+    per_file = pa.table({"f": table.column("filename"), "c": table.column("cell_id"), "n": number}).group_by("f").aggregate(
+        [("c", "count_distinct"), ("n", "any")])
+    fine = {f for f, c, n in zip(per_file.column("f").to_pylist(), per_file.column("c_count_distinct").to_pylist(),
+                                 per_file.column("n_any").to_pylist()) if c == 1 and n}
+    return {p for p in cell_files if p not in fine}
 
 
 def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None, quarantine: bool) -> pa.Table:
-    """Every row of the ledgers ``sets`` (one engine, DuckDB): a first query checks every file (one cell,
-    a number among its values), a second reads ``columns`` of ``metrics``. A file that fails the scan
-    (truncated, not Parquet, a bad schema) is found by :func:`footer_problem` and set aside; then the
-    scan runs again.
+    """Every row of the ledgers ``sets`` with ``columns`` of ``metrics``, in one query of one engine (DuckDB).
+
+    Files are checked without a second scan: a per-cell file with no row in the answer, rows of several cells
+    or only NaN values gets a footer check (:func:`footer_problem`: no rows at all, every value NaN, a bad
+    schema); a scan that fails (truncated, not Parquet, a mistyped column) footer-checks every per-cell file.
+    A file that fails is set aside (a warning, or quarantine) and its rows are left out.
 
     Raises:
         FileNotFoundError: a file vanished (a compaction swapped it): the caller lists again.
     """
     fs = sets[0].layout.fs
     owner = {p: f.layout for f in sets for p in f.paths}
-    parts = {p for f in sets for p in f.parts}
-    cols = list(dict.fromkeys([*columns, "experiment", "cell_id", "metric", "value"]))
+    cell_files = {p for f in sets for p in f.cell_files.values()}
+    read_cols = list(dict.fromkeys([*columns, "experiment", "cell_id", "metric", "value"]))
     bad: dict[str, str] = {}
     for _ in range(3):
         active = [p for p in owner if p not in bad]
@@ -384,24 +376,26 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
             break
         con = _connect()
         try:
-            _source(con, fs, active, cols).create_view("src", replace=True)
-            problems = _row_problems([LedgerFiles(f.layout, {c: p for c, p in f.cell_files.items() if p not in bad},
-                                                  {}) for f in sets], _file_checks(con))
-            for path, reason in problems.items():
-                _set_aside(owner[path], path, reason, quarantine)
-            bad.update(problems)
-            return _query_rows(con, columns, metrics, sorted(bad))
+            _source(con, fs, active, read_cols).create_view("src", replace=True)
+            table = _query_rows(con, read_cols, metrics)
         except (duckdb.Error, pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
-            found = {p: r for p in active if p not in parts for r in [footer_problem(fs, p)] if r}
+            found = {p: r for p in active if p in cell_files for r in [footer_problem(fs, p)] if r}
             if not found:
                 raise
             for path, reason in found.items():
                 _set_aside(owner[path], path, reason, quarantine)
             bad.update(found)
+            continue
         finally:
             con.close()
+        found = {p: r for p in _suspects(table, cell_files & set(active)) for r in [footer_problem(fs, p)] if r}
+        for path, reason in found.items():
+            _set_aside(owner[path], path, reason, quarantine)
+        if found:
+            table = table.filter(pc.invert(pc.is_in(table.column("filename"), pa.array(sorted(found)))))
+        return table.select(columns)
     return LEDGER_SCHEMA.empty_table().select(columns)
 
 
