@@ -6,6 +6,7 @@
     smn ls DIR [--json]                                # experiments, cells done / failed / collapsed
     smn plot [DIR] --figure NAME|list [--experiment NAME] [--out FILE.png]
     smn validate SPEC.yaml [key=value ...]
+    smn ledger compact DIR [--experiment NAME]        # merge cell files into a few Parquet parts
 
 This module parses and dispatches, nothing else. The parsers of ``smn store``, ``smn cascade``, ``smn report``
 and ``smn ls`` are in :mod:`orchestrator.cli.store`, :mod:`orchestrator.cli.cascade` and
@@ -52,6 +53,7 @@ COMMANDS = {
     "plot": "orchestrator.cli.commands.read:plot",
     "report": "orchestrator.cli.report:report",
     "ls": "orchestrator.cli.report:ls",
+    "ledger": "orchestrator.cli.commands.read:ledger_command",
     "store": "orchestrator.cli.commands.store:handle",
 }
 

@@ -3,10 +3,12 @@
     smn report RESULTS [--experiment NAME] [--out DIR]   # report.md + self-contained report.html + PNGs
     smn report RESULTS --docs OUT                        # docs/ result pages (orchestrator.reports.docs)
     smn ls RESULTS [--json]                              # experiments: cells done / failed / collapsed, last update
+    smn ledger compact RESULTS [--experiment NAME]       # merge cell files into a few Parquet parts
     smn run SPEC --json | --quiet | --track mlflow,wandb # summary object / final table only / trackers
     smn table DIR --format json|parquet --out FILE       # machine-readable tables
 
-:func:`add_parser` registers ``report`` and ``ls`` (their handlers, :func:`report` and :func:`ls`, are named in
+:func:`add_parser` registers ``report``, ``ls`` and ``ledger`` (their handlers, :func:`report`, :func:`ls` and
+:func:`orchestrator.cli.commands.read.ledger`, are named in
 :data:`orchestrator.cli.app.COMMANDS`); the output helpers below serve ``smn run`` / ``smn table``
 (:mod:`orchestrator.cli.commands`). Nothing here loads torch or ray.
 """
@@ -22,6 +24,7 @@ import time
 import warnings
 from typing import Any, Iterator
 
+from orchestrator.cli.common import check_results_dir
 from orchestrator.cli.progress import run_progress
 from orchestrator.reports import registry, tables
 from orchestrator.reports.docs import write_docs
@@ -36,7 +39,7 @@ __all__ = ["add_parser", "report", "ls", "add_run_options", "quiet_output", "fin
 
 
 def add_parser(sub) -> None:
-    """Register ``smn report`` and ``smn ls``."""
+    """Register ``smn report``, ``smn ls`` and ``smn ledger compact``."""
     rep = sub.add_parser("report", help="write a results page (Markdown + self-contained HTML + PNGs) from the ledger",
                          description="Every experiment under RESULTS with the tables and figures its cells support, "
                          "seeds and mean ± std, failed and collapsed cells, and the environment: report.md and "
@@ -51,6 +54,16 @@ def add_parser(sub) -> None:
                         description="One line per experiment under RESULTS: cells done, failed, collapsed, last update.")
     ls.add_argument("results", metavar="RESULTS", help="results folder or URI")
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    led = sub.add_parser("ledger", help="maintain the ledger: merge cell files into a few Parquet parts",
+                         description="smn ledger compact RESULTS [--experiment NAME]: merge every finished cell file "
+                         "of an experiment into one Parquet part with an index of its cells (docs/ledger.md). Safe "
+                         "while a run lands cells; stopped, it is run again; readers see the same rows before and "
+                         "after.")
+    led_sub = led.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    comp = led_sub.add_parser("compact", help="merge finished cell files into a few Parquet parts per experiment")
+    comp.add_argument("results", metavar="RESULTS", help="results folder or URI")
+    comp.add_argument("--experiment", default=None, help="only this experiment (default: all)")
 
 
 def report(args) -> int:
@@ -74,8 +87,9 @@ def report(args) -> int:
 
 
 def ls(args) -> int:
-    """``smn ls``: one line (or JSON object) per experiment."""
-    frame = ls_frame(args.results)
+    """``smn ls``: one line (or JSON object) per experiment; a results folder that does not exist (or is a
+    file) is refused with exit 2, as by ``smn table``."""
+    frame = ls_frame(check_results_dir(args.results, "ls"))
     if args.json:
         print(frame.to_json(orient="records", indent=1))
     elif frame.empty:

@@ -55,7 +55,7 @@ from orchestrator.results.layout import ExperimentLayout, check_experiment_name,
 
 __all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "MANIFEST", "LedgerFiles", "write_cell", "read_ledger", "read_cell", "wide",
            "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures",
-           "cell_metric", "metric_names", "as_ledger_table", "ledger_files", "read_manifest", "schema_problem",
+           "cell_metric", "metric_names", "as_ledger_table", "ledger_files", "scan_files", "read_manifest", "schema_problem",
            "footer_problem"]
 
 LEDGER_SCHEMA = pa.schema([
@@ -354,13 +354,17 @@ def _suspects(table: pa.Table, cell_files: set[str]) -> set[str]:
     return {p for p in cell_files if p not in fine}
 
 
-def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None, quarantine: bool) -> pa.Table:
+def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None,
+          quarantine: bool) -> tuple[pa.Table, set[str]]:
     """Every row of the ledgers ``sets`` with ``columns`` of ``metrics``, in one query of one engine (DuckDB).
 
     Files are checked without a second scan: a per-cell file with no row in the answer, rows of several cells
     or only NaN values gets a footer check (:func:`footer_problem`: no rows at all, every value NaN, a bad
     schema); a scan that fails (truncated, not Parquet, a mistyped column) footer-checks every per-cell file.
     A file that fails is set aside (a warning, or quarantine) and its rows are left out.
+
+    Returns:
+        ``(rows, paths of the files set aside)``.
 
     Raises:
         FileNotFoundError: a file vanished (a compaction swapped it): the caller lists again.
@@ -393,21 +397,50 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
         found = {p: r for p in _suspects(table, cell_files & set(active)) for r in [footer_problem(fs, p)] if r}
         for path, reason in found.items():
             _set_aside(owner[path], path, reason, quarantine)
+        bad.update(found)
         if found:
             table = table.filter(pc.invert(pc.is_in(table.column("filename"), pa.array(sorted(found)))))
-        return table.select(columns)
-    return LEDGER_SCHEMA.empty_table().select(columns)
+        return table.select(columns), set(bad)
+    return LEDGER_SCHEMA.empty_table().select(columns), set(bad)
+
+
+def scan_files(files: LedgerFiles) -> tuple[pa.Table, set[str]]:
+    """Every row (all columns, typed as :data:`LEDGER_SCHEMA`) of the files ``files`` names, unique by
+    (cell, metric), in cell order; an unreadable file is skipped with a warning and left in place (what
+    :mod:`orchestrator.results.compact` merges).
+
+    Returns:
+        ``(rows, paths of the files skipped)``.
+
+    Raises:
+        FileNotFoundError: a file vanished meanwhile.
+    """
+    table, bad = _scan([files], list(LEDGER_SCHEMA.names), None, quarantine=False)
+    if table.num_rows:
+        table = table.append_column("_i", pa.array(np.arange(table.num_rows), pa.int64()))
+        first = table.group_by(["experiment", "cell_id", "metric"], use_threads=False).aggregate([("_i", "min")])
+        rows = first.column("_i_min").combine_chunks()
+        table = table.take(pc.take(rows, pc.array_sort_indices(rows))).drop_columns(["_i"])
+    return table, bad
 
 
 def list_experiments(results: str) -> list[str]:
     """Names of the experiments that have a ledger folder under ``results`` (a folder whose name is not a
-    plain experiment name is not one)."""
+    plain experiment name is not one).
+
+    Raises:
+        ValueError: an experiment's ``ledger`` is a file, not a folder (names it).
+    """
     fs, root = filesystem(results)
     info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     names = [os.path.basename(f.path) for f in info if f.type == pafs.FileType.Directory]
     layouts = [ExperimentLayout.of(results, n) for n in names if is_plain_name(n)]
-    return sorted(lay.experiment for lay in layouts
-                  if fs.get_file_info(lay.ledger_dir).type == pafs.FileType.Directory)
+    kinds = {lay.experiment: fs.get_file_info(lay.ledger_dir) for lay in layouts}
+    files = [info.path for info in kinds.values() if info.type == pafs.FileType.File]
+    if files:
+        raise ValueError(f"ledger location {files[0]} is a file; allowed: a folder of cell files "
+                         "(<results>/<experiment>/ledger/<cell_id>.parquet): move the file away")
+    return sorted(name for name, info in kinds.items() if info.type == pafs.FileType.Directory)
 
 
 def check_experiment(results: str, experiment: str | None) -> None:
@@ -467,7 +500,7 @@ def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool
         if not any(f.paths for f in sets):
             break
         try:
-            table = _scan([f for f in sets if f.paths], columns, metrics, quarantine)
+            table = _scan([f for f in sets if f.paths], columns, metrics, quarantine)[0]
             break
         except FileNotFoundError:  # a compaction swapped files between the listing and the scan: list again
             if attempt == 2:

@@ -7,10 +7,10 @@ import os
 from orchestrator.cli.common import EXIT_OK, check_results_dir
 from orchestrator.cli.report import write_table
 from orchestrator.reports import registry, tables
-from orchestrator.results import ledger
+from orchestrator.results import compact, ledger
 from orchestrator.results.layout import figure_location
 
-__all__ = ["table", "plot", "table_text"]
+__all__ = ["table", "plot", "table_text", "ledger_command"]
 
 
 def table_text(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
@@ -86,3 +86,11 @@ def plot(args) -> int:
     print(f"wrote {registry.draw_figure(args.figure, df, out or figure_location(results, args.figure))}")
     return EXIT_OK
 
+
+
+def ledger_command(args) -> int:
+    """``smn ledger compact RESULTS [--experiment NAME]``: compact every experiment's ledger (or one), a line
+    each (:func:`orchestrator.results.compact.compact_all`); 2 for a missing folder or unknown experiment."""
+    results = check_results_dir(args.results, "ledger compact")
+    compact.compact_all(results, args.experiment)
+    return EXIT_OK
