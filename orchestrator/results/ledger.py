@@ -324,7 +324,12 @@ def _source(con, fs: pafs.FileSystem, paths: list[str], columns: list[str]):
     if isinstance(fs, pafs.LocalFileSystem):
         return con.read_parquet(paths, filename=True, file_row_number=True)
     dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA)
-    table = dataset.to_table(columns={**{c: pads.field(c) for c in columns}, "filename": pads.field("__filename")})
+    batches, names = [], []
+    for tagged in dataset.scanner(columns=columns).scan_batches():
+        batches.append(tagged.record_batch)
+        names += [tagged.fragment.path] * tagged.record_batch.num_rows
+    table = pa.Table.from_batches(batches, pa.schema([LEDGER_SCHEMA.field(c) for c in columns]))
+    table = table.append_column("filename", pa.array(names, pa.string()))
     table = table.append_column("file_row_number", pa.array(np.arange(table.num_rows), pa.int64()))
     return con.from_arrow(table)
 
