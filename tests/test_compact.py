@@ -208,3 +208,33 @@ def test_compaction_on_s3_reads_the_same_rows_with_a_few_requests(tmp_path):
         log.removeHandler(requests)
         log.setLevel(logging.ERROR)
         server.stop()
+
+
+def _doc_blocks() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ledger.md").read_text()
+    section = text.split("## Querying it", 1)[1]
+    return [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
+
+
+def test_the_query_commands_of_docs_ledger_md_run_on_a_compacted_ledger(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    for name in ("demo", "table3_small"):
+        shutil.copytree(DEMO.parents[1] / name, results / name)
+    compact.compact(str(results), "demo")  # one compacted experiment, one of cell files
+    want = ledger.read_ledger(str(results))
+    knn = want[want["metric"] == "knn_top1"].groupby(["experiment", "method"])["value"].agg(["mean", "count"])
+    duck, polars, pandas = _doc_blocks()
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(duck, scope)  # noqa: S102 - the documented commands, as a user would paste them
+    shown = capsys.readouterr().out
+    assert "table3_small" in shown and "pretrained_bn" in shown
+    import duckdb
+
+    got = duckdb.sql(duck.split('duckdb.sql(', 1)[1].rsplit(').show()', 1)[0].strip('"')).df()
+    got = got.set_index(["experiment", "method"]).sort_index()
+    assert list(got["cells"]) == list(knn["count"]) and got["knn"].round(12).tolist() == knn["mean"].round(12).tolist()
+    exec(polars, scope)  # noqa: S102
+    assert scope["cells"].height == 9 and scope["rows"].height == len(want[want["experiment"] == "demo"])
+    exec(pandas, scope)  # noqa: S102
+    assert len(scope["cells"]) == 9
