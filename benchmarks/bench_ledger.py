@@ -146,11 +146,27 @@ def s3_gets(n: int) -> dict:
         server.stop()
 
 
-def run(cells: int, s3_cells: int) -> dict:
-    """Every figure of the module docstring; ``{name: {...}}``."""
+class _Figures(dict):
+    """The figures so far; each one printed (a Markdown row) and saved (``path``) as soon as it is measured."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        self.path = path
+        print("| figure | wall s | peak MB | other |\n| --- | --- | --- | --- |", flush=True)
+
+    def __setitem__(self, name, f):
+        super().__setitem__(name, f)
+        other = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("wall_s", "peak_mb", "code"))
+        print(f"| {name} | {f.get('wall_s', '-')} | {f.get('peak_mb', '-')} | {other} |", flush=True)
+        if self.path:
+            Path(self.path).write_text(json.dumps(self, indent=1))
+
+
+def run(cells: int, s3_cells: int, out_path: str | None = None) -> dict:
+    """Every figure of the module docstring; ``{name: {...}}``, printed as they come."""
     from orchestrator.results import compact
 
-    out = {}
+    out = _Figures(out_path)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         big, small = clone_ledger(tmp / "big", cells), clone_ledger(tmp / "small", 100)
@@ -182,13 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--s3-cells", type=int, default=10_000, help="0: skip the S3 figure")
     p.add_argument("--out", default=None, help="JSON file of the figures")
     args = p.parse_args(argv)
-    figures = run(args.cells, args.s3_cells)
-    print("| figure | wall s | peak MB | other |\n| --- | --- | --- | --- |")
-    for name, f in figures.items():
-        other = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("wall_s", "peak_mb", "code"))
-        print(f"| {name} | {f.get('wall_s', '-')} | {f.get('peak_mb', '-')} | {other} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=1))
+    run(args.cells, args.s3_cells, args.out)
     return 0
 
 
