@@ -7,6 +7,7 @@
   pass``, for reference);
 * GET requests (object reads and listings) that ``smn table`` sends to S3 (moto's server on 127.0.0.1), on
   ``--s3-cells`` cells, before and after compaction;
+* the import floor of a read command, ``import pandas, pyarrow.parquet, duckdb`` in a fresh interpreter;
 * ``smn validate experiments/demo.yaml`` and ``smn run experiments/demo.yaml --dry-run`` on a finished demo (the
   committed ledger of ``docs/results/demo``).
 
@@ -171,6 +172,7 @@ def run(cells: int, s3_cells: int, out_path: str | None = None) -> dict:
         tmp = Path(tmp)
         big, small = clone_ledger(tmp / "big", cells), clone_ledger(tmp / "small", 100)
         out["python -c pass"] = measure("py", "pass")
+        out["import floor: pandas, pyarrow.parquet, duckdb"] = measure("py", "import pandas, pyarrow.parquet, duckdb")
         out[f"smn table, {cells} cells"] = measure("smn", ["table", str(big)])
         out[f"DuckDB group-by, {cells} cells"] = measure("py", duckdb_query(big / "bench" / "ledger"))
         out[f"smn ls, {cells} cells"] = measure("smn", ["ls", str(big)])
