@@ -1,8 +1,9 @@
 """Analyses of learned masks: where the weights are switched off, and how alike two mask sets are.
 
-Plain PyTorch (never imports ray). Inputs are exported masks, ``{parameter name: bool tensor}``, as
-:func:`smn_core.masking.export_masks` returns them and the runner writes them to
-``<results>/<experiment>/masks/<cell_id>.safetensors``.
+Never imports torch or ray: masks are ``{parameter name: bool array}``, either torch tensors (as
+:func:`smn_core.masking.export_masks` returns them) or numpy arrays (as ``safetensors.numpy`` reads
+``<results>/<experiment>/masks/<cell_id>.safetensors``, which is how ``smn report`` / ``smn plot`` read them
+without loading torch); every count is done in numpy.
 
 * :func:`tensor_densities` -- density (kept fraction) per masked tensor, with each tensor placed in its
   network *stage* and *block* and named by *component* (paper Table 8, Figs. 6 and 7). open_clip fuses
@@ -35,10 +36,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
-import torch
-from torch import Tensor
+import numpy as np
 
 __all__ = ["TensorDensity", "MaskAgreement", "tensor_densities", "grouped_density", "mask_agreement",
            "network_order"]
@@ -103,17 +103,31 @@ def network_order(names) -> list[str]:
     return sorted(names, key=_natural_key)
 
 
-def _check_masks(masks: Mapping[str, Tensor], what: str) -> None:
+def _as_array(m: Any) -> np.ndarray | None:
+    """``m`` as a numpy array without importing torch (a CPU view of a torch tensor), or None if it is neither."""
+    if isinstance(m, np.ndarray):
+        return m
+    if type(m).__module__.split(".")[0] == "torch" and hasattr(m, "numpy"):
+        return m.detach().cpu().numpy()
+    return None
+
+
+def _check_masks(masks: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
+    """``masks`` as ``{name: bool numpy array}``; ValueError names the first bad entry."""
     if not isinstance(masks, Mapping) or not masks:
         got = "an empty mapping" if isinstance(masks, Mapping) else type(masks).__name__
         raise ValueError(f"{what} must be a non-empty mapping {{parameter name: bool tensor}}, got {got}")
+    out = {}
     for name, m in masks.items():
-        if not isinstance(m, Tensor):
-            raise ValueError(f"{what}[{name!r}] must be a torch.Tensor, got {type(m).__name__}")
-        if m.dtype != torch.bool:
+        a = _as_array(m)
+        if a is None:
+            raise ValueError(f"{what}[{name!r}] must be a torch.Tensor or numpy array, got {type(m).__name__}")
+        if a.dtype != np.bool_:
             raise ValueError(f"{what}[{name!r}] must be a bool mask tensor, got dtype {m.dtype}")
-        if m.numel() == 0:
+        if a.size == 0:
             raise ValueError(f"{what}[{name!r}] is empty")
+        out[name] = a
+    return out
 
 
 def _place(name: str) -> tuple[str, str, str, str]:
@@ -136,7 +150,7 @@ def _place(name: str) -> tuple[str, str, str, str]:
     return "other", "other", module or leaf, kind
 
 
-def tensor_densities(masks: Mapping[str, Tensor], *, split_qkv: bool = True) -> list[TensorDensity]:
+def tensor_densities(masks: Mapping[str, Any], *, split_qkv: bool = True) -> list[TensorDensity]:
     """Density of every masked tensor, placed in its stage and block (Table 8, Figs. 6-7).
 
     Args:
@@ -151,7 +165,7 @@ def tensor_densities(masks: Mapping[str, Tensor], *, split_qkv: bool = True) -> 
         ValueError: empty ``masks``, a value that is not a non-empty bool tensor, or a fused
             projection whose first dimension is not divisible by 3.
     """
-    _check_masks(masks, "masks")
+    masks = _check_masks(masks, "masks")
     out: list[TensorDensity] = []
     for name in network_order(masks):
         m = masks[name]
@@ -159,15 +173,15 @@ def tensor_densities(masks: Mapping[str, Tensor], *, split_qkv: bool = True) -> 
         if comp == "in_proj" and split_qkv:
             if m.shape[0] % 3:
                 raise ValueError(f"fused projection {name!r} has first dimension {m.shape[0]}, not divisible by 3")
-            for part, chunk in zip(("q", "k", "v"), m.chunk(3, dim=0)):
+            for part, chunk in zip(("q", "k", "v"), np.split(m, 3, axis=0)):
                 out.append(TensorDensity(f"{name}[{part}]", stage, block, f"{part}_proj", kind,
-                                         int(chunk.sum()), chunk.numel()))
+                                         int(np.count_nonzero(chunk)), int(chunk.size)))
             continue
-        out.append(TensorDensity(name, stage, block, comp, kind, int(m.sum()), m.numel()))
+        out.append(TensorDensity(name, stage, block, comp, kind, int(np.count_nonzero(m)), int(m.size)))
     return out
 
 
-def grouped_density(masks: Mapping[str, Tensor], level: Literal["stage", "block", "component"] = "stage"
+def grouped_density(masks: Mapping[str, Any], level: Literal["stage", "block", "component"] = "stage"
                     ) -> dict[str, float]:
     """Size-weighted density per stage, block or component (kept bits / bits of the group).
 
@@ -194,7 +208,7 @@ def grouped_density(masks: Mapping[str, Tensor], level: Literal["stage", "block"
     return {k: kept[k] / total[k] for k in kept}
 
 
-def mask_agreement(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> MaskAgreement:
+def mask_agreement(a: Mapping[str, Any], b: Mapping[str, Any]) -> MaskAgreement:
     """Share of identical mask bits between two mask sets over the same tensors.
 
     Used for the hyperparameter invariance of Sec. 3.2 (Theorems 1-2; App. A, Fig. 5): runs with
@@ -209,8 +223,7 @@ def mask_agreement(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> MaskAgre
     Raises:
         ValueError: bad masks, names that differ (lists a few), or shapes that differ.
     """
-    _check_masks(a, "a")
-    _check_masks(b, "b")
+    a, b = _check_masks(a, "a"), _check_masks(b, "b")
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
         raise ValueError(f"the mask sets cover different tensors: only in a {only_a}, only in b {only_b}")
@@ -219,9 +232,9 @@ def mask_agreement(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> MaskAgre
     for name in network_order(a):
         if a[name].shape != b[name].shape:
             raise ValueError(f"mask {name!r} has shape {tuple(a[name].shape)} in a and {tuple(b[name].shape)} in b")
-        eq = int((a[name] == b[name]).sum())
-        per[name] = eq / a[name].numel()
+        eq = int(np.count_nonzero(a[name] == b[name]))
+        per[name] = eq / a[name].size
         same += eq
-        total += a[name].numel()
+        total += a[name].size
     return MaskAgreement(identical_fraction=same / total, differing_bits=total - same, total_bits=total,
                          per_tensor=per)

@@ -64,3 +64,41 @@ def test_table_mean_std_over_seeds_and_formats(tmp_path):
     with pytest.raises(ValueError, match="allowed: markdown, latex, csv"):
         tables.render(wide, "html")
     assert "no results" in tables.render(tables.results_table(ledger.read_ledger(str(tmp_path / "none"))))
+
+
+def _dry_run_json(capsys, results) -> dict:
+    import json
+
+    from orchestrator.cli.app import main
+
+    assert main(["run", "experiments/demo.yaml", "--dry-run", "--json", "--results", str(results)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_dry_run_marks_done_cells_and_cached_pretraining(tmp_path, capsys, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    fresh = _dry_run_json(capsys, tmp_path / "fresh")
+    assert len(fresh["to_run"]) == 9 and fresh["done"] == [] and fresh["pretraining"]["cached"] is False
+    parts = fresh["estimate"]
+    assert {"ray_startup_s", "pretraining_s", "training_s", "evaluation_s"} <= set(parts)
+    assert all(parts[k] > 0 for k in ("ray_startup_s", "pretraining_s", "training_s", "evaluation_s"))
+    assert parts["total_s"] == pytest.approx(sum(parts[k] for k in ("ray_startup_s", "pretraining_s", "training_s",
+                                                                    "evaluation_s")), abs=0.2)
+    shutil.copytree(repo / "docs" / "results" / "demo", tmp_path / "done" / "demo")
+    finished = _dry_run_json(capsys, tmp_path / "done")
+    assert len(finished["done"]) == 9 and finished["to_run"] == [] and finished["estimate"]["total_s"] == 0
+    # half done, pretraining cached: only the rest and no pretraining in the estimate
+    ledger_dir = tmp_path / "done" / "demo" / "ledger"
+    for p in sorted(ledger_dir.glob("*.parquet"))[:4]:
+        p.unlink()
+    artifact = Path(finished["pretraining"]["artifacts"][0])
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(b"cached")
+    half = _dry_run_json(capsys, tmp_path / "done")
+    assert len(half["to_run"]) == 4 and len(half["done"]) == 5 and half["pretraining"]["cached"] is True
+    assert half["estimate"]["pretraining_s"] == 0 and 0 < half["estimate"]["training_s"] + half["estimate"][
+        "evaluation_s"] < parts["training_s"] + parts["evaluation_s"]

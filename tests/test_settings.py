@@ -159,9 +159,10 @@ def test_every_json_output_parses_strictly(pooled, capsys):
     assert main(["ls", str(pooled), "--json"]) == 0
     (exp,) = strict_loads(capsys.readouterr().out)
     assert exp["done"] == 10 and isinstance(exp["done"], int)
-    assert main(["run", str(REPO / "experiments" / "demo.yaml"), "--dry-run", "--json"]) == 0
+    assert main(["run", str(REPO / "experiments" / "demo.yaml"), "--dry-run", "--json", "--results",
+                 str(pooled.parent / "fresh")]) == 0
     plan = strict_loads(capsys.readouterr().out)
-    smn = [c for c in plan["cells"] if c["method"] == "smn"]
+    smn = [c for c in plan["to_run"] if c["method"] == "smn"]
     assert len(smn) == 3 and len({c["setting"] for c in smn}) == 1 and len({c["cell_id"] for c in smn}) == 3
 
 

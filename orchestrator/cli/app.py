@@ -7,6 +7,7 @@
     smn plot [DIR] --figure NAME|list [--experiment NAME] [--out FILE.png]
     smn validate SPEC.yaml [key=value ...]
     smn serve STORE [--replicas N] [--max-tasks-per-replica M] [--host H --port P] [--api-key-file F]
+    smn ledger compact DIR [--experiment NAME]        # merge cell files into a few Parquet parts
 
 This module parses and dispatches, nothing else. The parsers of ``smn store``, ``smn cascade``, ``smn report``
 and ``smn ls`` are in :mod:`orchestrator.cli.store`, :mod:`orchestrator.cli.cascade` and
@@ -54,6 +55,7 @@ COMMANDS = {
     "plot": "orchestrator.cli.commands.read:plot",
     "report": "orchestrator.cli.report:report",
     "ls": "orchestrator.cli.report:ls",
+    "ledger": "orchestrator.cli.commands.read:ledger_command",
     "store": "orchestrator.cli.commands.store:handle",
     "serve": "orchestrator.cli.commands.serve:serve",
 }

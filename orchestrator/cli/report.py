@@ -3,10 +3,12 @@
     smn report RESULTS [--experiment NAME] [--out DIR]   # report.md + self-contained report.html + PNGs
     smn report RESULTS --docs OUT                        # docs/ result pages (orchestrator.reports.docs)
     smn ls RESULTS [--json]                              # experiments: cells done / failed / collapsed, last update
+    smn ledger compact RESULTS [--experiment NAME]       # merge cell files into a few Parquet parts
     smn run SPEC --json | --quiet | --track mlflow,wandb # summary object / final table only / trackers
     smn table DIR --format json|parquet --out FILE       # machine-readable tables
 
-:func:`add_parser` registers ``report`` and ``ls`` (their handlers, :func:`report` and :func:`ls`, are named in
+:func:`add_parser` registers ``report``, ``ls`` and ``ledger`` (their handlers, :func:`report`, :func:`ls` and
+:func:`orchestrator.cli.commands.read.ledger`, are named in
 :data:`orchestrator.cli.app.COMMANDS`); the output helpers below serve ``smn run`` / ``smn table``
 (:mod:`orchestrator.cli.commands`). Nothing here loads torch or ray.
 """
@@ -22,6 +24,7 @@ import time
 import warnings
 from typing import Any, Iterator
 
+from orchestrator.cli.common import check_results_dir
 from orchestrator.cli.progress import knn_bank_note, plural, ray_log, run_progress
 from orchestrator.reports import registry, tables
 from orchestrator.reports.docs import write_docs
@@ -33,11 +36,11 @@ from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.tracking import track_flag
 
 __all__ = ["add_parser", "report", "ls", "add_run_options", "quiet_output", "finish_run", "finish_cascade", "track",
-           "tracking_section", "write_table", "dry_run_json"]
+           "tracking_section", "write_table", "dry_run_json", "cell_rows"]
 
 
 def add_parser(sub) -> None:
-    """Register ``smn report`` and ``smn ls``."""
+    """Register ``smn report``, ``smn ls`` and ``smn ledger compact``."""
     rep = sub.add_parser("report", help="write a results page (Markdown + self-contained HTML + PNGs) from the ledger",
                          description="Every experiment under RESULTS with the tables and figures its cells support, "
                          "seeds and mean ± std, failed and collapsed cells, and the environment: report.md and "
@@ -52,6 +55,16 @@ def add_parser(sub) -> None:
                         description="One line per experiment under RESULTS: cells done, failed, collapsed, last update.")
     ls.add_argument("results", metavar="RESULTS", help="results folder or URI")
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    led = sub.add_parser("ledger", help="maintain the ledger: merge cell files into a few Parquet parts",
+                         description="smn ledger compact RESULTS [--experiment NAME]: merge every finished cell file "
+                         "of an experiment into one Parquet part with an index of its cells (docs/ledger.md). Safe "
+                         "while a run lands cells; stopped, it is run again; readers see the same rows before and "
+                         "after.")
+    led_sub = led.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    comp = led_sub.add_parser("compact", help="merge finished cell files into a few Parquet parts per experiment")
+    comp.add_argument("results", metavar="RESULTS", help="results folder or URI")
+    comp.add_argument("--experiment", default=None, help="only this experiment (default: all)")
 
 
 def report(args) -> int:
@@ -75,8 +88,9 @@ def report(args) -> int:
 
 
 def ls(args) -> int:
-    """``smn ls``: one line (or JSON object) per experiment."""
-    frame = ls_frame(args.results)
+    """``smn ls``: one line (or JSON object) per experiment; a results folder that does not exist (or is a
+    file) is refused with exit 2, as by ``smn table``."""
+    frame = ls_frame(check_results_dir(args.results, "ls"))
     if args.json:
         print(registry.dumps_strict(registry.json_records(frame), indent=1))
     elif frame.empty:
@@ -185,17 +199,22 @@ def finish_cascade(args, spec, code: int) -> None:
         print(registry.render_frame(layout.build(rows), args.format, title=layout.description))
 
 
-def dry_run_json(spec, cells) -> str:
-    """``smn run SPEC --dry-run --json``: the cells a run would make, as strict JSON: experiment, and per cell
-    its id, label, method, seed, grid values and setting id (:func:`orchestrator.reports.settings.setting_id`:
-    cells of one setting differ only in the seed)."""
+def cell_rows(cells) -> list[dict]:
+    """Per cell of a run: its id, label, method, seed, grid values and setting id
+    (:func:`orchestrator.reports.settings.setting_id`: cells of one setting differ only in the seed)."""
     rows = []
     for c in cells:
         config = c.config.to_dict()
         rows.append({"cell_id": c.cell_id, "label": c.label, "method": config.get("method"),
                      "seed": int(config.get("seed", 0)), "grid": c.grid_values,
                      "setting": setting_id(json.dumps(config, sort_keys=True, default=str))})
-    return registry.dumps_strict(registry.strict({"experiment": spec.name, "cells": rows}), indent=1)
+    return rows
+
+
+def dry_run_json(summary: dict) -> str:
+    """``smn run SPEC --dry-run --json``: the dry run's summary (cells to run as :func:`cell_rows`, cells done,
+    pretraining, the estimate in parts) as strict JSON (no NaN or Infinity)."""
+    return registry.dumps_strict(registry.strict(summary), indent=1)
 
 
 def write_table(frame, fmt: str, out: str | None) -> str:

@@ -37,11 +37,13 @@ from pathlib import PurePath
 
 import numpy as np
 import pandas as pd
+from safetensors.numpy import load as load_arrays
 
-from smn_core.checkpoint import load_tensors, location_exists
+from smn_core.analysis import mask_agreement, tensor_densities
+from smn_core.checkpoint import location_exists
 
 from orchestrator.results import ledger
-from orchestrator.results.layout import ExperimentLayout
+from orchestrator.results.layout import ExperimentLayout, filesystem
 from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
 from orchestrator.reports.settings import KEYS, setting_label
 
@@ -122,16 +124,25 @@ def _results(df: pd.DataFrame, what: str) -> str:
 
 
 def load_cell_masks(results: str, experiment: str, cell_id: str) -> dict | None:
-    """The exported masks of a finished cell (``{name: bool tensor}``), or None if the cell wrote none.
+    """The exported masks of a finished cell (``{name: bool numpy array}``), or None if the cell wrote none.
 
     Reads :meth:`ExperimentLayout.mask` (``<results>/<experiment>/masks/<cell_id>.safetensors``; local path
-    or pyarrow URI; no pickle).
+    or pyarrow URI; no pickle) with ``safetensors.numpy``, so that a report never loads torch
+    (:mod:`smn_core.analysis` counts numpy arrays).
 
     Raises:
         ValueError: if the file exists but is not a readable safetensors file.
     """
     location = ExperimentLayout.of(results, experiment).mask(cell_id)
-    return load_tensors(location) if location_exists(location) else None
+    if not location_exists(location):
+        return None
+    fs, inner = filesystem(location)
+    with fs.open_input_stream(inner) as f:
+        blob = f.read()
+    try:
+        return load_arrays(blob)
+    except Exception as exc:  # safetensors raises SafetensorError on bad bytes
+        raise ValueError(f"{location} is not a readable safetensors file: {exc}") from exc
 
 
 def _stat(values: pd.Series, fmt=None) -> str:
@@ -394,8 +405,6 @@ def invariance(df: pd.DataFrame) -> pd.DataFrame:
     if cells.empty:
         return pd.DataFrame()
     results = _results(df, "the invariance table")
-    from smn_core.analysis import mask_agreement  # torch: loaded only where masks are compared, not by `smn table`
-
     out = []
     for _, g in cells.groupby("group", sort=False):
         ref = _reference(g)
@@ -512,8 +521,6 @@ def _densities(df: pd.DataFrame, what: str, vit: bool | None = None) -> pd.DataF
     if cells.empty:
         return pd.DataFrame()
     results = _results(df, what)
-    from smn_core.analysis import tensor_densities  # torch: loaded only where masks are read, not by `smn table`
-
     rows = []
     for _, c in cells.iterrows():
         masks = load_cell_masks(results, c["experiment"], c["cell_id"])

@@ -407,7 +407,8 @@ def ls_frame(results: str) -> pd.DataFrame:
     methods and seeds."""
     rows = []
     for name in _experiments_with_anything(results):
-        df = ledger.read_ledger(results, name)
+        df = ledger.read_ledger(results, name, columns=["cell_id", "experiment", "method", "seed", "metric", "value",
+                                                        "finished_at"])  # not the configs: the bulk of the bytes
         failed = ledger.read_failures(results, name)
         collapsed = df[(df["metric"] == "collapsed") & (df["value"] > 0)]["cell_id"].nunique() if len(df) else 0
         rows.append({"experiment": name, "done": int(df["cell_id"].nunique()) if len(df) else 0,

@@ -10,6 +10,7 @@ never rebuilds a path by hand.
 | name | location (under ``<results>/<experiment>/``) | written by |
 | --- | --- | --- |
 | :meth:`ExperimentLayout.ledger_file` | ``ledger/<cell_id>.parquet`` | the cell's worker, last |
+| :attr:`ExperimentLayout.compacted_dir` | ``ledger/_compacted/`` (``manifest.json``, ``part-*.parquet``) | ``smn ledger compact`` |
 | :meth:`ExperimentLayout.mask` | ``masks/<cell_id>.safetensors`` | the cell's worker |
 | :meth:`ExperimentLayout.state` | ``states/<cell_id>/`` (final trainable state) | the cell's worker |
 | :meth:`ExperimentLayout.checkpoint` | ``checkpoints/<cell_id>/`` (epoch checkpoint, removed on landing) | the cell's worker |
@@ -191,6 +192,17 @@ class ExperimentLayout:
     def ledger_file(self, cell_id: str) -> str:
         """Inner path of one cell's ledger file (``ledger/<cell_id>.parquet``)."""
         return self.inner("ledger", f"{cell_id}.parquet")
+
+    @property
+    def compacted_dir(self) -> str:
+        """Inner path of the compacted ledger's folder (``ledger/_compacted``: merged cells, written by
+        :mod:`orchestrator.results.compact`)."""
+        return self.inner("ledger", "_compacted")
+
+    def compacted(self, name: str) -> str:
+        """Inner path of one file of the compacted ledger (``ledger/_compacted/<name>``: ``manifest.json``,
+        ``part-<id>.parquet``)."""
+        return self.inner("ledger", "_compacted", name)
 
     @property
     def failures_dir(self) -> str:

@@ -30,15 +30,21 @@ runs again next time, and the record is removed when the cell finally lands.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
+import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -47,8 +53,10 @@ from smn_core.checkpoint import atomic_write
 
 from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
 
-__all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "write_cell", "read_ledger", "read_cell", "wide",
-           "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures", "cell_metric", "as_ledger_table"]
+__all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "MANIFEST", "LedgerFiles", "write_cell", "read_ledger", "read_cell", "wide",
+           "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures",
+           "cell_metric", "metric_names", "as_ledger_table", "ledger_files", "scan_files", "read_manifest", "schema_problem",
+           "footer_problem"]
 
 LEDGER_SCHEMA = pa.schema([
     ("cell_id", pa.string()),
@@ -161,40 +169,283 @@ def as_ledger_table(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=LEDGER_SCHEMA)
 
 
-def _read_experiment(lay: ExperimentLayout, quarantine: bool = False) -> list[pa.Table]:
-    fs = lay.fs
-    info = fs.get_file_info(pafs.FileSelector(lay.ledger_dir, allow_not_found=True))
-    tables = []
-    for fi in sorted(info, key=lambda f: f.path):
+MANIFEST = "manifest.json"
+"""Name of the compacted ledger's index (``ledger/_compacted/manifest.json``): ``{"parts": {part file name:
+[cell ids]}}``; the one commit point of :mod:`orchestrator.results.compact`."""
+
+
+@dataclass(frozen=True)
+class LedgerFiles:
+    """The files of one experiment's ledger, as one listing (and the compacted index) saw them.
+
+    Attributes:
+        layout: the experiment's layout.
+        cell_files: ``{cell id: inner path}`` of the per-cell files whose cell is not in the compacted index
+            (the cell id is the file's name, ``<cell_id>.parquet``).
+        parts: ``{inner path of a compacted part: cell ids}`` from the index.
+        shadowed: per-cell files whose cell the index holds already (left by a compaction that stopped
+            before it removed them; readers skip them, the next compaction removes them).
+    """
+
+    layout: ExperimentLayout
+    cell_files: dict[str, str]
+    parts: dict[str, tuple[str, ...]]
+    shadowed: tuple[str, ...] = ()
+
+    @property
+    def cells(self) -> set[str]:
+        """Every cell id of the ledger (file names and the compacted index; no row is read)."""
+        return set(self.cell_files) | {c for ids in self.parts.values() for c in ids}
+
+    @property
+    def paths(self) -> list[str]:
+        """Inner paths of every file a reader reads: the compacted parts, then the per-cell files."""
+        return sorted(self.parts) + sorted(self.cell_files.values())
+
+
+def read_manifest(layout: ExperimentLayout) -> dict[str, list[str]]:
+    """``{part file name: cell ids}`` of the experiment's compacted ledger; ``{}`` when it was never compacted.
+
+    Raises:
+        ValueError: the index exists but is not valid JSON of that shape (names the file).
+        OSError: the storage cannot be read.
+    """
+    path = layout.compacted(MANIFEST)
+    try:
+        with layout.fs.open_input_stream(path) as f:
+            blob = f.read()
+    except FileNotFoundError:
+        return {}
+    try:
+        parts = json.loads(blob)["parts"]
+        return {str(k): [str(c) for c in v] for k, v in parts.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"compacted ledger index {path} is not readable ({_one_line(exc)}); allowed: the JSON "
+                         "that `smn ledger compact` writes (remove it and the part files to fall back to the cell "
+                         "files, if they are still there)") from None
+
+
+def ledger_files(layout: ExperimentLayout) -> LedgerFiles:
+    """List one experiment's ledger: one listing of ``ledger/`` and, when it has a ``_compacted/`` folder, one
+    read of the index (in this order, so that a compaction running meanwhile never hides a cell: a cell file
+    gone from the listing is in the index read after it).
+
+    Raises:
+        OSError: the storage cannot be read.
+    """
+    fs = layout.fs
+    files, compacted = {}, False
+    for fi in fs.get_file_info(pafs.FileSelector(layout.ledger_dir, allow_not_found=True)):
         name = os.path.basename(fi.path)
-        if fi.type != pafs.FileType.File or not name.endswith(".parquet") or name.startswith("."):
-            continue
+        if fi.type == pafs.FileType.Directory and name == "_compacted":
+            compacted = True
+        elif fi.type == pafs.FileType.File and name.endswith(".parquet") and not name.startswith("."):
+            files[name[: -len(".parquet")]] = fi.path
+    index = read_manifest(layout) if compacted else {}
+    indexed = {c for ids in index.values() for c in ids}
+    return LedgerFiles(layout, {c: p for c, p in files.items() if c not in indexed},
+                       {layout.compacted(name): tuple(ids) for name, ids in index.items()},
+                       tuple(sorted(p for c, p in files.items() if c in indexed)))
+
+
+_FAMILIES = {"string": (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view),
+             "int": (pa.types.is_integer,), "float": (pa.types.is_floating, pa.types.is_integer),
+             "timestamp": (pa.types.is_timestamp,)}
+
+
+def _family(t: pa.DataType) -> str:
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_floating(t):
+        return "float"
+    return "int" if pa.types.is_integer(t) else "string"
+
+
+def schema_problem(schema: pa.Schema) -> str | None:
+    """Why a file of ``schema`` cannot be read as ledger rows (a missing column, a type that does not cast to
+    :data:`LEDGER_SCHEMA`'s, e.g. text in ``value``), or None."""
+    missing = [f.name for f in LEDGER_SCHEMA if f.name not in schema.names]
+    if missing:
+        return f"missing ledger column(s) {', '.join(missing)}"
+    for f in LEDGER_SCHEMA:
+        t = schema.field(f.name).type
+        if not any(test(t) for test in _FAMILIES[_family(f.type)]):
+            return f"column {f.name!r} of type {t} does not cast to {f.type}"
+    return None
+
+
+def footer_problem(fs: pafs.FileSystem, path: str) -> str | None:
+    """Why the ledger file ``path`` cannot be read, from its Parquet footer alone (no row is read): not
+    Parquet (truncated, zero bytes, text), a bad schema (:func:`schema_problem`), no rows, or no metric value
+    that is a number (every ``value`` NaN: the column statistics hold no min/max). None when it is fine.
+
+    Raises:
+        FileNotFoundError: the file is gone (moved by a compaction meanwhile).
+    """
+    try:
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable footer (ArrowInvalid, OSError) is the file's fault
+        return _one_line(exc)
+    problem = schema_problem(meta.schema.to_arrow_schema())
+    if problem or meta.num_rows == 0:
+        return problem or "no rows"
+    col = meta.schema.to_arrow_schema().get_field_index("value")
+    stats = [meta.row_group(i).column(col).statistics for i in range(meta.num_row_groups)]
+    if all(s is not None and not s.has_min_max for s in stats):
+        return "every metric value is NaN (no number in column 'value')"
+    return None
+
+
+def _set_aside(lay: ExperimentLayout, path: str, reason: str, quarantine: bool) -> None:
+    """Report an unreadable ledger file: moved to quarantine (a run) or skipped with a warning (a read)."""
+    if quarantine:
+        _quarantine(lay, path, ValueError(reason))
+    else:
+        warnings.warn(f"skipped unreadable ledger file {path} ({reason}); left in place", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _connect():
+    """A private in-memory DuckDB connection (threads: DuckDB's default, one per core)."""
+    con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def _source(con, fs: pafs.FileSystem, paths: list[str], columns: list[str]):
+    """The DuckDB relation of the rows of ``paths`` with ``columns`` plus ``filename`` and ``file_row_number``.
+
+    Local files are scanned by DuckDB's own Parquet reader (projection and filters pushed into it; columns
+    matched by name, types cast to the first file's); files on another ``pyarrow.fs`` filesystem (S3)
+    through ``pyarrow.dataset``, reading only ``columns``."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return con.read_parquet(paths, filename=True, file_row_number=True)
+    dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA)
+    batches, names = [], []
+    for tagged in dataset.scanner(columns=columns).scan_batches():
+        batches.append(tagged.record_batch)
+        names += [tagged.fragment.path] * tagged.record_batch.num_rows
+    table = pa.Table.from_batches(batches, pa.schema([LEDGER_SCHEMA.field(c) for c in columns]))
+    table = table.append_column("filename", pa.array(names, pa.string()))
+    table = table.append_column("file_row_number", pa.array(np.arange(table.num_rows), pa.int64()))
+    return con.from_arrow(table)
+
+
+def _query_rows(con, columns: list[str], metrics: list[str] | None) -> pa.Table:
+    """The rows of the view ``src`` with ``columns`` and ``filename`` (of ``metrics`` only, None: all), in the
+    order of a per-file read (experiment, cell, file, row), typed as :data:`LEDGER_SCHEMA`."""
+    types = {f.name: f.type for f in LEDGER_SCHEMA}
+    select = ", ".join('CAST("value" AS DOUBLE) AS "value"' if c == "value" else f'"{c}"' for c in columns)
+    where, params = "", {}
+    if metrics is not None:
+        where, params = "WHERE metric IN (SELECT unnest($metrics::VARCHAR[]))", {"metrics": list(metrics)}
+    table = con.sql(f"SELECT {select}, filename FROM src {where} "
+                    "ORDER BY experiment, cell_id, filename, file_row_number", params=params).to_arrow_table()
+    return table.cast(pa.schema([*(pa.field(c, types[c]) for c in columns), pa.field("filename", pa.string())]))
+
+
+def _suspects(table: pa.Table, cell_files: set[str]) -> set[str]:
+    """Per-cell files that a footer check must clear (:func:`footer_problem`): those without a row in
+    ``table``, those whose rows there hold more than one cell or only NaN values."""
+    value = table.column("value")
+    number = pc.fill_null(pc.invert(pc.is_nan(value)), False)
+    per_file = pa.table({"f": table.column("filename"), "c": table.column("cell_id"), "n": number}).group_by("f").aggregate(
+        [("c", "count_distinct"), ("n", "any")])
+    fine = {f for f, c, n in zip(per_file.column("f").to_pylist(), per_file.column("c_count_distinct").to_pylist(),
+                                 per_file.column("n_any").to_pylist()) if c == 1 and n}
+    return {p for p in cell_files if p not in fine}
+
+
+def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None,
+          quarantine: bool) -> tuple[pa.Table, set[str]]:
+    """Every row of the ledgers ``sets`` with ``columns`` of ``metrics``, in one query of one engine (DuckDB).
+
+    Files are checked without a second scan: a per-cell file with no row in the answer, rows of several cells
+    or only NaN values gets a footer check (:func:`footer_problem`: no rows at all, every value NaN, a bad
+    schema); a scan that fails (truncated, not Parquet, a mistyped column) footer-checks every per-cell file.
+    A file that fails is set aside (a warning, or quarantine) and its rows are left out.
+
+    Returns:
+        ``(rows, paths of the files set aside)``.
+
+    Raises:
+        FileNotFoundError: a file vanished (a compaction swapped it): the caller lists again.
+    """
+    fs = sets[0].layout.fs
+    owner = {p: f.layout for f in sets for p in f.paths}
+    cell_files = {p for f in sets for p in f.cell_files.values()}
+    read_cols = list(dict.fromkeys([*columns, "experiment", "cell_id", "metric", "value"]))
+    bad: dict[str, str] = {}
+    for _ in range(3):
+        active = [p for p in owner if p not in bad]
+        if not active:
+            break
+        con = _connect()
         try:
-            t = as_ledger_table(pq.read_table(fi.path, filesystem=fs))
-            if t.num_rows == 0:
-                raise ValueError("no rows")
-            if len(set(t.column("cell_id").to_pylist())) != 1:
-                raise ValueError("rows of more than one cell")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is set aside (run) or skipped (read)
-            if quarantine:
-                _quarantine(lay, fi.path, exc)
-            else:
-                warnings.warn(f"skipped unreadable ledger file {fi.path} ({_one_line(exc)}); left in place",
-                              RuntimeWarning, stacklevel=3)
+            _source(con, fs, active, read_cols).create_view("src", replace=True)
+            table = _query_rows(con, read_cols, metrics)
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            found = {p: r for p in active if p in cell_files for r in [footer_problem(fs, p)] if r}
+            if not found:
+                raise
+            for path, reason in found.items():
+                _set_aside(owner[path], path, reason, quarantine)
+            bad.update(found)
             continue
-        tables.append(t)
-    return tables
+        finally:
+            con.close()
+        found = {p: r for p in _suspects(table, cell_files & set(active)) for r in [footer_problem(fs, p)] if r}
+        for path, reason in found.items():
+            _set_aside(owner[path], path, reason, quarantine)
+        bad.update(found)
+        if found:
+            table = table.filter(pc.invert(pc.is_in(table.column("filename"), pa.array(sorted(found)))))
+        return table.select(columns), set(bad)
+    return LEDGER_SCHEMA.empty_table().select(columns), set(bad)
+
+
+def scan_files(files: LedgerFiles) -> tuple[pa.Table, set[str]]:
+    """Every row (all columns, typed as :data:`LEDGER_SCHEMA`) of the files ``files`` names, unique by
+    (cell, metric), in cell order; an unreadable file is skipped with a warning and left in place (what
+    :mod:`orchestrator.results.compact` merges).
+
+    Returns:
+        ``(rows, paths of the files skipped)``.
+
+    Raises:
+        FileNotFoundError: a file vanished meanwhile.
+    """
+    table, bad = _scan([files], list(LEDGER_SCHEMA.names), None, quarantine=False)
+    if table.num_rows:
+        table = table.append_column("_i", pa.array(np.arange(table.num_rows), pa.int64()))
+        first = table.group_by(["experiment", "cell_id", "metric"], use_threads=False).aggregate([("_i", "min")])
+        rows = first.column("_i_min").combine_chunks()
+        table = table.take(pc.take(rows, pc.array_sort_indices(rows))).drop_columns(["_i"])
+    return table, bad
 
 
 def list_experiments(results: str) -> list[str]:
     """Names of the experiments that have a ledger folder under ``results`` (a folder whose name is not a
-    plain experiment name is not one)."""
+    plain experiment name is not one).
+
+    Raises:
+        ValueError: an experiment's ``ledger`` is a file, not a folder (names it).
+    """
     fs, root = filesystem(results)
     info = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     names = [os.path.basename(f.path) for f in info if f.type == pafs.FileType.Directory]
     layouts = [ExperimentLayout.of(results, n) for n in names if is_plain_name(n)]
-    return sorted(lay.experiment for lay in layouts
-                  if fs.get_file_info(lay.ledger_dir).type == pafs.FileType.Directory)
+    kinds = {lay.experiment: fs.get_file_info(lay.ledger_dir) for lay in layouts}
+    files = [info.path for info in kinds.values() if info.type == pafs.FileType.File]
+    if files:
+        raise ValueError(f"ledger location {files[0]} is a file; allowed: a folder of cell files "
+                         "(<results>/<experiment>/ledger/<cell_id>.parquet): move the file away")
+    return sorted(name for name, info in kinds.items() if info.type == pafs.FileType.Directory)
 
 
 def check_experiment(results: str, experiment: str | None) -> None:
@@ -221,48 +472,100 @@ def is_plain_name(name: str) -> bool:
     return True
 
 
-def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool = False) -> pd.DataFrame:
-    """All rows of one experiment (or of every experiment under ``results``) as a DataFrame.
+def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool = False,
+                columns: list[str] | None = None, metrics: list[str] | None = None) -> pd.DataFrame:
+    """All rows of one experiment (or of every experiment under ``results``) as a DataFrame: compacted parts
+    and per-cell files alike (:func:`ledger_files`), read by DuckDB with only ``columns`` and ``metrics``.
 
     Read-only by default: a file whose schema casts to :data:`LEDGER_SCHEMA` is read (extra columns,
-    ``large_string``, a renamed copy); one that cannot be read is skipped with a warning and left where it
-    is. ``quarantine=True`` (``smn run`` only, through :func:`completed_cells`) moves it to
-    ``<experiment>/quarantine/`` instead, so its cell runs again. Rows are unique by (cell, metric).
-    ``df.attrs["results"]`` holds ``results``, so a report layout that reads masks or states next to the
-    ledger can find them.
+    ``large_string``, a renamed copy); one that cannot be read (truncated, not Parquet, a missing or
+    mistyped column, no rows, every metric NaN) is skipped with a warning and left where it is.
+    ``quarantine=True`` moves it to ``<experiment>/quarantine/`` instead, so its cell runs again. Rows are
+    unique by (experiment, cell, metric), in the order of a per-file read. ``df.attrs["results"]`` holds
+    ``results``, so a report layout that reads masks or states next to the ledger can find them.
+
+    Args:
+        columns: the ledger columns to read (None: all of :data:`LEDGER_SCHEMA`, in its order); the others
+            are not read.
+        metrics: only the rows of these metrics (None: all); the filter is pushed into the scan.
 
     Raises:
         ValueError: ``experiment`` is not a plain name
-            (:func:`orchestrator.results.layout.check_experiment_name`).
+            (:func:`orchestrator.results.layout.check_experiment_name`), or an unknown column.
+        OSError: the storage cannot be read.
     """
     names = [check_experiment_name(experiment)] if experiment else list_experiments(results)
-    tables = []
-    for name in names:
-        tables += _read_experiment(ExperimentLayout.of(results, name), quarantine=quarantine)
-    df = (pa.concat_tables(tables) if tables else LEDGER_SCHEMA.empty_table()).to_pandas()
-    if tables:
-        df = df.drop_duplicates(["experiment", "cell_id", "metric"], keep="first").reset_index(drop=True)
+    columns = list(columns or LEDGER_SCHEMA.names)
+    unknown = [c for c in columns if c not in LEDGER_SCHEMA.names]
+    if unknown:
+        raise ValueError(f"ledger column(s) {', '.join(unknown)} not known; allowed: {', '.join(LEDGER_SCHEMA.names)}")
+    table = LEDGER_SCHEMA.empty_table().select(columns)
+    for attempt in range(3):
+        sets = [ledger_files(ExperimentLayout.of(results, name)) for name in names]
+        if not any(f.paths for f in sets):
+            break
+        try:
+            table = _scan([f for f in sets if f.paths], columns, metrics, quarantine)[0]
+            break
+        except FileNotFoundError:  # a compaction swapped files between the listing and the scan: list again
+            if attempt == 2:
+                raise
+    df = table.to_pandas()
+    keys = [c for c in ("experiment", "cell_id", "metric") if c in df.columns]
+    if len(df) and len(keys) == 3:
+        df = df.drop_duplicates(keys, keep="first").reset_index(drop=True)
     df.attrs["results"] = str(results)
     return df
+
+
+def metric_names(results: str, experiment: str | None = None) -> list[str]:
+    """The metrics the ledger holds (sorted), e.g. to name the allowed ones when a table asks for another."""
+    df = read_ledger(results, experiment, columns=["experiment", "cell_id", "metric"])
+    return sorted(df["metric"].unique())
 
 
 def cell_metric(results: str, experiment: str, metric: str) -> dict[str, float]:
     """``{cell_id: value}`` of one metric over the experiment's cells (e.g. ``density`` for top-k at
     the found density)."""
-    df = read_ledger(results, experiment)
-    df = df[df["metric"] == metric]
+    df = read_ledger(results, experiment, columns=["cell_id", "experiment", "metric", "value"], metrics=[metric])
     return dict(zip(df["cell_id"], df["value"].astype(float)))
 
 
 def completed_cells(results: str, experiment: str) -> set[str]:
-    """Ids of the cells whose rows are in the ledger; called before a run, so unreadable files are
-    quarantined (moved to ``<experiment>/quarantine/``) and their cells run again."""
-    df = read_ledger(results, experiment, quarantine=True)
-    return set(df["cell_id"].unique())
+    """Ids of the cells the ledger holds, from file names and the compacted index (no row is read); called
+    before a run, so a per-cell file whose footer says it cannot be read (:func:`footer_problem`) is moved
+    to ``<experiment>/quarantine/`` and its cell runs again.
+
+    Raises:
+        OSError: the storage cannot be read.
+    """
+    files = ledger_files(ExperimentLayout.of(results, check_experiment_name(experiment)))
+    fs = files.layout.fs
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        problems = dict(zip(files.cell_files, pool.map(lambda p: _footer_or_gone(fs, p), files.cell_files.values())))
+    for cell, reason in problems.items():
+        if reason == _GONE:  # compacted meanwhile: the index has it now
+            continue
+        if reason:
+            _quarantine(files.layout, files.cell_files[cell], ValueError(reason))
+    gone = any(r == _GONE for r in problems.values())
+    done = (ledger_files(files.layout).cells if gone else files.cells)
+    return done - {c for c, r in problems.items() if r and r != _GONE}
+
+
+_GONE = "\0gone"
+
+
+def _footer_or_gone(fs: pafs.FileSystem, path: str) -> str | None:
+    try:
+        return footer_problem(fs, path)
+    except FileNotFoundError:
+        return _GONE
 
 
 def read_cell(layout: ExperimentLayout, cell_id: str) -> dict[str, float] | None:
-    """One cell's ``{metric: value}``, reading its own ledger file only; None when the cell has not landed.
+    """One cell's ``{metric: value}``, reading its own ledger file, or its rows in the compacted part that
+    holds it (:func:`read_manifest`); None when the cell has not landed.
 
     A file that exists but cannot be read as this cell's rows also gives None (the cell runs again and
     its rewrite replaces the file; a full :func:`read_ledger` quarantines such files).
@@ -271,10 +574,16 @@ def read_cell(layout: ExperimentLayout, cell_id: str) -> dict[str, float] | None
         OSError: if the storage itself cannot be reached.
     """
     fs, path = layout.fs, layout.ledger_file(cell_id)
+    filters = None
     if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
+        part = next((name for name, ids in read_manifest(layout).items() if cell_id in ids), None)
+        if part is None:
+            return None
+        path, filters = layout.compacted(part), [("cell_id", "=", cell_id)]
     try:
-        t = pq.read_table(path, filesystem=fs, columns=["cell_id", "metric", "value"])
+        t = pq.read_table(path, filesystem=fs, columns=["cell_id", "metric", "value"], filters=filters)
+    except FileNotFoundError:
+        return read_cell(layout, cell_id) if filters is None else None  # swapped by a compaction meanwhile
     except (pa.ArrowInvalid, OSError, ValueError):
         return None
     if t.num_rows == 0 or set(t.column("cell_id").to_pylist()) != {cell_id}:

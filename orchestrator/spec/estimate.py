@@ -11,6 +11,13 @@ time per cell = training steps x seconds per step (evaluation and Ray start-up a
   (SwAV multi-crop: every global and local view); else :data:`DEFAULT_S_PER_MPX` seconds per megapixel of
   input, times :data:`ARCH_COST` of the backbone (stated in the output as a default, not a measurement).
 * a ``weights: pipeline`` backbone adds its pretraining once.
+
+:func:`estimate_parts` (``smn run --dry-run [--json]``) adds what the per-cell figure leaves out and splits the
+run's wall time into its parts: Ray start-up (:data:`RAY_STARTUP_S`), pretraining (0 when the artifact is
+cached), training and evaluation of the cells still to run (an embedding pass over the train and test
+images, forward only: a third of a training step's cost per pixel, plus :data:`EVAL_FIXED_S` for the k-NN and
+the linear probe), divided over the cells that run at once on this machine (``os.cpu_count()`` over the CPUs
+a cell asks for; on GPUs: the GPUs seen, else one).
 """
 
 from __future__ import annotations
@@ -23,8 +30,16 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["CellEstimate", "estimate_cells", "estimate_text", "benchmark_step_times", "TRAIN_IMAGES",
-           "DEFAULT_S_PER_MPX", "ARCH_COST"]
+__all__ = ["CellEstimate", "estimate_cells", "estimate_text", "estimate_parts", "benchmark_step_times", "TRAIN_IMAGES",
+           "DEFAULT_S_PER_MPX", "ARCH_COST", "RAY_STARTUP_S", "EVAL_FIXED_S"]
+
+RAY_STARTUP_S = {"local": 10.0, "join": 2.0}
+"""Seconds to start a local Ray (head, dashboard, first workers) or to join a running cluster: defaults, stated
+as such in the estimate."""
+
+EVAL_FIXED_S = 5.0
+"""Seconds of a cell's evaluation beside the embedding pass: k-NN at two k, the linear probe's C search
+(the demo's cells: 6-10 s of ``eval_seconds`` on one CPU core, the pass included)."""
 
 TRAIN_IMAGES = {"digits": 1797 * 0.7, "cifar10": 50_000, "cifar100": 50_000, "food101": 75_750, "eurosat": 18_900,
                 "sun397": 76_128, "tinyimagenet": 100_000, "imagenet": 1_281_167}
@@ -170,3 +185,54 @@ def estimate_text(spec, cells, bench: pd.DataFrame | None = None) -> str:
                  f"({units:g} {device}(s) per cell)")
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _eval_seconds(cell_dict: dict, device: str, bench: pd.DataFrame) -> float:
+    """One cell's evaluation: an embedding pass (forward only, about a third of a training step per pixel)
+    over the train and test images, plus :data:`EVAL_FIXED_S`."""
+    data = cell_dict["dataset"]
+    size = data.get("image_size") or 224
+    train, _ = _train_images(data)
+    images = train / 0.7 if data.get("source") == "digits" else train * 1.2  # + the test split
+    per_image, _ = _step_seconds(cell_dict["backbone"]["arch"], 1, size * size, device, bench)
+    return images * per_image / 3 + EVAL_FIXED_S
+
+
+def _slots(spec, device: str) -> int:
+    res = spec.resources
+    if device == "gpu":
+        return max(1, int(os.environ.get("SMN_ESTIMATE_GPUS", "1")) // max(1, int(res.gpus_per_worker * res.workers)))
+    return max(1, int((os.cpu_count() or 1) // max(1e-9, res.cpus_per_worker * res.workers)))
+
+
+def estimate_parts(spec, cells, *, done: set[str] | frozenset = frozenset(), pretrain_cached: bool = False,
+                   join: bool = False, bench: pd.DataFrame | None = None) -> dict:
+    """The wall-time estimate of ``smn run`` for the cells of ``cells`` not in ``done``, in parts.
+
+    Args:
+        cells: every cell of the spec (:func:`orchestrator.spec.experiment.expand_cells`).
+        done: ids of the cells the ledger holds (they cost nothing).
+        pretrain_cached: the pipeline's pretrained backbone is there already (no pretraining).
+        join: the run joins a running cluster (``--address``) instead of starting a local Ray.
+
+    Returns:
+        ``{"ray_startup_s", "pretraining_s", "training_s", "evaluation_s", "total_s", "concurrent_cells",
+        "source", "notes"}``: training and evaluation are wall seconds with ``concurrent_cells`` cells at once;
+        nothing to run gives 0 everywhere.
+    """
+    bench = benchmark_step_times() if bench is None else bench
+    device = "gpu" if spec.resources.gpus_per_worker > 0 else "cpu"
+    todo = [c for c in cells if c.cell_id not in done]
+    est, notes = estimate_cells(spec, todo, bench)
+    slots = _slots(spec, device)
+    by_id = {c.cell_id: c for c in todo}
+    train = sum(e.seconds for e in est if e.cell_id != "pretrain")
+    evaluation = sum(_eval_seconds(by_id[e.cell_id].config.to_dict(), device, bench) for e in est
+                     if e.cell_id != "pretrain")
+    pre = 0.0 if pretrain_cached else sum(e.seconds for e in est if e.cell_id == "pretrain")
+    parts = {"ray_startup_s": RAY_STARTUP_S["join" if join else "local"] if todo else 0.0,
+             "pretraining_s": pre if todo else 0.0, "training_s": train / slots, "evaluation_s": evaluation / slots}
+    parts = {k: round(v, 1) for k, v in parts.items()}
+    parts["total_s"] = round(sum(parts.values()), 1)
+    parts.update(concurrent_cells=slots, source=sorted({e.source for e in est}) or ["-"], notes=notes)
+    return parts

@@ -8,10 +8,10 @@ from orchestrator.cli.common import EXIT_OK, check_results_dir
 from orchestrator.cli.report import write_table
 from orchestrator.reports import registry, tables
 from orchestrator.reports.settings import parse_where
-from orchestrator.results import ledger
+from orchestrator.results import compact, ledger
 from orchestrator.results.layout import figure_location
 
-__all__ = ["table", "plot", "table_text"]
+__all__ = ["table", "plot", "table_text", "ledger_command"]
 
 
 def table_text(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
@@ -29,12 +29,41 @@ def table_text(results: str | None, experiment: str | None, fmt: str, metrics: s
     parse_where(where or [])
     results = check_results_dir(results, "table")
     ledger.check_experiment(results, experiment)
-    frame, title = tables.table_frame(ledger.read_ledger(results, experiment), fmt, metrics, layout, where)
+    frame, title = tables.table_frame(_rows(results, experiment, metrics, layout), fmt, metrics, layout, where)
     if out is not None or fmt == "parquet":
         return write_table(frame, fmt, out)
     if frame is None or frame.empty:
         return f"(no cell matches --where {' '.join(where)})" if where else "(no results in the ledger yet)"
     return registry.render_frame(frame, fmt, title=title)
+
+
+TABLE_COLUMNS = ("cell_id", "experiment", "method", "backbone", "dataset", "seed", "grid_json", "config_json", "metric",
+                 "value")
+"""The ledger columns the generic table reads (a registered layout reads them all); ``config_json`` gives each
+cell's setting (:mod:`orchestrator.reports.settings`) and serves ``--where``."""
+
+STORAGE_METRICS = ("storage_bits", "backbone_params")
+"""The metrics behind the generic table's storage columns (:mod:`orchestrator.reports.tables`)."""
+
+
+def _rows(results: str, experiment: str | None, metrics: str | None, layout: str | None):
+    """The ledger rows a table needs: every column for a registered layout; for the generic table only
+    :data:`TABLE_COLUMNS` of the chosen metrics (and :data:`STORAGE_METRICS`), filtered in the scan.
+
+    Raises:
+        ValueError: a chosen metric that the ledger does not hold (names the ones it does).
+    """
+    if layout is not None:
+        return ledger.read_ledger(results, experiment)
+    chosen = [m.strip() for m in metrics.split(",")] if metrics else list(tables.DEFAULT_METRICS)
+    df = ledger.read_ledger(results, experiment, columns=list(TABLE_COLUMNS),
+                            metrics=list(dict.fromkeys(chosen + list(STORAGE_METRICS))))
+    if metrics:
+        unknown = [m for m in chosen if m not in set(df["metric"])]
+        have = ledger.metric_names(results, experiment) if unknown else []
+        if unknown and have:
+            raise ValueError(f"metric(s) {', '.join(map(repr, unknown))} not in the ledger; allowed: {', '.join(have)}")
+    return df
 
 
 def table(args) -> int:
@@ -63,3 +92,11 @@ def plot(args) -> int:
     print(f"wrote {registry.draw_figure(args.figure, df, out or figure_location(results, args.figure))}")
     return EXIT_OK
 
+
+
+def ledger_command(args) -> int:
+    """``smn ledger compact RESULTS [--experiment NAME]``: compact every experiment's ledger (or one), a line
+    each (:func:`orchestrator.results.compact.compact_all`); 2 for a missing folder or unknown experiment."""
+    results = check_results_dir(args.results, "ledger compact")
+    compact.compact_all(results, args.experiment)
+    return EXIT_OK

@@ -3,24 +3,27 @@ the table. A spec with a ``cascade:`` section goes to :mod:`orchestrator.cli.com
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
 import ray
 
-from smn_core.checkpoint import location_join
+from smn_core.checkpoint import location_exists, location_join
 
 from orchestrator.cli import report as report_cli
 from orchestrator.cli.commands import cascade as cascade_cmd
 from orchestrator.cli.commands.read import table_text
-from orchestrator.cli.commands.validate import load_checked, print_cells
+from orchestrator.cli.commands.validate import load_checked
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_error
 from orchestrator.engine.plain import run_experiment
+from orchestrator.engine.prepare import pretrain_artifact_path
 from orchestrator.engine.preflight import StorageUnreachable
 from orchestrator.engine.session import ClusterTooSmall, check_local_fits, error_cause
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
+from orchestrator.spec.estimate import estimate_parts, estimate_text
 from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
 
 __all__ = ["run"]
@@ -36,12 +39,43 @@ def run(args) -> int:
         return _cascade(args, spec)
     cells = expand_cells(spec)
     if args.dry_run:
-        if getattr(args, "json", False):
-            print(report_cli.dry_run_json(spec, cells))
-        else:
-            print_cells(spec, cells, estimate=True)
-        return EXIT_OK
+        return _dry_run(args, spec, cells)
     return _run_cells(args, spec, cells)
+
+
+def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
+    """``smn run --dry-run [--json]``: the cells, each marked done (its file or the compacted index holds it:
+    names only, no row read) or to run, whether the pipeline's pretraining is cached, and the estimate in parts
+    (:func:`orchestrator.spec.estimate.estimate_parts`). Writes nothing; ``--json``: one JSON object."""
+    done: set[str] = set()
+    if "://" in str(args.results) or os.path.isdir(args.results):
+        if spec.name in ledger.list_experiments(args.results):
+            done = ledger.ledger_files(ExperimentLayout.of(args.results, spec.name)).cells & {c.cell_id for c in cells}
+    pipeline = [c for c in cells if c.config.backbone.weights == "pipeline" and c.config.pretrain is not None]
+    artifacts = sorted({pretrain_artifact_path(args.results, spec.name, c.config) for c in pipeline})
+    cached = bool(artifacts) and all(location_exists(a) for a in artifacts)
+    parts = estimate_parts(spec, cells, done=done, pretrain_cached=cached,
+                           join=bool(args.address or os.environ.get("RAY_ADDRESS")))
+    todo = [c for c in cells if c.cell_id not in done]
+    if getattr(args, "json", False):
+        print(report_cli.dry_run_json({"experiment": spec.name, "results": str(args.results), "cells": len(cells),
+                                       "to_run": report_cli.cell_rows(todo), "done": sorted(done),
+                                       "pretraining": {"needed": bool(artifacts), "cached": cached,
+                                                       "artifacts": artifacts},
+                                       "estimate": parts}))
+        return EXIT_OK
+    print(f"spec {spec.name}: valid, {len(cells)} cells: {len(done)} done, {len(todo)} to run")
+    for c in cells:
+        print(f"  {c.cell_id}  {c.label:40s} {'done' if c.cell_id in done else 'to run'}")
+    if artifacts:
+        state = "not needed (every cell done)" if not todo else "cached" if cached else "to run"
+        print(f"pretraining: {state} ({', '.join(artifacts)})")
+    if todo:
+        print(estimate_text(spec, todo))
+    print(f"\nestimate: {parts['total_s']:.0f} s = Ray start-up {parts['ray_startup_s']:.0f} s + pretraining "
+          f"{parts['pretraining_s']:.0f} s + training {parts['training_s']:.0f} s + evaluation "
+          f"{parts['evaluation_s']:.0f} s ({parts['concurrent_cells']} cells at once; {', '.join(parts['source'])})")
+    return EXIT_OK
 
 
 def _cascade(args, spec: ExperimentSpec) -> int:

@@ -1,0 +1,208 @@
+"""The ledger's figures (issue 27), side by side in one run, each command in a fresh interpreter:
+
+* ``smn table`` on N cells (default 10,000) against DuckDB's own query over the same files (a group-by of two
+  metrics: ``knn_top1`` and ``density`` by method): wall time and peak resident memory;
+* ``smn table`` and ``smn ls`` on 100 cells;
+* ``smn table`` on the N cells after ``smn ledger compact`` (and the interpreter's start alone, ``python -c
+  pass``, for reference);
+* GET requests (object reads and listings) that ``smn table`` sends to S3 (moto's server on 127.0.0.1), on
+  ``--s3-cells`` cells, before and after compaction;
+* the import floor of a read command, ``import pandas, pyarrow.parquet, duckdb`` in a fresh interpreter;
+* ``smn validate experiments/demo.yaml`` and ``smn run experiments/demo.yaml --dry-run`` on a finished demo (the
+  committed ledger of ``docs/results/demo``).
+
+The synthetic ledgers are the demo's nine real cell files (``docs/results/demo/ledger``) cloned under new cell
+ids, round robin. Run: ``python -m benchmarks.bench_ledger [--cells 10000] [--s3-cells 10000] [--out FILE.json]``;
+it prints a Markdown table and writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "docs" / "results" / "demo" / "ledger"
+
+_MEASURE = r"""
+import json, sys, time
+t0 = time.time()
+kind, arg = sys.argv[1], sys.argv[2]
+sys.argv = [sys.argv[0]] + json.loads(arg) if kind == "smn" else sys.argv
+code = 0
+if kind == "smn":
+    from orchestrator.cli.app import main
+    import contextlib, io
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(json.loads(arg))
+else:
+    exec(arg)
+hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(json.dumps({"code": code, "inner_s": time.time() - t0, "peak_mb": hwm / 1024}), file=sys.stderr)
+"""
+
+
+def clone_ledger(results: Path, n: int, experiment: str = "bench") -> Path:
+    """``results/<experiment>/ledger`` with ``n`` cells: the demo's cell files, round robin, under new ids."""
+    src = [pq.read_table(p) for p in sorted(DEMO.glob("*.parquet"))]
+    out = results / experiment / "ledger"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        t = src[i % len(src)]
+        cid = hashlib.sha256(f"{experiment}/{i}".encode()).hexdigest()[:16]
+        for col, value in (("cell_id", cid), ("experiment", experiment)):
+            t = t.set_column(t.schema.get_field_index(col), col, pa.array([value] * t.num_rows, pa.string()))
+        pq.write_table(t, out / f"{cid}.parquet")
+    return results
+
+
+def measure(kind: str, arg, env: dict | None = None) -> dict:
+    """Wall time (s, from the parent, interpreter start included) and peak RSS (MB) of one fresh interpreter
+    running ``smn ARGV`` (kind ``smn``, ``arg`` a list) or Python code (kind ``py``)."""
+    payload = json.dumps(arg) if kind == "smn" else arg
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, kind, payload], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=1800)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} {arg}: exit {proc.returncode}: {proc.stderr[-1500:]}")
+    stats = json.loads(proc.stderr.strip().splitlines()[-1])
+    return {"wall_s": round(wall, 2), "peak_mb": round(stats["peak_mb"]), "code": stats["code"]}
+
+
+def duckdb_query(folder: Path) -> str:
+    """DuckDB's own query over a ledger folder: mean and count of two metrics per method."""
+    return ("import duckdb\nduckdb.sql(\"SELECT method, metric, avg(value), count(*) FROM "
+            f"read_parquet('{folder}/*.parquet') WHERE metric IN ('knn_top1', 'density') GROUP BY ALL\").fetchall()")
+
+
+class _Requests(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def gets(self) -> int:
+        return sum("GET /" in line for line in self.lines)
+
+
+def s3_gets(n: int) -> dict:
+    """GET requests of ``smn table`` (in this process) on ``n`` cells in moto's S3, before / after compaction."""
+    from moto.server import ThreadedMotoServer
+
+    from orchestrator.cli.commands.read import table_text
+    from orchestrator.results import compact
+
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    requests = _Requests()
+    log = logging.getLogger("werkzeug")
+    log.addHandler(requests)
+    log.setLevel(logging.INFO)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+                               access_key="test", secret_key="test", allow_bucket_creation=True)
+        fs.create_dir("bench")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = clone_ledger(Path(tmp), n) / "bench" / "ledger"
+            def upload(p: Path) -> None:
+                with fs.open_output_stream(f"bench/r/bench/ledger/{p.name}") as out:
+                    out.write(p.read_bytes())
+
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                list(pool.map(upload, local.iterdir()))
+        uri = f"s3://test:test@bench/r?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        out = {}
+        for when in ("before", "after"):
+            if when == "after":
+                compact.compact(uri, "bench")
+            requests.lines.clear()
+            t0 = time.perf_counter()
+            text = table_text(uri, None, "markdown", None)
+            out[f"gets_{when}"] = requests.gets()
+            out[f"table_s_{when}"] = round(time.perf_counter() - t0, 2)
+            out[f"table_{when}"] = text
+        assert out["table_before"] == out["table_after"], "compaction changed the table"
+        return {k: v for k, v in out.items() if not k.startswith("table_") or k.startswith("table_s")}
+    finally:
+        log.removeHandler(requests)
+        server.stop()
+
+
+class _Figures(dict):
+    """The figures so far; each one printed (a Markdown row) and saved (``path``) as soon as it is measured."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        self.path = path
+        print("| figure | wall s | peak MB | other |\n| --- | --- | --- | --- |", flush=True)
+
+    def __setitem__(self, name, f):
+        super().__setitem__(name, f)
+        other = ", ".join(f"{k} {v}" for k, v in f.items() if k not in ("wall_s", "peak_mb", "code"))
+        print(f"| {name} | {f.get('wall_s', '-')} | {f.get('peak_mb', '-')} | {other} |", flush=True)
+        if self.path:
+            Path(self.path).write_text(json.dumps(self, indent=1))
+
+
+def run(cells: int, s3_cells: int, out_path: str | None = None) -> dict:
+    """Every figure of the module docstring; ``{name: {...}}``, printed as they come."""
+    from orchestrator.results import compact
+
+    out = _Figures(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        big, small = clone_ledger(tmp / "big", cells), clone_ledger(tmp / "small", 100)
+        out["python -c pass"] = measure("py", "pass")
+        out["import floor: pandas, pyarrow.parquet, duckdb"] = measure("py", "import pandas, pyarrow.parquet, duckdb")
+        out[f"smn table, {cells} cells"] = measure("smn", ["table", str(big)])
+        out[f"DuckDB group-by, {cells} cells"] = measure("py", duckdb_query(big / "bench" / "ledger"))
+        out[f"smn ls, {cells} cells"] = measure("smn", ["ls", str(big)])
+        out["smn table, 100 cells"] = measure("smn", ["table", str(small)])
+        out["smn ls, 100 cells"] = measure("smn", ["ls", str(small)])
+        t0 = time.perf_counter()
+        compact.compact(str(big), "bench")
+        out[f"smn ledger compact, {cells} cells (in process)"] = {"wall_s": round(time.perf_counter() - t0, 2)}
+        out[f"smn table, {cells} compacted cells"] = measure("smn", ["table", str(big)])
+        out[f"smn ls, {cells} compacted cells"] = measure("smn", ["ls", str(big)])
+        demo = tmp / "demo_results"
+        shutil.copytree(DEMO.parent, demo / "demo")
+        out["smn validate experiments/demo.yaml"] = measure("smn", ["validate", "experiments/demo.yaml"])
+        out["smn run --dry-run, finished demo"] = measure(
+            "smn", ["run", "experiments/demo.yaml", "--dry-run", "--results", str(demo)])
+    if s3_cells:
+        out[f"S3 (moto) smn table, {s3_cells} cells"] = s3_gets(s3_cells)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.bench_ledger``: run, print a Markdown table, write JSON (``--out``)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cells", type=int, default=10_000)
+    p.add_argument("--s3-cells", type=int, default=10_000, help="0: skip the S3 figure")
+    p.add_argument("--out", default=None, help="JSON file of the figures")
+    args = p.parse_args(argv)
+    run(args.cells, args.s3_cells, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
