@@ -470,6 +470,18 @@ def _build_timm_resnet(arch: str, weights: str, checkpoint: str | None) -> Backb
         source = f"timm:{net.pretrained_cfg.get('hf_hub_id') or arch}"
     else:
         net = timm.create_model(arch, pretrained=False)
+    return _timm_backbone(net, arch, checkpoint, source, head_name="fc", default_mask_selector="conv")
+
+
+def _timm_backbone(net: nn.Module, arch: str, checkpoint: str | None, source: str, *, head_name: str,
+                   default_mask_selector: str) -> Backbone:
+    """A built timm model as a headless :class:`Backbone`: its linear classifier kept aside (``classifier``),
+    ``forward`` giving the pooled ``(B, num_features)``, then the weights of ``checkpoint`` (when given) loaded,
+    with the classifier's keys under ``head_name + "."``; input size, mean and std from its pretrained config.
+
+    Raises:
+        ValueError: a checkpoint that does not match the model (names the offending keys).
+    """
     feature_dim = int(net.num_features)
     head = net.get_classifier()
     classifier: nn.Module | None = None
@@ -479,13 +491,13 @@ def _build_timm_resnet(arch: str, weights: str, checkpoint: str | None) -> Backb
     net.reset_classifier(0)  # forward -> pooled (B, num_features)
     if checkpoint is not None:
         source = str(checkpoint)
-        classifier = _load_headed(net, load_checkpoint_state_dict(checkpoint), head_prefix="fc.", feature_dim=feature_dim,
-                                  what=f"{arch} checkpoint {source}")
+        classifier = _load_headed(net, load_checkpoint_state_dict(checkpoint), head_prefix=head_name + ".",
+                                  feature_dim=feature_dim, what=f"{arch} checkpoint {source}")
     cfg = net.pretrained_cfg
     return Backbone(model=net.eval(), feature_dim=feature_dim, input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
                     mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
                     std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)), arch=arch,
-                    default_mask_selector="conv", classifier=classifier, weights_source=source)
+                    default_mask_selector=default_mask_selector, classifier=classifier, weights_source=source)
 
 
 _SSL_RESNET50_URLS = {"resnet50_swav": _SWAV_URL, "resnet50_dino": _DINO_RESNET50_URL}
@@ -711,23 +723,8 @@ def _build_timm_any(arch: str, weights: str, checkpoint: str | None) -> Backbone
         source = f"timm:{hub_id}"
     else:
         net = timm.create_model(name, pretrained=False)
-    feature_dim = int(net.num_features)
-    head = net.get_classifier()
-    classifier: nn.Module | None = None
-    if isinstance(head, nn.Linear):
-        classifier = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-        classifier.load_state_dict(head.state_dict())
-    head_name = str(net.pretrained_cfg.get("classifier") or "fc")
-    net.reset_classifier(0)  # forward -> pooled (B, num_features)
-    if checkpoint is not None:
-        source = str(checkpoint)
-        classifier = _load_headed(net, load_checkpoint_state_dict(checkpoint), head_prefix=head_name + ".",
-                                  feature_dim=feature_dim, what=f"{arch} checkpoint {source}")
-    cfg = net.pretrained_cfg
-    return Backbone(model=net.eval(), feature_dim=feature_dim, input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
-                    mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
-                    std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)), arch=arch,
-                    default_mask_selector=_default_selector(net), classifier=classifier, weights_source=source)
+    return _timm_backbone(net, arch, checkpoint, source, head_name=str(net.pretrained_cfg.get("classifier") or "fc"),
+                          default_mask_selector=_default_selector(net))
 
 
 def _build_open_clip_any(arch: str, weights: str, checkpoint: str | None) -> Backbone:
