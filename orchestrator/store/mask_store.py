@@ -151,6 +151,18 @@ def _read(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def _read_file(location: str, what: str) -> bytes:
+    """The bytes of the file at ``location`` (local or any ``pyarrow.fs`` URI).
+
+    Raises:
+        FileNotFoundError: ``"no <what> at <location>"``.
+    """
+    fs, path = filesystem(location)
+    if not _exists(fs, path):
+        raise FileNotFoundError(f"no {what} at {location!r}")
+    return _read(fs, path)
+
+
 class MaskStore:
     """A store at ``location`` (see module docstring). Open an existing one with ``MaskStore(location)``,
     make a new one with :meth:`create`.
@@ -409,10 +421,7 @@ def task_from_masks_file(path: str, backbone: nn.Module, *, arch: str = "", stat
         FileNotFoundError: missing file. MaskFileError: unreadable file or non-boolean tensors.
         BackboneMismatchError: names or shapes do not fit ``backbone``.
     """
-    fs, p = filesystem(path)
-    if not _exists(fs, p):
-        raise FileNotFoundError(f"no masks file at {path!r}")
-    data = _read(fs, p)
+    data = _read_file(path, "masks file")
     try:
         masks = st_load(data)
         file_arch, file_hash = masks_file_identity(data)
@@ -504,10 +513,7 @@ def read_probe_head(location: str) -> dict[str, Any]:
     Raises:
         FileNotFoundError: nothing at ``location``. MaskFileError: not a probe head file.
     """
-    fs, path = filesystem(location)
-    if not _exists(fs, path):
-        raise FileNotFoundError(f"no probe head file at {location!r}")
-    data = _read(fs, path)
+    data = _read_file(location, "probe head file")
     try:
         tensors = st_load(data)
         meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}

@@ -64,9 +64,7 @@ def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
                                                        "artifacts": artifacts},
                                        "estimate": parts}))
         return EXIT_OK
-    print(f"spec {spec.name}: valid, {len(cells)} cells: {len(done)} done, {len(todo)} to run")
-    for c in cells:
-        print(f"  {c.cell_id}  {c.label:40s} {'done' if c.cell_id in done else 'to run'}")
+    print_cells(spec, cells, done)
     if artifacts:
         state = "not needed (every cell done)" if not todo else "cached" if cached else "to run"
         print(f"pretraining: {state} ({', '.join(artifacts)})")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from orchestrator.cli.common import EXIT_OK, EXIT_USAGE, ResultsError, check_results_dir
-from orchestrator.spec.estimate import estimate_text
 from orchestrator.spec.experiment import Cell, ExperimentSpec, SpecError, expand_cells, load_spec
 
 __all__ = ["validate", "load_checked", "print_cells"]
@@ -25,14 +24,17 @@ def load_checked(args, results_command: str | None = None) -> ExperimentSpec | N
     return spec
 
 
-def print_cells(spec: ExperimentSpec, cells: list[Cell], estimate: bool = False) -> None:
-    """Print ``spec <name>: valid, N cells`` and one line per cell (id, label); with ``estimate``, the dry-run
-    cost estimate (:func:`orchestrator.spec.estimate.estimate_text`)."""
-    print(f"spec {spec.name}: valid, {len(cells)} cell{'' if len(cells) == 1 else 's'}")
+def print_cells(spec: ExperimentSpec, cells: list[Cell], done: set[str] | None = None) -> None:
+    """Print ``spec <name>: valid, N cells`` and one line per cell (id, label); with ``done`` (the dry run: the
+    cell ids the ledger holds), the header counts done and to run, and each line says which."""
+    header = f"spec {spec.name}: valid, {len(cells)} cell{'' if len(cells) == 1 else 's'}"
+    if done is None:
+        print(header)
+    else:
+        print(f"{header}: {len(done)} done, {len(cells) - len(done)} to run")
     for c in cells:
-        print(f"  {c.cell_id}  {c.label}")
-    if estimate:
-        print(estimate_text(spec, cells))
+        status = "" if done is None else f"{c.label:40s} {'done' if c.cell_id in done else 'to run'}"
+        print(f"  {c.cell_id}  {status or c.label}")
 
 
 def validate(args) -> int:
