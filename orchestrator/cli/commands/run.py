@@ -15,7 +15,7 @@ from smn_core.checkpoint import location_exists, location_join
 from orchestrator.cli import report as report_cli
 from orchestrator.cli.commands import cascade as cascade_cmd
 from orchestrator.cli.commands.read import table_text
-from orchestrator.cli.commands.validate import load_checked
+from orchestrator.cli.commands.validate import load_checked, print_cells
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_error
 from orchestrator.engine.plain import run_experiment
 from orchestrator.engine.prepare import pretrain_artifact_path
