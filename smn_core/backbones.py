@@ -570,11 +570,7 @@ def _build_clip(arch: str, weights: str, checkpoint: str | None) -> Backbone:
             raise _hub_error(arch, f"open_clip {_CLIP_NAME} pretrained='openai'", exc) from exc
         source, text_loaded = f"open_clip:{_CLIP_NAME}:openai", True
     else:
-        clip = open_clip.create_model(_CLIP_NAME, pretrained=None, force_quick_gelu=True)
-        source, text_loaded = "random", False
-        if checkpoint is not None:
-            source = str(checkpoint)
-            text_loaded = _load_clip_checkpoint(clip, load_checkpoint_state_dict(checkpoint), f"{arch} checkpoint {source}")
+        clip, source, text_loaded = _unpretrained_clip(arch, _CLIP_NAME, True, checkpoint)
     clip.eval()
     visual = clip.visual
     return Backbone(model=visual, feature_dim=int(visual.output_dim), input_size=int(visual.image_size[0]),
@@ -727,22 +723,34 @@ def _build_timm_any(arch: str, weights: str, checkpoint: str | None) -> Backbone
                           default_mask_selector=_default_selector(net))
 
 
+def _unpretrained_clip(arch: str, name: str, quick_gelu: bool, checkpoint: str | None):
+    """open_clip model ``name`` with random weights, then ``checkpoint``'s when given: ``(model, weights source,
+    whether the text tower was loaded)``.
+
+    Raises:
+        ValueError: a checkpoint that does not match the model (names the offending keys).
+    """
+    import open_clip
+
+    clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    if checkpoint is None:
+        return clip, "random", False
+    source = str(checkpoint)
+    return clip, source, _load_clip_checkpoint(clip, load_checkpoint_state_dict(checkpoint), f"{arch} checkpoint {source}")
+
+
 def _build_open_clip_any(arch: str, weights: str, checkpoint: str | None) -> Backbone:
     """``open_clip/<name>:<tag>``: the image tower of any open_clip model; weights as in :func:`_build_timm_any`."""
     import open_clip
 
     name, tag = _split_open_clip(arch)
     quick_gelu = bool(tag and (open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu", False))
-    source, text_loaded = "random", False
     if weights == "pretrained" and checkpoint is None:
         path = _open_clip_weights_file(name, tag)
         clip = open_clip.create_model(name, pretrained=path, force_quick_gelu=quick_gelu, weights_only=True)
         source, text_loaded = f"open_clip:{name}:{tag}", True
     else:
-        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
-        if checkpoint is not None:
-            source = str(checkpoint)
-            text_loaded = _load_clip_checkpoint(clip, load_checkpoint_state_dict(checkpoint), f"{arch} checkpoint {source}")
+        clip, source, text_loaded = _unpretrained_clip(arch, name, quick_gelu, checkpoint)
     clip.eval()
     visual = clip.visual
     size = visual.image_size if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,)
