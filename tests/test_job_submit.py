@@ -136,7 +136,7 @@ class Head:
             assert n == 1, code
         return code
 
-    def run(self, tag: str, timeout: float = 600, background: bool = False):
+    def run(self, tag: str, timeout: float = 1200, background: bool = False):
         script = f"set -euo pipefail\n{self.blocks['env']}\n{self.code(tag)}"
         if background:
             return subprocess.Popen(["bash", "-c", script], cwd=REPO, env=self.env, stdout=subprocess.PIPE,
