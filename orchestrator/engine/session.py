@@ -17,14 +17,22 @@ what is exposed.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import secrets
+import socket
 import stat
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["AUTH_ENV", "ClusterTooSmall", "configure_auth", "token_path", "ensure_token_file",
-           "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING"]
+__all__ = ["AUTH_ENV", "ClusterTooSmall", "ClusterUnreachable", "configure_auth", "token_path", "ensure_token_file",
+           "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING", "CONNECT_TIMEOUT_S",
+           "parse_address", "probe_address", "join_cluster"]
+
+CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
 AUTH_ENV = "RAY_AUTH_MODE"
 DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts any client that reaches "
@@ -33,6 +41,141 @@ DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster acce
 
 class ClusterTooSmall(RuntimeError):
     """The Ray cluster can never give the resources a spec asks for (the task would wait forever)."""
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster at ``--address`` / ``$RAY_ADDRESS`` did not answer within the connect timeout."""
+
+
+def parse_address(address: str, *, what: str = "--address") -> tuple[str, int] | None:
+    """Check the syntax of a Ray address; returns ``(host, port)`` to probe, or None for ``auto`` / ``local``
+    (Ray resolves those itself).
+
+    Allowed: ``HOST:PORT`` (a host name or IPv4 address, or ``[IPv6]:PORT``; port 1..65535),
+    ``ray://HOST[:PORT]`` (Ray Client, port 10001 by default), ``auto``, ``local``.
+
+    Raises:
+        ValueError: naming the address and what is allowed (exit 2, before any work).
+    """
+    allowed = (f"allowed: HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT, 'auto' or 'local'; "
+               "unset both --address and RAY_ADDRESS for a local Ray")
+    text = (address or "").strip()
+    if text in ("auto", "local"):
+        return None
+    rest, default_port = text, None
+    if text.startswith("ray://"):
+        rest, default_port = text[len("ray://"):], 10001
+    elif "://" in text:
+        raise ValueError(f"{what} {address!r} has an unsupported scheme; {allowed}")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ("" if not tail else None)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{what} {address!r}: {host!r} is not an IPv6 address; {allowed}") from None
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            host, port_text = rest, ""
+    if port_text == "" and default_port:
+        port_text = str(default_port)
+    valid_host = bool(host) and all(c.isalnum() or c in ".-_:" for c in host)
+    if not valid_host or port_text is None or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{what} {address!r} is not a Ray address; {allowed}")
+    return host, int(port_text)
+
+
+def probe_address(address: str, timeout_s: float, *, what: str = "--address") -> None:
+    """Open (and close) a TCP connection to the Ray address within ``timeout_s`` seconds: a refused port or a
+    host that does not answer is named at once instead of Ray retrying for minutes.
+
+    Raises:
+        ValueError: the address is malformed (:func:`parse_address`).
+        ClusterUnreachable: nothing answers there within the deadline (the message names the address, the
+            cause and the way out).
+    """
+    target = parse_address(address, what=what)
+    if target is None:
+        return
+    host, port = target
+    try:
+        with socket.create_connection((host, port), timeout=max(timeout_s, 0.1)):
+            return
+    except socket.timeout:
+        cause = f"no answer within {timeout_s:g}s (--connect-timeout)"
+    except socket.gaierror as exc:
+        cause = f"unknown host {host!r} ({exc.strerror})"
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        if isinstance(exc, ConnectionRefusedError):
+            cause = "connection refused: nothing listens on that port"
+    raise ClusterUnreachable(f"cannot reach the Ray cluster at {what} {address}: {cause}; start it with "
+                             "`ray start --head` there, fix the address, or unset --address and RAY_ADDRESS "
+                             "for a local Ray")
+
+
+def _connect_knobs(timeout_s: float) -> dict[str, str]:
+    """Ray's own settings that bound a driver's connect to ``timeout_s`` in all (Ray 2.60: the GCS channel,
+    the pubsub channel and the cluster-id request wait in turn, and the whole is tried
+    ``RAY_gcs_server_port_wait_time_s`` times)."""
+    part = str(max(1, int(timeout_s // 3)))
+    return {"RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": part,
+            "RAY_py_gcs_connect_timeout_s": part}
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str):
+    """Send this process's file descriptor 2 (Ray's C++ log while it connects) to ``path`` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def join_cluster(address: str, *, runtime_env: dict, timeout_s: float | None = None, **init_kwargs) -> None:
+    """``ray.init(address=...)`` with a deadline: a TCP probe first (:func:`probe_address`), then Ray's own
+    connect settings bounded by ``timeout_s`` (default :data:`CONNECT_TIMEOUT_S`), Ray's C++ log of the
+    connect in a log file instead of the console.
+
+    Raises:
+        ValueError: a malformed address.
+        ClusterUnreachable: the cluster does not answer, or Ray cannot join it, within about ``timeout_s``
+            (the message names the address and the log file).
+    """
+    import ray
+
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    probe_address(address, timeout_s)
+    fd, log = tempfile.mkstemp(prefix="smn-ray-connect-", suffix=".log")
+    os.close(fd)
+    knobs = _connect_knobs(timeout_s)
+    saved = {k: os.environ.get(k) for k in knobs}
+    os.environ.update(knobs)
+    t0 = time.monotonic()
+    try:
+        _refresh_ray_config()
+        with _stderr_to(log):
+            ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        raise ClusterUnreachable(
+            f"cannot join the Ray cluster at {address} within {time.monotonic() - t0:.0f}s: "
+            f"{' '.join(str(exc).split())[:200]} (Ray's log: {log}); check that a Ray head (`ray start --head`) "
+            "listens there and that you hold its token") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    os.unlink(log)
 
 
 def token_path() -> Path:
