@@ -645,6 +645,46 @@ def _check_data_and_batch(data: DataSpec, train: TrainConfig, where: str, train_
     return n
 
 
+def check_checkpoint(arch: str, checkpoint: str) -> None:
+    """Open a local weight file and load it into ``arch`` (format, keys, shapes), before any work.
+
+    Raises:
+        SpecError: naming the file, the architecture and what is wrong.
+    """
+    from smn_core.backbones import build_backbone
+
+    try:
+        build_backbone(arch, "checkpoint", checkpoint=str(Path(checkpoint).expanduser()))
+    except (ValueError, OSError) as exc:
+        text = " ".join(str(exc).split())
+        raise SpecError(f"backbone.checkpoint {checkpoint!r} cannot be used for {arch}: {text[:400]}") from None
+
+
+def check_selector(arch: str, mask: Any) -> None:
+    """The mask selector must select something in ``arch`` (built without weights: on PyTorch's meta
+    device where the builder allows it, else randomly initialised).
+
+    Raises:
+        SpecError: naming the selector, the architecture and the allowed selectors.
+    """
+    import torch
+
+    from smn_core.backbones import build_backbone
+    from smn_core.masking import MaskConfig, select_parameters
+
+    try:
+        with torch.device("meta"):
+            model = build_backbone(arch, "random").model
+    except Exception:  # noqa: BLE001 - a builder that needs real tensors: build it on the CPU
+        model = build_backbone(arch, "random").model
+    config = mask if isinstance(mask, MaskConfig) else MaskConfig(**mask)
+    try:
+        select_parameters(model, config)
+    except ValueError as exc:
+        raise SpecError(f"train.mask.selector {config.selector!r}: {' '.join(str(exc).split())} (backbone "
+                        f"{arch})") from None
+
+
 def cell_count_bound(spec: ExperimentSpec) -> int:
     """methods x (product of the grid's axes) x seeds: the most cells ``spec`` can expand to, computed
     without expanding anything (a ``topk_density: found`` axis may add one threshold reference per cell,
@@ -695,6 +735,15 @@ def check_spec(spec: ExperimentSpec) -> None:
             if cfg.backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
                 raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
                                 "(.safetensors or a torch file)")
+            if ck and "://" not in ck and cfg.backbone.weights in ("checkpoint", "pretrained"):
+                check_checkpoint(cfg.backbone.arch, ck)
+        mask = cfg.train.mask if METHODS.get(cfg.method) and METHODS[cfg.method][1] == "mask" else None
+        if mask is not None:
+            key = json.dumps([cfg.backbone.arch, mask.selector, mask.stages, mask.include_bias, mask.include_bn],
+                             default=str)
+            if key not in seen:
+                seen.add(key)
+                check_selector(cfg.backbone.arch, mask)
         key = json.dumps([cfg.dataset.__dict__, cfg.train.batch_size], default=str)
         if key not in sizes:
             sizes[key] = _check_data_and_batch(cfg.dataset, cfg.train, "dataset", "train")
