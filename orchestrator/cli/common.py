@@ -129,8 +129,8 @@ def check_output_path(out: str, *, option: str = "--out", folder: bool = False) 
     Raises:
         ResultsError: naming the option, the path and what is allowed.
     """
-    what = "a folder" if folder else "a file"
-    allowed = f"allowed: {what} in a folder this user can write"
+    allowed = ("allowed: a folder this user can write (created if missing)" if folder else
+               "allowed: a file in a folder this user can write")
     if "://" in str(out):
         return out
     if not str(out).strip():

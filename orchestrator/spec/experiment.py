@@ -312,6 +312,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experimen
     if path.is_dir():
         raise SpecError(f"spec {str(path)!r} is a folder, not a file; allowed: a YAML spec file such as "
                         "experiments/demo.yaml")
+    if path.exists() and not path.is_file():
+        raise SpecError(f"spec {str(path)!r} is not a regular file (a device, pipe or socket); allowed: a YAML "
+                        "spec file such as experiments/demo.yaml")
     if not path.is_file():
         raise SpecError(f"spec file {str(path)!r} does not exist")
     try:
