@@ -192,16 +192,25 @@ def test_unsatisfiable_cpus_fail_in_a_fresh_smn_run_before_ray_starts(tiny_spec,
 
 @pytest.mark.ray
 def test_a_remote_failure_is_one_line_naming_the_cell_and_the_stack_is_kept(ray_local, tiny_spec, tmp_path, capsys):
-    bad = tmp_path / "weights.pth"
-    bad.write_bytes(b"not a checkpoint" * 8)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "junkdata"  # a Parquet dataset whose metadata is fine and whose images are not images:
+    data.mkdir()                  # the spec passes its checks, the cell fails when it decodes them
+    for split in ("train", "test"):
+        images = pa.array([{"bytes": b"not an image" * 4, "path": None}] * 64,
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        pq.write_table(pa.table({"image": images, "label": pa.array([0, 1] * 32, pa.int64())}),
+                       data / f"{split}.parquet")
     results = tmp_path / "results"
     code = smn_main(["run", str(tiny_spec("remote")), "--results", str(results), "methods=[smn]",
-                     "backbone.weights=checkpoint", f"backbone.checkpoint={bad}", "resources.max_retries=0"])
+                     "dataset.source=parquet", f"dataset.root={data}", "dataset.classes=null",
+                     "resources.max_retries=0"])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == 1, captured.err[-3000:]
     ours = [ln for ln in captured.err.splitlines() if ln.startswith("smn:")]
     assert len(ours) == 1 and ours[0].startswith("smn: cell ") and " failed: " in ours[0], captured.err[-3000:]
-    assert "Traceback" not in ours[0] and "weights.pth" in ours[0] or "checkpoint" in ours[0]
+    assert "Traceback" not in ours[0]
     (record,) = (results / "remote" / "failures").glob("*.json")
     assert record.stem in ours[0] and str(record) in ours[0]
     assert "Traceback" in record.read_text() or "File " in record.read_text()  # the whole stack is kept

@@ -49,9 +49,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
                connect_timeout_s: float | None = None) -> None:
     """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), or start a local one.
 
-    A local Ray starts without a dashboard and with token authentication unless the user set
+    A local Ray listens on 127.0.0.1 only (:func:`orchestrator.engine.session.loopback_node`), starts without a
+    dashboard and with token authentication unless the user set
     ``RAY_AUTH_MODE`` (:func:`orchestrator.engine.session.configure_auth`: token file mode 0600; a one-line
-    warning for ``disabled``). Ray's own gRPC ports listen on every interface; the token guards them.
+    warning for ``disabled``); the token also guards a joined cluster's ports.
     The driver's ``AWS_*`` variables (:data:`FORWARDED_ENV`: S3 endpoint, region, credentials) are passed
     to the workers, so they reach an ``s3://`` results location the way the driver does.
 
@@ -69,8 +70,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     if address:
         ray_session.join_cluster(address, runtime_env=env, timeout_s=connect_timeout_s, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                 log_to_driver=True, _node_ip_address="127.0.0.1")
+        with ray_session.loopback_node():  # every listener of a local Ray on 127.0.0.1
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                     log_to_driver=True, _node_ip_address="127.0.0.1")
 
 
 _ddp_cell_task = ray.remote(num_cpus=0)(run_ddp)

@@ -1,15 +1,16 @@
 """The local Ray session ``smn`` starts or joins: token authentication by default, and a check, before
 any work, that the cluster can ever give what a spec asks for.
 
-Security (measured with Ray 2.60 on Linux): Ray's GCS, raylet, object manager and worker gRPC servers
-listen on every interface (``*:PORT``) whatever node IP is given; only the dashboard (which ``smn`` does
-not start) and the dashboard agent's HTTP port can be bound to loopback. An open Ray cluster runs any
-code it is sent, so a local Ray started by ``smn`` uses Ray's token authentication
-(``RAY_AUTH_MODE=token``) unless the user set ``RAY_AUTH_MODE`` explicitly. The token lives in
-``$RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``; :func:`ensure_token_file` creates it
+Security (measured with Ray 2.60 on Linux): by default Ray's GCS, raylet, object manager and worker gRPC
+servers listen on every interface (``*:PORT``), its agents on the machine's external IP and its metrics
+exports on ``0.0.0.0``, whatever node IP is given. A local Ray started by ``smn`` keeps every listener on
+``127.0.0.1`` (:func:`loopback_node`), and, since an open Ray cluster runs any code it is sent, uses Ray's
+token authentication (``RAY_AUTH_MODE=token``) unless the user set ``RAY_AUTH_MODE`` explicitly. The token
+lives in ``$RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``; :func:`ensure_token_file` creates it
 on first use with a random value, readable only by the user (mode 0600), and tightens a looser one.
 Every Ray client of the same user (``ray status``, ``ray job submit``) finds it there. A client without
-the token is refused (``tests/test_security.py``).
+the token is refused, and every listening socket of a local run is on loopback (``tests/test_security.py``).
+Joining a cluster (``--address``) has a deadline (:func:`join_cluster`).
 
 ``RAY_AUTH_MODE=disabled`` remains possible when the user sets it; ``smn`` then prints one line saying
 what is exposed.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 __all__ = ["AUTH_ENV", "ClusterTooSmall", "ClusterUnreachable", "configure_auth", "token_path", "ensure_token_file",
            "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING", "CONNECT_TIMEOUT_S",
-           "parse_address", "probe_address", "join_cluster"]
+           "parse_address", "probe_address", "join_cluster", "loopback_node"]
 
 CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
@@ -113,6 +114,42 @@ def probe_address(address: str, timeout_s: float, *, what: str = "--address") ->
     raise ClusterUnreachable(f"cannot reach the Ray cluster at {what} {address}: {cause}; start it with "
                              "`ray start --head` there, fix the address, or unset --address and RAY_ADDRESS "
                              "for a local Ray")
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """While a local Ray starts: its node is ``127.0.0.1``, so every listener it opens is on loopback.
+
+    Ray 2.60 replaces a loopback node IP (``_node_ip_address="127.0.0.1"``) by the machine's external IP
+    (``ray._private.services.resolve_ip_for_localhost``) unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off,
+    its switch for single-machine Ray. With the switch off, the GCS, raylet, object manager, workers, the
+    dashboard agent (gRPC, HTTP and its Prometheus metrics export), the runtime-env agent, and the
+    autoscaler's and dashboard's metrics servers all bind ``127.0.0.1`` (measured: tests/test_security.py);
+    with it on, the GCS, raylet and workers listen on every interface, the agents on the external IP and
+    the metrics exports on ``0.0.0.0``. The variable reaches the processes Ray starts (they inherit this
+    environment); this process's copy of the constant is set too (Ray read it when it was imported). Both
+    are restored afterwards, so that a later multi-node cluster of this process is unaffected.
+
+    When the driver dies (SIGKILL), Ray's reaper takes the GCS and the raylet with it at once; the dashboard
+    agent and the runtime-env agent notice the raylet's death at once too but first try to report it to
+    the dead GCS (``ray._private.process_watcher.report_raylet_error_logs``: a fixed 60 s timeout), so they
+    keep their (loopback) listeners for a minute or more.
+    """
+    from ray._private import ray_constants
+
+    knobs = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+    saved_env, saved_flag = {k: os.environ.get(k) for k in knobs}, ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(knobs)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _connect_knobs(timeout_s: float) -> dict[str, str]:
