@@ -37,7 +37,8 @@ CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
 AUTH_ENV = "RAY_AUTH_MODE"
 DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts any client that reaches "
-                    "its ports (GCS, raylet, workers listen on every interface) and runs any code it is sent")
+                    "its ports (a local Ray: every user of this machine; a cluster's GCS, raylet and workers listen "
+                    "on every interface) and runs any code it is sent")
 
 
 class ClusterTooSmall(RuntimeError):
