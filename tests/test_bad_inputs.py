@@ -7,8 +7,8 @@ Each case asserts the exit code, a one-line message on stderr that names the bad
 allowed, no traceback, and that nothing in the workspace (results, store, specs) was written, moved or
 deleted (a listing with sizes, times and contents, before and after).
 
-``python -m tests.test_bad_inputs`` prints the count of cases by verdict (clear error, accepted then
-wrong, traceback, unclear, lost data) for the code it runs against.
+``python -m tests.test_bad_inputs [--only harden] [--timeout S]`` prints the count of cases by verdict (clear
+error, accepted then wrong, traceback, unclear, lost data, timeout) for the code it runs against.
 """
 
 from __future__ import annotations
@@ -635,6 +635,10 @@ def listing(root: Path) -> dict[str, tuple]:
     return out
 
 
+class CaseTimeout(BaseException):
+    """A case that ran past ``--timeout`` seconds of the sweep (a hang, or work that should have been refused)."""
+
+
 @dataclass
 class Outcome:
     code: int | None
@@ -671,6 +675,8 @@ def run_case(case: Case, ws: Path) -> Outcome:
             code = main(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except CaseTimeout:
+        raise
     except BaseException:  # noqa: BLE001 - a traceback is a verdict here
         exc = traceback.format_exc()
     finally:
@@ -776,15 +782,30 @@ def main() -> None:  # pragma: no cover - the before/after count for the issue's
     import collections
     import tempfile
 
+    import signal
+
+    def alarm(signum, frame):  # noqa: ARG001 - signal handler
+        raise CaseTimeout()
+
     strict = "--loose" not in sys.argv
+    limit = int(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 0
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    cases = HARDEN_CASES if only == "harden" else CASES
+    signal.signal(signal.SIGALRM, alarm)
     with tempfile.TemporaryDirectory() as tmp:
         template = build_template(Path(tmp) / "template")
         counts: collections.Counter = collections.Counter()
-        for case in CASES:
+        for case in cases:
             ws = Path(tmp) / case.id
             shutil.copytree(template, ws)
-            o = run_case(case, ws)
-            v = verdict(case, o, ws, strict=strict)
+            signal.alarm(limit)
+            try:
+                o = run_case(case, ws)
+                v = verdict(case, o, ws, strict=strict)
+            except CaseTimeout:
+                o, v = Outcome(None, "", f"still running after {limit}s", None, [], float(limit)), "timeout"
+            finally:
+                signal.alarm(0)
             counts[v] += 1
             first = (o.exc or o.err or o.out).strip().splitlines()
             print(f"{case.id:40s} {v:20s} exit={o.code} {o.seconds:5.1f}s  {(first[-1] if first else '')[:150]}",

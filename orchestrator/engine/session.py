@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import secrets
 import socket
 import stat
@@ -39,6 +40,9 @@ AUTH_ENV = "RAY_AUTH_MODE"
 DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts any client that reaches "
                     "its ports (a local Ray: every user of this machine; a cluster's GCS, raylet and workers listen "
                     "on every interface) and runs any code it is sent")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colour codes (Ray colours a remote error's header)
 
 
 class ClusterTooSmall(RuntimeError):
@@ -334,8 +338,9 @@ def check_local_fits(cpus_per_worker: float, workers: int = 1, *, what: str = "r
 
 def error_cause(error: object) -> str:
     """The one-line cause of a (remote) failure: the last ``SomeError: message`` line of its text, as a
-    Ray task error carries the whole remote stack (the full text stays in the cell's failure record)."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    Ray task error carries the whole remote stack (the full text stays in the cell's failure record); ANSI
+    colour codes removed."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(error)).splitlines() if ln.strip()]
     for ln in reversed(lines):
         head = ln.split(":", 1)[0]
         if " " not in head and head.endswith(("Error", "Exception", "Interrupt", "Exit", "Unreachable", "Small")):
