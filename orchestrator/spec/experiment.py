@@ -664,8 +664,8 @@ def check_checkpoint(arch: str, checkpoint: str) -> None:
 
 
 def check_selector(arch: str, mask: Any) -> None:
-    """The mask selector must select something in ``arch`` (built without weights: on PyTorch's meta
-    device where the builder allows it, else randomly initialised).
+    """The mask selector must select something in ``arch`` (built without weights: randomly initialised on
+    the CPU, the caller's random state kept; PyTorch's meta device would cost seconds of lazy imports).
 
     Raises:
         SpecError: naming the selector, the architecture and the allowed selectors.
@@ -675,10 +675,7 @@ def check_selector(arch: str, mask: Any) -> None:
     from smn_core.backbones import build_backbone
     from smn_core.masking import MaskConfig, select_parameters
 
-    try:
-        with torch.device("meta"):
-            model = build_backbone(arch, "random").model
-    except Exception:  # noqa: BLE001 - a builder that needs real tensors: build it on the CPU
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         model = build_backbone(arch, "random").model
     config = mask if isinstance(mask, MaskConfig) else MaskConfig(**mask)
     try:
