@@ -179,11 +179,14 @@ def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
             return subprocess.run([RAY, "status", "--address", gcs], env=env, capture_output=True, text=True,
                                   timeout=120)
 
-        insider = status({**owner_env, "RAY_AUTH_MODE": "token"})
+        # the node is 127.0.0.1: a ray CLI reaches it with Ray's single-machine switch (else it maps 127.0.0.1
+        # to this machine's external IP, where nothing listens); an outsider on this machine can do the same
+        local = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        insider = status({**owner_env, "RAY_AUTH_MODE": "token", **local})
         assert insider.returncode == 0, insider.stderr[-2000:]  # the check below can fail: the cluster is readable
         outsiders = {
-            "no token, no auth mode": _clean_env(tmp_path / "outsider"),
-            "auth mode token, wrong token": {**_clean_env(tmp_path / "outsider"), "RAY_AUTH_MODE": "token",
+            "no token, no auth mode": {**_clean_env(tmp_path / "outsider"), **local},
+            "auth mode token, wrong token": {**_clean_env(tmp_path / "outsider"), **local, "RAY_AUTH_MODE": "token",
                                              "RAY_AUTH_TOKEN": "0" * 64},
         }
         for who, env in outsiders.items():

@@ -133,7 +133,10 @@ def loopback_node():
     with it on, the GCS, raylet and workers listen on every interface, the agents on the external IP and
     the metrics exports on ``0.0.0.0``. The variable reaches the processes Ray starts (they inherit this
     environment); this process's copy of the constant is set too (Ray read it when it was imported). Both
-    are restored afterwards, so that a later multi-node cluster of this process is unaffected.
+    are restored afterwards, so that a later multi-node cluster of this process is unaffected. A ``ray`` CLI
+    reaching such a node from another shell (``ray status --address 127.0.0.1:PORT``) needs the same
+    switch, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; without it Ray maps 127.0.0.1 to the external IP, where
+    nothing listens.
 
     When the driver dies (SIGKILL), Ray's reaper takes the GCS and the raylet with it at once; the dashboard
     agent and the runtime-env agent notice the raylet's death at once too but first try to report it to
