@@ -285,6 +285,18 @@ def _clean_state_dict(obj: object, source: str) -> dict[str, Tensor]:
     return out
 
 
+def _load_problem(exc: BaseException) -> str:
+    """What a failed ``torch.load(weights_only=True)`` means, in a few words (torch's own text is pages long
+    and suggests ``weights_only=False``, which smn never does)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+        start = text.find("Unsupported global")
+        return text[start:].splitlines()[0][:160]
+    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return "not a torch file, or a truncated one"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
+
+
 def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a local weight file into a flat ``{name: tensor}`` dict on the CPU, safely.
 
@@ -314,10 +326,13 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as exc:
             raise ValueError(
-                f"checkpoint {str(p)!r} cannot be loaded with torch.load(weights_only=True) ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); allowed: a .safetensors file or a torch file "
-                f"holding only tensors/containers (re-save its state_dict())"
+                f"checkpoint {str(p)!r} cannot be loaded with torch.load(weights_only=True) "
+                f"({_load_problem(exc)}); allowed: a .safetensors file or a torch file holding only "
+                "tensors/containers (re-save its state_dict())"
             ) from exc
+        except Exception:  # noqa: BLE001 - random bytes make the unpickler raise anything (IndexError, ...)
+            raise ValueError(f"checkpoint {str(p)!r} is not a weight file: its bytes are neither a torch file nor "
+                             "safetensors; allowed: a .safetensors file or a torch file holding only tensors") from None
     return _clean_state_dict(obj, repr(str(p)))
 
 

@@ -507,12 +507,14 @@ def labelled_subset(ds: ImageDataset, fraction: float, *, seed: int = 0, min_siz
 
 
 def _before_training(cfg: CellConfig, backbone: Backbone, model: torch.nn.Module, train_ds: ImageDataset, size: int, *,
-                     fresh: bool, train_subset: Sequence[int] | None, device: str | torch.device,
+                     fresh: bool, seeded: bool, train_subset: Sequence[int] | None, device: str | torch.device,
                      progress: Callable[[str], None] | None) -> tuple[dict[str, float], torch.Tensor | None]:
     """What a cell measures on the frozen backbone before any training: ``(metrics, head features)``.
 
-    ``pretrained_bn`` re-estimates BN statistics (``bn_layers``); a fresh (not resumed, not seeded) SwAV run
-    records the view-strength check (``view_cos_*``) and, with ``swav.head_init: pca_kmeans``, returns the
+    ``pretrained_bn`` re-estimates BN statistics (``bn_layers``); a SwAV run that is not seeded from another
+    state records the view-strength check (``view_cos_*``, measured on the frozen backbone with its own
+    seeded sample and views, so a run resumed from an epoch checkpoint records the same values as an
+    uninterrupted one); a fresh one (not resumed, not seeded) with ``swav.head_init: pca_kmeans`` returns the
     ``(N, F)`` embeddings of its training images to initialise the head from (else None).
     """
     metrics: dict[str, float] = {}
@@ -521,8 +523,9 @@ def _before_training(cfg: CellConfig, backbone: Backbone, model: torch.nn.Module
         metrics["bn_layers"] = float(reestimate_batchnorm(model, train_ds, image_size=size, mean=backbone.mean,
                                                           std=backbone.std, batch_size=cfg.eval.batch_size,
                                                           device=device))
-    swav_fresh = training is not None and cfg.train.objective == "swav" and fresh
-    if swav_fresh:
+    swav = training is not None and cfg.train.objective == "swav"
+    swav_fresh = swav and fresh
+    if swav and not seeded:  # also when resumed: a resumed cell writes every metric an uninterrupted one does
         views = view_similarity(model, train_ds, MultiCropTransform(size, cfg.train.multicrop, backbone.mean,
                                                                     backbone.std), seed=cfg.seed, device=device)
         metrics.update(view_cos_same=views.same, view_cos_other=views.other, view_cos_gap=views.gap)
@@ -663,7 +666,8 @@ def run_cell(
     model = backbone.model.to(device)
     backbone_params = sum(p.numel() for p in model.parameters())
     metrics, head_features = _before_training(cfg, backbone, model, train_ds, size, fresh=resume is None and init_state
-                                              is None, train_subset=train_subset, device=device, progress=progress)
+                                              is None, seeded=init_state is not None, train_subset=train_subset,
+                                              device=device, progress=progress)
     adapted = None
     if training is not None:
         adapted = _adapt(cfg, backbone, model, train_ds, size, train_subset=train_subset, head=head,

@@ -41,9 +41,10 @@ from orchestrator.spec.experiment import expand_cells, load_spec
 from .conftest import REPO, STARTUP_TIMEOUT, TINY_SPEC, kill_driver_tree
 from .test_cascade_ray import write_cascade_spec
 
-pytestmark = pytest.mark.cluster
+CLUSTER = pytest.mark.cluster  # the kill tests start Ray processes of their own; the in-process resume test: ray
 
 EXPERT_EPOCHS = 10
+VIEW_METRICS = {"view_cos_same", "view_cos_other", "view_cos_gap"}
 
 
 def _spec(tmp_path: Path, kind: str) -> tuple[Path, list[str], int]:
@@ -145,6 +146,7 @@ def _metas(folder: Path) -> list[dict]:
     return out
 
 
+@CLUSTER
 @pytest.mark.parametrize("kind", ["plain", "tune", "ddp", "cascade"])
 def test_a_fault_mid_run_costs_no_cell_and_the_hit_cell_resumes(kind, tmp_path, monkeypatch):
     spec_path, overrides, epochs = _spec(tmp_path, kind)
@@ -217,6 +219,14 @@ def test_a_fault_mid_run_costs_no_cell_and_the_hit_cell_resumes(kind, tmp_path, 
     assert set(df["cell_id"]) == expected
     assert not df.duplicated(["cell_id", "metric"]).any(), "one row set per cell"
 
+    # the resumed cell writes every metric an uninterrupted one does (issue 26: it lacked view_cos_*)
+    names = df.groupby("cell_id")["metric"].agg(frozenset)
+    for method, ids in df.groupby("method")["cell_id"].unique().items():
+        kinds = {names[c] for c in ids}
+        assert len(kinds) == 1, f"{method}: cells with different metric names: {[sorted(k ^ min(kinds, key=len)) for k in kinds]}"
+    if kind != "cascade":  # experts start from the dispatcher's state: no view check of the frozen backbone
+        assert VIEW_METRICS <= set(df.loc[df["method"] == "smn", "metric"]), sorted(set(df["metric"]))
+
     # every trained cell (every expert) ran its whole budget exactly once
     trained = df[df["method"] == ("cascade_expert" if kind == "cascade" else "smn")]
     val = trained.pivot(index="cell_id", columns="metric", values="value")
@@ -238,3 +248,32 @@ def test_a_fault_mid_run_costs_no_cell_and_the_hit_cell_resumes(kind, tmp_path, 
         assert "retrying" in text, "no trial was on the removed node:\n" + text[-4000:]
     else:
         assert val.loc[victim_cell, "resumed_from_epoch"] >= 1, "the expert on the lost node resumed"
+
+
+@pytest.mark.ray  # in-process and Ray-free, but seconds of real training: the slow in-process tests' tier
+@pytest.mark.slow
+def test_a_cell_resumed_from_an_epoch_checkpoint_writes_what_an_uninterrupted_one_writes(tiny_spec, tmp_path):
+    """In this process (no Ray task): the SMN cell of the tiny spec run through, and again resumed from its first
+    epoch's checkpoint (saved to and read back from disk, as the engine does): the same metric names, and
+    the same deterministic metrics (the frozen backbone's view check, steps, the mask and its evaluation);
+    only ``resumed_from_epoch`` (and the timings) differ."""
+    from smn_core.checkpoint import load_checkpoint, save_checkpoint
+    from smn_core.pipeline import run_cell
+
+    spec = load_spec(tiny_spec(epochs=2), ["methods=[smn]", "dataset.max_train_samples=64", "dataset.max_test_samples=30",
+                                           "eval.knn_k=5", "eval.knn_dino_k=5", "eval.probe_max_iter=100"])
+    (cell,) = expand_cells(spec)
+    ckpt = tmp_path / "epoch1"
+
+    def keep_first(epoch, metrics, state_fn):
+        if epoch == 0:
+            save_checkpoint(ckpt, *state_fn())
+
+    full = run_cell(cell.config, on_epoch_end=keep_first).metrics
+    resumed = run_cell(cell.config, resume=load_checkpoint(ckpt)).metrics
+    assert set(resumed) == set(full), sorted(set(resumed) ^ set(full))
+    assert VIEW_METRICS <= set(full)
+    assert full["resumed_from_epoch"] == 0 and resumed["resumed_from_epoch"] == 1
+    timings = {"train_seconds", "resumed_from_epoch"} | {k for k in full if k.endswith("_seconds")}
+    for name in sorted(set(full) - timings):
+        assert resumed[name] == pytest.approx(full[name], rel=1e-5, abs=1e-6), name

@@ -4,20 +4,25 @@ says how to resume, and redirected output carries no Ray INFO lines or ANSI colo
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.engine import session as ray_session
 from orchestrator.cli.app import main as smn_main
 
-from .conftest import REPO, TINY_SPEC, kill_driver_tree
+from .conftest import REPO, STARTUP_TIMEOUT, TINY_SPEC, kill_driver_tree
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -58,33 +63,115 @@ def test_disabled_auth_is_the_users_explicit_choice_and_says_what_is_exposed(mon
 # ----------------------------------------------------------------------------------- the outsider test
 
 
+def _session_processes(driver_pid: int, marker: str) -> list[psutil.Process]:
+    """The driver, its descendants, and every process naming ``marker`` (the run's Ray temp folder) on its
+    command line (Ray's agents re-parent to PID 1 when the raylet dies)."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid == driver_pid or marker in " ".join(proc.info["cmdline"] or []) or \
+                    any(p.pid == driver_pid for p in proc.parents()):
+                found[proc.pid] = proc
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def _listeners(procs: list[psutil.Process]) -> list[tuple[str, str, int]]:
+    """``(process name, ip, port)`` of every listening TCP socket of ``procs`` still alive."""
+    out = []
+    for proc in procs:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            out += [(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    return out
+
+
+def _answers_without_token(ip: str, port: int) -> str | None:
+    """What a client without the token gets from ``ip:port`` that it should not: an HTTP status below 400, or
+    a gRPC call that is not refused (``UNAUTHENTICATED``); None when it is refused both ways."""
+    import urllib.error
+    import urllib.request
+
+    import grpc
+
+    host = f"[{ip}]" if ":" in ip else ip
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=5) as resp:
+            return f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        if exc.code < 400:
+            return f"HTTP {exc.code}"
+    except Exception:  # noqa: BLE001 - not an HTTP server (a gRPC one): asked below
+        pass
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo")
+        try:
+            call(b"", timeout=5)
+            return "gRPC OK"
+        except grpc.RpcError as exc:
+            code = exc.code()
+    return None if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.DEADLINE_EXCEEDED) else f"gRPC {code.name}"
+
+
+def _exposed(listening: list[tuple[str, str, int]]) -> list[str]:
+    """The listeners off loopback that answer a client without the token."""
+    bad = []
+    for name, ip, port in listening:
+        if ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback:
+            continue
+        answer = _answers_without_token(ip, port)
+        if answer is not None:
+            bad.append(f"{name} on {ip}:{port} answers {answer}")
+    return bad
+
+
+def _read_gcs(driver: subprocess.Popen) -> tuple[str | None, str]:
+    """The GCS address the driver prints once its Ray is up (None if it exits first), and its output."""
+    lines: list[str] = []
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        line = driver.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("GCS "):
+            return line.split()[1], "".join(lines)
+    return None, "".join(lines)
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
     """Start a local Ray the way ``smn run`` does (``ensure_ray``, RAY_AUTH_MODE unset), then read it with
-    ``ray status``: the same user (who holds the token) can, an outsider without the token cannot."""
+    ``ray status``: the same user (who holds the token) can, an outsider without the token cannot. Every
+    listening socket of the run's processes (psutil) is on loopback or refuses a client without the token
+    (HTTP and gRPC): while it runs a task, and 10 s after the driver is SIGKILLed."""
     owner_env = _clean_env(tmp_path / "owner")
-    driver = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, ray\n"
-         "from orchestrator.engine.plain import ensure_ray\n"
-         "ensure_ray(num_cpus=1)\n"
-         "print('GCS', ray.get_runtime_context().gcs_address, flush=True)\n"
-         "sys.stdin.readline()\n"
-         "ray.shutdown()\n"],
-        cwd=REPO, env=owner_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+    ray_tmp = tempfile.mkdtemp(prefix="smnsec", dir="/tmp")  # names every process of this Ray (short: sockets)
+    owner_env["RAY_TMPDIR"] = ray_tmp
+    code = ("import sys, ray\n"
+            "from orchestrator.engine.plain import ensure_ray\n"
+            "ensure_ray(num_cpus=1)\n"
+            "assert ray.get(ray.remote(lambda: 1).remote()) == 1\n"  # a worker process, listening too
+            "print('GCS', ray.get_runtime_context().gcs_address, flush=True)\n"
+            "sys.stdin.readline()\n"
+            "ray.shutdown()\n")
+    gcs, text = None, ""
+    for _ in range(3):  # a raylet that misses its startup deadline on a loaded machine: start again
+        driver = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=owner_env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        gcs, text = _read_gcs(driver)
+        if gcs or STARTUP_TIMEOUT not in text:
+            break
+        kill_driver_tree(driver, ray_tmp)
     try:
-        gcs = None
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            line = driver.stdout.readline()
-            if not line:
-                break
-            if line.startswith("GCS "):
-                gcs = line.split()[1]
-                break
-        assert gcs, "the local Ray did not start"
+        assert gcs, f"the local Ray did not start:\n{text[-3000:]}"
         token = tmp_path / "owner" / ".ray" / "auth_token"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
 
@@ -92,25 +179,39 @@ def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
             return subprocess.run([RAY, "status", "--address", gcs], env=env, capture_output=True, text=True,
                                   timeout=120)
 
-        insider = status({**owner_env, "RAY_AUTH_MODE": "token"})
+        # the node is 127.0.0.1: a ray CLI reaches it with Ray's single-machine switch (else it maps 127.0.0.1
+        # to this machine's external IP, where nothing listens); an outsider on this machine can do the same
+        local = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        insider = status({**owner_env, "RAY_AUTH_MODE": "token", **local})
         assert insider.returncode == 0, insider.stderr[-2000:]  # the check below can fail: the cluster is readable
         outsiders = {
-            "no token, no auth mode": _clean_env(tmp_path / "outsider"),
-            "auth mode token, wrong token": {**_clean_env(tmp_path / "outsider"), "RAY_AUTH_MODE": "token",
+            "no token, no auth mode": {**_clean_env(tmp_path / "outsider"), **local},
+            "auth mode token, wrong token": {**_clean_env(tmp_path / "outsider"), **local, "RAY_AUTH_MODE": "token",
                                              "RAY_AUTH_TOKEN": "0" * 64},
         }
         for who, env in outsiders.items():
             out = status(env)
             assert out.returncode != 0, f"{who}: read the cluster:\n{out.stdout[-2000:]}"
             assert "Authentication token is missing or incorrect" in out.stdout + out.stderr, who
+
+        procs = _session_processes(driver.pid, ray_tmp)
+        during = _listeners(procs)
+        assert {"gcs_server", "raylet"} <= {name for name, _, _ in during}, during  # the scan sees Ray's servers
+        assert _exposed(during) == [], during
+        assert all(ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback for _, ip, _ in during), during
+        os.kill(driver.pid, signal.SIGKILL)  # a crash: nothing of the driver runs any more
+        driver.wait(timeout=30)
+        time.sleep(10)
+        after = _listeners(procs)
+        assert _exposed(after) == [], after
+        assert {"gcs_server", "raylet"}.isdisjoint(name for name, _, _ in after), after  # gone with the driver
+        print(f"listening during the run: {len(during)}; 10 s after the driver's SIGKILL: {after}")
     finally:
-        if driver.poll() is None:
-            try:
-                driver.stdin.write("\n")
-                driver.stdin.flush()
-                driver.wait(timeout=60)
-            except (BrokenPipeError, subprocess.TimeoutExpired):
-                kill_driver_tree(driver, str(tmp_path))
+        for proc in _session_processes(driver.pid, ray_tmp):
+            if proc.pid != os.getpid():
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------- no hangs
@@ -192,16 +293,25 @@ def test_unsatisfiable_cpus_fail_in_a_fresh_smn_run_before_ray_starts(tiny_spec,
 
 @pytest.mark.ray
 def test_a_remote_failure_is_one_line_naming_the_cell_and_the_stack_is_kept(ray_local, tiny_spec, tmp_path, capsys):
-    bad = tmp_path / "weights.pth"
-    bad.write_bytes(b"not a checkpoint" * 8)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "junkdata"  # a Parquet dataset whose metadata is fine and whose images are not images:
+    data.mkdir()                  # the spec passes its checks, the cell fails when it decodes them
+    for split in ("train", "test"):
+        images = pa.array([{"bytes": b"not an image" * 4, "path": None}] * 64,
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+        pq.write_table(pa.table({"image": images, "label": pa.array([0, 1] * 32, pa.int64())}),
+                       data / f"{split}.parquet")
     results = tmp_path / "results"
     code = smn_main(["run", str(tiny_spec("remote")), "--results", str(results), "methods=[smn]",
-                     "backbone.weights=checkpoint", f"backbone.checkpoint={bad}", "resources.max_retries=0"])
+                     "dataset.source=parquet", f"dataset.root={data}", "dataset.classes=null",
+                     "resources.max_retries=0"])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == 1, captured.err[-3000:]
     ours = [ln for ln in captured.err.splitlines() if ln.startswith("smn:")]
     assert len(ours) == 1 and ours[0].startswith("smn: cell ") and " failed: " in ours[0], captured.err[-3000:]
-    assert "Traceback" not in ours[0] and "weights.pth" in ours[0] or "checkpoint" in ours[0]
+    assert "Traceback" not in ours[0]
     (record,) = (results / "remote" / "failures").glob("*.json")
     assert record.stem in ours[0] and str(record) in ours[0]
     assert "Traceback" in record.read_text() or "File " in record.read_text()  # the whole stack is kept

@@ -94,8 +94,12 @@ def test_method_overrides_change_only_their_method_and_bad_ones_are_refused(tiny
     # a command-line override reads the same as the nested YAML form, and a grid still wins over it
     cli = expand_cells(load_spec(path, ["method_overrides.smn.train.score_lr=9", "grid={train.score_lr: [3]}"]))
     assert [c.config.train.score_lr for c in cli if c.config.method == "smn"] == [3.0]
-    # a known method the spec does not run is allowed (methods=[smn] on a Table 1 spec); a typo is not
-    assert len(expand_cells(load_spec(path, ["method_overrides.fft.train.score_lr=1"]))) == 2
+    # a known method the spec does not run is refused, unless the block is marked as shared defaults
+    # (methods=[smn] on a Table 1 spec); a typo always is
+    assert len(expand_cells(load_spec(path, ["method_overrides.fft.train.score_lr=1",
+                                             "method_overrides.shared_defaults=true"]))) == 2
+    with pytest.raises(SpecError, match="'fft', which this spec does not run"):
+        load_spec(path, ["method_overrides.fft.train.score_lr=1"])
     for override, fragment in (("method_overrides.smnn.train.score_lr=1", "method 'smnn', which is not known"),
                                ("method_overrides.smn.backbone.arch=x", "must be a dotted key under train."),
                                ("method_overrides.smn.train.nope=1", "train.nope: unknown key"),

@@ -24,13 +24,18 @@ def grid(bad_checkpoint=None) -> str:
 
 
 def test_grid_sweep_lands_each_cell_once_records_failures_and_orders_found_cells(ray_local, tiny_spec, tmp_path):
-    """A backbone checkpoint that does not load fails at run time: it is retried, recorded with its error, and
+    """A backbone checkpoint that does not load (it changed after the spec was checked) fails at run time: it is retried, recorded with its error, and
     the sweep goes on; the top-k cell at the found density runs after its threshold cell, with the ledger's
     density."""
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"not a checkpoint" * 8)
+    import torch
+
+    from smn_core.backbones import build_backbone
+
+    junk = tmp_path / "junk.pth"  # a valid ResNet-8 file when the spec is checked, junk when the cell opens it
+    torch.save(build_backbone("cifar_resnet8", "random").model.state_dict(), junk)
     spec = load_spec(tiny_spec("grid", extra=grid(junk)),
                      ["methods=[smn]", "train.score_lr=300", "resources.max_retries=1"])
+    junk.write_bytes(b"not a checkpoint" * 8)
     results = str(tmp_path / "results")
     lines: list[str] = []
     summary = run_experiment(spec, results, echo=lines.append)

@@ -229,9 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         except (ResultsError, ValueError) as exc:
             return usage_error(exc)
-        except OSError as exc:
-            where = getattr(args, "results", None)
-            print(f"smn: cannot read {where!r}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+        except OSError as exc:  # name the file that failed when the error knows it, else the results location
+            if exc.filename is not None:
+                print(f"smn: cannot access {str(exc.filename)!r}: {exc.strerror or type(exc).__name__}",
+                      file=sys.stderr)
+            else:
+                where = getattr(args, "results", None) or getattr(args, "spec", None) or args.command
+                print(f"smn: cannot read {str(where)!r}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
             return EXIT_FAILED
         except Exception as exc:  # noqa: BLE001 - one line and a log file, never a traceback
             return _internal_error(exc)

@@ -24,7 +24,7 @@ import time
 import warnings
 from typing import Any, Iterator
 
-from orchestrator.cli.common import check_results_dir
+from orchestrator.cli.common import check_output_path, check_results_dir
 from orchestrator.cli.progress import knn_bank_note, plural, ray_log, run_progress
 from orchestrator.reports import registry, tables
 from orchestrator.reports.docs import write_docs
@@ -75,6 +75,7 @@ def report(args) -> int:
                   file=sys.stderr)
             return 2
     try:
+        _check_report_out(args)
         if args.docs:
             done = f"wrote {len(write_docs(args.results, args.docs))} pages in {args.docs}"
         else:
@@ -85,6 +86,18 @@ def report(args) -> int:
         return 2
     print(done)
     return 0
+
+
+def _check_report_out(args) -> None:
+    """The folder ``smn report`` writes (``--docs``, ``--out`` or ``RESULTS/report``) can be written, checked
+    before any work (:func:`orchestrator.cli.common.check_output_path`)."""
+    if args.docs:
+        check_output_path(args.docs, option="--docs", folder=True)
+    elif args.out:
+        check_output_path(args.out, folder=True)
+    elif "://" not in str(args.results or ""):
+        check_output_path(os.path.join(str(args.results), "report"), option="the report folder (default --out)",
+                          folder=True)
 
 
 def ls(args) -> int:

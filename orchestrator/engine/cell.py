@@ -41,6 +41,8 @@ same effect from Tune's own actor reuse (``reuse_actors=True``): a trial actor r
 
 from __future__ import annotations
 
+import re
+
 import abc
 import json
 import os
@@ -85,6 +87,14 @@ class Record:
                    config.to_dict() if record is None else record)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences (colours, cursor moves), e.g. ``RayTaskError``'s coloured header."""
+    return _ANSI.sub("", text)
+
+
 @dataclass(frozen=True)
 class Failure:
     """A unit of work that failed for good: its error text and the attempts it had (:func:`land` writes its
@@ -92,6 +102,9 @@ class Failure:
 
     error: str
     attempts: int
+
+    def __post_init__(self) -> None:  # Ray colours a remote error's header; a record and a log stay plain text
+        object.__setattr__(self, "error", strip_ansi(str(self.error)))
 
 
 @dataclass(frozen=True)

@@ -45,14 +45,19 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
 """Environment variables :func:`ensure_ray` passes from the driver to the Ray workers (S3 access)."""
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
+               connect_timeout_s: float | None = None) -> None:
     """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), or start a local one.
 
-    A local Ray starts without a dashboard and with token authentication unless the user set
+    A local Ray listens on 127.0.0.1 only (:func:`orchestrator.engine.session.loopback_node`), starts without a
+    dashboard and with token authentication unless the user set
     ``RAY_AUTH_MODE`` (:func:`orchestrator.engine.session.configure_auth`: token file mode 0600; a one-line
-    warning for ``disabled``). Ray's own gRPC ports listen on every interface; the token guards them.
+    warning for ``disabled``); the token also guards a joined cluster's ports.
     The driver's ``AWS_*`` variables (:data:`FORWARDED_ENV`: S3 endpoint, region, credentials) are passed
     to the workers, so they reach an ``s3://`` results location the way the driver does.
+
+    Joining has a deadline (:func:`orchestrator.engine.session.join_cluster`: ``connect_timeout_s``, default
+    30 s; raises ``ClusterUnreachable``, or ValueError for a malformed address).
     """
     if ray.is_initialized():
         return
@@ -63,10 +68,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                         **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ}}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray_session.join_cluster(address, runtime_env=env, timeout_s=connect_timeout_s, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                 log_to_driver=True, _node_ip_address="127.0.0.1")
+        with ray_session.loopback_node():  # every listener of a local Ray on 127.0.0.1
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                     log_to_driver=True, _node_ip_address="127.0.0.1")
 
 
 _ddp_cell_task = ray.remote(num_cpus=0)(run_ddp)
@@ -78,7 +84,8 @@ def _check_resources(spec: ExperimentSpec) -> None:
     ray_session.check_cluster_fits(res.cpus_per_worker, res.gpus_per_worker, res.workers)
 
 
-def start_ray_for(spec: ExperimentSpec, results: str | ExperimentLayout, address: str | None = None) -> None:
+def start_ray_for(spec: ExperimentSpec, results: str | ExperimentLayout, address: str | None = None, *,
+                  connect_timeout_s: float | None = None) -> None:
     """Join or start Ray and check, before any work, that the cluster can run ``spec``.
 
     Raises:
@@ -86,13 +93,14 @@ def start_ray_for(spec: ExperimentSpec, results: str | ExperimentLayout, address
         orchestrator.engine.preflight.StorageUnreachable, ValueError: if ``results`` is not writable from the driver
             and shared with every alive node (:func:`orchestrator.engine.preflight.check_results_location`).
     """
-    ensure_ray(address)
+    ensure_ray(address, connect_timeout_s=connect_timeout_s)
     _check_resources(spec)
     check_results_location(results.results if isinstance(results, ExperimentLayout) else results)
 
 
 def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, address: str | None = None,
-                   echo: Callable[[str], None] = print, cells: list[Cell] | None = None) -> RunSummary:
+                   echo: Callable[[str], None] = print, cells: list[Cell] | None = None,
+                   connect_timeout_s: float | None = None) -> RunSummary:
     """Run every cell of ``spec`` that the ledger does not hold yet; return a summary.
 
     Specs with a grid or a search run as a Ray Tune sweep (:func:`orchestrator.engine.sweep.run_sweep`);
@@ -104,6 +112,7 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
         results: a local path, a ``pyarrow.fs`` URI (``s3://bucket/prefix``), or an
             :class:`orchestrator.results.layout.ExperimentLayout` (its root is used).
         cells: the spec's expanded cells when the caller has them already (expanded once per run).
+        connect_timeout_s: deadline to join the cluster at ``address`` (default 30 s).
 
     Raises:
         orchestrator.engine.preflight.StorageUnreachable: if the ledger cannot be read, or (before any cell runs) the
@@ -115,7 +124,8 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
     if uses_tune(spec):
         from orchestrator.engine.sweep import run_sweep  # reason: ray.tune takes seconds to import; plain runs skip it
 
-        return run_sweep(spec, layout, echo=echo, start_ray=lambda: start_ray_for(spec, layout, address), cells=cells)
+        return run_sweep(spec, layout, echo=echo, start_ray=lambda: start_ray_for(spec, layout, address, connect_timeout_s=connect_timeout_s),
+                         cells=cells)
     cells = expand_cells(spec) if cells is None else cells
     done = completed_cells(layout, spec.name)
     todo = [c for c in cells if c.cell_id not in done]
@@ -124,7 +134,7 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
          f"ledger, {len(todo)} to run")
     if not todo:
         return summary
-    start_ray_for(spec, layout, address)
+    start_ray_for(spec, layout, address, connect_timeout_s=connect_timeout_s)
     res = spec.resources
     limit = min(res.max_concurrent_cells or len(todo), len(todo))
     pool = None

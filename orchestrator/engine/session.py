@@ -1,15 +1,16 @@
 """The local Ray session ``smn`` starts or joins: token authentication by default, and a check, before
 any work, that the cluster can ever give what a spec asks for.
 
-Security (measured with Ray 2.60 on Linux): Ray's GCS, raylet, object manager and worker gRPC servers
-listen on every interface (``*:PORT``) whatever node IP is given; only the dashboard (which ``smn`` does
-not start) and the dashboard agent's HTTP port can be bound to loopback. An open Ray cluster runs any
-code it is sent, so a local Ray started by ``smn`` uses Ray's token authentication
-(``RAY_AUTH_MODE=token``) unless the user set ``RAY_AUTH_MODE`` explicitly. The token lives in
-``$RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``; :func:`ensure_token_file` creates it
+Security (measured with Ray 2.60 on Linux): by default Ray's GCS, raylet, object manager and worker gRPC
+servers listen on every interface (``*:PORT``), its agents on the machine's external IP and its metrics
+exports on ``0.0.0.0``, whatever node IP is given. A local Ray started by ``smn`` keeps every listener on
+``127.0.0.1`` (:func:`loopback_node`), and, since an open Ray cluster runs any code it is sent, uses Ray's
+token authentication (``RAY_AUTH_MODE=token``) unless the user set ``RAY_AUTH_MODE`` explicitly. The token
+lives in ``$RAY_AUTH_TOKEN_PATH`` or Ray's default ``~/.ray/auth_token``; :func:`ensure_token_file` creates it
 on first use with a random value, readable only by the user (mode 0600), and tightens a looser one.
 Every Ray client of the same user (``ray status``, ``ray job submit``) finds it there. A client without
-the token is refused (``tests/test_security.py``).
+the token is refused, and every listening socket of a local run is on loopback (``tests/test_security.py``).
+Joining a cluster (``--address``) has a deadline (:func:`join_cluster`).
 
 ``RAY_AUTH_MODE=disabled`` remains possible when the user sets it; ``smn`` then prints one line saying
 what is exposed.
@@ -17,22 +18,209 @@ what is exposed.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import re
 import secrets
+import socket
 import stat
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["AUTH_ENV", "ClusterTooSmall", "configure_auth", "token_path", "ensure_token_file",
-           "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING"]
+__all__ = ["AUTH_ENV", "ClusterTooSmall", "ClusterUnreachable", "configure_auth", "token_path", "ensure_token_file",
+           "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING", "CONNECT_TIMEOUT_S",
+           "parse_address", "probe_address", "join_cluster", "loopback_node"]
+
+CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
 AUTH_ENV = "RAY_AUTH_MODE"
 DISABLED_WARNING = ("smn: warning: RAY_AUTH_MODE=disabled: this Ray cluster accepts any client that reaches "
-                    "its ports (GCS, raylet, workers listen on every interface) and runs any code it is sent")
+                    "its ports (a local Ray: every user of this machine; a cluster's GCS, raylet and workers listen "
+                    "on every interface) and runs any code it is sent")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colour codes (Ray colours a remote error's header)
 
 
 class ClusterTooSmall(RuntimeError):
     """The Ray cluster can never give the resources a spec asks for (the task would wait forever)."""
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster at ``--address`` / ``$RAY_ADDRESS`` did not answer within the connect timeout."""
+
+
+def parse_address(address: str, *, what: str = "--address") -> tuple[str, int] | None:
+    """Check the syntax of a Ray address; returns ``(host, port)`` to probe, or None for ``auto`` / ``local``
+    (Ray resolves those itself).
+
+    Allowed: ``HOST:PORT`` (a host name or IPv4 address, or ``[IPv6]:PORT``; port 1..65535),
+    ``ray://HOST[:PORT]`` (Ray Client, port 10001 by default), ``auto``, ``local``.
+
+    Raises:
+        ValueError: naming the address and what is allowed (exit 2, before any work).
+    """
+    allowed = (f"allowed: HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT, 'auto' or 'local'; "
+               "unset both --address and RAY_ADDRESS for a local Ray")
+    text = (address or "").strip()
+    if text in ("auto", "local"):
+        return None
+    rest, default_port = text, None
+    if text.startswith("ray://"):
+        rest, default_port = text[len("ray://"):], 10001
+    elif "://" in text:
+        raise ValueError(f"{what} {address!r} has an unsupported scheme; {allowed}")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ("" if not tail else None)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{what} {address!r}: {host!r} is not an IPv6 address; {allowed}") from None
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            host, port_text = rest, ""
+    if port_text == "" and default_port:
+        port_text = str(default_port)
+    valid_host = bool(host) and all(c.isalnum() or c in ".-_:" for c in host)
+    if not valid_host or port_text is None or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{what} {address!r} is not a Ray address; {allowed}")
+    return host, int(port_text)
+
+
+def probe_address(address: str, timeout_s: float, *, what: str = "--address") -> None:
+    """Open (and close) a TCP connection to the Ray address within ``timeout_s`` seconds: a refused port or a
+    host that does not answer is named at once instead of Ray retrying for minutes.
+
+    Raises:
+        ValueError: the address is malformed (:func:`parse_address`).
+        ClusterUnreachable: nothing answers there within the deadline (the message names the address, the
+            cause and the way out).
+    """
+    target = parse_address(address, what=what)
+    if target is None:
+        return
+    host, port = target
+    try:
+        with socket.create_connection((host, port), timeout=max(timeout_s, 0.1)):
+            return
+    except socket.timeout:
+        cause = f"no answer within {timeout_s:g}s (--connect-timeout)"
+    except socket.gaierror as exc:
+        cause = f"unknown host {host!r} ({exc.strerror})"
+    except OSError as exc:
+        cause = exc.strerror or type(exc).__name__
+        if isinstance(exc, ConnectionRefusedError):
+            cause = "connection refused: nothing listens on that port"
+    raise ClusterUnreachable(f"cannot reach the Ray cluster at {what} {address}: {cause}; start it with "
+                             "`ray start --head` there, fix the address, or unset --address and RAY_ADDRESS "
+                             "for a local Ray")
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """While a local Ray starts: its node is ``127.0.0.1``, so every listener it opens is on loopback.
+
+    Ray 2.60 replaces a loopback node IP (``_node_ip_address="127.0.0.1"``) by the machine's external IP
+    (``ray._private.services.resolve_ip_for_localhost``) unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off,
+    its switch for single-machine Ray. With the switch off, the GCS, raylet, object manager, workers, the
+    dashboard agent (gRPC, HTTP and its Prometheus metrics export), the runtime-env agent, and the
+    autoscaler's and dashboard's metrics servers all bind ``127.0.0.1`` (measured: tests/test_security.py);
+    with it on, the GCS, raylet and workers listen on every interface, the agents on the external IP and
+    the metrics exports on ``0.0.0.0``. The variable reaches the processes Ray starts (they inherit this
+    environment); this process's copy of the constant is set too (Ray read it when it was imported). Both
+    are restored afterwards, so that a later multi-node cluster of this process is unaffected. A ``ray`` CLI
+    reaching such a node from another shell (``ray status --address 127.0.0.1:PORT``) needs the same
+    switch, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; without it Ray maps 127.0.0.1 to the external IP, where
+    nothing listens.
+
+    When the driver dies (SIGKILL), Ray's reaper takes the GCS and the raylet with it at once; the dashboard
+    agent and the runtime-env agent notice the raylet's death at once too but first try to report it to
+    the dead GCS (``ray._private.process_watcher.report_raylet_error_logs``: a fixed 60 s timeout), so they
+    keep their (loopback) listeners for a minute or more.
+    """
+    from ray._private import ray_constants
+
+    knobs = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
+    saved_env, saved_flag = {k: os.environ.get(k) for k in knobs}, ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(knobs)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _connect_knobs(timeout_s: float) -> dict[str, str]:
+    """Ray's own settings that bound a driver's connect to ``timeout_s`` in all (Ray 2.60: the GCS channel,
+    the pubsub channel and the cluster-id request wait in turn, and the whole is tried
+    ``RAY_gcs_server_port_wait_time_s`` times)."""
+    part = str(max(1, int(timeout_s // 3)))
+    return {"RAY_gcs_server_port_wait_time_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": part,
+            "RAY_py_gcs_connect_timeout_s": part}
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str):
+    """Send this process's file descriptor 2 (Ray's C++ log while it connects) to ``path`` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def join_cluster(address: str, *, runtime_env: dict, timeout_s: float | None = None, **init_kwargs) -> None:
+    """``ray.init(address=...)`` with a deadline: a TCP probe first (:func:`probe_address`), then Ray's own
+    connect settings bounded by ``timeout_s`` (default :data:`CONNECT_TIMEOUT_S`), Ray's C++ log of the
+    connect in a log file instead of the console.
+
+    Raises:
+        ValueError: a malformed address.
+        ClusterUnreachable: the cluster does not answer, or Ray cannot join it, within about ``timeout_s``
+            (the message names the address and the log file).
+    """
+    import ray
+
+    timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    probe_address(address, timeout_s)
+    fd, log = tempfile.mkstemp(prefix="smn-ray-connect-", suffix=".log")
+    os.close(fd)
+    knobs = _connect_knobs(timeout_s)
+    saved = {k: os.environ.get(k) for k in knobs}
+    os.environ.update(knobs)
+    t0 = time.monotonic()
+    try:
+        _refresh_ray_config()
+        with _stderr_to(log):
+            ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as exc:
+        raise ClusterUnreachable(
+            f"cannot join the Ray cluster at {address} within {time.monotonic() - t0:.0f}s: "
+            f"{' '.join(str(exc).split())[:200]} (Ray's log: {log}); check that a Ray head (`ray start --head`) "
+            "listens there and that you hold its token") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    os.unlink(log)
 
 
 def token_path() -> Path:
@@ -153,8 +341,9 @@ def check_local_fits(cpus_per_worker: float, workers: int = 1, *, what: str = "r
 
 def error_cause(error: object) -> str:
     """The one-line cause of a (remote) failure: the last ``SomeError: message`` line of its text, as a
-    Ray task error carries the whole remote stack (the full text stays in the cell's failure record)."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    Ray task error carries the whole remote stack (the full text stays in the cell's failure record); ANSI
+    colour codes removed."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(error)).splitlines() if ln.strip()]
     for ln in reversed(lines):
         head = ln.split(":", 1)[0]
         if " " not in head and head.endswith(("Error", "Exception", "Interrupt", "Exit", "Unreachable", "Small")):

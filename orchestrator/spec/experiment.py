@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,10 @@ __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec
 
 FOUND = "found"
 _ROOTS = ("backbone", "dataset", "train", "eval", "pretrain")
+DEFAULT_MAX_CELLS = 10_000  # a spec's `max_cells` default
+MAX_CELLS = 1_000_000  # the highest `max_cells` a spec may set
+SHARED_DEFAULTS = "shared_defaults"  # method_overrides.shared_defaults: true keeps blocks of methods not run
+SEED_RANGE = (0, 2**32 - 1)  # numpy's and torch's seedable range
 SEARCH_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "train_loss", "density", "code_entropy")
 
 
@@ -106,10 +111,14 @@ class ExperimentSpec(BaseModel):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     pretrain: PretrainSpec | None = None
     grid: dict[str, list[Any]] = Field(default_factory=dict)
-    method_overrides: dict[str, dict[str, Any]] = Field(
+    method_overrides: dict[str, dict[str, Any] | bool] = Field(
         default_factory=dict,
         description="per-method settings on top of the shared sections, as dotted keys: "
-        "{supervised_mask: {train.score_lr: 50.0}}; applied before the grid's values")
+        "{supervised_mask: {train.score_lr: 50.0}}; applied before the grid's values. A block for a method the "
+        "spec does not run is refused, unless the section says `shared_defaults: true` (settings kept for "
+        "whichever of its methods a run selects, e.g. methods=[smn] on a Table 1 spec)")
+    max_cells: int = Field(DEFAULT_MAX_CELLS, ge=1, le=MAX_CELLS,
+                           description="refuse a spec whose methods x grid x seeds exceed this many cells")
     resources: Resources = Field(default_factory=Resources)
     search: SearchSpec | None = None
     cascade: dict[str, Any] | None = Field(
@@ -155,10 +164,22 @@ class ExperimentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _method_overrides(self) -> "ExperimentSpec":
+        shared = self.method_overrides.get(SHARED_DEFAULTS, False)
+        if not isinstance(shared, bool):
+            raise ValueError(f"method_overrides.{SHARED_DEFAULTS}: got {shared!r}; allowed: true or false")
         for method, values in self.method_overrides.items():
-            if method not in METHODS:  # a known method the spec does not run (methods=[smn]) is fine
+            if method == SHARED_DEFAULTS:
+                continue
+            if method not in METHODS:
                 raise ValueError(f"method_overrides names method {method!r}, which is not known; "
                                  f"allowed: {', '.join(METHODS)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"method_overrides.{method}: got {values!r}; allowed: a mapping of dotted keys "
+                                 "(e.g. {train.score_lr: 50.0})")
+            if method not in self.methods and not shared:
+                raise ValueError(f"method_overrides names method {method!r}, which this spec does not run "
+                                 f"(methods: {', '.join(self.methods)}); allowed: a method of `methods`, or "
+                                 f"`method_overrides.{SHARED_DEFAULTS}: true` to keep it as a shared default")
             for key in values:
                 if key.split(".")[0] not in ("train", "eval") or "." not in key:
                     raise ValueError(f"method_overrides.{method}: key {key!r} must be a dotted key under train. "
@@ -290,6 +311,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experimen
     if path.is_dir():
         raise SpecError(f"spec {str(path)!r} is a folder, not a file; allowed: a YAML spec file such as "
                         "experiments/demo.yaml")
+    if path.exists() and not path.is_file():
+        raise SpecError(f"spec {str(path)!r} is not a regular file (a device, pipe or socket); allowed: a YAML "
+                        "spec file such as experiments/demo.yaml")
     if not path.is_file():
         raise SpecError(f"spec file {str(path)!r} does not exist")
     try:
@@ -348,6 +372,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "resources.cpus_per_worker": (0, 4_096),
     "resources.gpus_per_worker": (0, 64),
     "search.num_samples": (1, 100_000),
+    "seeds": SEED_RANGE,
+    "max_cells": (1, MAX_CELLS),
 }
 """``{dotted key: (lowest, highest)}`` of the sizes a spec may ask for (``pretrain.`` keys share the
 ``train.`` / ``dataset.`` limits); anything outside is refused before work starts."""
@@ -357,7 +383,6 @@ POSITIVE = ("train.score_lr", "train.head_lr", "train.weight_lr", "train.swav.te
 """Keys that must be > 0 (``pretrain.`` keys too)."""
 
 MAX_SEEDS = 1_000
-MAX_CELLS = 100_000
 
 
 def _hints(tp: Any) -> dict[str, Any]:
@@ -401,10 +426,22 @@ def _inner(tp: Any, key: str | None = None) -> Any:
 
 
 def _limit_key(path: str) -> str:
+    if path.startswith("method_overrides."):
+        path = path.split(".", 2)[-1]
     for prefix in ("pretrain.", "cascade.experts."):
         if path.startswith(prefix):
             return path[len(prefix):]
     return path
+
+
+def _number_of(text: str, path: str) -> Any:
+    """The number a numeric string stands for (``'1e400'`` -> inf, ``'0x10'`` -> 16), or the string itself
+    when it is none (pydantic then names it)."""
+    word = text.strip()
+    try:
+        return int(word, 0) if word.lower().startswith(("0x", "0o", "0b", "-0x", "+0x")) else float(word)
+    except ValueError:
+        return text
 
 
 def _check_value(value: Any, tp: Any, path: str) -> None:
@@ -428,8 +465,13 @@ def _check_value(value: Any, tp: Any, path: str) -> None:
             raise SpecError(f"{path}: expected an integer or number, got {value!r} (YAML reads yes/no/on/off/"
                             "true/false as booleans); allowed: a number")
         return
+    if isinstance(value, str) and (_admits(tp, int) or _admits(tp, float)) and not _admits(tp, str):
+        value = _number_of(value, path)  # pydantic would read '1e400' as inf, '1_0' as 10: check what it reads
     if isinstance(value, float) and not math.isfinite(value):
         raise SpecError(f"{path}: got {value!r}; allowed: a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and _limit_key(path) not in LIMITS \
+            and abs(value) > 2**63 - 1:
+        raise SpecError(f"{path}: got {value}; allowed: an integer between -2**63 and 2**63-1")
     if _limit_key(path) in POSITIVE and isinstance(value, (int, float)) and not value > 0:
         raise SpecError(f"{path}: got {value!r}; allowed: a number > 0")
     lim = LIMITS.get(_limit_key(path))
@@ -456,7 +498,11 @@ def _check_raw(raw: dict) -> None:
     """:func:`_check_value` over a raw spec, its grid values and its search axes."""
     _check_value({k: v for k, v in raw.items() if k not in ("grid", "search", "cascade", "method_overrides")},
                  ExperimentSpec, "")
-    # method_overrides' values are checked where they land: in each cell's validation (expand_cells)
+    overrides = raw.get("method_overrides")
+    for method, values in (overrides.items() if isinstance(overrides, dict) else ()):
+        for key, value, tp in _typed_entries(flatten(values, keep_empty=True) if isinstance(values, dict) else None,
+                                             object):
+            _check_value(value, tp, f"method_overrides.{method}.{key}")
     for key, values, tp in _typed_entries(raw.get("grid"), list):
         for v in values:
             try:
@@ -601,6 +647,64 @@ def _check_data_and_batch(data: DataSpec, train: TrainConfig, where: str, train_
     return n
 
 
+def check_checkpoint(arch: str, checkpoint: str) -> None:
+    """Open a local weight file and load it into ``arch`` (format, keys, shapes), before any work.
+
+    Raises:
+        SpecError: naming the file, the architecture and what is wrong.
+    """
+    from smn_core.backbones import build_backbone
+
+    try:
+        build_backbone(arch, "checkpoint", checkpoint=str(Path(checkpoint).expanduser()))
+    except (ValueError, OSError) as exc:
+        text = " ".join(str(exc).split())
+        raise SpecError(f"backbone.checkpoint {checkpoint!r} cannot be used for {arch}: {text[:400]}") from None
+
+
+def check_selector(arch: str, mask: Any) -> None:
+    """The mask selector must select something in ``arch`` (built without weights: randomly initialised on
+    the CPU, the caller's random state kept; PyTorch's meta device would cost seconds of lazy imports).
+
+    Raises:
+        SpecError: naming the selector, the architecture and the allowed selectors.
+    """
+    import torch
+
+    from smn_core.backbones import build_backbone
+    from smn_core.masking import MaskConfig, select_parameters
+
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        model = build_backbone(arch, "random").model
+    config = mask if isinstance(mask, MaskConfig) else MaskConfig(**mask)
+    try:
+        select_parameters(model, config)
+    except ValueError as exc:
+        raise SpecError(f"train.mask.selector {config.selector!r}: {' '.join(str(exc).split())} (backbone "
+                        f"{arch})") from None
+
+
+def cell_count_bound(spec: ExperimentSpec) -> int:
+    """methods x (product of the grid's axes) x seeds: the most cells ``spec`` can expand to, computed
+    without expanding anything (a ``topk_density: found`` axis may add one threshold reference per cell,
+    which is not counted)."""
+    return len(spec.methods) * math.prod(len(v) for v in spec.grid.values()) * len(spec.seeds)
+
+
+def check_cell_count(spec: ExperimentSpec) -> None:
+    """Refuse at once a spec over its ``max_cells`` (:func:`cell_count_bound`).
+
+    Raises:
+        SpecError: naming the count, its factors and the limit.
+    """
+    n = cell_count_bound(spec)
+    if n > spec.max_cells:
+        axes = " x ".join(f"{len(v)} ({k})" for k, v in spec.grid.items())
+        raise SpecError(f"the spec expands to {n:,} cells ({len(spec.methods)} methods x "
+                        f"{axes + ' x ' if axes else ''}{len(spec.seeds)} seeds); allowed: <= max_cells = "
+                        f"{spec.max_cells:,} (set max_cells: N in the spec, at most {MAX_CELLS:,})")
+
+
 def check_spec(spec: ExperimentSpec) -> None:
     """Everything about ``spec`` that can be known before any work starts: every cell validates, backbones
     and dataset sources exist, dataset roots exist, classes exist and batches fit the data (read from
@@ -614,9 +718,8 @@ def check_spec(spec: ExperimentSpec) -> None:
 
     if len(spec.seeds) > MAX_SEEDS:
         raise SpecError(f"seeds: {len(spec.seeds)} seeds; allowed: <= {MAX_SEEDS:,}")
+    check_cell_count(spec)
     cells = expand_cells(spec)  # every grid value validated, before any work starts
-    if len(cells) > MAX_CELLS:
-        raise SpecError(f"the spec expands to {len(cells):,} cells; allowed: <= {MAX_CELLS:,}")
     sizes: dict[str, int | None] = {}
     seen: set[str] = set()
     for cell in cells:
@@ -632,6 +735,15 @@ def check_spec(spec: ExperimentSpec) -> None:
             if cfg.backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
                 raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
                                 "(.safetensors or a torch file)")
+            if ck and "://" not in ck and cfg.backbone.weights in ("checkpoint", "pretrained"):
+                check_checkpoint(cfg.backbone.arch, ck)
+        mask = cfg.train.mask if METHODS.get(cfg.method) and METHODS[cfg.method][1] == "mask" else None
+        if mask is not None:
+            key = json.dumps([cfg.backbone.arch, mask.selector, mask.stages, mask.include_bias, mask.include_bn],
+                             default=str)
+            if key not in seen:
+                seen.add(key)
+                check_selector(cfg.backbone.arch, mask)
         key = json.dumps([cfg.dataset.__dict__, cfg.train.batch_size], default=str)
         if key not in sizes:
             sizes[key] = _check_data_and_batch(cfg.dataset, cfg.train, "dataset", "train")
@@ -740,6 +852,7 @@ def expand_cells(spec: ExperimentSpec, densities: dict[str, float] | None = None
     Raises:
         SpecError: if a grid value makes an invalid cell (names the grid key and value).
     """
+    check_cell_count(spec)
     cells: dict[str, Cell] = {}
     for cell, _ in _iter_cells(spec, densities):
         if cell is not None:

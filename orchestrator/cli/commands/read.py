@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from orchestrator.cli.common import EXIT_OK, check_results_dir
+from orchestrator.cli.common import EXIT_OK, check_output_path, check_results_dir
 from orchestrator.cli.report import write_table
 from orchestrator.reports import registry, tables
 from orchestrator.reports.settings import parse_where
@@ -28,6 +28,8 @@ def table_text(results: str | None, experiment: str | None, fmt: str, metrics: s
     tables.check_layout(layout)
     parse_where(where or [])
     results = check_results_dir(results, "table")
+    if out is not None:
+        check_output_path(out)
     ledger.check_experiment(results, experiment)
     frame, title = tables.table_frame(_rows(results, experiment, metrics, layout), fmt, metrics, layout, where)
     if out is not None or fmt == "parquet":
@@ -84,6 +86,8 @@ def plot(args) -> int:
     out = args.out
     if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):
         raise ValueError(f"--out {out!r} is a folder; allowed: a file name such as {args.figure}.png")
+    check_output_path(out if out is not None else figure_location(results, args.figure),
+                      option="--out" if out is not None else "the figure (default --out)")
     ledger.check_experiment(results, args.experiment)
     df = ledger.read_ledger(results, args.experiment)
     if df.empty:

@@ -20,7 +20,8 @@ from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_erro
 from orchestrator.engine.plain import run_experiment
 from orchestrator.engine.prepare import pretrain_artifact_path
 from orchestrator.engine.preflight import StorageUnreachable
-from orchestrator.engine.session import ClusterTooSmall, check_local_fits, error_cause
+from orchestrator.engine.session import (ClusterTooSmall, ClusterUnreachable, check_local_fits, error_cause,
+                                         parse_address, probe_address)
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.estimate import estimate_parts, estimate_text
@@ -35,6 +36,17 @@ def run(args) -> int:
     spec = load_checked(args, None if args.dry_run else "run")
     if spec is None:
         return EXIT_USAGE
+    try:  # every option refused before any work, --dry-run or not
+        check_options(args, spec)
+    except ValueError as exc:
+        return usage_error(exc)
+    if not args.dry_run and (args.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
+        try:  # a deadline on the connect, before anything is read or written
+            probe_address(args.address or os.environ["RAY_ADDRESS"], args.connect_timeout,
+                          what="--address" if args.address else "RAY_ADDRESS")
+        except ClusterUnreachable as exc:
+            print(f"smn: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if spec.cascade is not None:  # the cascade's spec (paper Sec. 3.4): the same as `smn cascade SPEC`
         return _cascade(args, spec)
     cells = expand_cells(spec)
@@ -76,6 +88,20 @@ def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
     return EXIT_OK
 
 
+def check_options(args, spec: ExperimentSpec) -> None:
+    """The options of ``smn run`` that the spec does not hold: ``--track`` names known trackers and
+    ``--address`` / ``$RAY_ADDRESS`` is a Ray address (:func:`orchestrator.engine.session.parse_address`).
+
+    Raises:
+        ValueError: naming the option, its value and what is allowed.
+    """
+    report_cli.tracking_section(spec, args)
+    if args.address is not None:
+        parse_address(args.address)
+    elif os.environ.get("RAY_ADDRESS"):
+        parse_address(os.environ["RAY_ADDRESS"], what="RAY_ADDRESS")
+
+
 def _cascade(args, spec: ExperimentSpec) -> int:
     if args.dry_run:
         return cascade_cmd.run_spec(args, spec)
@@ -93,8 +119,9 @@ def _run_cells(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
         layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
         # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.cli.progress)
         with report_cli.quiet_output(args, len(cells), spec.name, spec.resources):
-            summary = run_experiment(spec, layout, address=args.address, cells=cells)
-    except (ClusterTooSmall, StorageUnreachable) as exc:
+            summary = run_experiment(spec, layout, address=args.address, cells=cells,
+                                     connect_timeout_s=args.connect_timeout)
+    except (ClusterTooSmall, ClusterUnreachable, StorageUnreachable) as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as exc:

@@ -13,6 +13,7 @@ from smn_core.backbones import build_backbone
 from smn_core.checkpoint import location_join
 from smn_core.mask_file import BackboneMismatchError, MaskFileError
 
+from orchestrator.cli.common import check_output_path
 from orchestrator.reports.codec_costs import codec_table, measure_task_codecs
 from orchestrator.reports.registry import render_frame
 from orchestrator.results import ledger
@@ -39,10 +40,29 @@ def _with_head(mask, args, from_cell: bool):
     return with_probe_head(mask, read_probe_head(head))
 
 
+def _check_outputs(args, cmd: str) -> None:
+    """Every location the subcommand writes, checked before any work
+    (:func:`orchestrator.cli.common.check_output_path`): the store of ``init`` / ``add``, the ``--out`` of
+    ``apply``, the ``OUT`` of ``export``, the ``--results`` of ``bench-codecs``.
+
+    Raises:
+        orchestrator.cli.common.ResultsError: naming the location and what is allowed.
+    """
+    if cmd in ("init", "add"):
+        check_output_path(args.store, option="store", folder=True)
+    if cmd == "apply" and args.out:
+        check_output_path(args.out)
+    if cmd == "export":
+        check_output_path(args.out, option="OUT")
+    if cmd == "bench-codecs":
+        check_output_path(args.results, option="--results", folder=True)
+
+
 def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
     """Run one ``smn store`` subcommand; returns the exit code."""
     cmd = args.store_command
     try:
+        _check_outputs(args, cmd)
         if cmd == "init":
             if args.weights == "checkpoint" and not args.checkpoint:
                 return _fail("--weights checkpoint needs --checkpoint FILE")
@@ -117,4 +137,8 @@ def handle(args) -> int:  # noqa: C901 - one dispatch over the subcommands
         return 1
     except (StoreError, BackboneMismatchError, ValueError, FileNotFoundError, ImportError) as exc:
         return _fail(str(exc))
+    except OSError as exc:  # the disk, after the checks: name the file and the cause, never "None"
+        where = exc.filename or getattr(args, "out", None) or args.store
+        print(f"smn store: cannot access {str(where)!r}: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+        return 1
     return _fail(f"unknown store command {cmd!r}")
