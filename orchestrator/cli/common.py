@@ -101,6 +101,21 @@ def _writable(path: str) -> bool:
     return os.access(path, os.W_OK | (os.X_OK if os.path.isdir(path) else 0)) and not read_only
 
 
+def _nearest_folder(path: str, option: str, value: str, allowed: str) -> str:
+    """``path`` or the nearest existing path above it, which must be a folder (what a missing output would be
+    created in).
+
+    Raises:
+        ResultsError: that path is a file (names the option, its value and the file).
+    """
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ResultsError(f"{option} {value!r}: {probe!r} is a file, not a folder; {allowed}")
+    return probe
+
+
 def _check_writable_folder(results: str) -> str:
     """A local ``--results`` of ``smn run``: not empty, not a file, and creatable / writable by this user
     (the nearest existing folder above a missing one must be writable). Nothing is created here."""
@@ -110,11 +125,7 @@ def _check_writable_folder(results: str) -> str:
     path = os.path.abspath(os.path.expanduser(results))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ResultsError(f"--results {results!r} is a file; {allowed}")
-    probe = path
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ResultsError(f"--results {results!r}: {probe!r} is a file, not a folder; {allowed}")
+    probe = _nearest_folder(path, "--results", results, allowed)
     if not _writable(probe):
         what = "is not writable" if probe == path else f"cannot be created ({probe!r} is not writable)"
         raise ResultsError(f"--results {results!r} {what}; {allowed}")
@@ -142,11 +153,7 @@ def check_output_path(out: str, *, option: str = "--out", folder: bool = False) 
         raise ResultsError(f"{option} {out!r} is a file; {allowed}")
     if os.path.exists(path) and not _writable(path):
         raise ResultsError(f"{option} {out!r} is not writable; {allowed}")
-    probe = path if (folder and os.path.isdir(path)) else os.path.dirname(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ResultsError(f"{option} {out!r}: {probe!r} is a file, not a folder; {allowed}")
+    probe = _nearest_folder(path if (folder and os.path.isdir(path)) else os.path.dirname(path), option, out, allowed)
     if not _writable(probe):
         raise ResultsError(f"{option} {out!r} cannot be written: {probe!r} is not writable; {allowed}")
     return out

@@ -122,6 +122,22 @@ def probe_address(address: str, timeout_s: float, *, what: str = "--address") ->
 
 
 @contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """Set the environment variables ``values`` for the ``with`` block; each one's previous value (or its
+    absence) is restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def loopback_node():
     """While a local Ray starts: its node is ``127.0.0.1``, so every listener it opens is on loopback.
 
@@ -145,19 +161,13 @@ def loopback_node():
     """
     from ray._private import ray_constants
 
-    knobs = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
-    saved_env, saved_flag = {k: os.environ.get(k) for k in knobs}, ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(knobs)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    with environ({ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            yield
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
 
 
 def _connect_knobs(timeout_s: float) -> dict[str, str]:
@@ -201,25 +211,17 @@ def join_cluster(address: str, *, runtime_env: dict, timeout_s: float | None = N
     probe_address(address, timeout_s)
     fd, log = tempfile.mkstemp(prefix="smn-ray-connect-", suffix=".log")
     os.close(fd)
-    knobs = _connect_knobs(timeout_s)
-    saved = {k: os.environ.get(k) for k in knobs}
-    os.environ.update(knobs)
     t0 = time.monotonic()
     try:
-        _refresh_ray_config()
-        with _stderr_to(log):
-            ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
+        with environ(_connect_knobs(timeout_s)):
+            _refresh_ray_config()
+            with _stderr_to(log):
+                ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
         raise ClusterUnreachable(
             f"cannot join the Ray cluster at {address} within {time.monotonic() - t0:.0f}s: "
             f"{' '.join(str(exc).split())[:200]} (Ray's log: {log}); check that a Ray head (`ray start --head`) "
             "listens there and that you hold its token") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     os.unlink(log)
 
 
