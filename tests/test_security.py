@@ -248,7 +248,10 @@ def test_ctrl_c_exits_130_and_redirected_output_is_plain(tmp_path):
     """A real ``smn run`` with stdout and stderr redirected: no Ray INFO lines, no ANSI codes; Ctrl-C
     (SIGINT) once the first cell is done gives one line saying how to resume, exit 130, no traceback."""
     spec = tmp_path / "ctrlc.yaml"
-    spec.write_text(TINY_SPEC.format(name="ctrlc", epochs=1, workers=1).replace("seeds: [0]", "seeds: [0, 1]"))
+    # one cell at a time, 6 cells of 8 epochs: when the first has landed, seconds of work are left for the Ctrl-C
+    # to interrupt (with 4 one-epoch cells at once, a busy machine saw the run end before the signal came)
+    spec.write_text(TINY_SPEC.format(name="ctrlc", epochs=8, workers=1).replace("seeds: [0]", "seeds: [0, 1, 2]")
+                    .replace("cpus_per_worker: 1}", "cpus_per_worker: 1, max_concurrent_cells: 1}"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out_path, "w") as out, open(err_path, "w") as err:
@@ -259,7 +262,7 @@ def test_ctrl_c_exits_130_and_redirected_output_is_plain(tmp_path):
             deadline = time.time() + 400
             while time.time() < deadline and "cells done" not in out_path.read_text():
                 assert proc.poll() is None, err_path.read_text()[-3000:]
-                time.sleep(1)
+                time.sleep(0.2)
             assert "cells done" in out_path.read_text(), "no cell finished in time"
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
             rc = proc.wait(timeout=120)
