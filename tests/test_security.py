@@ -252,7 +252,9 @@ def test_ctrl_c_exits_130_and_redirected_output_is_plain(tmp_path):
     # to interrupt (with 4 one-epoch cells at once, a busy machine saw the run end before the signal came)
     spec.write_text(TINY_SPEC.format(name="ctrlc", epochs=8, workers=1).replace("seeds: [0]", "seeds: [0, 1, 2]")
                     .replace("cpus_per_worker: 1}", "cpus_per_worker: 1, max_concurrent_cells: 1}"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # unbuffered: the driver's progress lines go to a file, where Python buffers them by the block; the test waits
+    # for the first "cells done" line, which otherwise may reach the file only when the run has ended
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", str(spec), "--results",
