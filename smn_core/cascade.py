@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .evaluation import feature_matrix
+
 if TYPE_CHECKING:  # scikit-learn is imported where it is used: expert workers start faster without it
     from sklearn.mixture import GaussianMixture
 
@@ -74,20 +76,9 @@ SCALINGS = ("whiten", "eigenvalue", "none")
 
 
 def _features(name: str, x, *, min_rows: int = 1) -> np.ndarray:
-    """``x`` as a finite float64 ``(N, F)`` numpy array, or a ValueError naming ``name``."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (num_samples, num_features), got shape {tuple(x.shape)}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-    if x.shape[0] < min_rows:
-        raise ValueError(f"{name} has {x.shape[0]} rows; at least {min_rows} are needed")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x.astype(np.float64, copy=False)
+    """``x`` as a finite float64 ``(N, F)`` numpy array, or a ValueError naming ``name``
+    (:func:`smn_core.evaluation.feature_matrix`)."""
+    return feature_matrix(name, x, min_rows=min_rows).astype(np.float64, copy=False)
 
 
 def _int_vector(name: str, y, n: int | None = None) -> np.ndarray:

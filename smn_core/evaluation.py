@@ -472,23 +472,34 @@ def _check_probe_settings(C: Any, max_iter: Any, C_grid: Sequence[float] | None,
     return max_iter, [float(c) for c in grid]
 
 
+def feature_matrix(name: str, x: Any, *, min_rows: int = 1) -> np.ndarray:
+    """``x`` (a torch.Tensor or numpy array of shape ``(num_samples, num_features)``) as a numpy array, checked:
+    2-D, real-valued, at least ``min_rows`` rows, every value finite.
+
+    Raises:
+        ValueError: naming ``name`` and what it is (type, shape, dtype, row count, or non-finite values).
+    """
+    x = _to_numpy(name, x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (num_samples, num_features), got shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real-valued, got dtype {x.dtype}")
+    if x.shape[0] < min_rows:
+        said = "is empty (0 rows)" if x.shape[0] == 0 else f"has {x.shape[0]} rows"
+        raise ValueError(f"{name} {said}; at least {min_rows} are needed")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
 def _probe_arrays(train_features, train_labels, test_features,
                   test_labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The probe's inputs as numpy arrays, checked: real finite non-empty 2-D features of one width, 1-D
     integer labels of matching length, at least 2 train classes. Raises ValueError naming the bad input."""
-    xtr = _to_numpy("train_features", train_features)
+    xtr = feature_matrix("train_features", train_features)
     ytr = _to_numpy("train_labels", train_labels)
-    xte = _to_numpy("test_features", test_features)
+    xte = feature_matrix("test_features", test_features)
     yte = _to_numpy("test_labels", test_labels)
-    for name, x in (("train_features", xtr), ("test_features", xte)):
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (num_samples, num_features), got shape {x.shape}")
-        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-            raise ValueError(f"{name} must be real-valued, got dtype {x.dtype}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} is empty (0 rows)")
-        if not np.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
     for name, y, x in (("train_labels", ytr, xtr), ("test_labels", yte, xte)):
         if y.ndim != 1:
             raise ValueError(f"{name} must be 1-D (num_samples,), got shape {y.shape}")

@@ -56,7 +56,7 @@ def test_missing_file_bad_yaml_and_bad_override(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(SpecError, match="mapping"):
         load_spec(bad)
-    with pytest.raises(SpecError, match="key=value"):
+    with pytest.raises(SpecError, match="KEY=VALUE"):
         parse_overrides(["train.epochs"])
 
 

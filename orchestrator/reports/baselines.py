@@ -537,6 +537,21 @@ def _densities(df: pd.DataFrame, what: str, vit: bool | None = None) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+_MASKS_FROM = {True: ("CLIP ViT", "experiments/clip_vit_b32.yaml"),
+               False: ("ResNet", "experiments/table8_sparsity_small.yaml")}
+
+
+def _figure_densities(df: pd.DataFrame, figure: str, vit: bool):
+    """``(densities, pyplot)`` for a sparsity figure: :func:`_densities` of the ViT (``vit``) or ResNet cells.
+
+    Raises:
+        ValueError: when no such masks are found (names the spec that makes them), or
+            ``df.attrs["results"]`` is missing.
+    """
+    family, spec = _MASKS_FROM[vit]
+    return _nonempty(_densities(df, figure, vit=vit), f"no {family} masks in this ledger (run {spec})"), _plt()
+
+
 @register_table("sparsity_blocks", "Density per ResNet stage / block or ViT block, from the exported masks")
 def sparsity_blocks(df: pd.DataFrame) -> pd.DataFrame:
     """Density (%) per stage and block (size-weighted within each cell; mean ± std over cells of the
@@ -579,9 +594,7 @@ def fig6(df: pd.DataFrame, out: str) -> None:
     Raises:
         ValueError: if no ViT masks are found, or ``df.attrs["results"]`` is missing.
     """
-    dens = _nonempty(_densities(df, "fig6", vit=True),
-                     "no CLIP ViT masks in this ledger (run experiments/clip_vit_b32.yaml)")
-    plt = _plt()
+    dens, plt = _figure_densities(df, "fig6", vit=True)
     dens["block_index"] = dens["block"].str.replace("block", "").astype(int)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), squeeze=False)
     for ax, kind in zip(axes[0], ("weight", "bias")):
@@ -609,9 +622,7 @@ def fig7(df: pd.DataFrame, out: str) -> None:
     Raises:
         ValueError: if no ResNet masks are found, or ``df.attrs["results"]`` is missing.
     """
-    dens = _nonempty(_densities(df, "fig7", vit=False),
-                     "no ResNet masks in this ledger (run experiments/table8_sparsity_small.yaml)")
-    plt = _plt()
+    dens, plt = _figure_densities(df, "fig7", vit=False)
     backbones = sorted(dens["backbone"].unique())
     fig, axes = plt.subplots(len(backbones), 1, figsize=(max(8, 0.3 * dens["index"].max() + 4), 4 * len(backbones)),
                              squeeze=False)

@@ -21,6 +21,7 @@ data, split and evaluation).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -86,6 +87,16 @@ def _smn(cells: pd.DataFrame) -> pd.DataFrame:
     return cells[cells["method"] == "smn"]
 
 
+def _on_smn(compare: Callable[[pd.DataFrame, pd.DataFrame, str | None], list[Comparison]]):
+    """A claim's ``compare(cells, results)`` from ``compare(cells, smn, results)``, which gets the SMN cells and
+    is not called when there are none (no comparison then)."""
+    @functools.wraps(compare)
+    def wrapped(cells: pd.DataFrame, results: str | None) -> list[Comparison]:
+        smn = _smn(cells)
+        return [] if smn.empty else compare(cells, smn, results)
+    return wrapped
+
+
 def _one_setting(cells: pd.DataFrame) -> pd.DataFrame:
     """The cells of ``cells``' most-seeded setting (grid_json carries the split, so it names a setting)."""
     if cells.empty:
@@ -111,10 +122,8 @@ def _variant_row(r: pd.Series) -> str | None:
     return mask_variant(row)
 
 
-def _threshold_vs_topk(cells, results):
-    smn = _smn(cells)
-    if smn.empty:
-        return []
+@_on_smn
+def _threshold_vs_topk(cells, smn, results):
     v = smn.apply(_variant_row, axis=1)
     return _pairs(cells, results, [("threshold - top-k 50%", smn[v == "SMN (threshold)"], smn[v == "top-k 50%"])],
                   metrics=(("knn_top1", "k-NN (k=200)"), ("linear_probe_top1", "linear probe")))
@@ -124,28 +133,22 @@ def _include_bn(cells: pd.DataFrame) -> pd.Series:
     return cells["config"].map(lambda c: bool(((c.get("train") or {}).get("mask") or {}).get("include_bn")))
 
 
-def _bn_masking_hurts(cells, results):
-    smn = _smn(cells)
-    if smn.empty:
-        return []
+@_on_smn
+def _bn_masking_hurts(cells, smn, results):
     bn = _include_bn(smn)
     return _pairs(cells, results, [("BN kept - BN masked", smn[~bn], smn[bn])])
 
 
-def _frozen_layers(cells, results):
-    smn = _smn(cells)
-    if smn.empty:
-        return []
+@_on_smn
+def _frozen_layers(cells, smn, results):
     lab = smn.apply(frozen_label, axis=1)
     base = smn[lab == "BNs"]
     return _pairs(cells, results, [(f"BNs frozen - {other} frozen", base, smn[lab == other])
                                    for other in sorted(set(lab) - {"BNs"})])
 
 
-def _prototypes(cells, results):
-    smn = _smn(cells)
-    if smn.empty:
-        return []
+@_on_smn
+def _prototypes(cells, smn, results):
     k = smn["config"].map(lambda c: c["train"]["swav"]["num_prototypes"])
     if k.nunique() < 2:
         return []

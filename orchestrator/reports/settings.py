@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
-from orchestrator.spec.keys import config_hash, flatten
+from orchestrator.spec.keys import config_hash, flatten, split_assignments
 
 __all__ = ["SEED_KEYS", "MAX_KEYS", "NOTE", "KEYS", "setting_config", "setting_id", "split_settings", "select",
            "parse_where", "diff_from", "setting_label", "DEFAULTS_FILE", "cell_defaults", "method_settings"]
@@ -139,16 +139,12 @@ def parse_where(conditions: Iterable[str]) -> list[tuple[str, Any]]:
         ValueError: a condition that is not ``KEY=VALUE`` (names it).
     """
     out = []
-    for cond in conditions:
-        key, sep, text = cond.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--where {cond!r} is not KEY=VALUE; allowed: a dotted config key and a value, "
-                             "e.g. --where train.epochs=8")
+    for key, text in split_assignments(conditions, "--where", "--where train.epochs=8"):
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
-        out.append((key.strip(), value))
+        out.append((key, value))
     return out
 
 

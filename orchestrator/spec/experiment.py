@@ -36,7 +36,7 @@ from smn_core.training import TrainConfig
 from orchestrator.results.layout import check_experiment_name
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
 from orchestrator.spec.cascade import cascade_spec
-from orchestrator.spec.keys import config_hash, flatten
+from orchestrator.spec.keys import config_hash, flatten, split_assignments
 from orchestrator.spec.tracking import parse_tracking
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
@@ -287,15 +287,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         SpecError: on an item without ``=``, with an empty key, or whose value is not valid YAML.
     """
     out = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SpecError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+    for key, value in split_assignments(overrides, "override", "train.epochs=3", SpecError):
         try:
-            out.append((key.strip(), load_yaml(value)))
+            out.append((key, load_yaml(value)))
         except yaml.YAMLError as exc:
-            raise SpecError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(exc)}; allowed: a YAML "
-                            "scalar, list or mapping, e.g. seeds=[0,1]") from None
+            raise SpecError(f"override '{key}={value}': the value is not valid YAML: {_yaml_problem(exc)}; allowed: "
+                            "a YAML scalar, list or mapping, e.g. seeds=[0,1]") from None
     return out
 
 

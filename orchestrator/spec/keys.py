@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Iterable
 
-__all__ = ["flatten", "config_hash"]
+__all__ = ["flatten", "config_hash", "split_assignments"]
 
 
 def flatten(d: dict, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
@@ -29,6 +29,24 @@ def flatten(d: dict, prefix: str = "", *, keep_empty: bool = False) -> dict[str,
             out.update(flatten(v, key + ".", keep_empty=keep_empty))
         else:
             out[key] = v
+    return out
+
+
+def split_assignments(items: Iterable[str], what: str, example: str,
+                      error: type[Exception] = ValueError) -> list[tuple[str, str]]:
+    """``["train.epochs=8"]`` -> ``[("train.epochs", "8")]``: dotted keys (stripped) and their value texts, as
+    spec overrides and ``smn table --where`` take them (the callers parse the texts as YAML).
+
+    Raises:
+        error: an item without ``=`` or with an empty key (names the item as ``what 'item'`` and an
+            ``example``).
+    """
+    out = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise error(f"{what} {item!r} is not KEY=VALUE; allowed: a dotted config key and a value, e.g. {example}")
+        out.append((key.strip(), text))
     return out
 
 
