@@ -133,11 +133,11 @@ def test_a_landed_cell_stores_its_per_image_correctness(landed):
     assert set(vs["paired over"]) == {"", "images x seeds"}, json.dumps(vs.to_dict(orient="records"))
 
 
-def _cfg(method: str, seed: int, *, mode="threshold", topk=None, prototypes=10) -> dict:
+def _cfg(method: str, seed: int, *, mode="threshold", topk=None, prototypes=10, include_bn=False) -> dict:
     train = None if method == "pretrained" else {
         "seed": seed, "progressive_topk": False,
         "mask": {"mode": mode, "topk_density": topk, "selective": "none", "stages": None, "selector": "conv",
-                 "include_bn": False},
+                 "include_bn": include_bn},
         "swav": {"num_prototypes": prototypes}}
     return {"method": method, "seed": seed, "backbone": {"arch": "cifar_resnet8", "weights": "pipeline"},
             "dataset": {"source": "digits", "classes": [5, 6, 7, 8, 9]}, "eval": {"knn_k": 200}, "train": train}
@@ -145,7 +145,8 @@ def _cfg(method: str, seed: int, *, mode="threshold", topk=None, prototypes=10) 
 
 def _synthetic(root) -> str:
     """Ledgers whose claims have known verdicts: SMN clearly above frozen on 3 seeds (claim 1 holds), the
-    threshold mask clearly below top-k 50 % (claim 2 does not), prototypes mixed (claim 4 inconclusive), a
+    threshold mask clearly below top-k 50 % (claim 2 does not), masking the BNs below the same cells without
+    (claims 3 and 5 hold: a top-k cell beside them, lower still, takes no part), prototypes mixed (claim 4 inconclusive), a
     one-seed cascade (claim 7 inconclusive: no interval), densities near 0.9 (claim 9 holds)."""
     import time
 
@@ -166,6 +167,11 @@ def _synthetic(root) -> str:
              {"knn_top1": 0.6, "linear_probe_top1": 0.8, "density": 0.9 + s / 1000})
         cell("t2", "smn", s, {"train.mask": {"mode": "topk", "topk_density": 0.5}},
              {"knn_top1": 0.6 + gap, "linear_probe_top1": 0.8 + gap, "density": 0.5}, mode="topk", topk=0.5)
+    for s, gap in enumerate((0.05, 0.06, 0.04)):  # BNs masked: below the same cells with the BNs kept
+        cell("t2bn", "smn", s, {"train.mask.include_bn": False}, {"knn_top1": 0.7, "density": 0.9})
+        cell("t2bn", "smn", s, {"train.mask.include_bn": True}, {"knn_top1": 0.7 - gap, "density": 0.9},
+             include_bn=True)
+        cell("t2bn", "smn", s, {"train.mask.mode": "topk"}, {"knn_top1": 0.5, "density": 0.5}, mode="topk", topk=0.5)
     for s, gap in enumerate((0.05, -0.04, 0.01)):
         cell("t5a", "smn", s, {"train.swav.num_prototypes": 2}, {"knn_top1": 0.6, "density": 0.9 + s / 1000},
              prototypes=2)
@@ -183,14 +189,17 @@ def test_scorecard_gives_the_known_verdicts_of_a_synthetic_ledger(tmp_path):
     card = scorecard.scorecard(ledger.read_ledger(_synthetic(tmp_path))).set_index("#")
     assert len(card) == len(scorecard.CLAIMS) >= 10
     verdicts = dict(zip(card.index, card["Verdict"]))
-    assert verdicts == {1: "holds", 2: "does not", 3: "inconclusive", 4: "inconclusive", 5: "inconclusive",
+    assert verdicts == {1: "holds", 2: "does not", 3: "holds", 4: "inconclusive", 5: "holds",
                         6: "inconclusive", 7: "inconclusive", 8: "inconclusive", 9: "holds", 10: "inconclusive"}
     direct = intervals.paired_seed_interval({0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.61, 2: 0.63})
     assert f"t1: SMN - frozen, k-NN (k=200): {100 * direct.mean:+.1f} [{100 * direct.lo:+.1f}, " \
            f"{100 * direct.hi:+.1f}] points (3 seeds paired)" in card.at[1, "Evidence"]
     assert "one seed: no interval" in card.at[7, "Evidence"] and "unconditional - conditional" in card.at[7, "Evidence"]
-    assert card.at[3, "Evidence"].startswith("no cells in these ledgers test it")
+    bn = intervals.paired_seed_interval({0: 0.7, 1: 0.7, 2: 0.7}, {0: 0.65, 1: 0.64, 2: 0.66})
+    assert card.at[3, "Evidence"] == f"t2bn: BN kept - BN masked, k-NN (k=200): {100 * bn.mean:+.1f} " \
+                                     f"[{100 * bn.lo:+.1f}, {100 * bn.hi:+.1f}] points (3 seeds paired)"
     assert "t5a: 100 - 2 prototypes" in card.at[4, "Evidence"]
+    assert card.at[5, "Evidence"].startswith(f"t2bn: BNs frozen - conv +BN frozen, k-NN (k=200): {100 * bn.mean:+.1f}")
 
 
 def _invariance_ledger(root, flip: int) -> str:

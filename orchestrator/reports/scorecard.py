@@ -21,6 +21,7 @@ data, split and evaluation).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -133,18 +134,38 @@ def _include_bn(cells: pd.DataFrame) -> pd.Series:
     return cells["config"].map(lambda c: bool(((c.get("train") or {}).get("mask") or {}).get("include_bn")))
 
 
+def _setting_without(config: dict, *keys: str) -> str:
+    """``config`` without its seeds and the dotted ``keys`` (``"train.mask.include_bn"``), as canonical JSON: the
+    cells that differ only in those keys share it, so a claim compares like with like."""
+    c = copy.deepcopy(config)
+    for key in ("seed", "train.seed", *keys):
+        *path, last = key.split(".")
+        node = c
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return json.dumps(c, sort_keys=True, default=str)
+
+
 @_on_smn
 def _bn_masking_hurts(cells, smn, results):
-    bn = _include_bn(smn)
-    return _pairs(cells, results, [("BN kept - BN masked", smn[~bn], smn[bn])])
+    """BNs kept - BNs masked, between cells whose settings differ only in ``train.mask.include_bn``."""
+    bn, key = _include_bn(smn), smn["config"].map(lambda c: _setting_without(c, "train.mask.include_bn"))
+    return _pairs(cells, results, [("BN kept - BN masked", smn[~bn & (key == k)], smn[bn & (key == k)])
+                                   for k in sorted(set(key[bn]) & set(key[~bn]))])
 
 
 @_on_smn
 def _frozen_layers(cells, smn, results):
+    """BNs frozen - another choice of frozen layers, between cells whose settings differ only in what is
+    masked (``train.mask.selector``, ``train.mask.include_bn``)."""
     lab = smn.apply(frozen_label, axis=1)
-    base = smn[lab == "BNs"]
-    return _pairs(cells, results, [(f"BNs frozen - {other} frozen", base, smn[lab == other])
-                                   for other in sorted(set(lab) - {"BNs"})])
+    key = smn["config"].map(lambda c: _setting_without(c, "train.mask.selector", "train.mask.include_bn"))
+    return _pairs(cells, results, [(f"BNs frozen - {other} frozen", smn[(lab == "BNs") & (key == k)],
+                                    smn[(lab == other) & (key == k)])
+                                   for k in sorted(set(key[lab == "BNs"]))
+                                   for other in sorted(set(lab[key == k]) - {"BNs"})])
 
 
 @_on_smn
