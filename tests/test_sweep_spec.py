@@ -6,6 +6,8 @@ import pytest
 
 from orchestrator.spec.experiment import SpecError, expand_cells, load_spec, pending_references, search_cell
 
+from .conftest import REPO
+
 pytestmark = pytest.mark.unit
 
 MASK_AXIS = """
@@ -85,3 +87,17 @@ def test_search_errors_name_the_problem(tiny_spec, edit, overrides, fragment):
     text = SEARCH.replace(*edit) if edit else SEARCH
     with pytest.raises(SpecError, match=fragment):
         load_spec(tiny_spec("s2", extra=text), overrides)
+
+
+def test_grid_param_space_resolves_every_axis_for_cells_without_it():
+    """A frozen cell has no train.* grid axis: its trial resolves the axis to None (a KeyError there used to stop
+    the whole Tune run of a spec with methods [pretrained, smn] and a train.* grid)."""
+    from orchestrator.engine.sweep import grid_param_space
+
+    spec = load_spec(REPO / "experiments" / "table5b_frozen_small.yaml")
+    cells = expand_cells(spec)
+    space = grid_param_space(cells)
+    resolve = space["train.mask.selector"].func
+    values = {c.cell_id: resolve({"cell_id": c.cell_id}) for c in cells}
+    assert {v for c, v in values.items()} == {None, "all", "all_but_norm", "all_but_bias"}
+    assert all(values[c.cell_id] is None for c in cells if c.config.method == "pretrained")

@@ -183,7 +183,8 @@ def _quiet_tune() -> None:
 
 
 class _AxisValue:
-    """``tune.sample_from`` resolver of one grid axis: the value the trial's cell (``config["cell_id"]``) has.
+    """``tune.sample_from`` resolver of one grid axis: the value the trial's cell (``config["cell_id"]``) has, or
+    None where the axis does not apply to that cell.
 
     A class, not a lambda, so Tune can pickle it with the experiment state.
     """
@@ -192,7 +193,8 @@ class _AxisValue:
         self.axis, self.values = axis, values
 
     def __call__(self, config: dict) -> Any:
-        return self.values[config["cell_id"]][self.axis]
+        # None for a cell the axis does not apply to (the frozen backbone's cells have no train.* axes)
+        return self.values[config["cell_id"]].get(self.axis)
 
 
 def grid_param_space(cells: list[Cell]) -> dict[str, Any]:
