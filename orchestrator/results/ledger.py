@@ -37,14 +37,11 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -52,6 +49,9 @@ import smn_core
 from smn_core.checkpoint import atomic_write
 
 from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
+
+if TYPE_CHECKING:  # pandas and duckdb are imported where they are used: listing done cells needs neither
+    import pandas as pd
 
 __all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "MANIFEST", "LedgerFiles", "write_cell", "read_ledger", "read_cell", "wide",
            "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures",
@@ -93,6 +93,8 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
     lay = ExperimentLayout.of(results, experiment)
     fs = lay.fs
     n = len(metrics)
+    import pandas as pd  # the writer runs in a worker that has it loaded already
+
     ms = lambda t: pd.Timestamp(t, unit="s", tz="UTC")  # noqa: E731
     table = pa.table({
         "cell_id": [cell_id] * n, "experiment": [experiment] * n, "method": [method] * n,
@@ -310,6 +312,8 @@ def _set_aside(lay: ExperimentLayout, path: str, reason: str, quarantine: bool) 
 
 def _connect():
     """A private in-memory DuckDB connection (threads: DuckDB's default, one per core)."""
+    import duckdb  # only a scan needs it (about 0.2 s to import)
+
     con = duckdb.connect(":memory:")
     con.execute("SET enable_progress_bar = false")
     return con
@@ -323,6 +327,8 @@ def _source(con, fs: pafs.FileSystem, paths: list[str], columns: list[str]):
     through ``pyarrow.dataset``, reading only ``columns``."""
     if isinstance(fs, pafs.LocalFileSystem):
         return con.read_parquet(paths, filename=True, file_row_number=True)
+    import pyarrow.dataset as pads  # object stores only; its import loads pandas (about 0.5 s)
+
     dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA)
     batches, names = [], []
     for tagged in dataset.scanner(columns=columns).scan_batches():
@@ -374,6 +380,8 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
     Raises:
         FileNotFoundError: a file vanished (a compaction swapped it): the caller lists again.
     """
+    import duckdb  # for its error type (loaded by _connect anyway)
+
     fs = sets[0].layout.fs
     owner = {p: f.layout for f in sets for p in f.paths}
     cell_files = {p for f in sets for p in f.cell_files.values()}
@@ -607,7 +615,7 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
         A DataFrame with a ``cell_id`` column, sorted by ``cell_id``; empty (no columns) for no rows.
     """
     if df.empty:
-        return pd.DataFrame()
+        return type(df)()  # an empty DataFrame, without importing pandas here
     values = df.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
     values.columns.name = None
     meta = df.groupby("cell_id")[[c for c in META_COLUMNS if c in df.columns]].first()

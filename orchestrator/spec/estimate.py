@@ -28,8 +28,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 __all__ = ["CellEstimate", "estimate_cells", "estimate_text", "estimate_parts", "benchmark_step_times", "TRAIN_IMAGES",
            "DEFAULT_S_PER_MPX", "ARCH_COST", "RAY_STARTUP_S", "EVAL_FIXED_S"]
 
@@ -74,23 +72,24 @@ class CellEstimate:
         return self.steps * self.seconds_per_step
 
 
-def benchmark_step_times(path: str | None = None) -> pd.DataFrame:
-    """``train_step`` benchmark rows ``arch, px, batch, device, seconds`` (empty when there is no file)."""
+def benchmark_step_times(path: str | None = None) -> list[dict]:
+    """``train_step`` benchmark rows ``{arch, px, batch, device, seconds}`` in file order (empty when there is no
+    file). Read with pyarrow alone: the dry run stays clear of pandas' import."""
     path = path or os.environ.get("SMN_BENCHMARKS") or str(Path(__file__).resolve().parents[1] / "benchmarks" /
                                                             "results" / "benchmarks.parquet")
-    cols = ["arch", "px", "batch", "device", "seconds"]
     if not os.path.exists(path):
-        return pd.DataFrame(columns=cols)
-    df = pd.read_parquet(path)
-    df = df[(df["area"] == "train_step") & (df["status"] == "ok") & (df["unit"] == "s")]
+        return []
+    import pyarrow.parquet as pq  # only when a benchmark file is there
+
+    cols = pq.read_table(path, columns=["area", "name", "value", "unit", "device", "status"]).to_pydict()
     rows = []
-    for name, value, device in zip(df["name"], df["value"], df["device"]):
-        m = _NAME.match(name)
+    for area, name, value, unit, device, status in zip(*cols.values()):
+        m = _NAME.match(name or "") if (area, status, unit) == ("train_step", "ok", "s") else None
         if m:
             rows.append({"arch": m["arch"], "px": int(m["px"]), "batch": int(m["batch"]),
                          "device": "gpu" if "cuda" in str(device).lower() or "gpu" in str(device).lower() else "cpu",
                          "seconds": float(value)})
-    return pd.DataFrame(rows, columns=cols)
+    return rows
 
 
 def _train_images(dataset: dict) -> tuple[int, str]:
@@ -114,10 +113,10 @@ def _pixels_per_image(train: dict, size: int) -> int:
     return size * size
 
 
-def _step_seconds(arch: str, batch: int, pixels: int, device: str, bench: pd.DataFrame) -> tuple[float, str]:
-    rows = bench[(bench["arch"] == arch) & (bench["device"] == device)]
-    if len(rows):
-        r = rows.iloc[-1]
+def _step_seconds(arch: str, batch: int, pixels: int, device: str, bench: list[dict]) -> tuple[float, str]:
+    rows = [r for r in bench if r["arch"] == arch and r["device"] == device]
+    if rows:
+        r = rows[-1]
         return r["seconds"] * (batch / r["batch"]) * (pixels / (r["px"] ** 2)), f"benchmark ({device})"
     cost = ARCH_COST.get(arch, 1.0)
     return DEFAULT_S_PER_MPX[device] * cost * batch * pixels / 1e6, "default"
@@ -131,7 +130,7 @@ def _steps(train: dict, dataset: dict) -> tuple[int, str]:
     return int(train.get("epochs", 1)) * per_epoch, note
 
 
-def estimate_cells(spec, cells, bench: pd.DataFrame | None = None) -> tuple[list[CellEstimate], list[str]]:
+def estimate_cells(spec, cells, bench: list[dict] | None = None) -> tuple[list[CellEstimate], list[str]]:
     """Per-cell estimates of ``cells`` (from :func:`orchestrator.spec.experiment.expand_cells`) and notes (defaults
     used, pretraining)."""
     bench = benchmark_step_times() if bench is None else bench
@@ -169,7 +168,7 @@ def estimate_cells(spec, cells, bench: pd.DataFrame | None = None) -> tuple[list
     return out, notes
 
 
-def estimate_text(spec, cells, bench: pd.DataFrame | None = None) -> str:
+def estimate_text(spec, cells, bench: list[dict] | None = None) -> str:
     """The cost estimate ``smn run --dry-run`` prints: a line per cell, the total in CPU- or GPU-hours."""
     est, notes = estimate_cells(spec, cells, bench)
     res = spec.resources
@@ -187,7 +186,7 @@ def estimate_text(spec, cells, bench: pd.DataFrame | None = None) -> str:
     return "\n".join(lines)
 
 
-def _eval_seconds(cell_dict: dict, device: str, bench: pd.DataFrame) -> float:
+def _eval_seconds(cell_dict: dict, device: str, bench: list[dict]) -> float:
     """One cell's evaluation: an embedding pass (forward only, about a third of a training step per pixel)
     over the train and test images, plus :data:`EVAL_FIXED_S`."""
     data = cell_dict["dataset"]
@@ -206,7 +205,7 @@ def _slots(spec, device: str) -> int:
 
 
 def estimate_parts(spec, cells, *, done: set[str] | frozenset = frozenset(), pretrain_cached: bool = False,
-                   join: bool = False, bench: pd.DataFrame | None = None) -> dict:
+                   join: bool = False, bench: list[dict] | None = None) -> dict:
     """The wall-time estimate of ``smn run`` for the cells of ``cells`` not in ``done``, in parts.
 
     Args:

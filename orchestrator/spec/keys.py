@@ -6,11 +6,12 @@ use it as freely as the spec loader does.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
 
-__all__ = ["flatten", "config_hash"]
+__all__ = ["flatten", "config_hash", "setting_config", "setting_id"]
 
 
 def flatten(d: dict, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
@@ -39,3 +40,18 @@ def config_hash(payload: dict) -> str:
     come from it, so the same inputs always name the same ledger file."""
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def setting_config(config: dict) -> dict:
+    """``config`` (a resolved cell config) without its seed keys (``seed``, ``train.seed``); a copy."""
+    out = copy.deepcopy(config)
+    out.pop("seed", None)
+    if isinstance(out.get("train"), dict):
+        out["train"].pop("seed", None)
+    return out
+
+
+def setting_id(config_json: str) -> str:
+    """The id of a cell's setting: :func:`config_hash` of its config without the seed (16 hex digits); cells that
+    differ only in the seed share it (the report tables group by it, ``smn run --dry-run --json`` lists it)."""
+    return config_hash(setting_config(json.loads(config_json)))
