@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from smn_core.checkpoint import location_exists
 
@@ -54,8 +55,7 @@ def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
     pipeline = [c for c in cells if c.config.backbone.weights == "pipeline" and c.config.pretrain is not None]
     artifacts = sorted({pretrain_artifact_path(args.results, spec.name, c.config) for c in pipeline})
     cached = bool(artifacts) and all(location_exists(a) for a in artifacts)
-    parts = estimate_parts(spec, cells, done=done, pretrain_cached=cached,
-                           join=bool(args.address or os.environ.get("RAY_ADDRESS")))
+    parts = estimate_parts(spec, cells, done=done, pretrain_cached=cached, join=_joins(args))
     todo = [c for c in cells if c.cell_id not in done]
     if getattr(args, "json", False):
         summary = {"experiment": spec.name, "results": str(args.results), "cells": len(cells),
@@ -74,6 +74,13 @@ def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
           f"{parts['pretraining_s']:.0f} s + training {parts['training_s']:.0f} s + evaluation "
           f"{parts['evaluation_s']:.0f} s ({parts['concurrent_cells']} cells at once; {', '.join(parts['source'])})")
     return EXIT_OK
+
+
+def _joins(args) -> bool:
+    """Whether the run would join a running Ray (``--address``, ``$RAY_ADDRESS``, or a Ray this process already
+    started: a notebook, a test) rather than start one; Ray is not imported to find out."""
+    ray = sys.modules.get("ray")
+    return bool(args.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()))
 
 
 def cell_rows(cells: list[Cell]) -> list[dict]:
