@@ -15,6 +15,9 @@ method              objective    adaptation   meaning
 ``supervised_mask`` supervised   mask         supervised masking with a new linear head
 ``fft``             supervised   full         full fine-tuning
 ``stn``             swav         full         self-training network (self-supervised FFT)
+``random_mask``     (swav)       (mask)       control: the SMN cell's trained mask redrawn at random, the
+                                              same count per tensor (``_magnitude``: also the same |W|
+                                              quantiles); evaluated, not trained (smn_core.random_mask)
 =================== ============ ============ ==================================================
 """
 
@@ -45,6 +48,7 @@ from .view_strength import view_similarity
 __all__ = [
     "SmallKnnBankWarning",
     "METHODS",
+    "CONTROLS",
     "BackboneSpec",
     "DataSpec",
     "EvalSpec",
@@ -70,7 +74,14 @@ METHODS: dict[str, tuple[str, str] | None] = {
     "supervised_mask": ("supervised", "mask"),
     "fft": ("supervised", "full"),
     "stn": ("swav", "full"),
+    "random_mask": ("swav", "mask"),
+    "random_mask_magnitude": ("swav", "mask"),
 }
+
+CONTROLS: dict[str, str] = {"random_mask": "count", "random_mask_magnitude": "magnitude"}
+"""The random-mask controls (issue 25) and their ``match`` (:mod:`smn_core.random_mask`): not trained, they
+evaluate a random mask of their SMN cell's size (same config with ``method: smn``); their ``train`` section is
+the SMN cell's, so they keep it in their identity."""
 
 
 def method_training(method: str) -> tuple[str, str] | None:
@@ -655,6 +666,9 @@ def run_cell(
         With ``train.classifier: clip_text`` the supervised head is CLIP's frozen text-embedding head
         (:func:`clip_text_classifier`).
     """
+    if cfg.method in CONTROLS:
+        raise ValueError(f"method {cfg.method!r} is a random-mask control: it is evaluated from its SMN cell's mask "
+                         "(smn_core.random_mask.evaluate_random_mask), not run by run_cell")
     torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights)
     train_ds, test_ds = load_cell_data(cfg.dataset)

@@ -79,3 +79,33 @@ def test_bad_match_and_missing_weights_are_refused():
         draw_random_mask(trained["layer3.0.conv1.weight"], match="uniform")
     with pytest.raises(ValueError, match="needs the weights of every masked tensor"):
         draw_random_masks(trained, match="magnitude", weights={}, seed=0)
+
+
+# ------------------------------------------------------------------------------------ the dependent cells
+
+def test_controls_are_dependent_cells_of_their_smn_cell(tiny_spec):
+    from orchestrator.spec.experiment import control_reference, expand_cells, load_spec, pending_references
+
+    spec = load_spec(tiny_spec(), ["methods=[random_mask,random_mask_magnitude]", "seeds=[0,1]"])
+    (ref0, ref1) = expand_cells(spec)  # only the SMN references are ready: added although the spec omits smn
+    assert [c.config.method for c in (ref0, ref1)] == ["smn", "smn"]
+    assert pending_references(spec) == {ref0.cell_id, ref1.cell_id}
+    cells = expand_cells(spec, {ref0.cell_id: 0.97})  # seed 0's SMN cell landed: its two controls are ready
+    controls = [c for c in cells if c.config.method != "smn"]
+    assert sorted(c.config.method for c in controls) == ["random_mask", "random_mask_magnitude"]
+    assert {control_reference(c.config) for c in controls} == {ref0.cell_id}
+    assert all(c.config.train == ref0.config.train for c in controls)  # the SMN cell's settings: same selector
+    assert pending_references(spec, {ref0.cell_id: 0.97}) == {ref1.cell_id}
+
+
+def test_control_without_its_smn_mask_fails_with_a_clear_error(tiny_spec, tmp_path):
+    from orchestrator.engine.prepare import cell_jobs
+    from orchestrator.results.layout import ExperimentLayout
+    from orchestrator.spec.experiment import expand_cells, load_spec
+
+    spec = load_spec(tiny_spec(), ["methods=[random_mask]"])
+    (ref,) = expand_cells(spec)
+    (control,) = [c for c in expand_cells(spec, {ref.cell_id: 0.9}) if c.config.method == "random_mask"]
+    (job,) = cell_jobs([control], ExperimentLayout.of(str(tmp_path), spec.name), {})
+    with pytest.raises(FileNotFoundError, match=f"needs the masks of its SMN cell {ref.cell_id}"):
+        job.stage.run(job, "cpu")

@@ -20,6 +20,7 @@ axes for a metric with a trial budget (see :class:`SearchSpec`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from smn_core.pipeline import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec
+from smn_core.pipeline import CONTROLS, METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec
 from smn_core.training import TrainConfig
 
 from orchestrator.results.layout import check_experiment_name
@@ -40,7 +41,7 @@ from orchestrator.spec.keys import config_hash, flatten
 from orchestrator.spec.tracking import parse_tracking
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
-           "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "config_hash", "FOUND",
+           "parse_overrides", "expand_cells", "pending_references", "control_reference", "search_cell", "cell_id_of", "config_hash", "FOUND",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
            "TORCHVISION_FACTS"]
 
@@ -142,7 +143,8 @@ class ExperimentSpec(BaseModel):
         if self.search is not None:
             if self.grid:
                 raise ValueError("a spec has either a grid or a search, not both")
-            if len(self.methods) != 1 or len(self.seeds) != 1 or METHODS[self.methods[0]] is None:
+            if (len(self.methods) != 1 or len(self.seeds) != 1 or METHODS[self.methods[0]] is None
+                    or self.methods[0] in CONTROLS):
                 raise ValueError(f"a search needs exactly one trained method and one seed, got methods "
                                  f"{self.methods} and seeds {self.seeds}")
         return self
@@ -799,9 +801,22 @@ def _reference_raw(raw: dict) -> dict:
     return ref
 
 
+def _overrides(spec: ExperimentSpec, method: str) -> dict[str, Any]:
+    """``method_overrides`` of ``method``; a random-mask control takes SMN's first (it is SMN's config)."""
+    own = spec.method_overrides.get(method, {})
+    return {**spec.method_overrides.get("smn", {}), **own} if method in CONTROLS else dict(own)
+
+
+def control_reference(config: CellConfig) -> str:
+    """The cell id of the SMN cell whose trained mask a random-mask control (``config.method`` in
+    :data:`smn_core.pipeline.CONTROLS`) draws from: the same config with ``method: smn``."""
+    return cell_id_of(dataclasses.replace(config, method="smn"))
+
+
 def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
     """Yield ``(Cell | None, reference cell_id | None)`` for every grid point: a ready cell, or
-    (None, ref) for a dependent cell whose reference density is not known yet."""
+    (None, ref) for a dependent cell whose reference has not landed yet (a top-k cell at a found density, a
+    random-mask control; ``densities`` holds the landed masked cells' densities)."""
     base = _base(spec)
     keys = list(spec.grid)
     for method in spec.methods:
@@ -809,7 +824,7 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
             for seed in spec.seeds:
                 raw = copy.deepcopy(base)
                 raw.update(method=method, seed=seed)
-                for k, v in spec.method_overrides.get(method, {}).items():
+                for k, v in _overrides(spec, method).items():
                     _set_dotted(raw, k, v)
                 for k, v in zip(keys, combo):
                     _set_dotted(raw, k, v)
@@ -819,6 +834,14 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
                 trained = METHODS[method] is not None
                 grid_values = dict(zip(keys, combo)) if trained else {
                     k: v for k, v in zip(keys, combo) if not k.startswith("train.")}
+                if method in CONTROLS:  # a random-mask control: after the SMN cell of the same config
+                    ref_cfg = _validate({**raw, "method": "smn"}, where + " (its SMN reference)")
+                    ref_id = cell_id_of(ref_cfg)
+                    yield Cell(ref_id, ref_cfg, grid_values), None
+                    if ref_id not in (densities or {}):
+                        _validate(raw, where)  # validate it now, before any work
+                        yield None, ref_id
+                        continue
                 if trained and _get_dotted(raw, "train.mask.topk_density") == FOUND:
                     if raw["train"]["mask"].get("mode") != "topk":
                         raise SpecError(f"invalid {where}: train.mask.topk_density 'found' needs train.mask.mode 'topk'")
@@ -861,7 +884,9 @@ def expand_cells(spec: ExperimentSpec, densities: dict[str, float] | None = None
 
 
 def pending_references(spec: ExperimentSpec, densities: dict[str, float] | None = None) -> set[str]:
-    """Cell ids of the threshold cells whose density some ``topk_density: found`` cell still waits for."""
+    """Cell ids of the cells some dependent cell still waits for: the threshold cells whose density a
+    ``topk_density: found`` cell needs, the SMN cells whose trained mask a random-mask control draws from
+    (not in ``densities``, the landed masked cells' ``density``)."""
     return {ref for cell, ref in _iter_cells(spec, densities) if cell is None}
 
 
