@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .masking import apply_masks, mask_density
-from .pipeline import CellOutcome, SmallKnnBankWarning, evaluate_model, load_cell_data, prepare_backbone
+from .pipeline import (CellOutcome, SmallKnnBankWarning, eval_split_names, evaluate_model, load_cell_data,
+                       prepare_backbone)
 
 __all__ = ["MATCHES", "MAGNITUDE_BINS", "draw_random_mask", "draw_random_masks", "evaluate_random_mask"]
 
@@ -170,7 +171,8 @@ def evaluate_random_mask(cfg, trained: Mapping[str, torch.Tensor], match: Litera
         ``linear_probe_top1``, ...) plus ``density`` and ``mask_bits`` (equal to the trained mask's),
         ``ref_density``, ``overlap`` (share of the trained mask's kept weights the random mask keeps too),
         ``storage_bits``, ``num_train``, ``num_test``, ``backbone_params``; the drawn ``masks``, per-image
-        correctness and the probe head; no history or state.
+        correctness and the probe head; no history or state. With ``dataset.val_fraction`` the evaluation's
+        names are prefixed ``val_`` (:func:`smn_core.pipeline.eval_split_names`).
 
     Raises:
         ValueError: a trained mask whose names or shapes do not fit the backbone, or the errors of
@@ -192,14 +194,17 @@ def evaluate_random_mask(cfg, trained: Mapping[str, torch.Tensor], match: Litera
     probe_head: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallKnnBankWarning)
-        metrics = evaluate_model(model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean,
-                                 std=backbone.std, device=device, per_image=per_image, probe_head=probe_head)
+        metrics = eval_split_names(cfg.dataset, evaluate_model(
+            model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean, std=backbone.std, device=device,
+            per_image=per_image, probe_head=probe_head))
+    per_image = eval_split_names(cfg.dataset, per_image)
     density, _ = mask_density(masks)
     kept = sum(int(m.sum()) for m in trained.values())
     both = sum(int((masks[n] & trained[n].bool().cpu()).sum()) for n in trained)
     bits = float(sum(m.numel() for m in masks.values()))
     metrics.update(density=density, ref_density=mask_density(dict(trained))[0], overlap=both / max(kept, 1),
-                   mask_bits=bits, storage_bits=bits, num_train=float(len(train_ds)), num_test=float(len(test_ds)),
-                   backbone_params=float(sum(p.numel() for p in params.values())))
+                   mask_bits=bits, storage_bits=bits, num_train=float(len(train_ds)),
+                   backbone_params=float(sum(p.numel() for p in params.values())),
+                   **eval_split_names(cfg.dataset, {"num_test": float(len(test_ds))}))
     return CellOutcome(metrics=metrics, masks=masks, history=[], train_result=None, state=None,
                        per_image=per_image or None, probe_head=probe_head or None)

@@ -43,3 +43,34 @@ def test_bad_fraction_is_one_line_error(bad):
 def test_unsplittable_class_is_named():
     with pytest.raises(ValueError, match="cannot carve a stratified validation split"):
         train_val_split(np.array([0, 0, 0, 0, 1]), 0.4, seed=0)
+
+
+def test_val_fraction_off_keeps_cell_ids_and_on_makes_a_new_setting():
+    from orchestrator.spec.experiment import SpecError, expand_cells, load_spec
+
+    from .conftest import REPO
+
+    demo = REPO / "experiments" / "demo.yaml"
+    before = {c.config.method: c.cell_id for c in expand_cells(load_spec(demo, ["seeds=[0]"]))}
+    assert before["smn"] == "b1ccd85c218ee08a"  # the committed demo ledger's SMN seed-0 cell: ids unchanged
+    val = {c.config.method: c for c in expand_cells(load_spec(demo, ["seeds=[0]", "dataset.val_fraction=0.2"]))}
+    assert val["smn"].cell_id != before["smn"] and val["smn"].config.to_dict()["dataset"]["val_fraction"] == 0.2
+    with pytest.raises(SpecError, match=r"val_fraction must be in \(0, 1\) or null, got 1.0"):
+        load_spec(demo, ["dataset.val_fraction=1.0"])
+
+
+def test_cell_on_validation_reports_val_metrics_only():
+    """A frozen cell with val_fraction: its evaluation is named val_*, on the validation images of train."""
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
+    from smn_core.pipeline import load_cell_data, run_cell
+
+    data = DataSpec(source="digits", classes=[5, 6, 7], image_size=16, max_train_samples=90, val_fraction=0.3)
+    cfg = CellConfig(method="pretrained", backbone=BackboneSpec(arch="cifar_resnet8", weights="random"),
+                     dataset=data, eval=EvalSpec(knn_k=10, knn_dino_k=5))
+    train, val = load_cell_data(data)
+    assert (len(train), len(val)) == (63, 27)
+    out = run_cell(cfg)
+    assert {"val_knn_top1", "val_knn_dino_top1", "val_linear_probe_top1", "val_num_test"} <= set(out.metrics)
+    assert not {"knn_top1", "linear_probe_top1", "num_test"} & set(out.metrics)
+    assert out.metrics["val_num_test"] == 27 and out.metrics["num_train"] == 63
+    assert set(out.per_image) == {"val_knn_top1", "val_knn_dino_top1", "val_linear_probe_top1"}

@@ -37,7 +37,10 @@ class RunSummary(dict):
 
 
 def _artifact_key(cell) -> str:
-    return config_hash({"arch": cell.backbone.arch, "pretrain": asdict(cell.pretrain), "seed": 0})
+    pretrain = asdict(cell.pretrain)
+    if pretrain["dataset"].get("val_fraction", 0) is None:  # a key added later: off, out of the key (artifacts kept)
+        pretrain["dataset"].pop("val_fraction")
+    return config_hash({"arch": cell.backbone.arch, "pretrain": pretrain, "seed": 0})
 
 
 def pretrain_artifact_path(results: str | ExperimentLayout, experiment: str, cell) -> str:

@@ -11,9 +11,10 @@ difference to the frozen backbone in accuracy points with its 95 % interval:
 * otherwise over seeds (:func:`orchestrator.reports.intervals.paired_seed_interval`: the t-interval of the
   per-seed differences, the seeds both have).
 
-When the ledger holds random-mask control cells (method ``random_mask``), SMN and STN rows also get
-``<metric> vs random mask``: the paired difference to the strongest random-mask setting of the same grid
-values (:func:`_strongest_random`), in the same form.
+When the ledger holds random-mask control cells (methods ``random_mask`` and ``random_mask_magnitude``,
+:mod:`smn_core.random_mask`), SMN and STN rows also get ``<metric> vs random mask``: the paired difference to
+the strongest random-mask setting (method and grid values) of the same grid values (:func:`_strongest_random`),
+in the same form.
 
 A difference is marked ``gain`` only when its whole interval is above 0 (``loss`` below 0); one whose interval
 holds 0, or that has none (one seed), carries no mark, nor does a difference paired over seeds that is the
@@ -35,7 +36,7 @@ from orchestrator.results.per_image import load_correctness
 from orchestrator.reports.registry import mean_std, register_table
 from orchestrator.spec.keys import config_hash
 
-__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "MASKED"]
+__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "RANDOMS", "MASKED"]
 
 COMPARED = (("knn_top1", "k-NN (k=200)"), ("knn_dino_top1", "k-NN (k=20)"), ("linear_probe_top1", "linear probe"))
 
@@ -115,6 +116,8 @@ def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
 
 RANDOM = "random_mask"
 """The random-mask control (issue 25): a mask of the same count per layer as an SMN cell's, drawn at random."""
+RANDOMS = (RANDOM, "random_mask_magnitude")
+"""Every random-mask control method (:data:`smn_core.config.CONTROLS`: ``match`` count, magnitude)."""
 MASKED = ("smn", "stn")
 """Methods compared with the random-mask control (column ``<metric> vs random mask``)."""
 
@@ -127,14 +130,14 @@ def _strongest_random(randoms: pd.DataFrame, grid: str, metric: str) -> pd.DataF
     pool = same if not same.empty else randoms
     if metric not in pool or pool[metric].dropna().empty:
         return None
-    means = pool.groupby("grid")[metric].mean()
-    return pool[pool["grid"] == means.idxmax()]
+    method, best = pool.groupby(["method", "grid"])[metric].mean().idxmax()
+    return pool[(pool["method"] == method) & (pool["grid"] == best)]
 
 
 def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, results: str | None,
           label: str) -> list[dict]:
     rows = []
-    randoms = others[others["method"] == RANDOM]
+    randoms = others[others["method"].isin(RANDOMS)]
     row = {"Backbone": backbone, "Dataset": data, "Method": "frozen (pretrained)" + (f" ({label})" if label else "")}
     for m, name in COMPARED:
         row[name] = _stat_text(frozen[m]) if m in frozen else "-"

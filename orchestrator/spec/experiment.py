@@ -763,6 +763,9 @@ def check_spec(spec: ExperimentSpec) -> None:
 
 def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
 
+    if spec.dataset.val_fraction is not None:
+        raise SpecError(f"dataset.val_fraction {spec.dataset.val_fraction}: the cascade evaluates on the test split "
+                        "only; allowed: null in a cascade spec")
     cs = cascade_spec(spec)
     if n_train is not None:
         for name in ("components", "clusters"):
