@@ -253,8 +253,7 @@ def test_vs_frozen_compares_smn_with_the_strongest_random_mask(tmp_path):
         for match, gap in (("count", 0.02), ("magnitude", 0.01)):
             r = rows.copy()
             config = json.loads(r["config_json"].iloc[0])
-            config["method"] = "random_mask"
-            r["method"], r["grid_json"] = "random_mask", json.dumps({"match": match})
+            config["method"] = r["method"] = "random_mask" + ("_magnitude" if match == "magnitude" else "")
             r["config_json"], r["cell_id"] = json.dumps(config), f"{match}{int(r['seed'].iloc[0])}"
             r.loc[r["metric"] == "knn_dino_top1", "value"] -= gap + 0.002 * int(r["seed"].iloc[0])
             pq.write_table(pa.Table.from_pandas(r, preserve_index=False), dst / f"{r['cell_id'].iloc[0]}.parquet")
@@ -262,6 +261,9 @@ def test_vs_frozen_compares_smn_with_the_strongest_random_mask(tmp_path):
     smn = vs[vs["Method"] == "smn"].iloc[0]
     d = intervals.t_interval([0.010, 0.012, 0.014])  # magnitude: the stronger control
     assert smn["k-NN (k=20) vs random mask"] == f"+1.2 [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] gain"
-    assert set(vs[vs["Method"].str.startswith("random_mask")]["k-NN (k=20) vs random mask"]) == {""}
-    assert set(vs["Method"]) >= {"random_mask (match=count)", "random_mask (match=magnitude)"}
+    count = vs[vs["Method"] == "random_mask"].iloc[0]  # a control's row: what SMN gains over it
+    d = intervals.t_interval([0.020, 0.022, 0.024])
+    assert count["k-NN (k=20) vs random mask"] == f"smn +2.2 [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] gain"
+    assert count["k-NN (k=200) vs random mask"].startswith("smn +0.0")  # k = 200 left equal to SMN's
+    assert set(vs["Method"]) >= {"random_mask", "random_mask_magnitude"}
     assert "vs random mask" in registry.tables()["vs_frozen"].description and pd.notna(smn["paired over"])

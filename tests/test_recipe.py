@@ -512,3 +512,11 @@ def _check_demo_improves(tmp_path):
     centred_frozen = _centred_knn20(frozen_bb.model, frozen_cell, frozen_bb)
     centred_smn = _centred_knn20(adapted, smn_cell, adapted_bb)
     assert centred_smn >= centred_frozen + 0.01, (centred_smn, centred_frozen)
+    # the random-mask controls (issue 25): the trained mask redrawn, same count per layer (and |W| distribution)
+    from smn_core.random_mask import evaluate_random_mask
+
+    for match in ("count", "magnitude"):
+        control = evaluate_random_mask(replace(smn_cell, method=f"random_mask{'' if match == 'count' else '_magnitude'}"),
+                                       outcome.masks, match, pipeline_weights=weights).metrics
+        assert control["density"] == pytest.approx(smn["density"]) and control["overlap"] < 1.0
+        assert smn["knn_dino_top1"] >= control["knn_dino_top1"] + RANDOM_MARGIN, (match, smn, control)

@@ -14,7 +14,7 @@ difference to the frozen backbone in accuracy points with its 95 % interval:
 When the ledger holds random-mask control cells (methods ``random_mask`` and ``random_mask_magnitude``,
 :mod:`smn_core.random_mask`), SMN and STN rows also get ``<metric> vs random mask``: the paired difference to
 the strongest random-mask setting (method and grid values) of the same grid values (:func:`_strongest_random`),
-in the same form.
+in the same form; each control's row has there what SMN gains over that control (``smn +x [lo, hi]``).
 
 A difference is marked ``gain`` only when its whole interval is above 0 (``loss`` below 0); one whose interval
 holds 0, or that has none (one seed), carries no mark, nor does a difference paired over seeds that is the
@@ -134,6 +134,24 @@ def _strongest_random(randoms: pd.DataFrame, grid: str, metric: str) -> pd.DataF
     return pool[(pool["method"] == method) & (pool["grid"] == best)]
 
 
+def _vs_random(method: str, grid: str, g: pd.DataFrame, others: pd.DataFrame, randoms: pd.DataFrame, metric: str,
+               results: str | None) -> str:
+    """The ``vs random mask`` cell of a row: an SMN / STN row against the strongest control
+    (:func:`_strongest_random`); a control's row says what SMN of the same grid values gains over it
+    (``smn +x [lo, hi]``, SMN minus this control); other rows nothing."""
+    if method in MASKED:
+        control = _strongest_random(randoms, grid, metric)
+        return "" if control is None else _diff_text(paired_difference(g, control, metric, results))
+    if method not in RANDOMS:
+        return ""
+    smn = others[others["method"] == "smn"]
+    same = smn[smn["grid"] == grid]
+    smn = same if not same.empty else (smn if smn["grid"].nunique() == 1 else smn.iloc[0:0])
+    if smn.empty or metric not in smn or smn[metric].dropna().empty:
+        return ""
+    return "smn " + _diff_text(paired_difference(smn, g, metric, results))
+
+
 def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, results: str | None,
           label: str) -> list[dict]:
     rows = []
@@ -161,9 +179,7 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
             row[f"{name} vs frozen"] = _diff_text(d)
             how.add("images x seeds" if d.method.startswith("paired bootstrap") else "seeds")
             if not randoms.empty:
-                control = _strongest_random(randoms, grid, m) if method in MASKED else None
-                vs = None if control is None else paired_difference(g, control, m, results)
-                row[f"{name} vs random mask"] = "" if vs is None else _diff_text(vs)
+                row[f"{name} vs random mask"] = _vs_random(method, grid, g, others, randoms, m, results)
         row["paired over"] = ", ".join(sorted(how))
         collapsed = g["collapsed"].fillna(0) if "collapsed" in g else pd.Series(0.0, index=g.index)
         row["collapsed"] = f"{int((collapsed > 0).sum())}/{len(g)}" if method in ("smn", "stn") else ""
