@@ -74,3 +74,25 @@ def test_cell_on_validation_reports_val_metrics_only():
     assert not {"knn_top1", "linear_probe_top1", "num_test"} & set(out.metrics)
     assert out.metrics["val_num_test"] == 27 and out.metrics["num_train"] == 63
     assert set(out.per_image) == {"val_knn_top1", "val_knn_dino_top1", "val_linear_probe_top1"}
+
+
+def test_validation_metrics_have_their_own_table_and_never_the_test_one(tmp_path):
+    """The committed demo ledger with its metrics renamed as a val_fraction run writes them: vs_frozen_val
+    builds from them, vs_frozen (test split) does not."""
+    import pandas as pd
+
+    from orchestrator.reports import registry
+    from orchestrator.reports.vs_frozen import VALIDATION
+    from orchestrator.results import ledger
+
+    from .conftest import REPO
+
+    rows = ledger.read_ledger(str(REPO / "docs" / "results"), "demo")
+    names = {m[len("val_"):] for m, _ in VALIDATION}
+    val = rows.assign(metric=rows["metric"].map(lambda m: f"val_{m}" if m in names else m))
+    assert registry.tables()["vs_frozen"].build(val).empty
+    vs = registry.tables()["vs_frozen_val"].build(val).reset_index()
+    test = registry.tables()["vs_frozen"].build(rows).reset_index()
+    smn_val, smn_test = (t[t["Method"] == "smn"].iloc[0] for t in (vs, test))
+    assert smn_val["val k-NN (k=20) vs frozen"] == smn_test["k-NN (k=20) vs frozen"] != ""
+    assert isinstance(vs, pd.DataFrame) and "k-NN (k=20)" not in vs

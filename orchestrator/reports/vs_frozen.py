@@ -36,7 +36,7 @@ from orchestrator.results.per_image import load_correctness
 from orchestrator.reports.registry import mean_std, register_table
 from orchestrator.spec.keys import config_hash
 
-__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "RANDOMS", "MASKED"]
+__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "RANDOMS", "MASKED", "vs_frozen_val", "VALIDATION"]
 
 COMPARED = (("knn_top1", "k-NN (k=200)"), ("knn_dino_top1", "k-NN (k=20)"), ("linear_probe_top1", "linear probe"))
 
@@ -90,16 +90,17 @@ def _stat_text(values: pd.Series) -> str:
 @register_table("vs_frozen", "Adapted vs frozen backbone: k-NN (k=200, k=20), linear probe (mean ± std [95 % "
                 "interval]); vs frozen (and vs random mask, when the ledger has that control) = paired difference "
                 "in points [95 % interval], marked gain / loss only when the interval excludes 0; collapsed cells")
-def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
+def vs_frozen(df: pd.DataFrame, compared: tuple[tuple[str, str], ...] = COMPARED) -> pd.DataFrame:
     """One row per (backbone, dataset, method, setting) with a ``pretrained`` reference.
 
     Columns: for each metric of :data:`COMPARED`, ``<name>`` (mean ± std over seeds and the 95 % t-interval)
     and ``<name> vs frozen`` (:func:`paired_difference` in accuracy points, signed, with its 95 % interval and
     ``gain`` / ``loss`` when the interval excludes 0); ``paired over`` (``images x seeds`` or ``seeds``);
-    ``collapsed`` (collapsed cells / cells). Empty when the ledger has no ``pretrained`` cell.
+    ``collapsed`` (collapsed cells / cells). Empty when the ledger has no ``pretrained`` cell, or no cell has
+    any of the ``compared`` metrics (``(metric, column name)``; :data:`VALIDATION` for ``vs_frozen_val``).
     """
     cells = cell_frame(df)
-    if cells.empty or "pretrained" not in set(cells["method"]):
+    if cells.empty or "pretrained" not in set(cells["method"]) or not any(m in cells for m, _ in compared):
         return pd.DataFrame()
     results = df.attrs.get("results")
     cells = cells.assign(grid=cells["grid_json"].map(_grid_label), ref=cells["config"].map(reference_key))
@@ -108,7 +109,7 @@ def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
         frozen_all = group[group["method"] == "pretrained"]
         for ref_key, frozen in frozen_all.groupby("ref", sort=False):
             rows += _rows(backbone, data, frozen, group[(group["method"] != "pretrained") & (group["ref"] == ref_key)],
-                          results, label=_grid_label(frozen["grid_json"].iloc[0]))
+                          results, label=_grid_label(frozen["grid_json"].iloc[0]), compared=compared)
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).set_index(["Backbone", "Dataset", "Method"])
@@ -153,11 +154,11 @@ def _vs_random(method: str, grid: str, g: pd.DataFrame, others: pd.DataFrame, ra
 
 
 def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, results: str | None,
-          label: str) -> list[dict]:
+          label: str, compared: tuple[tuple[str, str], ...]) -> list[dict]:
     rows = []
     randoms = others[others["method"].isin(RANDOMS)]
     row = {"Backbone": backbone, "Dataset": data, "Method": "frozen (pretrained)" + (f" ({label})" if label else "")}
-    for m, name in COMPARED:
+    for m, name in compared:
         row[name] = _stat_text(frozen[m]) if m in frozen else "-"
         row[f"{name} vs frozen"] = ""
         if not randoms.empty:
@@ -168,7 +169,7 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
     for (method, grid), g in others.groupby(["method", "grid"], sort=False):
         row = {"Backbone": backbone, "Dataset": data, "Method": method + (f" ({grid})" if grid else "")}
         how = set()
-        for m, name in COMPARED:
+        for m, name in compared:
             if m not in g or m not in frozen or g[m].dropna().empty:
                 row[name], row[f"{name} vs frozen"] = "-", "-"
                 if not randoms.empty:
@@ -185,3 +186,15 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
         row["collapsed"] = f"{int((collapsed > 0).sum())}/{len(g)}" if method in ("smn", "stn") else ""
         rows.append(row)
     return rows
+
+
+VALIDATION = tuple((f"val_{m}", f"val {name}") for m, name in COMPARED)
+"""The metrics of :data:`COMPARED` as cells with ``dataset.val_fraction`` write them (on the validation split)."""
+
+
+@register_table("vs_frozen_val", "Adapted vs frozen backbone on the VALIDATION split (dataset.val_fraction: held out "
+                "of train; for choosing settings, never for reporting): k-NN (k=200, k=20), linear probe (mean ± std "
+                "[95 % interval]), paired differences in points [95 % interval]")
+def vs_frozen_val(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`vs_frozen` on the ``val_*`` metrics (:data:`VALIDATION`): the table settings are chosen from."""
+    return vs_frozen(df, VALIDATION)
