@@ -835,7 +835,7 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
                     where += f" of method {method} with method_overrides.{method}"
                 trained = METHODS[method] is not None
                 grid_values = dict(zip(keys, combo)) if trained else {
-                    k: v for k, v in zip(keys, combo) if not k.startswith("train.")}
+                    k: v for k, v in zip(keys, combo) if k != "train" and not k.startswith("train.")}
                 if method in CONTROLS:  # a random-mask control: after the SMN cell of the same config
                     ref_cfg = _validate({**raw, "method": "smn"}, where + " (its SMN reference)")
                     ref_id = cell_id_of(ref_cfg)
