@@ -74,11 +74,15 @@ def test_interval_text_marks_and_signs():
     assert intervals.verdict(d) == intervals.UNCLEAR
 
 
-def _demo_copy(root):
+def _demo_copy(root, controls: bool = False):
+    """The committed demo ledger under ``root``; without its random-mask cells unless ``controls``."""
+    import pyarrow.parquet as pq
+
     dst = root / "demo" / "ledger"
     dst.mkdir(parents=True)
     for f in DEMO.glob("*.parquet"):
-        shutil.copyfile(f, dst / f.name)
+        if controls or not pq.read_table(f, columns=["method"])["method"][0].as_py().startswith("random_mask"):
+            shutil.copyfile(f, dst / f.name)
     return root
 
 
@@ -267,3 +271,28 @@ def test_vs_frozen_compares_smn_with_the_strongest_random_mask(tmp_path):
     assert count["k-NN (k=200) vs random mask"].startswith("smn +0.0")  # k = 200 left equal to SMN's
     assert set(vs["Method"]) >= {"random_mask", "random_mask_magnitude"}
     assert "vs random mask" in registry.tables()["vs_frozen"].description and pd.notna(smn["paired over"])
+
+
+@pytest.mark.unit
+def test_mcnemar_per_seed_and_combined_against_a_direct_count():
+    """Two seeds of 40 images: seed 0 has 7 images only A got right and 0 only B; seed 1 has 5 and 2. The exact
+    two-sided binomial tail, counted by hand from the binomial pmf, against intervals.mcnemar."""
+    from math import comb
+
+    def two_sided(x: int, n: int) -> float:  # sum of the pmf values not above the observed one's
+        pmf = [comb(n, k) / 2 ** n for k in range(n + 1)]
+        return min(1.0, sum(p for p in pmf if p <= pmf[x] * (1 + 1e-7)))
+
+    a = np.ones((2, 40), dtype=bool)
+    b = np.ones((2, 40), dtype=bool)
+    b[0, :7] = False
+    b[1, 10:15] = False
+    a[1, 20:22] = False
+    a[1, 30:35] = b[1, 30:35] = False  # wrong for both: not discordant
+    res = intervals.mcnemar(a, b)
+    assert (res.only_a, res.only_b) == (12, 2)
+    assert res.per_seed == pytest.approx((two_sided(7, 7), two_sided(5, 7)))
+    assert res.p == pytest.approx(two_sided(12, 14)) and res.p < 0.05 < res.per_seed[1]
+    assert intervals.mcnemar(a, a).p == 1.0
+    with pytest.raises(ValueError, match="same"):
+        intervals.mcnemar(a, b[:, :10])
