@@ -37,7 +37,7 @@ from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells,
                                          prepare_pipeline_weights, uses_tune)
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.results import ledger
-from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells, pending_references
+from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells, pending_references, waiting_count
 
 __all__ = ["ensure_ray", "run_experiment", "RunSummary", "FORWARDED_ENV", "start_ray_for"]
 
@@ -129,12 +129,13 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
                          cells=cells)
     cells = expand_cells(spec) if cells is None else cells
     waiting = pending_references(spec)  # the cells that dependent cells (random-mask controls, ...) wait for
+    later = waiting_count(spec) if waiting else 0
     done = completed_cells(layout, spec.name)
     todo = [c for c in cells if c.cell_id not in done]
-    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo), ran=0, failed={})
-    echo(f"experiment {spec.name}: {len(cells)} cell{'' if len(cells) == 1 else 's'}" +
-         (f" (+ dependent cells after {len(waiting)} reference cell{'' if len(waiting) == 1 else 's'})" if waiting
-          else "") + f", {summary['skipped']} already in the ledger, {len(todo)} to run")
+    summary = RunSummary(total=len(cells) + later, skipped=len(cells) - len(todo), ran=0, failed={})
+    echo(f"experiment {spec.name}: {len(cells) + later} cell{'' if len(cells) + later == 1 else 's'}" +
+         (f" ({later} of them after the {len(waiting)} cell{'' if len(waiting) == 1 else 's'} they depend on)"
+          if later else "") + f", {summary['skipped']} already in the ledger, {len(todo)} to run" + (" now" if later else ""))
     if not todo and not waiting:
         return summary
     start_ray_for(spec, layout, address, connect_timeout_s=connect_timeout_s)
@@ -163,7 +164,6 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
             seen.update(c.cell_id for c in new)
             done = completed_cells(layout, spec.name)
             todo = [c for c in new if c.cell_id not in done]
-            summary["total"] += len(new)
             summary["skipped"] += len(new) - len(todo)
             waiting = pending_references(spec, densities) - missing
     finally:

@@ -40,7 +40,7 @@ from orchestrator.spec.keys import config_hash, flatten
 from orchestrator.spec.tracking import parse_tracking
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
-           "parse_overrides", "expand_cells", "pending_references", "control_reference", "search_cell", "cell_id_of", "config_hash", "FOUND",
+           "parse_overrides", "expand_cells", "pending_references", "waiting_count", "control_reference", "search_cell", "cell_id_of", "config_hash", "FOUND",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
            "TORCHVISION_FACTS"]
 
@@ -890,6 +890,12 @@ def pending_references(spec: ExperimentSpec, densities: dict[str, float] | None 
     ``topk_density: found`` cell needs, the SMN cells whose trained mask a random-mask control draws from
     (not in ``densities``, the landed masked cells' ``density``)."""
     return {ref for cell, ref in _iter_cells(spec, densities) if cell is None}
+
+
+def waiting_count(spec: ExperimentSpec, densities: dict[str, float] | None = None) -> int:
+    """How many dependent cells (top-k at a found density, random-mask controls) still wait for their reference
+    (:func:`pending_references`), counted before they can be expanded."""
+    return sum(cell is None for cell, _ in _iter_cells(spec, densities))
 
 
 def search_cell(spec: ExperimentSpec, values: dict[str, Any]) -> Cell:
