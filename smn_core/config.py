@@ -24,6 +24,7 @@ from .registry import check_choice
 
 __all__ = [
     "METHODS",
+    "CONTROLS",
     "method_training",
     "BackboneSpec",
     "DataSpec",
@@ -501,7 +502,14 @@ METHODS: dict[str, tuple[str, str] | None] = {
     "supervised_mask": ("supervised", "mask"),
     "fft": ("supervised", "full"),
     "stn": ("swav", "full"),
+    "random_mask": ("swav", "mask"),
+    "random_mask_magnitude": ("swav", "mask"),
 }
+
+CONTROLS: dict[str, str] = {"random_mask": "count", "random_mask_magnitude": "magnitude"}
+"""The random-mask controls (issue 25) and their ``match`` (:mod:`smn_core.random_mask`): not trained, they
+evaluate a random mask of their SMN cell's size (same config with ``method: smn``); their ``train`` section is
+the SMN cell's, so they keep it in their identity."""
 
 
 def method_training(method: str) -> tuple[str, str] | None:
@@ -549,6 +557,13 @@ class DataSpec:
     labels (the paper does not say how long its low-shot runs trained); None means all. Unlabeled
     adaptation (SwAV) and the frozen backbone always see every training image, so
     :class:`CellConfig` resets it to None for them (their low-shot readout is ``eval.lowshot_fractions``).
+
+    ``val_fraction`` (issue 25; None: off): carve a stratified validation split, seeded with ``split_seed``, out
+    of the TRAIN split (``smn_core.data.train_val_split``). The cell then adapts on the rest of train, and its
+    evaluation (k-NN bank and probe fitted on that rest) reports on the validation images under metric names
+    prefixed ``val_`` (``val_knn_top1``, ``val_knn_dino_top1``, ``val_linear_probe_top1``, ...): the test split is
+    not loaded, and no validation number can be read as a test one (docs/ledger.md). Left at None it is not
+    part of the cell's identity (cell ids stay as they were).
     """
 
     source: str = "digits"
@@ -561,10 +576,14 @@ class DataSpec:
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     label_fraction: float | None = None
+    val_fraction: float | None = None
 
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        if self.val_fraction is not None and (isinstance(self.val_fraction, bool)
+                                              or not 0.0 < self.val_fraction < 1.0):
+            raise ValueError(f"dataset.val_fraction must be in (0, 1) or null, got {self.val_fraction}")
         if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"dataset.label_fraction must be in (0, 1] or null, got {self.label_fraction}")
         if self.image_size is not None and self.image_size < 8:
@@ -662,6 +681,9 @@ class PretrainSpec:
     def __post_init__(self) -> None:
         if self.train.objective != "supervised" or self.train.adaptation != "full":
             raise ValueError("pretrain.train must have objective 'supervised' and adaptation 'full'")
+        if self.dataset.val_fraction is not None:
+            raise ValueError(f"pretrain.dataset.val_fraction {self.dataset.val_fraction} is not used (the pretraining "
+                             "is never evaluated); allowed: null (set dataset.val_fraction for the cells)")
 
 
 @dataclass
@@ -703,6 +725,9 @@ class CellConfig:
             d.pop("train")
         if self.backbone.weights != "pipeline":
             d.pop("pretrain")
+        for data in (d["dataset"], (d.get("pretrain") or {}).get("dataset") or {}):
+            if data.get("val_fraction", 0) is None:  # off: added later, so not in the identity (ids unchanged)
+                data.pop("val_fraction")
         return d
 
 

@@ -15,6 +15,9 @@ method              objective    adaptation   meaning
 ``supervised_mask`` supervised   mask         supervised masking with a new linear head
 ``fft``             supervised   full         full fine-tuning
 ``stn``             swav         full         self-training network (self-supervised FFT)
+``random_mask``     (swav)       (mask)       control: the SMN cell's trained mask redrawn at random, the
+                                              same count per tensor (``_magnitude``: also the same |W|
+                                              quantiles); evaluated, not trained (smn_core.random_mask)
 =================== ============ ============ ==================================================
 """
 
@@ -33,8 +36,8 @@ import torch
 from .augment import MultiCropTransform, SeededViewDataset, eval_transform
 from .backbones import Backbone, build_backbone, build_clip_text_head
 from .checkpoint import local_copy
-from .config import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec, method_training
-from .data import ImageDataset, load_dataset, subset
+from .config import CONTROLS, METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec, method_training
+from .data import ImageDataset, load_dataset, split_validation, subset
 from .evaluation import compute_embeddings, knn_correct, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
 from .training import CosineClassifier, TrainResult, build_adaptation_model, train, trainable_state
@@ -44,6 +47,7 @@ from .view_strength import view_similarity
 __all__ = [
     "SmallKnnBankWarning",
     "METHODS",
+    "CONTROLS",
     "BackboneSpec",
     "DataSpec",
     "EvalSpec",
@@ -52,6 +56,7 @@ __all__ = [
     "CellOutcome",
     "method_training",
     "load_cell_data",
+    "eval_split_names",
     "prepare_backbone",
     "pretrain_backbone",
     "evaluate_model",
@@ -85,12 +90,22 @@ def _image_size(spec: DataSpec, backbone: Backbone) -> int:
 
 
 def load_cell_data(spec: DataSpec) -> tuple[ImageDataset, ImageDataset]:
-    """``(train split, test split)`` of a :class:`DataSpec`."""
+    """``(train split, test split)`` of a :class:`DataSpec`; with ``val_fraction`` set, ``(train without the
+    validation images, validation images)`` (:func:`smn_core.data.split_validation`, seed ``split_seed``) and
+    the test split is not loaded."""
     common = dict(root=spec.root, classes=spec.classes, image_size=spec.image_size,
                   test_fraction=spec.test_fraction, split_seed=spec.split_seed, download=spec.download)
     train_ds = load_dataset(spec.source, "train", max_samples=spec.max_train_samples, **common)
+    if spec.val_fraction is not None:
+        return split_validation(train_ds, spec.val_fraction, spec.split_seed)
     test_ds = load_dataset(spec.source, "test", max_samples=spec.max_test_samples, **common)
     return train_ds, test_ds
+
+
+def eval_split_names(spec: DataSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` (or per-image arrays) of an evaluation under the names of the split it ran on: unchanged for
+    the test split, prefixed ``val_`` when ``spec.val_fraction`` made it a validation split (docs/ledger.md)."""
+    return dict(metrics) if spec.val_fraction is None else {f"val_{k}": v for k, v in metrics.items()}
 
 
 def prepare_backbone(spec: BackboneSpec, *, pipeline_weights: str | Path | None = None) -> Backbone:
@@ -443,6 +458,9 @@ def run_cell(
         With ``train.classifier: clip_text`` the supervised head is CLIP's frozen text-embedding head
         (:func:`clip_text_classifier`).
     """
+    if cfg.method in CONTROLS:
+        raise ValueError(f"method {cfg.method!r} is a random-mask control: it is evaluated from its SMN cell's mask "
+                         "(smn_core.random_mask.evaluate_random_mask), not run by run_cell")
     torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights)
     train_ds, test_ds = load_cell_data(cfg.dataset)
@@ -470,11 +488,13 @@ def run_cell(
         per_image = {}
         with warnings.catch_warnings():  # recorded as knn_min_class_bank; the orchestrator's driver says it once
             warnings.simplefilter("ignore", SmallKnnBankWarning)
-            metrics.update(evaluate_model(eval_model, train_ds, test_ds, cfg.eval, image_size=size,
-                                          mean=backbone.mean, std=backbone.std, device=device,
-                                          classifier=adapted.classifier if adapted else None, per_image=per_image,
-                                          probe_head=probe_head))
-    metrics.update(num_train=float(len(train_ds)), num_test=float(len(test_ds)), backbone_params=float(backbone_params))
+            metrics.update(eval_split_names(cfg.dataset, evaluate_model(
+                eval_model, train_ds, test_ds, cfg.eval, image_size=size, mean=backbone.mean, std=backbone.std,
+                device=device, classifier=adapted.classifier if adapted else None, per_image=per_image,
+                probe_head=probe_head)))
+        per_image = eval_split_names(cfg.dataset, per_image)
+    metrics.update(eval_split_names(cfg.dataset, {"num_test": float(len(test_ds))}), num_train=float(len(train_ds)),
+                   backbone_params=float(backbone_params))
     metrics["storage_bits"] = _storage_bits(cfg, metrics, backbone_params)
     if adapted is None:
         return CellOutcome(metrics=metrics, masks=None, history=[], train_result=None, state=None,

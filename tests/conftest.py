@@ -59,6 +59,20 @@ def kill_driver_tree(proc: subprocess.Popen, marker: str) -> None:
     proc.wait(timeout=30)
 
 
+DEMO_LEDGER = REPO / "docs" / "results" / "demo" / "ledger"
+
+
+def demo_cell_files(controls: bool = False) -> list[Path]:
+    """The committed demo ledger's cell files, sorted by name; without the random-mask controls' (issue 25: 6 of
+    15) unless ``controls``: the 9 cells (frozen, BN control and SMN on seeds 0-2) that the demo spec expands to
+    before its controls can run."""
+    import pyarrow.parquet as pq
+
+    files = sorted(DEMO_LEDGER.glob("*.parquet"))
+    return files if controls else [
+        f for f in files if not pq.read_table(f, columns=["method"])["method"][0].as_py().startswith("random_mask")]
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test with the reason when it is absent."""
     path = SHARED.joinpath(*parts)

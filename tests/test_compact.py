@@ -21,6 +21,7 @@ from orchestrator.results.layout import ExperimentLayout
 pytestmark = pytest.mark.unit
 
 DEMO = Path(__file__).resolve().parents[1] / "docs" / "results" / "demo" / "ledger"
+DEMO_CELLS = len(list(DEMO.glob("*.parquet")))  # the committed demo's cells (15 since the random-mask controls)
 
 
 class Stop(Exception):
@@ -76,7 +77,7 @@ def test_compaction_stopped_at_any_step_loses_and_doubles_nothing(tmp_path, at, 
     compact.compact(str(results), "demo")  # a part with 5 cells
     _ledger(tmp_path)  # the other 4 land as cell files (the 5 copied again: a replayed landing)
     want = _rows(results)
-    assert want["cell_id"].nunique() == 9
+    assert want["cell_id"].nunique() == DEMO_CELLS
     max_parts = 1 if merge else 8
     with pytest.raises(Stop):
         compact.compact(str(results), "demo", max_parts=max_parts, on_step=_stopper(at, nth))
@@ -86,26 +87,26 @@ def test_compaction_stopped_at_any_step_loses_and_doubles_nothing(tmp_path, at, 
     folder = results / "demo" / "ledger"
     assert not list(folder.glob("*.parquet"))  # every cell file merged
     parts = sorted(p.name for p in (folder / "_compacted").glob("part-*.parquet"))
-    assert parts == summary.parts and summary.cells == 9
+    assert parts == summary.parts and summary.cells == DEMO_CELLS
     assert len(parts) == (1 if merge else 2)
     assert not [p for p in (folder / "_compacted").iterdir() if p.name.startswith(".")]  # no temporary file
 
 
 def test_cells_landing_during_compaction_keep_their_files(tmp_path):
-    results = _ledger(tmp_path, first=8)
-    last = sorted(DEMO.glob("*.parquet"))[8]
+    results = _ledger(tmp_path, first=DEMO_CELLS - 1)
+    last = sorted(DEMO.glob("*.parquet"))[-1]
 
     def land(step: str) -> None:
         if step == "read":  # a run lands a cell after compaction listed the folder
             shutil.copy2(last, results / "demo" / "ledger" / last.name)
 
     summary = compact.compact(str(results), "demo", on_step=land)
-    assert summary.cells == 8 and (results / "demo" / "ledger" / last.name).exists()
+    assert summary.cells == DEMO_CELLS - 1 and (results / "demo" / "ledger" / last.name).exists()
     assert ledger.completed_cells(str(results), "demo") == {p.stem for p in DEMO.glob("*.parquet")}
-    assert _rows(results)["cell_id"].nunique() == 9
+    assert _rows(results)["cell_id"].nunique() == DEMO_CELLS
     compact.compact(str(results), "demo")
     assert not list((results / "demo" / "ledger").glob("*.parquet"))
-    assert _rows(results)["cell_id"].nunique() == 9
+    assert _rows(results)["cell_id"].nunique() == DEMO_CELLS
 
 
 def test_tables_are_identical_before_and_after_compaction(tmp_path, capsys):
@@ -142,9 +143,9 @@ def test_unreadable_cell_files_stay_in_place_and_are_said(tmp_path):
     assert files[0].name in said and "NaN" in said and files[1].name in said
     assert files[0].exists() and files[1].exists()  # left in place, not merged, not removed
     with pytest.warns(RuntimeWarning, match="unreadable"):
-        assert _rows(results)["cell_id"].nunique() == 7
+        assert _rows(results)["cell_id"].nunique() == DEMO_CELLS - 2
     with pytest.warns(RuntimeWarning, match="unreadable"):  # a run: both set aside, their cells run again
-        assert len(ledger.completed_cells(str(results), "demo")) == 7
+        assert len(ledger.completed_cells(str(results), "demo")) == DEMO_CELLS - 2
     assert len(list((results / "demo" / "quarantine").iterdir())) == 2
 
 
@@ -170,12 +171,12 @@ def test_compaction_on_s3_reads_the_same_rows_with_a_few_requests(tmp_path):
         requests.lines.clear()
         pd.testing.assert_frame_equal(_rows(uri), want)
         before = requests.count("GET")
-        assert compact.compact(uri, "demo").cells == 9
+        assert compact.compact(uri, "demo").cells == DEMO_CELLS
         requests.lines.clear()
         pd.testing.assert_frame_equal(_rows(uri), want)
         after = requests.count("GET")
         assert ledger.completed_cells(uri, "demo") == set(want["cell_id"])
-        assert before >= 9 and after <= 6, (before, after)  # one GET per cell before; a list, the index, a part after
+        assert before >= DEMO_CELLS and after <= 6, (before, after)  # one GET per cell before; a list, the index, a part after
         keys = [i.path for i in fs.get_file_info(pafs.FileSelector("ledger-test/r", recursive=True))
                 if i.type == pafs.FileType.File]
         assert sorted(k.rsplit("/", 1)[-1].split("-")[0] for k in keys) == ["manifest.json", "part"]
@@ -206,6 +207,6 @@ def test_the_query_commands_of_docs_ledger_md_run_on_a_compacted_ledger(tmp_path
     got = got.set_index(["experiment", "method"]).sort_index()
     assert list(got["cells"]) == list(knn["count"]) and got["knn"].round(12).tolist() == knn["mean"].round(12).tolist()
     exec(polars, scope)  # noqa: S102
-    assert scope["cells"].height == 9 and scope["rows"].height == len(want[want["experiment"] == "demo"])
+    assert scope["cells"].height == DEMO_CELLS and scope["rows"].height == len(want[want["experiment"] == "demo"])
     exec(pandas, scope)  # noqa: S102
-    assert len(scope["cells"]) == 9
+    assert len(scope["cells"]) == DEMO_CELLS

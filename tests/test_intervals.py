@@ -74,11 +74,15 @@ def test_interval_text_marks_and_signs():
     assert intervals.verdict(d) == intervals.UNCLEAR
 
 
-def _demo_copy(root):
+def _demo_copy(root, controls: bool = False):
+    """The committed demo ledger under ``root``; without its random-mask cells unless ``controls``."""
+    import pyarrow.parquet as pq
+
     dst = root / "demo" / "ledger"
     dst.mkdir(parents=True)
     for f in DEMO.glob("*.parquet"):
-        shutil.copyfile(f, dst / f.name)
+        if controls or not pq.read_table(f, columns=["method"])["method"][0].as_py().startswith("random_mask"):
+            shutil.copyfile(f, dst / f.name)
     return root
 
 
@@ -262,8 +266,7 @@ def test_vs_frozen_compares_smn_with_the_strongest_random_mask(tmp_path):
         for match, gap in (("count", 0.02), ("magnitude", 0.01)):
             r = rows.copy()
             config = json.loads(r["config_json"].iloc[0])
-            config["method"] = "random_mask"
-            r["method"], r["grid_json"] = "random_mask", json.dumps({"match": match})
+            config["method"] = r["method"] = "random_mask" + ("_magnitude" if match == "magnitude" else "")
             r["config_json"], r["cell_id"] = json.dumps(config), f"{match}{int(r['seed'].iloc[0])}"
             r.loc[r["metric"] == "knn_dino_top1", "value"] -= gap + 0.002 * int(r["seed"].iloc[0])
             pq.write_table(pa.Table.from_pandas(r, preserve_index=False), dst / f"{r['cell_id'].iloc[0]}.parquet")
@@ -271,6 +274,34 @@ def test_vs_frozen_compares_smn_with_the_strongest_random_mask(tmp_path):
     smn = vs[vs["Method"] == "smn"].iloc[0]
     d = intervals.t_interval([0.010, 0.012, 0.014])  # magnitude: the stronger control
     assert smn["k-NN (k=20) vs random mask"] == f"+1.2 [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] gain"
-    assert set(vs[vs["Method"].str.startswith("random_mask")]["k-NN (k=20) vs random mask"]) == {""}
-    assert set(vs["Method"]) >= {"random_mask (match=count)", "random_mask (match=magnitude)"}
+    count = vs[vs["Method"] == "random_mask"].iloc[0]  # a control's row: what SMN gains over it
+    d = intervals.t_interval([0.020, 0.022, 0.024])
+    assert count["k-NN (k=20) vs random mask"] == f"smn +2.2 [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}] gain"
+    assert count["k-NN (k=200) vs random mask"].startswith("smn +0.0")  # k = 200 left equal to SMN's
+    assert set(vs["Method"]) >= {"random_mask", "random_mask_magnitude"}
     assert "vs random mask" in registry.tables()["vs_frozen"].description and pd.notna(smn["paired over"])
+
+
+@pytest.mark.unit
+def test_mcnemar_per_seed_and_combined_against_a_direct_count():
+    """Two seeds of 40 images: seed 0 has 7 images only A got right and 0 only B; seed 1 has 5 and 2. The exact
+    two-sided binomial tail, counted by hand from the binomial pmf, against intervals.mcnemar."""
+    from math import comb
+
+    def two_sided(x: int, n: int) -> float:  # sum of the pmf values not above the observed one's
+        pmf = [comb(n, k) / 2 ** n for k in range(n + 1)]
+        return min(1.0, sum(p for p in pmf if p <= pmf[x] * (1 + 1e-7)))
+
+    a = np.ones((2, 40), dtype=bool)
+    b = np.ones((2, 40), dtype=bool)
+    b[0, :7] = False
+    b[1, 10:15] = False
+    a[1, 20:22] = False
+    a[1, 30:35] = b[1, 30:35] = False  # wrong for both: not discordant
+    res = intervals.mcnemar(a, b)
+    assert (res.only_a, res.only_b) == (12, 2)
+    assert res.per_seed == pytest.approx((two_sided(7, 7), two_sided(5, 7)))
+    assert res.p == pytest.approx(two_sided(12, 14)) and res.p < 0.05 < res.per_seed[1]
+    assert intervals.mcnemar(a, a).p == 1.0
+    with pytest.raises(ValueError, match="same"):
+        intervals.mcnemar(a, b[:, :10])

@@ -88,7 +88,11 @@ def test_dry_run_marks_done_cells_and_cached_pretraining(tmp_path, capsys, monke
     assert all(parts[k] > 0 for k in ("ray_startup_s", "pretraining_s", "training_s", "evaluation_s"))
     assert parts["total_s"] == pytest.approx(sum(parts[k] for k in ("ray_startup_s", "pretraining_s", "training_s",
                                                                     "evaluation_s")), abs=0.2)
+    from .conftest import demo_cell_files
+
     shutil.copytree(repo / "docs" / "results" / "demo", tmp_path / "done" / "demo")
+    for f in set(demo_cell_files(controls=True)) - set(demo_cell_files()):  # the controls: not expanded yet
+        (tmp_path / "done" / "demo" / "ledger" / f.name).unlink()
     finished = _dry_run_json(capsys, tmp_path / "done")
     assert len(finished["done"]) == 9 and finished["to_run"] == [] and finished["estimate"]["total_s"] == 0
     # half done, pretraining cached: only the rest and no pretraining in the estimate

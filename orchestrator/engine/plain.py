@@ -36,7 +36,8 @@ from orchestrator.engine.preflight import check_results_location
 from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done,
                                          prepare_pipeline_weights, uses_tune)
 from orchestrator.results.layout import ExperimentLayout
-from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
+from orchestrator.results import ledger
+from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells, pending_references, waiting_count
 
 __all__ = ["ensure_ray", "run_experiment", "RunSummary", "FORWARDED_ENV", "start_ray_for"]
 
@@ -127,16 +128,19 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
         return run_sweep(spec, layout, echo=echo, start_ray=lambda: start_ray_for(spec, layout, address, connect_timeout_s=connect_timeout_s),
                          cells=cells)
     cells = expand_cells(spec) if cells is None else cells
+    waiting = pending_references(spec)  # the cells that dependent cells (random-mask controls, ...) wait for
+    later = waiting_count(spec) if waiting else 0
     done = completed_cells(layout, spec.name)
     todo = [c for c in cells if c.cell_id not in done]
-    summary = RunSummary(total=len(cells), skipped=len(cells) - len(todo), ran=0, failed={})
-    echo(f"experiment {spec.name}: {len(cells)} cell{'' if len(cells) == 1 else 's'}, {summary['skipped']} already in the "
-         f"ledger, {len(todo)} to run")
-    if not todo:
+    summary = RunSummary(total=len(cells) + later, skipped=len(cells) - len(todo), ran=0, failed={})
+    echo(f"experiment {spec.name}: {len(cells) + later} cell{'' if len(cells) + later == 1 else 's'}" +
+         (f" ({later} of them after the {len(waiting)} cell{'' if len(waiting) == 1 else 's'} they depend on)"
+          if later else "") + f", {summary['skipped']} already in the ledger, {len(todo)} to run" + (" now" if later else ""))
+    if not todo and not waiting:
         return summary
     start_ray_for(spec, layout, address, connect_timeout_s=connect_timeout_s)
     res = spec.resources
-    limit = min(res.max_concurrent_cells or len(todo), len(todo))
+    limit = min(res.max_concurrent_cells or len(cells), len(cells))
     pool = None
     if res.workers == 1:  # start (and warm) the workers now: their imports overlap the pretraining below
         # a worker lost to a process or node death is restarted and its cell replayed (resuming from its epoch
@@ -145,30 +149,57 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
                         num_gpus=res.gpus_per_worker, max_restarts=res.max_retries)
         limit = len(pool)
     try:
-        weights = prepare_pipeline_weights(spec, layout, todo, echo, pool)
-        jobs = cell_jobs(todo, layout, weights)
-
-        def submit(job: CellJob, slot: int):
-            if pool is None:
-                return _ddp_cell_task.options(max_retries=res.max_retries, retry_exceptions=True).remote(job, res)
-            return pool.submit(slot, run_local, job)
-
-        t0 = time.time()
-        finished = summary["skipped"]
-        by_id = {c.cell_id: c for c in todo}
-        for job, metrics, exc in run_bounded(jobs, submit, limit, retries=res.max_retries if pool else 0,
-                                             on_error=pool.heal if pool else None,
-                                             on_idle=pool.release if pool else None):
-            cell = by_id[job.cell_id]
-            finished += 1
-            if exc is None:
-                summary["ran"] += 1
-                echo_cell_done(echo, f"[{finished}/{len(cells)} cells done, {time.time() - t0:.0f}s]", cell, metrics)
-                continue
-            summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
-            land(job, Failure(summary["failed"][cell.cell_id], res.max_retries + 1), None)
-            echo(f"[{finished}/{len(cells)} cells done] {cell.cell_id} {cell.label} FAILED: {ray_session.error_cause(exc)}")
+        seen = {c.cell_id for c in cells}
+        while True:  # rounds: the ready cells, then the dependent cells whose references landed
+            _run_round(spec, layout, todo, summary, echo, pool, limit, last=not waiting)
+            if not waiting:
+                break
+            densities = ledger.cell_metric(layout.results, spec.name, "density")
+            missing = waiting - densities.keys()
+            for ref in sorted(missing):
+                summary["failed"][f"{ref}:dependent"] = (f"reference cell {ref} did not land; the cells that depend "
+                                                         "on it (top-k at its found density, random-mask controls) "
+                                                         "cannot run")
+            new = [c for c in expand_cells(spec, densities) if c.cell_id not in seen]
+            seen.update(c.cell_id for c in new)
+            done = completed_cells(layout, spec.name)
+            todo = [c for c in new if c.cell_id not in done]
+            summary["skipped"] += len(new) - len(todo)
+            waiting = pending_references(spec, densities) - missing
     finally:
         if pool is not None:
             pool.shutdown()
     return summary
+
+
+def _run_round(spec: ExperimentSpec, layout: ExperimentLayout, todo: list[Cell], summary: RunSummary,
+               echo: Callable[[str], None], pool: WarmPool | None, limit: int, *, last: bool) -> None:
+    """Run ``todo`` (pretraining first where needed) on ``pool`` (or a ``TorchTrainer`` each), at most ``limit``
+    at a time; count them into ``summary`` and land each failure's record. In the ``last`` round, a worker with
+    nothing left to do is released at once (earlier rounds keep them for the dependent cells)."""
+    if not todo:
+        return
+    res = spec.resources
+    weights = prepare_pipeline_weights(spec, layout, todo, echo, pool)
+    jobs = cell_jobs(todo, layout, weights)
+
+    def submit(job: CellJob, slot: int):
+        if pool is None:
+            return _ddp_cell_task.options(max_retries=res.max_retries, retry_exceptions=True).remote(job, res)
+        return pool.submit(slot, run_local, job)
+
+    t0 = time.time()
+    by_id = {c.cell_id: c for c in todo}
+    for job, metrics, exc in run_bounded(jobs, submit, min(limit, len(jobs)), retries=res.max_retries if pool else 0,
+                                         on_error=pool.heal if pool else None,
+                                         on_idle=pool.release if pool and last else None):
+        cell = by_id[job.cell_id]
+        finished = summary["skipped"] + summary["ran"] + sum(":" not in k for k in summary["failed"]) + 1
+        if exc is None:
+            summary["ran"] += 1
+            echo_cell_done(echo, f"[{finished}/{summary['total']} cells done, {time.time() - t0:.0f}s]", cell, metrics)
+            continue
+        summary["failed"][cell.cell_id] = f"{type(exc).__name__}: {exc}"
+        land(job, Failure(summary["failed"][cell.cell_id], res.max_retries + 1), None)
+        echo(f"[{finished}/{summary['total']} cells done] {cell.cell_id} {cell.label} FAILED: "
+             f"{ray_session.error_cause(exc)}")

@@ -20,11 +20,12 @@ import ray
 from smn_core.checkpoint import location_exists, save_tensors
 
 from orchestrator.engine.cell import CellJob, log
+from orchestrator.engine.control import RandomMaskStage
 from orchestrator.engine.pool import WarmPool, run_bounded
 from orchestrator.engine.preflight import StorageUnreachable
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, pretrain_artifact_path
-from orchestrator.spec.experiment import Cell, ExperimentSpec
+from orchestrator.spec.experiment import CONTROLS, Cell, ExperimentSpec, control_reference
 
 __all__ = ["RunSummary", "completed_cells", "pretrain_artifact_path", "prepare_pipeline_weights", "cell_jobs",
            "uses_tune", "echo_cell_done"]
@@ -46,8 +47,15 @@ _pretrain_task = ray.remote(_pretrain)
 
 
 def cell_jobs(cells: list[Cell], layout: ExperimentLayout, weights: dict[str, str]) -> list[CellJob]:
-    """One :class:`orchestrator.engine.cell.CellJob` per cell (``weights``: ``{cell_id: pretrained artifact}``)."""
-    return [CellJob(c.config, c.cell_id, c.label, dict(c.grid_values), layout, weights.get(c.cell_id)) for c in cells]
+    """One :class:`orchestrator.engine.cell.CellJob` per cell (``weights``: ``{cell_id: pretrained artifact}``); a
+    random-mask control's job evaluates its SMN cell's mask redrawn (:class:`orchestrator.engine.control.RandomMaskStage`)."""
+    return [CellJob(c.config, c.cell_id, c.label, dict(c.grid_values), layout, weights.get(c.cell_id),
+                    stage=_control_stage(c.config)) for c in cells]
+
+
+def _control_stage(config) -> RandomMaskStage | None:
+    match = CONTROLS.get(config.method)
+    return None if match is None else RandomMaskStage(control_reference(config), match)
 
 
 def completed_cells(results: str | ExperimentLayout, experiment: str) -> set[str]:

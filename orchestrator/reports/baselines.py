@@ -180,6 +180,11 @@ _TABLE1_ROWS = {
     "supervised_mask": (("Mask (supervised)", "classifier_top1"),),
     "smn": (("SMN k-NN", "knn_top1"), ("SMN k-NN (k=20)", "knn_dino_top1"), ("SMN linear probe", "linear_probe_top1")),
     "stn": (("STN k-NN", "knn_top1"), ("STN k-NN (k=20)", "knn_dino_top1"), ("STN linear probe", "linear_probe_top1")),
+    "random_mask": (("Random mask k-NN", "knn_top1"), ("Random mask k-NN (k=20)", "knn_dino_top1"),
+                    ("Random mask linear probe", "linear_probe_top1")),
+    "random_mask_magnitude": (("Random mask, |W|-matched k-NN", "knn_top1"),
+                              ("Random mask, |W|-matched k-NN (k=20)", "knn_dino_top1"),
+                              ("Random mask, |W|-matched linear probe", "linear_probe_top1")),
 }
 
 
@@ -194,7 +199,8 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
     Rows: ``k-NN`` (the paper's k=200 and DINO's k=20) and ``Linear probe`` of the frozen backbone
     (``pretrained``; size n/a, as in the paper), the same for the BN-re-estimated control
     (``pretrained_bn``), ``FFT`` and ``Mask (supervised)`` (the trained head's test top-1, ``classifier_top1``),
-    and, when present, SMN / STN by k-NN and linear probe. Size = ``storage_bits`` / 1e6 (mask bits for
+    and, when present, SMN / STN and the random-mask controls of SMN (``random_mask``, ``random_mask_magnitude``:
+    not in the paper) by k-NN and linear probe. Size = ``storage_bits`` / 1e6 (mask bits for
     masking, 32 x parameters for FFT). Cells trained on part of the labels (``dataset.label_fraction``)
     are left out; other grid values are appended to the method's name. Mean ± std over seeds.
     """

@@ -7,6 +7,8 @@
 * :func:`paired_bootstrap`: the difference of two methods over the same test images and seeds, from their
   per-image correctness (``seeds x images`` booleans): the images are resampled (the same resample for every
   seed, so the pairing over images and seeds is kept) and the mean difference's percentile interval read off.
+* :func:`mcnemar`: exact McNemar tests of the same comparison, per seed and the seeds combined (discordant
+  images summed over seeds).
 * :func:`verdict`: ``gain`` only when the interval lies above 0, ``loss`` when below, otherwise
   ``no clear difference``.
 
@@ -22,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["LEVEL", "Interval", "t_quantile", "t_interval", "paired_seed_interval", "paired_bootstrap", "verdict",
+           "McNemar", "mcnemar",
            "GAIN", "LOSS", "UNCLEAR"]
 
 LEVEL = 0.95
@@ -121,6 +124,49 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, *, resamples:
     tail = (1 - level) / 2
     lo, hi = np.quantile(boots, [tail, 1 - tail])
     return Interval(float(d.mean()), float(lo), float(hi), int(a.size), "paired bootstrap over images")
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar tests of two methods on the same test images: ``per_seed`` two-sided p-values (one per
+    seed), and ``p`` of the seeds combined; ``only_a`` / ``only_b`` the discordant images summed over seeds (images
+    only ``a`` / only ``b`` got right)."""
+
+    p: float
+    per_seed: tuple[float, ...]
+    only_a: int
+    only_b: int
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
+    """Exact McNemar test per seed, and the seeds combined, for ``a`` against ``b`` on the same images.
+
+    Per seed: of the discordant images (right for one method only), ``only_a`` under H0 is Binomial(discordant,
+    1/2); the two-sided exact p is ``scipy.stats.binomtest``'s. Combined: the seeds are strata of the same design,
+    so their discordant counts are summed and tested the same way (the exact conditional test of a common
+    odds ratio of 1 across strata, the Mantel-Haenszel setting with one discordant-pair table per seed).
+
+    Args:
+        correct_a, correct_b: per-image correctness, shape ``(seeds, images)`` (bool or 0/1).
+
+    Raises:
+        ValueError: the arrays differ in shape or hold no image.
+    """
+    from scipy.stats import binomtest  # lazy: scipy.stats takes a second to import
+
+    a = np.atleast_2d(np.asarray(correct_a, dtype=bool))
+    b = np.atleast_2d(np.asarray(correct_b, dtype=bool))
+    if a.shape != b.shape or a.shape[1] == 0:
+        raise ValueError(f"per-image correctness of shapes {a.shape} and {b.shape}; allowed: the same "
+                         "(seeds, images) shape, at least one image")
+    only_a = (a & ~b).sum(axis=1)
+    only_b = (~a & b).sum(axis=1)
+
+    def p_of(x: int, y: int) -> float:
+        return 1.0 if x + y == 0 else float(binomtest(int(x), int(x + y), 0.5).pvalue)
+
+    return McNemar(p_of(only_a.sum(), only_b.sum()), tuple(p_of(x, y) for x, y in zip(only_a, only_b)),
+                   int(only_a.sum()), int(only_b.sum()))
 
 
 def verdict(interval: Interval) -> str:

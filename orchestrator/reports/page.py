@@ -133,6 +133,7 @@ RELATED = {
     "table8": ("table8", "sparsity_blocks", "fig6", "fig7"), "table3": ("table3", "fig11"),
     "appF": ("fig8", "fig9"), "storage": ("table6", "table7"), "table10": ("table10",), "table2": ("table2",),
     "table5a": ("table5a",), "table5b": ("table5b",), "table5c": ("table5c",), "appE": ("appE",),
+    "recipe": ("vs_frozen_val",),
 }
 """Which registered layouts and figures an experiment shows in full, by the first word of its name (the
 paper specs' naming: ``table2_masking_small`` -> Table 2). The generic ``results`` table, ``vs_frozen``

@@ -11,9 +11,10 @@ difference to the frozen backbone in accuracy points with its 95 % interval:
 * otherwise over seeds (:func:`orchestrator.reports.intervals.paired_seed_interval`: the t-interval of the
   per-seed differences, the seeds both have).
 
-When the ledger holds random-mask control cells (method ``random_mask``), SMN and STN rows also get
-``<metric> vs random mask``: the paired difference to the strongest random-mask setting of the same grid
-values (:func:`_strongest_random`), in the same form.
+When the ledger holds random-mask control cells (methods ``random_mask`` and ``random_mask_magnitude``,
+:mod:`smn_core.random_mask`), SMN and STN rows also get ``<metric> vs random mask``: the paired difference to
+the strongest random-mask setting (method and grid values) of the same grid values (:func:`_strongest_random`),
+in the same form; each control's row has there what SMN gains over that control (``smn +x [lo, hi]``).
 
 A difference is marked ``gain`` only when its whole interval is above 0 (``loss`` below 0); one whose interval
 holds 0, or that has none (one seed), carries no mark, nor does a difference paired over seeds that is the
@@ -35,7 +36,7 @@ from orchestrator.results.per_image import load_correctness
 from orchestrator.reports.registry import mean_std, register_table
 from orchestrator.spec.keys import config_hash
 
-__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "MASKED"]
+__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "RANDOMS", "MASKED", "vs_frozen_val", "VALIDATION"]
 
 COMPARED = (("knn_top1", "k-NN (k=200)"), ("knn_dino_top1", "k-NN (k=20)"), ("linear_probe_top1", "linear probe"))
 
@@ -89,16 +90,17 @@ def _stat_text(values: pd.Series) -> str:
 @register_table("vs_frozen", "Adapted vs frozen backbone: k-NN (k=200, k=20), linear probe (mean ± std [95 % "
                 "interval]); vs frozen (and vs random mask, when the ledger has that control) = paired difference "
                 "in points [95 % interval], marked gain / loss only when the interval excludes 0; collapsed cells")
-def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
+def vs_frozen(df: pd.DataFrame, compared: tuple[tuple[str, str], ...] = COMPARED) -> pd.DataFrame:
     """One row per (backbone, dataset, method, setting) with a ``pretrained`` reference.
 
     Columns: for each metric of :data:`COMPARED`, ``<name>`` (mean ± std over seeds and the 95 % t-interval)
     and ``<name> vs frozen`` (:func:`paired_difference` in accuracy points, signed, with its 95 % interval and
     ``gain`` / ``loss`` when the interval excludes 0); ``paired over`` (``images x seeds`` or ``seeds``);
-    ``collapsed`` (collapsed cells / cells). Empty when the ledger has no ``pretrained`` cell.
+    ``collapsed`` (collapsed cells / cells). Empty when the ledger has no ``pretrained`` cell, or no cell has
+    any of the ``compared`` metrics (``(metric, column name)``; :data:`VALIDATION` for ``vs_frozen_val``).
     """
     cells = cell_frame(df)
-    if cells.empty or "pretrained" not in set(cells["method"]):
+    if cells.empty or "pretrained" not in set(cells["method"]) or not any(m in cells for m, _ in compared):
         return pd.DataFrame()
     results = df.attrs.get("results")
     cells = cells.assign(grid=cells["grid_json"].map(_grid_label), ref=cells["config"].map(reference_key))
@@ -107,7 +109,7 @@ def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
         frozen_all = group[group["method"] == "pretrained"]
         for ref_key, frozen in frozen_all.groupby("ref", sort=False):
             rows += _rows(backbone, data, frozen, group[(group["method"] != "pretrained") & (group["ref"] == ref_key)],
-                          results, label=_grid_label(frozen["grid_json"].iloc[0]))
+                          results, label=_grid_label(frozen["grid_json"].iloc[0]), compared=compared)
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).set_index(["Backbone", "Dataset", "Method"])
@@ -115,6 +117,8 @@ def vs_frozen(df: pd.DataFrame) -> pd.DataFrame:
 
 RANDOM = "random_mask"
 """The random-mask control (issue 25): a mask of the same count per layer as an SMN cell's, drawn at random."""
+RANDOMS = (RANDOM, "random_mask_magnitude")
+"""Every random-mask control method (:data:`smn_core.config.CONTROLS`: ``match`` count, magnitude)."""
 MASKED = ("smn", "stn")
 """Methods compared with the random-mask control (column ``<metric> vs random mask``)."""
 
@@ -127,16 +131,34 @@ def _strongest_random(randoms: pd.DataFrame, grid: str, metric: str) -> pd.DataF
     pool = same if not same.empty else randoms
     if metric not in pool or pool[metric].dropna().empty:
         return None
-    means = pool.groupby("grid")[metric].mean()
-    return pool[pool["grid"] == means.idxmax()]
+    method, best = pool.groupby(["method", "grid"])[metric].mean().idxmax()
+    return pool[(pool["method"] == method) & (pool["grid"] == best)]
+
+
+def _vs_random(method: str, grid: str, g: pd.DataFrame, others: pd.DataFrame, randoms: pd.DataFrame, metric: str,
+               results: str | None) -> str:
+    """The ``vs random mask`` cell of a row: an SMN / STN row against the strongest control
+    (:func:`_strongest_random`); a control's row says what SMN of the same grid values gains over it
+    (``smn +x [lo, hi]``, SMN minus this control); other rows nothing."""
+    if method in MASKED:
+        control = _strongest_random(randoms, grid, metric)
+        return "" if control is None else _diff_text(paired_difference(g, control, metric, results))
+    if method not in RANDOMS:
+        return ""
+    smn = others[others["method"] == "smn"]
+    same = smn[smn["grid"] == grid]
+    smn = same if not same.empty else (smn if smn["grid"].nunique() == 1 else smn.iloc[0:0])
+    if smn.empty or metric not in smn or smn[metric].dropna().empty:
+        return ""
+    return "smn " + _diff_text(paired_difference(smn, g, metric, results))
 
 
 def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, results: str | None,
-          label: str) -> list[dict]:
+          label: str, compared: tuple[tuple[str, str], ...]) -> list[dict]:
     rows = []
-    randoms = others[others["method"] == RANDOM]
+    randoms = others[others["method"].isin(RANDOMS)]
     row = {"Backbone": backbone, "Dataset": data, "Method": "frozen (pretrained)" + (f" ({label})" if label else "")}
-    for m, name in COMPARED:
+    for m, name in compared:
         row[name] = _stat_text(frozen[m]) if m in frozen else "-"
         row[f"{name} vs frozen"] = ""
         if not randoms.empty:
@@ -147,7 +169,7 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
     for (method, grid), g in others.groupby(["method", "grid"], sort=False):
         row = {"Backbone": backbone, "Dataset": data, "Method": method + (f" ({grid})" if grid else "")}
         how = set()
-        for m, name in COMPARED:
+        for m, name in compared:
             if m not in g or m not in frozen or g[m].dropna().empty:
                 row[name], row[f"{name} vs frozen"] = "-", "-"
                 if not randoms.empty:
@@ -158,11 +180,21 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
             row[f"{name} vs frozen"] = _diff_text(d)
             how.add("images x seeds" if d.method.startswith("paired bootstrap") else "seeds")
             if not randoms.empty:
-                control = _strongest_random(randoms, grid, m) if method in MASKED else None
-                vs = None if control is None else paired_difference(g, control, m, results)
-                row[f"{name} vs random mask"] = "" if vs is None else _diff_text(vs)
+                row[f"{name} vs random mask"] = _vs_random(method, grid, g, others, randoms, m, results)
         row["paired over"] = ", ".join(sorted(how))
         collapsed = g["collapsed"].fillna(0) if "collapsed" in g else pd.Series(0.0, index=g.index)
         row["collapsed"] = f"{int((collapsed > 0).sum())}/{len(g)}" if method in ("smn", "stn") else ""
         rows.append(row)
     return rows
+
+
+VALIDATION = tuple((f"val_{m}", f"val {name}") for m, name in COMPARED)
+"""The metrics of :data:`COMPARED` as cells with ``dataset.val_fraction`` write them (on the validation split)."""
+
+
+@register_table("vs_frozen_val", "Adapted vs frozen backbone on the VALIDATION split (dataset.val_fraction: held out "
+                "of train; for choosing settings, never for reporting): k-NN (k=200, k=20), linear probe (mean ± std "
+                "[95 % interval]), paired differences in points [95 % interval]")
+def vs_frozen_val(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`vs_frozen` on the ``val_*`` metrics (:data:`VALIDATION`): the table settings are chosen from."""
+    return vs_frozen(df, VALIDATION)

@@ -278,5 +278,8 @@ def pretrain_artifact_path(results: str | ExperimentLayout, experiment: str, cel
     """Where the pipeline's pretrained backbone for ``cell`` (a ``CellConfig``) lives (a local path, or a URI
     for URI results): ``artifacts/pretrain-<key>.safetensors``, the key a hash of the arch and the ``pretrain``
     section, so cells that share them share one pretraining (read by ``smn run --dry-run`` without the engine)."""
-    key = config_hash({"arch": cell.backbone.arch, "pretrain": dataclasses.asdict(cell.pretrain), "seed": 0})
+    pretrain = dataclasses.asdict(cell.pretrain)
+    if pretrain["dataset"].get("val_fraction", 0) is None:  # a key added later: off, out of the key (artifacts kept)
+        pretrain["dataset"].pop("val_fraction")
+    key = config_hash({"arch": cell.backbone.arch, "pretrain": pretrain, "seed": 0})
     return ExperimentLayout.of(results, experiment).artifact(f"pretrain-{key}.safetensors")

@@ -20,6 +20,7 @@ axes for a metric with a trial budget (see :class:`SearchSpec`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -30,8 +31,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from smn_core.config import (BUILTIN_BACKBONES, BUILTIN_DATASETS, METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec,
-                             PretrainSpec, TrainConfig)
+from smn_core.config import (BUILTIN_BACKBONES, BUILTIN_DATASETS, CONTROLS, METHODS, BackboneSpec, CellConfig, DataSpec,
+                             EvalSpec, PretrainSpec, TrainConfig)
 
 from orchestrator.results.layout import check_experiment_name
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
@@ -40,7 +41,7 @@ from orchestrator.spec.keys import config_hash, flatten, split_assignments
 from orchestrator.spec.tracking import parse_tracking
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
-           "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "config_hash", "FOUND",
+           "parse_overrides", "expand_cells", "pending_references", "waiting_count", "control_reference", "search_cell", "cell_id_of", "config_hash", "FOUND",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
            "TORCHVISION_FACTS", "DIGITS_CLASS_COUNTS"]
 
@@ -142,7 +143,8 @@ class ExperimentSpec(BaseModel):
         if self.search is not None:
             if self.grid:
                 raise ValueError("a spec has either a grid or a search, not both")
-            if len(self.methods) != 1 or len(self.seeds) != 1 or METHODS[self.methods[0]] is None:
+            if (len(self.methods) != 1 or len(self.seeds) != 1 or METHODS[self.methods[0]] is None
+                    or self.methods[0] in CONTROLS):
                 raise ValueError(f"a search needs exactly one trained method and one seed, got methods "
                                  f"{self.methods} and seeds {self.seeds}")
         return self
@@ -779,6 +781,9 @@ def check_spec(spec: ExperimentSpec, model_checks: bool = True) -> None:
 
 def _check_cascade(spec: ExperimentSpec, n_train: int | None) -> None:
 
+    if spec.dataset.val_fraction is not None:
+        raise SpecError(f"dataset.val_fraction {spec.dataset.val_fraction}: the cascade evaluates on the test split "
+                        "only; allowed: null in a cascade spec")
     cs = cascade_spec(spec)
     if n_train is not None:
         for name in ("components", "clusters"):
@@ -816,9 +821,22 @@ def _reference_raw(raw: dict) -> dict:
     return ref
 
 
+def _overrides(spec: ExperimentSpec, method: str) -> dict[str, Any]:
+    """``method_overrides`` of ``method``; a random-mask control takes SMN's first (it is SMN's config)."""
+    own = spec.method_overrides.get(method, {})
+    return {**spec.method_overrides.get("smn", {}), **own} if method in CONTROLS else dict(own)
+
+
+def control_reference(config: CellConfig) -> str:
+    """The cell id of the SMN cell whose trained mask a random-mask control (``config.method`` in
+    :data:`smn_core.pipeline.CONTROLS`) draws from: the same config with ``method: smn``."""
+    return cell_id_of(dataclasses.replace(config, method="smn"))
+
+
 def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
     """Yield ``(Cell | None, reference cell_id | None)`` for every grid point: a ready cell, or
-    (None, ref) for a dependent cell whose reference density is not known yet."""
+    (None, ref) for a dependent cell whose reference has not landed yet (a top-k cell at a found density, a
+    random-mask control; ``densities`` holds the landed masked cells' densities)."""
     base = _base(spec)
     keys = list(spec.grid)
     for method in spec.methods:
@@ -826,7 +844,7 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
             for seed in spec.seeds:
                 raw = copy.deepcopy(base)
                 raw.update(method=method, seed=seed)
-                for k, v in spec.method_overrides.get(method, {}).items():
+                for k, v in _overrides(spec, method).items():
                     _set_dotted(raw, k, v)
                 for k, v in zip(keys, combo):
                     _set_dotted(raw, k, v)
@@ -835,7 +853,15 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
                     where += f" of method {method} with method_overrides.{method}"
                 trained = METHODS[method] is not None
                 grid_values = dict(zip(keys, combo)) if trained else {
-                    k: v for k, v in zip(keys, combo) if not k.startswith("train.")}
+                    k: v for k, v in zip(keys, combo) if k != "train" and not k.startswith("train.")}
+                if method in CONTROLS:  # a random-mask control: after the SMN cell of the same config
+                    ref_cfg = _validate({**raw, "method": "smn"}, where + " (its SMN reference)")
+                    ref_id = cell_id_of(ref_cfg)
+                    yield Cell(ref_id, ref_cfg, grid_values), None
+                    if ref_id not in (densities or {}):
+                        _validate(raw, where)  # validate it now, before any work
+                        yield None, ref_id
+                        continue
                 if trained and _get_dotted(raw, "train.mask.topk_density") == FOUND:
                     if raw["train"]["mask"].get("mode") != "topk":
                         raise SpecError(f"invalid {where}: train.mask.topk_density 'found' needs train.mask.mode 'topk'")
@@ -878,8 +904,16 @@ def expand_cells(spec: ExperimentSpec, densities: dict[str, float] | None = None
 
 
 def pending_references(spec: ExperimentSpec, densities: dict[str, float] | None = None) -> set[str]:
-    """Cell ids of the threshold cells whose density some ``topk_density: found`` cell still waits for."""
+    """Cell ids of the cells some dependent cell still waits for: the threshold cells whose density a
+    ``topk_density: found`` cell needs, the SMN cells whose trained mask a random-mask control draws from
+    (not in ``densities``, the landed masked cells' ``density``)."""
     return {ref for cell, ref in _iter_cells(spec, densities) if cell is None}
+
+
+def waiting_count(spec: ExperimentSpec, densities: dict[str, float] | None = None) -> int:
+    """How many dependent cells (top-k at a found density, random-mask controls) still wait for their reference
+    (:func:`pending_references`), counted before they can be expanded."""
+    return sum(cell is None for cell, _ in _iter_cells(spec, densities))
 
 
 def search_cell(spec: ExperimentSpec, values: dict[str, Any]) -> Cell:
