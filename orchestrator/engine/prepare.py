@@ -20,6 +20,7 @@ import ray
 
 from smn_core.checkpoint import location_exists, save_tensors
 
+from orchestrator import echo as echo_line
 from orchestrator.engine.cell import CellJob, log
 from orchestrator.engine.pool import WarmPool, run_bounded
 from orchestrator.engine.preflight import StorageUnreachable
@@ -77,7 +78,7 @@ def completed_cells(results: str | ExperimentLayout, experiment: str) -> set[str
 
 
 def prepare_pipeline_weights(spec: ExperimentSpec, results: str | ExperimentLayout, cells: list[Cell],
-                             echo: Callable[[str], None] = print, pool: WarmPool | None = None) -> dict[str, str]:
+                             echo: Callable[[str], None] = echo_line, pool: WarmPool | None = None) -> dict[str, str]:
     """Build (once each) the pretraining artifacts the ``weights: pipeline`` cells need: on ``pool``'s warm
     workers when given (they hold the cluster's resources), else as Ray tasks.
 
