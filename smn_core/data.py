@@ -47,6 +47,8 @@ __all__ = [
     "select_classes",
     "stratified_subsample",
     "subset",
+    "train_val_split",
+    "split_validation",
 ]
 
 SPLITS = ("train", "test")
@@ -417,6 +419,49 @@ def _split_indices(targets: np.ndarray, split: str, test_fraction: float, seed: 
             f"{len(np.unique(targets))} classes) with test_fraction={test_fraction}: {err}"
         ) from err
     return np.sort(train_idx if split == "train" else test_idx)
+
+
+def train_val_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified, seeded validation split carved out of a TRAIN split (``dataset.val_fraction``).
+
+    Recipe and hyperparameter choices are scored on the validation part; the test split is never touched
+    (it is a different set of images, split off before this one, see :func:`load_dataset`).
+
+    Args:
+        labels: the train split's labels, shape ``(N,)`` (any integer or string labels).
+        val_fraction: share of each class that goes to validation, in (0, 1) (scikit-learn's
+            ``train_test_split`` with ``stratify``: the per-class shares are kept up to rounding).
+        seed: the split's seed (the cell's ``dataset.split_seed``): the same labels, fraction and seed give the
+            same split on every call and machine.
+
+    Returns:
+        ``(train_idx, val_idx)``: sorted ``int64`` index arrays into ``labels``, disjoint, together
+        ``arange(N)``; every class of ``labels`` is in both when it has at least two images and the
+        fraction allows it.
+
+    Raises:
+        ValueError: ``val_fraction`` outside (0, 1), or a split that cannot be stratified (a class with one
+            image, fewer validation images than classes), one line naming the values.
+    """
+    from sklearn.model_selection import train_test_split  # lazy: scikit-learn's import takes seconds
+
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"dataset.val_fraction must be in (0, 1) or null, got {val_fraction!r}")
+    labels = np.asarray(labels)
+    try:
+        train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=float(val_fraction),
+                                              random_state=int(seed), stratify=labels)
+    except ValueError as err:  # a class with a single image, or fewer validation images than classes
+        raise ValueError(f"cannot carve a stratified validation split (dataset.val_fraction={val_fraction}) out "
+                         f"of {len(labels)} train images of {len(np.unique(labels))} classes: {err}") from None
+    return np.sort(train_idx).astype(np.int64), np.sort(val_idx).astype(np.int64)
+
+
+def split_validation(ds: ImageDataset, val_fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """``(remaining train, validation)`` subsets of a train split ``ds`` (:func:`train_val_split` on
+    ``ds.targets``)."""
+    train_idx, val_idx = train_val_split(ds.targets, val_fraction, seed)
+    return subset(ds, train_idx), subset(ds, val_idx)
 
 
 # --------------------------------------------------------------------------------------------
