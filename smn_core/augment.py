@@ -21,12 +21,13 @@ from __future__ import annotations
 import numbers
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+
+from .config import MultiCropConfig
 
 if TYPE_CHECKING:  # torchvision is imported where the transforms are built (its import takes seconds)
     from torchvision.transforms import v2
@@ -131,124 +132,6 @@ def supervised_train_transform(
             *_to_normalised_tensor(mean, std),
         ]
     )
-
-
-def _check_probability(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{what} must be a probability in [0, 1], got {value!r}")
-    return float(value)
-
-
-def _check_scale(value: Any, what: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a pair (min, max) of floats, got {value!r}") from None
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"{what} must satisfy 0 < min <= max <= 1 (fractions of the image area), got {value!r}")
-    return lo, hi
-
-
-@dataclass
-class MultiCropConfig:
-    """SwAV multi-crop settings (Caron et al. 2020, Sec. 3.2 / App. A; SMN paper Sec. 3.3, NOTES.md).
-
-    Attributes:
-        n_global: number of global (high-resolution) crops, >= 1 (paper: 2).
-        n_local: number of local (low-resolution) crops, >= 0 (paper: 6).
-        global_size: global crop side in pixels; ``None`` -> ``image_size``.
-        local_size: local crop side in pixels; ``None`` -> ``round(96 / 224 * image_size)`` rounded to
-            a multiple of 2, at least ``local_size_floor`` (96 for 224).
-        local_size_floor: smallest default local crop side in pixels (16: a 32-px input gets 16-px
-            local crops, not 14-px ones; a CIFAR ResNet's last stage then still sees 4 x 4).
-        global_scale: ``RandomResizedCrop`` area fraction range of global crops (paper: (0.14, 1)).
-        local_scale: area fraction range of local crops (paper: (0.05, 0.14)).
-        color_jitter_strength: ``s`` of SwAV's ``get_color_distortion(s)``: brightness/contrast/
-            saturation ``0.8 s``, hue ``0.2 s`` (hue capped at 0.5); 0 disables jitter (SwAV and the
-            paper: s = 1.0, i.e. ColorJitter(0.8, 0.8, 0.8, 0.2); NOTES.md's "0.8" is the 0.8 s factor).
-        color_jitter_p: probability of applying the colour jitter (0.8).
-        grayscale_p: probability of converting to grayscale, kept 3-channel (0.2).
-        blur_p: probability of a Gaussian blur (0.5).
-        blur_sigma: sigma range (low, high) in pixels *at SwAV's crop sides* (224 px global, 96 px
-            local): (0.1, 2.0). A crop of another side ``s`` draws sigma uniform in
-            ``blur_sigma * s / 224`` (global) or ``blur_sigma * s / 96`` (local), so the blur keeps its
-            size relative to the crop (SwAV: at most 2 % of a 96-px crop) instead of blotting out a
-            14-px one (see :meth:`blur_sigma_for`).
-        flip_p: probability of a horizontal flip (0.5).
-
-    Raises:
-        ValueError: (at construction) a count, size, scale or probability outside the ranges above.
-    """
-
-    n_global: int = 2
-    n_local: int = 6
-    global_size: int | None = None
-    local_size: int | None = None
-    global_scale: tuple[float, float] = (0.14, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.14)
-    local_size_floor: int = 16
-    color_jitter_strength: float = 1.0
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    flip_p: float = 0.5
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_global, bool) or not isinstance(self.n_global, numbers.Integral) or self.n_global < 1:
-            raise ValueError(f"n_global must be an int >= 1, got {self.n_global!r}")
-        if isinstance(self.n_local, bool) or not isinstance(self.n_local, numbers.Integral) or self.n_local < 0:
-            raise ValueError(f"n_local must be an int >= 0, got {self.n_local!r}")
-        for what in ("global_size", "local_size"):
-            if getattr(self, what) is not None:
-                _check_positive_int(getattr(self, what), what)
-        _check_positive_int(self.local_size_floor, "local_size_floor")
-        try:
-            low, high = (float(v) for v in self.blur_sigma)
-        except (TypeError, ValueError):
-            raise ValueError(f"blur_sigma must be a pair (low, high) of pixels, got {self.blur_sigma!r}") from None
-        if not (np.isfinite(low) and np.isfinite(high) and 0 < low <= high):
-            raise ValueError(f"blur_sigma must satisfy 0 < low <= high (pixels), got {self.blur_sigma!r}")
-        self.blur_sigma = (low, high)
-        self.global_scale = _check_scale(self.global_scale, "global_scale")
-        self.local_scale = _check_scale(self.local_scale, "local_scale")
-        s = self.color_jitter_strength
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not np.isfinite(s) or s < 0:
-            raise ValueError(f"color_jitter_strength must be a finite float >= 0, got {s!r}")
-        for what in ("color_jitter_p", "grayscale_p", "blur_p", "flip_p"):
-            _check_probability(getattr(self, what), what)
-
-    @property
-    def n_views(self) -> int:
-        """Total number of views, ``n_global + n_local``."""
-        return self.n_global + self.n_local
-
-    def sizes(self, image_size: int) -> tuple[int, int]:
-        """``(global_size, local_size)`` in pixels for inputs of side ``image_size``, defaults resolved.
-
-        Raises:
-            ValueError: ``image_size`` not a positive int.
-        """
-        image_size = _check_positive_int(image_size, "image_size")
-        global_size = self.global_size if self.global_size is not None else image_size
-        if self.local_size is not None:
-            local_size = self.local_size
-        else:
-            local_size = max(self.local_size_floor, 2 * round(96 / 224 * image_size / 2))
-            local_size = min(local_size, global_size)
-        return int(global_size), int(local_size)
-
-    def blur_sigma_for(self, crop_size: int, *, local: bool) -> tuple[float, float]:
-        """Blur sigma range in pixels for a crop of side ``crop_size`` (``blur_sigma`` scaled by
-        ``crop_size / 96`` for local crops, ``crop_size / 224`` for global ones; SwAV's own sizes give
-        exactly (0.1, 2.0)).
-
-        Raises:
-            ValueError: ``crop_size`` not a positive int.
-        """
-        crop_size = _check_positive_int(crop_size, "crop_size")
-        ratio = crop_size / (96.0 if local else 224.0)
-        return self.blur_sigma[0] * ratio, self.blur_sigma[1] * ratio
 
 
 class MultiCropTransform:

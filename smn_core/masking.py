@@ -22,15 +22,15 @@ Besides threshold masking, :class:`ScoreMask` implements the top-k% baseline of 
 
 from __future__ import annotations
 
-import math
 import re
 import zlib
-from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
+
+from .config import SELECTIVE, SELECTORS, MaskConfig
 
 __all__ = [
     "MaskConfig",
@@ -50,9 +50,7 @@ __all__ = [
     "SELECTIVE",
 ]
 
-SELECTORS = ("conv", "linear", "conv+linear", "attn_mlp", "clip_attn_mlp", "all", "all_but_norm", "all_but_bias")
-SELECTIVE = ("none", "random", "magnitude")
-_MASK_MODES = ("threshold", "topk")
+
 _ATTN_MLP = ("attn_mlp", "clip_attn_mlp")
 # a stage: ResNet "layer<k>" (k from 1); timm "stages.<i>" (ConvNeXt, RegNet, EfficientNet-style, i from 0); a
 # transformer's "blocks.<i>" / "resblocks.<i>" (timm ViT, open_clip; i from 0). The first that matches wins.
@@ -63,104 +61,6 @@ _STAGE_PATTERNS = (
 )
 # a transformer block's container: a Linear under it is an attention or MLP projection
 _BLOCK = re.compile(r"(?:^|\.)(?:res)?blocks\.\d+\.")
-
-
-@dataclass
-class MaskConfig:
-    """What to mask and how (paper Sec. 3.1-3.2, Table 5b).
-
-    Attributes:
-        selector: which parameter tensors get a mask: ``"conv"`` (weights of every ``nn.Conv*``,
-            downsample convolutions included; the ResNet default), ``"linear"``, ``"conv+linear"``,
-            ``"attn_mlp"`` (any transformer: every ``nn.Linear`` inside a block ``blocks.<i>`` or
-            ``resblocks.<i>``, i.e. the attention projections, fused ``qkv`` included, and the MLP, plus the
-            ``in_proj_weight`` of every ``nn.MultiheadAttention``; weights and biases), ``"clip_attn_mlp"``
-            (the same, its historical name for the CLIP ViT), ``"all"`` (every floating-point parameter: Table 5b "none frozen"),
-            ``"all_but_norm"`` (every parameter except those of normalisation layers: Table 5b "BNs
-            frozen", which on a ResNet backbone is the conv default), ``"all_but_bias"`` (every
-            parameter except biases: Table 5b "biases frozen"), or ``"re:<regex>"`` matched against
-            full parameter names.
-        include_bn: also mask the affine parameters (weight and bias) of normalisation layers
-            (BatchNorm, and GroupNorm/LayerNorm where a model has them). Off by default: masking BN
-            collapses accuracy (Table 5b).
-        include_bias: also mask the biases of the selected modules.
-        init_score: ``S0``, initial score (default 1.0).
-        threshold: ``mu``, mask threshold (default 0.0). Theorem 1: only ``S0 - mu`` matters.
-        alpha_grad: differentiate through ``alpha`` (reference-code behaviour); default False.
-        mode: ``"threshold"`` (the method) or ``"topk"`` (Ramanujan et al. baseline).
-        topk_density: kept fraction per tensor for ``mode="topk"``, in (0, 1].
-        topk_init_noise: ``mode="topk"`` only: the scores start at ``S0 + U(-a, a)`` with this ``a``
-            (default 0.01), drawn per tensor from a generator seeded with the cell's torch seed and the
-            tensor's name. With every score equal, ``torch.topk`` breaks the ties by index and whole
-            output channels die at step 0; Ramanujan et al. (2020) start from random scores, so the
-            first top-k mask is random and unstructured. Must be > 0 for top-k.
-        stages: selective masking (App. F, Fig. 8): mask only the parameters of the first N stages
-            (see :func:`stage_of`: a ResNet's ``layer1`` .. ``layerN``, timm's ``stages.0 .. N-1``, a
-            transformer's first N blocks; the stem counts with stage 1). None: every selected tensor.
-        selective: selective masking within each masked tensor (App. F, Figs. 8-9): ``"none"``
-            (every position has a trainable mask), ``"random"`` (a random fraction
-            ``selective_fraction`` of the positions of each tensor, drawn with ``selective_seed``)
-            or ``"magnitude"`` (the fraction with the largest ``|W|``). Positions without a trainable
-            mask stay active (mask 1) for the whole run.
-        selective_fraction: p in (0, 1] for ``selective != "none"``.
-        selective_seed: seed of the random selection (combined with each tensor's name).
-
-    Raises:
-        ValueError: on an unknown selector, mode or selective strategy, a density or fraction outside
-            (0, 1], or selective masking combined with top-k.
-    """
-
-    selector: str = "conv"
-    include_bn: bool = False
-    include_bias: bool = False
-    init_score: float = 1.0
-    threshold: float = 0.0
-    alpha_grad: bool = False
-    mode: Literal["threshold", "topk"] = "threshold"
-    topk_density: float | None = None
-    topk_init_noise: float = 0.01
-    stages: int | None = None
-    selective: Literal["none", "random", "magnitude"] = "none"
-    selective_fraction: float | None = None
-    selective_seed: int = 0
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if self.selector not in SELECTORS and not self.selector.startswith("re:"):
-            raise ValueError(
-                f"mask selector {self.selector!r} is not known; allowed: {', '.join(SELECTORS)} or 're:<regex>'"
-            )
-        if self.selector.startswith("re:"):
-            try:
-                re.compile(self.selector[3:])
-            except re.error as exc:
-                raise ValueError(f"mask selector regex {self.selector[3:]!r} is invalid: {exc}") from None
-        if self.mode not in _MASK_MODES:
-            raise ValueError(f"mask mode {self.mode!r} is not known; allowed: {', '.join(_MASK_MODES)}")
-        if self.mode == "topk":
-            if self.topk_density is None or not 0.0 < self.topk_density <= 1.0:
-                raise ValueError(f"topk_density must be in (0, 1] for mode 'topk', got {self.topk_density!r}")
-        if self.mode == "topk" and not (math.isfinite(self.topk_init_noise) and self.topk_init_noise > 0):
-            raise ValueError(f"topk_init_noise must be a finite number > 0 for mode 'topk' (random tie-breaking "
-                             f"of the first mask), got {self.topk_init_noise!r}")
-        if self.stages is not None and self.stages < 1:
-            raise ValueError(f"mask stages must be >= 1 (the first N ResNet stages) or null, got {self.stages}")
-        if self.selective not in SELECTIVE:
-            raise ValueError(f"selective masking {self.selective!r} is not known; allowed: {', '.join(SELECTIVE)}")
-        if self.selective != "none":
-            if self.selective_fraction is None or not 0.0 < self.selective_fraction <= 1.0:
-                raise ValueError(f"selective_fraction must be in (0, 1] for selective {self.selective!r}, "
-                                 f"got {self.selective_fraction!r}")
-            if self.mode == "topk":
-                raise ValueError("selective masking works with threshold masks only, not mode 'topk'")
-        if not math.isfinite(self.init_score) or not math.isfinite(self.threshold):
-            raise ValueError(f"init_score and threshold must be finite, got {self.init_score}, {self.threshold}")
-        if self.mode == "threshold" and self.init_score <= self.threshold:
-            raise ValueError(
-                f"init_score ({self.init_score}) must exceed threshold ({self.threshold}) so training starts "
-                "from the full pretrained network"
-            )
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -21,10 +21,9 @@ method              objective    adaptation   meaning
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -34,11 +33,11 @@ import torch
 from .augment import MultiCropTransform, SeededViewDataset, eval_transform
 from .backbones import Backbone, build_backbone, build_clip_text_head
 from .checkpoint import local_copy
+from .config import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec, method_training
 from .data import ImageDataset, load_dataset, subset
 from .evaluation import compute_embeddings, knn_correct, linear_probe, lowshot_linear_probe, per_class_sample
 from .masking import attach_masks, export_masks, mask_density, mask_modules, trainable_mask_count
-from .registry import check_choice
-from .training import CosineClassifier, TrainConfig, TrainResult, build_adaptation_model, train, trainable_state
+from .training import CosineClassifier, TrainResult, build_adaptation_model, train, trainable_state
 from .swav import init_head_from_features
 from .view_strength import view_similarity
 
@@ -62,217 +61,6 @@ __all__ = [
     "reestimate_batchnorm",
     "run_cell",
 ]
-
-METHODS: dict[str, tuple[str, str] | None] = {
-    "pretrained": None,
-    "pretrained_bn": None,
-    "smn": ("swav", "mask"),
-    "supervised_mask": ("supervised", "mask"),
-    "fft": ("supervised", "full"),
-    "stn": ("swav", "full"),
-}
-
-
-def method_training(method: str) -> tuple[str, str] | None:
-    """``(objective, adaptation)`` of a method, or None for the frozen ones (``pretrained``, ``pretrained_bn``).
-
-    Raises:
-        ValueError: on an unknown method (lists the allowed ones).
-    """
-    check_choice(method, METHODS, "method")
-    return METHODS[method]
-
-
-@dataclass
-class BackboneSpec:
-    """Which backbone and which weights (see ``smn_core.backbones``).
-
-    ``weights``: ``"pretrained"`` (the real published weights), ``"random"``, ``"checkpoint"``
-    (a local file in ``checkpoint``), or ``"pipeline"`` (weights produced by this experiment's own
-    supervised pretraining stage, see :class:`PretrainSpec`).
-    """
-
-    arch: str = "cifar_resnet20"
-    weights: str = "pretrained"
-    checkpoint: str | None = None
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        allowed = ("pretrained", "random", "checkpoint", "pipeline")
-        if self.weights not in allowed:
-            raise ValueError(f"backbone.weights {self.weights!r} is not known; allowed: {', '.join(allowed)}")
-        if self.weights == "checkpoint" and not self.checkpoint:
-            raise ValueError("backbone.weights 'checkpoint' needs backbone.checkpoint (a file path)")
-
-
-@dataclass
-class DataSpec:
-    """A dataset and the part of it to use (see ``smn_core.data.load_dataset``).
-
-    ``image_size`` in pixels is the training and evaluation resolution (None: the backbone's).
-    ``max_train_samples`` / ``max_test_samples`` take deterministic stratified subsets.
-    ``label_fraction`` (low-shot, paper Fig. 3): the share of training labels a *supervised* objective
-    may train on, drawn per class (every class keeps at least one example; seed ``split_seed``) and
-    repeated to the length of the whole split, so that a training epoch has as many steps as with all
-    labels (the paper does not say how long its low-shot runs trained); None means all. Unlabeled
-    adaptation (SwAV) and the frozen backbone always see every training image, so
-    :class:`CellConfig` resets it to None for them (their low-shot readout is ``eval.lowshot_fractions``).
-    """
-
-    source: str = "digits"
-    root: str | None = None
-    classes: list[int] | list[str] | None = None
-    image_size: int | None = None
-    test_fraction: float = 0.3
-    split_seed: int = 0
-    download: bool = False
-    max_train_samples: int | None = None
-    max_test_samples: int | None = None
-    label_fraction: float | None = None
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
-            raise ValueError(f"dataset.label_fraction must be in (0, 1] or null, got {self.label_fraction}")
-        if self.image_size is not None and self.image_size < 8:
-            raise ValueError(f"dataset.image_size must be >= 8 pixels, got {self.image_size}")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"dataset.test_fraction must be in (0, 1), got {self.test_fraction}")
-        for name in ("max_train_samples", "max_test_samples"):
-            v = getattr(self, name)
-            if v is not None and v < 2:
-                raise ValueError(f"dataset.{name} must be >= 2 or null, got {v}")
-
-
-@dataclass
-class EvalSpec:
-    """Evaluation protocol (paper Sec. 4.1): weighted k-NN (DINO) and a logistic-regression probe.
-
-    Two k-NN protocols are recorded in every cell: the paper's (``knn_k`` = 200, ``knn_temperature`` =
-    0.1, metric ``knn_top1``) and DINO's recommended one (``knn_dino_k`` = 20, ``knn_dino_temperature`` =
-    0.07, metric ``knn_dino_top1``). On small banks (about 125 images per class) k = 200 votes over more
-    than one class's worth of neighbours; :func:`evaluate_model` warns when ``k`` exceeds the smallest
-    class's bank size and records it (``knn_min_class_bank``).
-
-    Linear probe: ``probe_standardize`` (default True) standardises the features (train mean / std)
-    before an L2-regularised logistic regression with inverse strength ``probe_C`` (default 1). The
-    reference code used cyanure with lambda = 0.01 / N on raw features; since sklearn's objective is
-    ``C * sum(loss) + ||w||^2 / 2`` and cyanure's is ``mean(loss) + lambda / 2 ||w||^2``, that is
-    ``C = 1 / (lambda N) = 100`` with ``probe_standardize: false``. ``probe_C_grid`` (e.g. ``[0.01, 0.03,
-    ..., 100]``; empty by default) chooses C per feature set instead, by stratified ``probe_cv_folds``-fold
-    cross-validation on the train split (see :func:`smn_core.evaluation.linear_probe`); the C fitted is
-    recorded as ``linear_probe_C``. Low-shot probes keep ``probe_C``: their subsets hold 1-15 images per
-    class, too few to hold out folds.
-
-    ``lowshot_fractions`` (paper Fig. 3; NOTES.md: CIFAR 10, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625 %, given
-    here as fractions 0.1 ... 0.000625) adds one linear probe per fraction, fitted on a per-class sample
-    of the train labels (seed ``lowshot_seed``), reported as ``lowshot_top1@<fraction>``.
-    """
-
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_dino_k: int = 20
-    knn_dino_temperature: float = 0.07
-    probe_C: float = 1.0
-    probe_standardize: bool = True
-    probe_max_iter: int = 1000
-    probe_C_grid: list[float] = field(default_factory=list)
-    probe_cv_folds: int = 5
-    batch_size: int = 256
-    lowshot_fractions: list[float] = field(default_factory=list)
-    lowshot_seed: int = 0
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        for name in ("knn_k", "knn_dino_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("knn_temperature", "knn_dino_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"eval.{name} must be > 0, got {getattr(self, name)}")
-        if not self.probe_C > 0:
-            raise ValueError(f"eval.probe_C must be > 0, got {self.probe_C}")
-        if self.probe_max_iter < 1 or self.batch_size < 1:
-            raise ValueError("eval.probe_max_iter and eval.batch_size must be >= 1")
-        bad_c = [c for c in self.probe_C_grid if not (math.isfinite(c) and c > 0)]
-        if bad_c:
-            raise ValueError(f"eval.probe_C_grid must hold finite numbers > 0, got {self.probe_C_grid}")
-        if self.probe_cv_folds < 2:
-            raise ValueError(f"eval.probe_cv_folds must be >= 2, got {self.probe_cv_folds}")
-        bad = [f for f in self.lowshot_fractions if not 0.0 < f <= 1.0]
-        if bad or len(set(self.lowshot_fractions)) != len(self.lowshot_fractions):
-            raise ValueError(f"eval.lowshot_fractions must be distinct fractions in (0, 1] (0.01 = 1 %), "
-                             f"got {self.lowshot_fractions}")
-
-    def probe_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`smn_core.evaluation.linear_probe` for the full-label probe of this
-        protocol (``C``, ``max_iter``, ``standardize``, ``C_grid`` (None when empty: fixed ``C``), ``cv_folds``)."""
-        return dict(C=self.probe_C, max_iter=self.probe_max_iter, standardize=self.probe_standardize,
-                    C_grid=self.probe_C_grid or None, cv_folds=self.probe_cv_folds)
-
-
-@dataclass
-class PretrainSpec:
-    """The pipeline's own supervised pretraining of a randomly initialised backbone (source domain).
-
-    Used when ``backbone.weights == "pipeline"``: e.g. the demo pretrains a CIFAR ResNet on
-    digits 0-4 before self-masking it on digits 5-9.
-    """
-
-    dataset: DataSpec = field(default_factory=DataSpec)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(objective="supervised", adaptation="full",
-                                                                   epochs=5, weight_lr=0.1, head_lr=0.1))
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        if self.train.objective != "supervised" or self.train.adaptation != "full":
-            raise ValueError("pretrain.train must have objective 'supervised' and adaptation 'full'")
-
-
-@dataclass
-class CellConfig:
-    """One fully resolved cell. Its JSON form (``to_dict``) is what the ledger hashes."""
-
-    method: str = "smn"
-    backbone: BackboneSpec = field(default_factory=BackboneSpec)
-    dataset: DataSpec = field(default_factory=DataSpec)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    pretrain: PretrainSpec | None = None
-    seed: int = 0
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        training = method_training(self.method)
-        if training is not None:
-            objective, adaptation = training
-            if self.train.objective != objective or self.train.adaptation != adaptation:
-                self.train = replace(self.train, objective=objective, adaptation=adaptation)
-        if self.train.seed != self.seed:
-            self.train = replace(self.train, seed=self.seed)
-        if self.dataset.label_fraction is not None and (training is None or training[0] != "supervised"):
-            # labels are used by supervised training only: one unlabeled cell serves every fraction
-            self.dataset = replace(self.dataset, label_fraction=None)
-        if (training is not None and training[0] == "supervised" and self.train.classifier == "clip_text"
-                and not self.backbone.arch.startswith("clip")):
-            raise ValueError(f"train.classifier 'clip_text' needs a CLIP backbone, got backbone.arch "
-                             f"{self.backbone.arch!r}; allowed: clip_vit_b32 (or classifier 'linear')")
-        if self.backbone.weights == "pipeline" and self.pretrain is None:
-            raise ValueError("backbone.weights 'pipeline' needs a 'pretrain' section")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable identity of the cell (training settings dropped for ``pretrained``)."""
-        d = asdict(self)
-        if METHODS[self.method] is None:
-            d.pop("train")
-        if self.backbone.weights != "pipeline":
-            d.pop("pretrain")
-        return d
 
 
 @dataclass

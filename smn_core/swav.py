@@ -15,7 +15,6 @@ single-worker queue.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,10 +22,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import HEAD_INITS, SwAVConfig
+
 __all__ = ["SwAVConfig", "SwAVHead", "SwAV", "sinkhorn_knopp", "detect_collapse", "init_head_from_features",
            "HEAD_INITS"]
-
-HEAD_INITS = ("random", "pca_kmeans")
 
 
 def _world_size() -> int:
@@ -37,77 +36,6 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if _world_size() > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
-
-@dataclass
-class SwAVConfig:
-    """SwAV hyperparameters (paper Sec. 3.3 and 4.1; NOTES.md).
-
-    Attributes:
-        num_prototypes: ``K`` (paper: 500; Table 5a compares 50 / 500 / 5000).
-        proj_dim: code dimension (paper: 128, projection head a single Linear).
-        hidden_dim: if > 0, a 2-layer MLP projection head (Linear-BN-ReLU-Linear) instead.
-        input_norm: standardise the backbone features with a ``BatchNorm1d`` without affine parameters
-            before the projection (batch statistics in training). A mask can shrink the features of a
-            frozen backbone until ``W f + b`` is the same vector for every image: all codes alike, every
-            prototype equally far, loss ``ln K``. Batch standardisation takes that constant part out, so
-            this collapse is closed to the scores. Off by default (the paper's head is a single Linear).
-        temperature: softmax temperature ``tau`` (0.1).
-        epsilon: Sinkhorn entropic regularisation (0.05).
-        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
-        queue_length: global queue length in embeddings (reference code: 512; 0 disables it).
-        queue_start_fraction: fraction of the epochs after which the queue is filled and used
-            (paper: epoch 30 of 150, i.e. 0.2).
-        freeze_prototypes_steps: optimisation steps during which the prototypes get no update
-            (reference code: 5005).
-        crops_for_assign: indices of the views whose assignments are computed (the global crops).
-        head_init: ``"random"`` (PyTorch's default initialisation, SwAV's) or ``"pca_kmeans"``: the
-            projection starts as the PCA whitening of the frozen backbone's features on the target
-            train split and the prototypes as k-means centroids of the projected codes
-            (:func:`init_head_from_features`). The backbone is frozen and pretrained, so the head can
-            start where SwAV's online clustering would end on the frozen features, instead of from a
-            random head that the scores then follow (LP-FT's argument, Kumar et al. 2022). Needs
-            ``hidden_dim == 0``.
-
-    Raises:
-        ValueError: on non-positive sizes, temperature or epsilon, or a fraction outside [0, 1].
-    """
-
-    num_prototypes: int = 500
-    proj_dim: int = 128
-    hidden_dim: int = 0
-    input_norm: bool = False
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    queue_length: int = 512
-    queue_start_fraction: float = 0.2
-    freeze_prototypes_steps: int = 5005
-    crops_for_assign: tuple[int, ...] = (0, 1)
-    head_init: str = "random"
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        for name in ("num_prototypes", "proj_dim", "sinkhorn_iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"swav.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("hidden_dim", "queue_length", "freeze_prototypes_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"swav.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("temperature", "epsilon"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"swav.{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.queue_start_fraction <= 1.0:
-            raise ValueError(f"swav.queue_start_fraction must be in [0, 1], got {self.queue_start_fraction}")
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(f"swav.head_init {self.head_init!r} is not known; allowed: {', '.join(HEAD_INITS)}")
-        if self.head_init == "pca_kmeans" and self.hidden_dim:
-            raise ValueError("swav.head_init 'pca_kmeans' initialises a linear projection head; it needs "
-                             f"swav.hidden_dim 0, got {self.hidden_dim}")
-        self.crops_for_assign = tuple(self.crops_for_assign)
-        if not self.crops_for_assign or min(self.crops_for_assign) < 0:
-            raise ValueError(f"swav.crops_for_assign must be non-empty view indices, got {self.crops_for_assign}")
 
 
 class SwAVHead(nn.Module):

@@ -30,8 +30,8 @@ import functools
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,140 +41,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from .augment import MultiCropConfig, MultiCropTransform, SeededViewDataset, collate_views, supervised_train_transform
-from .masking import MaskConfig, mask_density, mask_modules, score_parameters, set_topk_density
-from .swav import SwAV, SwAVConfig, detect_collapse
+from .augment import MultiCropTransform, SeededViewDataset, collate_views, supervised_train_transform
+from .config import SwAVConfig, TrainConfig
+from .masking import mask_density, mask_modules, score_parameters, set_topk_density
+from .swav import SwAV, detect_collapse
 
 __all__ = ["TrainConfig", "TrainResult", "TrainSetup", "AdaptationModel", "CosineClassifier", "CollapseWatch",
            "train", "setup_training", "train_one_epoch", "checkpoint_state", "build_optimizer",
            "build_adaptation_model", "trainable_state", "copy_state", "lr_factor", "lr_schedule"]
-
-OBJECTIVES = ("swav", "supervised")
-ADAPTATIONS = ("mask", "full")
-BN_MODES = ("adapt", "frozen")
-DTYPES = ("float32", "float64")
-CLASSIFIERS = ("linear", "clip_text")
-SCHEDULES = ("cosine", "constant")
-ON_COLLAPSE = ("warn", "stop")
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one adaptation run (paper Sec. 4.1; defaults are the paper's).
-
-    Attributes:
-        objective: ``"swav"`` or ``"supervised"``.
-        adaptation: ``"mask"`` (learn scores; weights frozen) or ``"full"`` (train the weights: FFT / STN).
-        epochs: passes over the training set (>= 1).
-        batch_size: global batch size, divided by the number of workers (paper: 64).
-        score_lr: learning rate of the scores (paper: 50 for CNNs, 10 for CLIP).
-        head_lr: learning rate of the projection head, prototypes or linear head (0.15).
-        head_weight_decay: weight decay of the head (1e-6); scores never get weight decay.
-        weight_lr, weight_decay: for ``adaptation="full"`` (paper FFT: 0.001 / 5e-4 for timm ResNet-18).
-        momentum: SGD momentum (0.9).
-        warmup_epochs: linear warmup of the *scores'* learning rate before its cosine decay (paper
-            Sec. 4.1: the mask lr warms up to epoch 40 of 150; the head's does not).
-        head_warmup_epochs: linear warmup of the head's (projection, prototypes, linear head) learning
-            rate, separate from the scores'. None (default) follows the paper (Sec. 4.1): 0 for the SwAV
-            objective (the mask lr warms up, the head's does not), ``warmup_epochs`` for the supervised one
-            (linear warmup of the whole run).
-        head_only_steps: LP-FT warm start (Kumar et al. 2022): for the first N optimisation steps only
-            the head trains (the scores' lr is 0), so the scores never follow the gradient of a random
-            head; the scores' warmup and cosine schedule start after these steps. 0 disables it.
-        on_collapse: what a SwAV run does when :func:`smn_core.swav.detect_collapse` flags
-            ``collapse_patience`` consecutive epochs: ``"warn"`` (go on; the result records it) or
-            ``"stop"`` (end training there and record why, so a cluster does not spend hours on a
-            dead run). Checked after every epoch.
-        collapse_patience: consecutive collapsed epochs before ``on_collapse`` acts (>= 1; default 2:
-            a fresh SwAV head starts near ``ln K``).
-        weight_warmup_epochs: warmup of full fine-tuning runs (``adaptation="full"``), replacing
-            ``warmup_epochs`` for them (paper Sec. 4.1: FFT baselines use a plain cosine, masks warm up to
-            epoch 40, so one spec can hold both); None: ``warmup_epochs``.
-        schedule: ``"cosine"`` or ``"constant"``.
-        bn_mode: ``"adapt"`` or ``"frozen"`` (see module docstring).
-        topk_final_density / progressive_topk: top-k masking; progressive lowers the kept fraction
-            linearly per epoch from 1.0 to the final density (App. E).
-        max_steps_per_epoch: cap on steps per epoch (quick runs, benchmarks); None = full epoch.
-        loader_workers: DataLoader worker processes (0 = in the training process).
-        seed: seeds initialisation, data order and augmentation.
-        dtype: ``"float32"`` (default) or ``"float64"``: the model, its scores and the inputs are cast to it
-            for training (float64 on the CPU makes Theorems 1-2 of Sec. 3.2 hold bit for bit, App. A).
-        classifier: head of the supervised objective: ``"linear"`` (a new random linear head, ResNets) or
-            ``"clip_text"`` (CLIP ViT-B/32, Sec. 4.1: frozen text embeddings of ``prompt_template`` filled with
-            each class name, cosine-similarity logits scaled by CLIP's logit scale; built by the pipeline and
-            passed to :func:`build_adaptation_model`). Ignored by the SwAV objective.
-        prompt_template: prompt with one ``{}`` for the class name (``classifier="clip_text"``).
-        mask, swav, multicrop: sub-configurations.
-
-    Raises:
-        ValueError: on an unknown objective, adaptation or bn_mode, or non-positive sizes and rates.
-    """
-
-    objective: Literal["swav", "supervised"] = "swav"
-    adaptation: Literal["mask", "full"] = "mask"
-    epochs: int = 150
-    batch_size: int = 64
-    score_lr: float = 50.0
-    head_lr: float = 0.15
-    head_weight_decay: float = 1e-6
-    weight_lr: float = 0.001
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 0.0
-    head_warmup_epochs: float | None = None
-    head_only_steps: int = 0
-    weight_warmup_epochs: float | None = None
-    schedule: Literal["cosine", "constant"] = "cosine"
-    bn_mode: Literal["adapt", "frozen"] = "adapt"
-    on_collapse: Literal["warn", "stop"] = "warn"
-    collapse_patience: int = 2
-    progressive_topk: bool = False
-    max_steps_per_epoch: int | None = None
-    loader_workers: int = 0
-    seed: int = 0
-    dtype: Literal["float32", "float64"] = "float32"
-    classifier: Literal["linear", "clip_text"] = "linear"
-    prompt_template: str = "a photo of a {}"
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    swav: SwAVConfig = field(default_factory=SwAVConfig)
-    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
-
-    __pydantic_config__ = {"extra": "forbid"}
-
-    def __post_init__(self) -> None:
-        for name, allowed in (("objective", OBJECTIVES), ("adaptation", ADAPTATIONS), ("bn_mode", BN_MODES),
-                              ("schedule", SCHEDULES), ("on_collapse", ON_COLLAPSE), ("dtype", DTYPES),
-                              ("classifier", CLASSIFIERS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} {getattr(self, name)!r} is not known; allowed: {', '.join(allowed)}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("score_lr", "head_lr", "weight_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("head_weight_decay", "weight_decay", "momentum", "warmup_epochs", "head_only_steps",
-                     "loader_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
-        for name in ("head_warmup_epochs", "weight_warmup_epochs"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= self.epochs:
-                raise ValueError(f"{name} must be in [0, epochs={self.epochs}] or null, got {getattr(self, name)}")
-        if self.collapse_patience < 1:
-            raise ValueError(f"collapse_patience must be >= 1 epoch, got {self.collapse_patience}")
-        if not isinstance(self.prompt_template, str) or self.prompt_template.count("{}") != 1:
-            raise ValueError(f"prompt_template {self.prompt_template!r} is invalid; allowed: a string with exactly "
-                             "one '{}' for the class name, e.g. 'a photo of a {}'")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
-        if self.progressive_topk and self.mask.mode != "topk":
-            raise ValueError("progressive_topk needs mask.mode = 'topk'")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-serialisable form (used for hashing and the ledger)."""
-        return asdict(self)
 
 
 @dataclass

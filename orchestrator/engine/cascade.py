@@ -55,7 +55,7 @@ import numpy as np
 import ray
 
 from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, location_exists, save_tensors
-from smn_core.pipeline import CellConfig
+from smn_core.config import CellConfig
 
 from orchestrator import echo as echo_line
 from orchestrator.engine.cell import (CellJob, Failure, Record, Stage, TrainingStage, TrainInputs, land, run_job,

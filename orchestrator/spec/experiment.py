@@ -30,8 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from smn_core.pipeline import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec
-from smn_core.training import TrainConfig
+from smn_core.config import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec, TrainConfig
 
 from orchestrator.results.layout import check_experiment_name
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
