@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import stat
@@ -131,6 +132,25 @@ def _exposed(listening: list[tuple[str, str, int]]) -> list[str]:
     return bad
 
 
+def _http_status(url: str, token: str | None = None) -> int:
+    """The HTTP status ``url`` answers (with ``Authorization: Bearer token`` when given)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    deadline = time.time() + 60  # the dashboard's HTTP server may still be starting
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except urllib.error.URLError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
 def _read_gcs(driver: subprocess.Popen) -> tuple[str | None, str]:
     """The GCS address the driver prints once its Ray is up (None if it exits first), and its output."""
     lines: list[str] = []
@@ -157,7 +177,7 @@ def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
     owner_env["RAY_TMPDIR"] = ray_tmp
     code = ("import sys, ray\n"
             "from orchestrator.engine.plain import ensure_ray\n"
-            "ensure_ray(num_cpus=1)\n"
+            "ensure_ray(num_cpus=1, dashboard=True)\n"  # smn run --dashboard
             "assert ray.get(ray.remote(lambda: 1).remote()) == 1\n"  # a worker process, listening too
             "print('GCS', ray.get_runtime_context().gcs_address, flush=True)\n"
             "sys.stdin.readline()\n"
@@ -174,6 +194,12 @@ def test_an_outsider_cannot_read_a_local_smn_ray(tmp_path):
         assert gcs, f"the local Ray did not start:\n{text[-3000:]}"
         token = tmp_path / "owner" / ".ray" / "auth_token"
         assert stat.S_IMODE(token.stat().st_mode) == 0o600
+        # --dashboard: its address is printed, on loopback, and its HTTP API wants the same token
+        dash = re.search(r"Ray dashboard: (http://[\d.]+:\d+) \(token authentication: paste the token from (\S+) ", text)
+        assert dash and dash.group(1).startswith("http://127.0.0.1:"), text[-2000:]
+        assert dash.group(2) == str(token)
+        assert _http_status(dash.group(1) + "/api/version") in (401, 403)
+        assert _http_status(dash.group(1) + "/api/version", token.read_text().strip()) == 200
 
         def status(env: dict) -> subprocess.CompletedProcess:
             return subprocess.run([RAY, "status", "--address", gcs], env=env, capture_output=True, text=True,

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        address="Ray cluster to join; None: $RAY_ADDRESS, else start a local Ray (token authentication)",
                        dry_run="validate and list the cells; run nothing",
                        table_format="format of the table printed at the end")
+    run.add_argument("--dashboard", action="store_true",
+                     help="start Ray's dashboard with a local Ray (on 127.0.0.1, under the run's token) and print "
+                          "its address; joining a cluster, print the address of its dashboard")
     # --- output and tracking options (orchestrator.cli.report_args): --json, --quiet, --track ---
     add_run_options(run)
     # --- end output and tracking options ---

@@ -24,6 +24,7 @@ import time
 import warnings
 from typing import Iterator
 
+from orchestrator import echo as echo_line
 from orchestrator.cli.common import check_output_path, check_results_dir
 from orchestrator.cli.progress import knn_bank_note, plural, ray_log, run_progress
 from orchestrator.cli.report_args import add_parser, add_run_options, tracking_section  # noqa: F401 - re-exported
@@ -102,7 +103,7 @@ def quiet_output(args, total: int | None = 0, name: str = "", resources=None) ->
             yield
 
 
-def track(spec, args, echo=print) -> dict[str, int]:
+def track(spec, args, echo=echo_line) -> dict[str, int]:
     """Log the experiment's ledger cells to its trackers (:func:`orchestrator.reports.tracking.sync`); never raises."""
     section = tracking_section(spec, args)
     if not section:
@@ -118,7 +119,7 @@ def track(spec, args, echo=print) -> dict[str, int]:
 
 def finish_run(args, spec, summary: dict, started: float, table_text: str) -> None:
     """Print the end of ``smn run``: the JSON summary object (``--json``) or the table and a summary line."""
-    aside = (lambda line: print(line, file=sys.stderr)) if (args.json or args.quiet) else print
+    aside = (lambda line: print(line, file=sys.stderr)) if (args.json or args.quiet) else echo_line
     tracked = track(spec, args, echo=aside)
     rows = ledger.read_ledger(args.results, spec.name)
     if summary.get("ran") and (note := knn_bank_note(rows)):  # once per run, not once per cell from the workers
@@ -148,7 +149,7 @@ def finish_cascade(args, spec, code: int) -> None:
     """The end of ``smn run`` for a cascade spec: trackers, then the JSON summary (``--json``) or the Table 3
     layout (``--quiet``; without it the cascade printed its table already)."""
     quiet = args.json or args.quiet
-    tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if quiet else print)
+    tracked = track(spec, args, echo=(lambda line: print(line, file=sys.stderr)) if quiet else echo_line)
     rows = ledger.read_ledger(args.results, spec.name)
     if args.json:
         table = tables.results_table(rows)

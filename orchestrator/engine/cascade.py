@@ -57,6 +57,7 @@ import ray
 from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, location_exists, save_tensors
 from smn_core.config import CellConfig
 
+from orchestrator import echo as echo_line
 from orchestrator.engine.cell import (CellJob, Failure, Record, Stage, TrainingStage, TrainInputs, land, run_job,
                                       run_local)
 from orchestrator.engine.plain import ensure_ray, run_experiment
@@ -570,7 +571,7 @@ def _combinations(ds: list[_Dispatcher], cs: CascadeSpec, res, summary: CascadeS
 
 
 def run_cascade(spec: ExperimentSpec, results: str | ExperimentLayout, *, address: str | None = None,
-                echo: Callable[[str], None] = print, cascade: CascadeSpec | None = None) -> CascadeSummary:
+                echo: Callable[[str], None] = echo_line, cascade: CascadeSpec | None = None) -> CascadeSummary:
     """Run the whole cascade of ``spec`` (every stage the ledger does not hold yet): dispatchers, routers,
     experts, combinations.
 

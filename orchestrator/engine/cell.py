@@ -55,6 +55,7 @@ import ray
 
 from smn_core.checkpoint import delete_checkpoint, has_checkpoint, load_checkpoint, save_checkpoint, save_tensors
 
+from orchestrator import echo
 from orchestrator.results import ledger
 from orchestrator.results import per_image
 from orchestrator.results.curves import write_curves
@@ -196,7 +197,7 @@ def device() -> str:
 def log(prefix: str) -> Callable[[str], None]:
     """A progress function that prints ``[prefix] line`` (flushed: Ray forwards worker output live)."""
     def emit(line: str) -> None:
-        print(f"[{prefix}] {line}", flush=True)
+        echo(f"[{prefix}] {line}")
     return emit
 
 
@@ -210,7 +211,7 @@ def local_checkpointing(folder: str, label: str, extra_meta: dict | None = None)
     """
     resume = load_checkpoint(folder) if has_checkpoint(folder) else None
     if resume is not None:
-        print(f"[{label}] resuming after epoch {resume[1]['epoch'] + 1}", flush=True)
+        echo(f"[{label}] resuming after epoch {resume[1]['epoch'] + 1}")
 
     def on_epoch_end(epoch: int, metrics: dict, state_fn) -> None:
         tensors, meta = state_fn()
@@ -237,7 +238,7 @@ def ddp_checkpointing(label: str) -> tuple[tuple[dict, dict] | None, Callable]:
         with ckpt.as_directory() as d:
             resume = load_checkpoint(d)
         if rank == 0:
-            print(f"[{label}] resuming after epoch {resume[1]['epoch'] + 1}", flush=True)
+            echo(f"[{label}] resuming after epoch {resume[1]['epoch'] + 1}")
 
     def on_epoch_end(epoch: int, metrics: dict, state_fn) -> None:
         if rank == 0:

@@ -29,6 +29,7 @@ from typing import Callable
 
 import ray
 
+from orchestrator import echo as echo_line
 from orchestrator.engine import session as ray_session
 from orchestrator.engine.cell import CellJob, Failure, land, run_ddp, run_local
 from orchestrator.engine.pool import WarmPool, pool_size, run_bounded
@@ -47,11 +48,14 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
-               connect_timeout_s: float | None = None) -> None:
+               connect_timeout_s: float | None = None, dashboard: bool = False,
+               echo: Callable[[str], None] = echo_line) -> None:
     """Join the Ray cluster at ``address`` (or ``$RAY_ADDRESS``), or start a local one.
 
     A local Ray listens on 127.0.0.1 only (:func:`orchestrator.engine.session.loopback_node`), starts without a
-    dashboard and with token authentication unless the user set
+    dashboard (``dashboard=True``: with Ray's dashboard on 127.0.0.1, under the same token; its address is
+    echoed, :func:`orchestrator.engine.session.dashboard_line`; joining a cluster, its dashboard's address is
+    echoed) and with token authentication unless the user set
     ``RAY_AUTH_MODE`` (:func:`orchestrator.engine.session.configure_auth`: token file mode 0600; a one-line
     warning for ``disabled``); the token also guards a joined cluster's ports.
     The driver's ``AWS_*`` variables (:data:`FORWARDED_ENV`: S3 endpoint, region, credentials) are passed
@@ -68,12 +72,16 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     root = str(Path(__file__).resolve().parents[2])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                         **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ}}}
+    ray_session.every_log_line()  # no "[repeated 3x across cluster]": each worker line when it is printed
     if address:
-        ray_session.join_cluster(address, runtime_env=env, timeout_s=connect_timeout_s, log_to_driver=True)
+        context = ray_session.join_cluster(address, runtime_env=env, timeout_s=connect_timeout_s, log_to_driver=True)
     else:
+        where = {"dashboard_host": "127.0.0.1"} if dashboard else {}
         with ray_session.loopback_node():  # every listener of a local Ray on 127.0.0.1
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                     log_to_driver=True, _node_ip_address="127.0.0.1")
+            context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=env,
+                               log_to_driver=True, _node_ip_address="127.0.0.1", **where)
+    if dashboard:
+        echo(ray_session.dashboard_line(context))
 
 
 _ddp_cell_task = ray.remote(num_cpus=0)(run_ddp)
@@ -100,7 +108,7 @@ def start_ray_for(spec: ExperimentSpec, results: str | ExperimentLayout, address
 
 
 def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, address: str | None = None,
-                   echo: Callable[[str], None] = print, cells: list[Cell] | None = None,
+                   echo: Callable[[str], None] = echo_line, cells: list[Cell] | None = None,
                    connect_timeout_s: float | None = None) -> RunSummary:
     """Run every cell of ``spec`` that the ledger does not hold yet; return a summary.
 

@@ -19,6 +19,7 @@ import ray
 
 from smn_core.checkpoint import location_exists, save_tensors
 
+from orchestrator import echo as echo_line
 from orchestrator.engine.cell import CellJob, log
 from orchestrator.engine.control import RandomMaskStage
 from orchestrator.engine.pool import WarmPool, run_bounded
@@ -74,7 +75,7 @@ def completed_cells(results: str | ExperimentLayout, experiment: str) -> set[str
 
 
 def prepare_pipeline_weights(spec: ExperimentSpec, results: str | ExperimentLayout, cells: list[Cell],
-                             echo: Callable[[str], None] = print, pool: WarmPool | None = None) -> dict[str, str]:
+                             echo: Callable[[str], None] = echo_line, pool: WarmPool | None = None) -> dict[str, str]:
     """Build (once each) the pretraining artifacts the ``weights: pipeline`` cells need: on ``pool``'s warm
     workers when given (they hold the cluster's resources), else as Ray tasks.
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 __all__ = ["AUTH_ENV", "ClusterTooSmall", "ClusterUnreachable", "configure_auth", "token_path", "ensure_token_file",
            "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING", "CONNECT_TIMEOUT_S",
-           "parse_address", "probe_address", "join_cluster", "loopback_node"]
+           "parse_address", "probe_address", "join_cluster", "loopback_node", "every_log_line", "dashboard_line"]
 
 CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
@@ -195,9 +195,9 @@ def _stderr_to(path: str):
         os.close(fd)
 
 
-def join_cluster(address: str, *, runtime_env: dict, timeout_s: float | None = None, **init_kwargs) -> None:
-    """``ray.init(address=...)`` with a deadline: a TCP probe first (:func:`probe_address`), then Ray's own
-    connect settings bounded by ``timeout_s`` (default :data:`CONNECT_TIMEOUT_S`), Ray's C++ log of the
+def join_cluster(address: str, *, runtime_env: dict, timeout_s: float | None = None, **init_kwargs):
+    """``ray.init(address=...)`` with a deadline; returns what ``ray.init`` returns. A TCP probe first
+    (:func:`probe_address`), then Ray's own connect settings bounded by ``timeout_s`` (default :data:`CONNECT_TIMEOUT_S`), Ray's C++ log of the
     connect in a log file instead of the console.
 
     Raises:
@@ -216,13 +216,14 @@ def join_cluster(address: str, *, runtime_env: dict, timeout_s: float | None = N
         with environ(_connect_knobs(timeout_s)):
             _refresh_ray_config()
             with _stderr_to(log):
-                ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
+                context = ray.init(address=address, runtime_env=runtime_env, **init_kwargs)
     except (ConnectionError, TimeoutError, RuntimeError) as exc:
         raise ClusterUnreachable(
             f"cannot join the Ray cluster at {address} within {time.monotonic() - t0:.0f}s: "
             f"{' '.join(str(exc).split())[:200]} (Ray's log: {log}); check that a Ray head (`ray start --head`) "
             "listens there and that you hold its token") from None
     os.unlink(log)
+    return context
 
 
 def token_path() -> Path:
@@ -351,3 +352,34 @@ def error_cause(error: object) -> str:
         if " " not in head and head.endswith(("Error", "Exception", "Interrupt", "Exit", "Unreachable", "Small")):
             return ln[:300]
     return (lines[-1] if lines else str(error))[:300]
+
+
+def every_log_line() -> None:
+    """Forward every line a worker prints to the driver as it comes, unless the user set ``RAY_DEDUP_LOGS``.
+
+    Ray's driver folds lines that differ only in their numbers (``[<cell> smn seed=1] epoch 2/8 ...`` of every
+    cell) into one ``[repeated 3x across cluster]`` notice and holds the last of them back up to 5 s, or until the
+    driver shuts Ray down, so a cell's last epoch line could come after the run's summary. smn's lines already
+    name their cell; it turns the folding off (Ray reads ``RAY_DEDUP_LOGS`` when it is imported, so this sets
+    the constant its log printer reads, as the variable would have).
+    """
+    if "RAY_DEDUP_LOGS" in os.environ:
+        return
+    from ray._private import ray_logging
+
+    ray_logging.RAY_DEDUP_LOGS = False
+
+
+def dashboard_line(context) -> str:
+    """The line ``smn run --dashboard`` prints once Ray is up: the dashboard's address (``context``: what
+    ``ray.init`` returned) and how to pass Ray's token guard (token authentication guards the dashboard's
+    HTTP API as it guards the gRPC ports: a browser asks for the token once and keeps it in a cookie)."""
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        return "Ray dashboard: not running on this cluster (start its head with `ray start --head --include-dashboard=true`)"
+    url = url if "://" in url else f"http://{url}"
+    mode = os.environ.get(AUTH_ENV, "").lower()
+    if mode == "token":
+        where = "$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else str(token_path())
+        return f"Ray dashboard: {url} (token authentication: paste the token from {where} when it asks)"
+    return f"Ray dashboard: {url} (no token authentication: RAY_AUTH_MODE={mode or 'unset'})"

@@ -39,6 +39,7 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
+from orchestrator import echo as echo_line
 from orchestrator.engine.cell import CellJob, Failure, land, run_job
 from orchestrator.engine.prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
 from orchestrator.results import ledger
@@ -57,7 +58,7 @@ class SweepProgress(tune.Callback):
         total: number of trials of this Tune run.
         labels: ``{trial config key value: cell label}`` resolver, ``label(config) -> str``.
         metric, mode: the metric to track (``"max"`` or ``"min"``).
-        echo: where lines go (``print``).
+        echo: where lines go (:func:`orchestrator.echo`, flushed).
     """
 
     def __init__(self, total: int, label: Callable[[dict], str], metric: str, mode: str,
@@ -74,7 +75,7 @@ class SweepProgress(tune.Callback):
         return {k: v for k, v in self.__dict__.items() if k != "echo"} | {"echo": None}
 
     def _echo(self, line: str) -> None:
-        (self.echo or print)(line)
+        (self.echo or echo_line)(line)
 
     def line(self) -> str:
         pending = max(0, self.total - self.done - self.failed - len(self.running))
@@ -230,7 +231,7 @@ def _grid_round(spec: ExperimentSpec, layout: ExperimentLayout, cells: list[Cell
     _record_failures(spec, layout, grid, lambda cfg: by_id.get(cfg.get("cell_id")), summary, echo)
 
 
-def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Callable[[str], None] = print,
+def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Callable[[str], None] = echo_line,
               start_ray: Callable[[], None] | None = None, cells: list[Cell] | None = None) -> RunSummary:
     """Run the missing cells of a grid or search spec as a Ray Tune sweep; return the summary.
 

@@ -55,6 +55,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator import echo as echo_line
 from orchestrator.reports.registry import save_figure
 from orchestrator.results import ledger
 from orchestrator.results.curves import read_curves
@@ -419,7 +420,7 @@ def log_cell_wandb(target: WandbTarget, record: CellRecord, folder: str, *, comm
 
 
 def sync(results: str, experiment: str, tracking: TrackingSpec | dict | None,
-         echo: Callable[[str], None] = print) -> dict[str, int]:
+         echo: Callable[[str], None] = echo_line) -> dict[str, int]:
     """Log every ledger cell of ``experiment`` that a configured tracker does not hold yet.
 
     Returns ``{tracker: runs added}``. Never raises for a tracker's sake: a tracker that fails (down,

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from smn_core.checkpoint import atomic_write
 
+from orchestrator import echo as echo_line
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 
@@ -162,7 +163,7 @@ def compact(results: str, experiment: str, *, max_parts: int = MAX_PARTS,
 
 
 def compact_all(results: str, experiment: str | None = None, *, max_parts: int = MAX_PARTS,
-                echo: Callable[[str], None] = print) -> list[CompactSummary]:
+                echo: Callable[[str], None] = echo_line) -> list[CompactSummary]:
     """:func:`compact` every experiment under ``results`` (or only ``experiment``); one line each to ``echo``.
 
     Raises:

@@ -16,7 +16,7 @@ from orchestrator.cli import report as report_cli
 from orchestrator.cli.commands import cascade as cascade_cmd
 from orchestrator.cli.commands.read import table_text
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, usage_error
-from orchestrator.engine.plain import run_experiment
+from orchestrator.engine.plain import ensure_ray, run_experiment
 from orchestrator.engine.preflight import StorageUnreachable
 from orchestrator.engine.session import (ClusterTooSmall, ClusterUnreachable, check_local_fits, error_cause,
                                          probe_address)
@@ -57,10 +57,15 @@ def _run_cells(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
         if not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
             check_local_fits(spec.resources.cpus_per_worker, spec.resources.workers)  # before a local Ray starts
         layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
+        ours = not ray.is_initialized()  # this command starts (or joins) Ray: it stops it before the summary
         # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.cli.progress)
         with report_cli.quiet_output(args, len(cells), spec.name, spec.resources):
+            if getattr(args, "dashboard", False):  # up before any work, so the address comes first
+                ensure_ray(args.address, connect_timeout_s=args.connect_timeout, dashboard=True)
             summary = run_experiment(spec, layout, address=args.address, cells=cells,
                                      connect_timeout_s=args.connect_timeout)
+            if ours and ray.is_initialized():  # the workers' last forwarded lines come before the summary, not after
+                ray.shutdown()
     except (ClusterTooSmall, ClusterUnreachable, StorageUnreachable) as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_FAILED
