@@ -571,7 +571,8 @@ def _combinations(ds: list[_Dispatcher], cs: CascadeSpec, res, summary: CascadeS
 
 
 def run_cascade(spec: ExperimentSpec, results: str | ExperimentLayout, *, address: str | None = None,
-                echo: Callable[[str], None] = echo_line, cascade: CascadeSpec | None = None) -> CascadeSummary:
+                echo: Callable[[str], None] = echo_line, cascade: CascadeSpec | None = None,
+                connect_timeout_s: float | None = None) -> CascadeSummary:
     """Run the whole cascade of ``spec`` (every stage the ledger does not hold yet): dispatchers, routers,
     experts, combinations.
 
@@ -582,6 +583,8 @@ def run_cascade(spec: ExperimentSpec, results: str | ExperimentLayout, *, addres
         address: Ray cluster to join (default ``$RAY_ADDRESS`` or a local Ray).
         echo: where progress lines go.
         cascade: the validated section (default: :func:`cascade_spec` of ``spec``).
+        connect_timeout_s: the deadline on joining ``address`` (:func:`orchestrator.engine.session.join_cluster`;
+            default 30 s).
 
     Returns:
         A :class:`CascadeSummary`. Experts and combinations that fail are listed in ``failed`` (and get a
@@ -599,7 +602,7 @@ def run_cascade(spec: ExperimentSpec, results: str | ExperimentLayout, *, addres
                              experts={"ran": 0, "skipped": 0}, combinations={"ran": 0, "skipped": 0},
                              failed={}, expert_stage_s=0.0, expert_sum_s=0.0, expert_warmup_s=0.0)
     eres = cs.experts.resources or spec.resources
-    ensure_ray(address)
+    ensure_ray(address, connect_timeout_s=connect_timeout_s)
     check_cluster_fits(eres.cpus_per_worker, eres.gpus_per_worker, eres.workers, what="cascade.experts.resources")
     ds = _dispatchers(spec, plans, lay, cells, address, echo)
     done = ledger.completed_cells(lay.results, spec.name)

@@ -59,7 +59,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     ``RAY_AUTH_MODE`` (:func:`orchestrator.engine.session.configure_auth`: token file mode 0600; a one-line
     warning for ``disabled``); the token also guards a joined cluster's ports.
     The driver's ``AWS_*`` variables (:data:`FORWARDED_ENV`: S3 endpoint, region, credentials) are passed
-    to the workers, so they reach an ``s3://`` results location the way the driver does.
+    to the workers, so they reach an ``s3://`` results location the way the driver does. A local Ray does not
+    outlive a killed driver by more than a few seconds (:func:`orchestrator.engine.session.start_driver_watchdog`).
 
     Joining has a deadline (:func:`orchestrator.engine.session.join_cluster`: ``connect_timeout_s``, default
     30 s; raises ``ClusterUnreachable``, or ValueError for a malformed address).
@@ -80,6 +81,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
         with ray_session.loopback_node():  # every listener of a local Ray on 127.0.0.1
             context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=env,
                                log_to_driver=True, _node_ip_address="127.0.0.1", **where)
+        ray_session.start_driver_watchdog()  # the session ends within seconds of a killed driver
     if dashboard:
         echo(ray_session.dashboard_line(context))
 

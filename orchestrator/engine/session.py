@@ -25,6 +25,7 @@ import re
 import secrets
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +33,8 @@ from pathlib import Path
 
 __all__ = ["AUTH_ENV", "ClusterTooSmall", "ClusterUnreachable", "configure_auth", "token_path", "ensure_token_file",
            "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING", "CONNECT_TIMEOUT_S",
-           "parse_address", "probe_address", "join_cluster", "loopback_node", "every_log_line", "dashboard_line"]
+           "parse_address", "probe_address", "join_cluster", "loopback_node", "every_log_line", "dashboard_line",
+           "start_driver_watchdog", "watch_driver", "WATCHDOG_POLL_S"]
 
 CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
@@ -154,10 +156,11 @@ def loopback_node():
     switch, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; without it Ray maps 127.0.0.1 to the external IP, where
     nothing listens.
 
-    When the driver dies (SIGKILL), Ray's reaper takes the GCS and the raylet with it at once; the dashboard
-    agent and the runtime-env agent notice the raylet's death at once too but first try to report it to
-    the dead GCS (``ray._private.process_watcher.report_raylet_error_logs``: a fixed 60 s timeout), so they
-    keep their (loopback) listeners for a minute or more.
+    When the driver dies (SIGKILL), the kernel takes the GCS and the raylet with it at once (Ray starts them
+    with ``PR_SET_PDEATHSIG``); the dashboard agent and the runtime-env agent notice the raylet's death within
+    2 s but first try to report it to the dead GCS (``ray._private.process_watcher.report_raylet_error_logs``:
+    a fixed 60 s timeout that no setting shortens), so they would keep their listeners for a minute or more:
+    :func:`start_driver_watchdog` ends them within a few seconds.
     """
     from ray._private import ray_constants
 
@@ -168,6 +171,106 @@ def loopback_node():
             yield
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+WATCHDOG_POLL_S = 0.5  # how often the watchdog looks at the driver (and refreshes the session's process list)
+WATCHDOG_GRACE_S = 2.0  # SIGTERM, then SIGKILL after this long
+
+
+def start_driver_watchdog() -> subprocess.Popen | None:
+    """Start a small process that ends this driver's local Ray session soon after the driver dies.
+
+    Ray has no hook for this: the GCS and the raylet die with the driver (``PR_SET_PDEATHSIG``), but the
+    dashboard agent and the runtime-env agent, children of the raylet, then spend Ray's fixed 60 s
+    timeout reporting the raylet's death to the dead GCS, listening all the while. The watchdog
+    (:func:`watch_driver`) polls the driver every :data:`WATCHDOG_POLL_S` seconds; on its death it
+    terminates every process of the session (SIGTERM, SIGKILL after :data:`WATCHDOG_GRACE_S`): the
+    node's processes, their descendants, and any process naming the session folder on its command line.
+    It exits by itself, killing nothing, when the driver ends the session normally (``ray.shutdown()``:
+    the node's processes are gone while the driver lives). It runs in its own session (a Ctrl-C of the
+    driver's terminal does not reach it) with no terminal streams (a pipe reading the driver's output
+    ends with the driver).
+
+    Call it right after starting a local Ray (``ray.init(address="local")``) in this process; returns the
+    watchdog's ``Popen``, or None when this process holds no local node (a joined cluster).
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not getattr(node, "head", False):
+        return None
+    roots = [str(info.process.pid) for infos in node.all_processes.values() for info in infos
+             if info.process is not None and info.process.poll() is None]
+    if not roots:
+        return None
+    root = str(Path(__file__).resolve().parents[2])  # this checkout, importable without installing it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = ("import sys\nfrom orchestrator.engine.session import watch_driver\n"
+            "watch_driver(int(sys.argv[1]), sys.argv[2], [int(p) for p in sys.argv[3:]])")
+    return subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), node.get_session_dir_path(), *roots],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True, env=env)
+
+
+def _running(proc) -> bool:
+    """``proc`` (a ``psutil.Process``) still runs: the same process (not a reused pid) and not a zombie."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def watch_driver(driver_pid: int, session_dir: str, node_pids: list[int], *,
+                 poll_s: float = WATCHDOG_POLL_S, grace_s: float = WATCHDOG_GRACE_S) -> int:
+    """The watchdog's loop (:func:`start_driver_watchdog`): wait until the driver ``driver_pid`` dies, then
+    end the Ray session's processes; returns how many it signalled (0 after a normal ``ray.shutdown()``).
+
+    Args:
+        driver_pid: the process that started the local Ray.
+        session_dir: the session's folder (``/tmp/ray/session_...``): a process naming it on its command
+            line belongs to the session.
+        node_pids: the node's processes (GCS, raylet, log monitor...); their descendants (workers, the
+            agents) are re-listed every ``poll_s`` seconds while the driver lives.
+        poll_s: seconds between two looks at the driver.
+        grace_s: seconds between SIGTERM and SIGKILL.
+    """
+    import psutil
+
+    def process(pid: int):
+        try:
+            return psutil.Process(pid)
+        except psutil.Error:
+            return None
+
+    driver = process(driver_pid)
+    roots = [p for p in map(process, node_pids) if p is not None]
+    tracked = {p.pid: p for p in roots}
+    while driver is not None and _running(driver):
+        alive = [p for p in roots if _running(p)]
+        if not alive:
+            return 0  # ray.shutdown(): the node ended its processes itself
+        for p in alive:
+            try:
+                tracked.update((c.pid, c) for c in p.children(recursive=True))
+            except psutil.Error:
+                continue
+        time.sleep(poll_s)
+    me = os.getpid()
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid != me and any(session_dir in a for a in (p.info["cmdline"] or [])):
+            tracked.setdefault(p.pid, p)
+    victims = [p for p in tracked.values() if p.pid != me and _running(p)]
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()  # psutil checks that the pid still names the same process
+    _, left = psutil.wait_procs(victims, timeout=grace_s)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=grace_s)
+    return len(victims)
 
 
 def _connect_knobs(timeout_s: float) -> dict[str, str]:

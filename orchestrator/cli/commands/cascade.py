@@ -3,12 +3,15 @@ Sec. 3.4 (Table 3) on :mod:`orchestrator.engine.cascade`; prints Table 3 and wha
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+import ray
+
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_error
 from orchestrator.engine.cascade import plan_cascades, run_cascade
-from orchestrator.engine.session import error_cause
+from orchestrator.engine.session import ClusterUnreachable, error_cause, parse_address, probe_address
 from orchestrator.reports import registry
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
@@ -19,13 +22,36 @@ __all__ = ["cascade", "run_spec"]
 
 
 def cascade(args) -> int:
-    """``smn cascade``: load the spec once, then :func:`run_spec`."""
+    """``smn cascade``: load the spec once, check ``--address`` (:func:`check_address`), then :func:`run_spec`."""
     try:
         spec = load_spec(args.spec, args.overrides)
     except SpecError as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_spec(args, spec)
+    code = check_address(args)
+    return run_spec(args, spec) if code is None else code
+
+
+def check_address(args) -> int | None:
+    """Before any work: ``--address`` / ``$RAY_ADDRESS`` is a Ray address (exit 2 otherwise, ``--dry-run``
+    too), and, for a real run, something answers there within ``--connect-timeout`` (a TCP probe,
+    :func:`orchestrator.engine.session.probe_address`; exit 1 otherwise). Returns None when all is well,
+    else the exit code after printing the one-line reason."""
+    address, what = args.address, "--address"
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address, what = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if address is None:
+        return None
+    try:
+        parse_address(address, what=what)
+        if not args.dry_run and not ray.is_initialized():  # (a joined Ray is used as it is)
+            probe_address(address, args.connect_timeout, what=what)
+    except ValueError as exc:
+        return usage_error(exc)
+    except ClusterUnreachable as exc:
+        print(f"smn: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return None
 
 
 def run_spec(args, spec: ExperimentSpec) -> int:
@@ -50,7 +76,8 @@ def run_spec(args, spec: ExperimentSpec) -> int:
     t0 = time.time()
     try:
         layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
-        summary = run_cascade(spec, layout, address=args.address, cascade=cs)
+        summary = run_cascade(spec, layout, address=args.address, cascade=cs,
+                              connect_timeout_s=getattr(args, "connect_timeout", None))
     except ValueError as exc:
         print(f"smn: {exc}", file=sys.stderr)
         return EXIT_USAGE
