@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import lzma
 import struct
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -300,12 +303,35 @@ def _units_view(shape: tuple[int, ...]) -> tuple[int, int]:
     return n // k, k
 
 
+_CONTEXT_CACHE: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_CONTEXT_CACHE_SIZE = 256  # tensors (a ResNet-20 has 19 masked ones; a ResNet-50 54)
+_CONTEXT_LOCK = threading.Lock()
+
+
 def _weight_context(weight: np.ndarray, units: int, k: int) -> np.ndarray:
-    """(units, K) int context from the frozen weights: |W| quantile bin (8 within the tensor) x sign."""
-    w = np.asarray(weight, dtype=np.float32).reshape(units, k)
+    """(units, K) int context from the frozen weights: |W| quantile bin (8 within the tensor) x sign.
+
+    The quantiles cost about half of a decode, and a store decodes every task against the same backbone,
+    so the result is kept in a small LRU keyed by the tensor's shape and the SHA-1 of its float32 bytes
+    (hashing costs about a tenth of the computation; equal bytes give the same context, so a cached
+    context is exactly the one computed anew). The returned array is read-only.
+    """
+    w = np.ascontiguousarray(weight, dtype=np.float32).reshape(units, k)
+    key = (units, k, hashlib.sha1(w).digest())
+    with _CONTEXT_LOCK:
+        hit = _CONTEXT_CACHE.get(key)
+        if hit is not None:
+            _CONTEXT_CACHE.move_to_end(key)
+            return hit
     mag = np.abs(w)
     edges = np.quantile(mag, np.linspace(0.0, 1.0, _W_BINS + 1)[1:-1])
-    return np.searchsorted(edges, mag).astype(np.int64) * 2 + (w > 0)
+    ctx = np.searchsorted(edges, mag).astype(np.int64) * 2 + (w > 0)
+    ctx.flags.writeable = False
+    with _CONTEXT_LOCK:
+        _CONTEXT_CACHE[key] = ctx
+        while len(_CONTEXT_CACHE) > _CONTEXT_CACHE_SIZE:
+            _CONTEXT_CACHE.popitem(last=False)
+    return ctx
 
 
 @register_codec("smn-ctx", package="constriction")
@@ -396,33 +422,39 @@ class ContextMaskCodec(MaskCodec):
 
     @staticmethod
     def _code_tensor(mask: np.ndarray, weight, ones: int, family, *, encoder=None, decoder=None) -> np.ndarray:
-        """Encode ``mask`` (encoder given) or decode into a fresh array (decoder given), plane by plane."""
+        """Encode ``mask`` (encoder given) or decode into a fresh array (decoder given), plane by plane.
+
+        Planes are rows of a (K, units) array, so each plane's bits and contexts are contiguous; the counts
+        are kept as integers and read as float64, which gives the very probabilities of the first version
+        of this coder (payloads stay interchangeable).
+        """
         shape = mask.shape
         n = mask.size
         if n == 0:
             return mask
-        units, k = _units_view(shape)
-        bits = mask.reshape(units, k).copy()
-        wctx = _weight_context(weight, units, k) if weight is not None else np.zeros((units, k), dtype=np.int64)
-        nctx = _W_BINS * 2 * _Z_LEVELS
-        density = ones / n
         if ones == 0 or ones == n:  # the header's count determines the mask
             return np.full(shape, ones == n, dtype=np.bool_)
-        ones_c = np.zeros(nctx)
-        seen_c = np.zeros(nctx)
+        units, k = _units_view(shape)
+        planes = mask.reshape(units, k).T.copy() if encoder is not None else np.empty((k, units), dtype=np.bool_)
+        wctx = (_weight_context(weight, units, k).T * _Z_LEVELS if weight is not None
+                else np.zeros((k, units), dtype=np.int64))
+        nctx = _W_BINS * 2 * _Z_LEVELS
+        prior = _PRIOR * (ones / n)
+        ones_c = np.zeros(nctx, dtype=np.int64)
+        seen_c = np.zeros(nctx, dtype=np.int64)
         zeros_so_far = np.zeros(units, dtype=np.int64)
         for j in range(k):
-            ctx = wctx[:, j] * _Z_LEVELS + np.minimum(zeros_so_far, _Z_LEVELS - 1)
-            p = (ones_c[ctx] + _PRIOR * density) / (seen_c[ctx] + _PRIOR)
+            ctx = wctx[j] + np.minimum(zeros_so_far, _Z_LEVELS - 1)
+            p = (ones_c[ctx] + prior) / (seen_c[ctx] + _PRIOR)
             if encoder is not None:
-                encoder.encode(bits[:, j].astype(np.int32), family, p)
+                encoder.encode(planes[j].astype(np.int32), family, p)
             else:
-                bits[:, j] = decoder.decode(family, p).astype(np.bool_)
-            col = bits[:, j]
-            ones_c += np.bincount(ctx, weights=col, minlength=nctx)
+                planes[j] = decoder.decode(family, p)
+            col = planes[j]
+            ones_c += np.bincount(ctx[col], minlength=nctx)
             seen_c += np.bincount(ctx, minlength=nctx)
             zeros_so_far += ~col
-        return bits.reshape(shape)
+        return planes.T.reshape(shape)
 
 
 def available_codecs() -> list[str]:

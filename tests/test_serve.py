@@ -397,3 +397,78 @@ def test_every_serve_curl_line_of_readme_is_the_one_the_app_test_runs():
     readme = [ln.strip() for ln in (REPO / "README.md").read_text().splitlines()
               if ln.strip().startswith("curl ") and "/v1/tasks" in ln]
     assert all(" ".join(shlex.split(ln)) == tested for ln in readme), readme
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_port(store, tmp_path):
+    """``smn serve STORE`` as a user runs it: a fresh process with a Ray of its own on 127.0.0.1; once it answers,
+    ``/classify`` equals the masked model's answer, ``/embed`` its features, a non-image body gets 400, and
+    Ctrl-C (SIGINT to the process group, as a terminal sends it) exits 0 without a traceback, frees the port and
+    leaves no Ray process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import psutil
+    import requests
+
+    from orchestrator.serve.model import TaskBank
+    from tests.conftest import kill_driver_tree
+
+    port = _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="smnsv")  # short: Ray's socket paths live under it; marks its processes
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    base = f"http://127.0.0.1:{port}"
+    model = TaskBank(store["root"]).load("t0")
+    x = model.preprocess(store["images"][:2])
+    want_feats, want = model.embed(x), model.classify(x)
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", store["root"], "--port", str(port),
+                                 "--max-tasks-per-replica", "2", "--replica-cpus", "0.5"], cwd=REPO, env=env,
+                                stdout=out, stderr=err, start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while True:  # the deadline covers imports, Ray's start, the deployments and the replica's backbone load
+                assert proc.poll() is None, err_path.read_text()[-3000:]
+                assert time.time() < deadline, "smn serve did not answer in 240 s:\n" + err_path.read_text()[-3000:]
+                try:  # ready: it said so (after serve.run returned) and it answers
+                    if "serving " in out_path.read_text() and requests.get(f"{base}/v1/tasks", timeout=5).ok:
+                        break
+                except requests.RequestException:  # not listening yet, or the application still deploying
+                    pass
+                time.sleep(0.5)
+            print(f"smn serve answered {time.time() - deadline + 240:.1f} s after its start")
+            assert f"serving {store['root']} at {base}/v1/tasks" in out_path.read_text()
+            r = requests.post(f"{base}/v1/tasks/t0/classify", data=store["images"][0], timeout=60)
+            assert r.status_code == 200 and r.json()["label"] == want[0]["label"], r.text
+            r = requests.post(f"{base}/v1/tasks/t0/embed", data=store["images"][1], timeout=60)
+            assert r.status_code == 200, r.text
+            assert torch.allclose(torch.tensor(r.json()["embedding"]), want_feats[1], atol=1e-5)
+            r = requests.post(f"{base}/v1/tasks/t0/embed", data=b"not an image", timeout=60)
+            assert r.status_code == 400 and "not a readable JPEG or PNG" in r.json()["error"], r.text
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal
+            rc = proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                kill_driver_tree(proc, ray_tmp)
+    stderr = err_path.read_text()
+    assert rc == 0 and "smn serve: stopped (Ctrl-C)" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    from orchestrator.cli.commands.serve import _port_free
+
+    left, free = [], False
+    deadline = time.time() + 30  # Ray's node processes (the HTTP proxy among them) end once the driver has gone
+    while time.time() < deadline:
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(ray_tmp in a for a in p.info["cmdline"] or [])]
+        free = _port_free("127.0.0.1", port)  # as `smn serve` checks it: a restart on the same port is accepted
+        if free and not left:
+            break
+        time.sleep(0.5)
+    print(f"port free and Ray gone {time.time() - deadline + 30:.1f} s after the exit")
+    assert free, f"port {port} is still taken after smn serve exited"
+    assert not left, f"Ray processes of smn serve still running: {left}"

@@ -38,6 +38,9 @@ def is_loopback(host: str) -> bool:
 def _port_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as the HTTP server binds it (uvicorn sets SO_REUSEADDR): connections of a server stopped a moment ago
+        # (TIME_WAIT) do not make the port taken, a socket listening on it does
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
