@@ -493,8 +493,9 @@ def run_cell(
                 device=device, classifier=adapted.classifier if adapted else None, per_image=per_image,
                 probe_head=probe_head)))
         per_image = eval_split_names(cfg.dataset, per_image)
-    metrics.update(eval_split_names(cfg.dataset, {"num_test": float(len(test_ds))}), num_train=float(len(train_ds)),
-                   backbone_params=float(backbone_params))
+    metrics["num_train"] = float(len(train_ds))  # the ledger's column order: num_train, then num_test
+    metrics.update(eval_split_names(cfg.dataset, {"num_test": float(len(test_ds))}))
+    metrics["backbone_params"] = float(backbone_params)
     metrics["storage_bits"] = _storage_bits(cfg, metrics, backbone_params)
     if adapted is None:
         return CellOutcome(metrics=metrics, masks=None, history=[], train_result=None, state=None,

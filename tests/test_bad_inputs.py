@@ -160,7 +160,7 @@ SPEC_CASES = [
     V("override-yaml-error-run", "seeds=[0,1", bad=["seeds=[0,1"], allowed=["YAML"], cmd="run"),
     V("override-yaml-error-map", "train={a: ", bad=["train={a: "], allowed=["YAML"]),
     V("override-no-equals", "seedz", bad=["seedz"], allowed=["KEY=VALUE"]),
-    V("override-empty-key", "=3", bad=["=3"], allowed=["key=value"]),
+    V("override-empty-key", "=3", bad=["=3"], allowed=["KEY=VALUE"]),
     V("grid-unknown-key", "grid={train.nope: [1, 2]}", bad=["train.nope"], allowed=["unknown key"]),
     V("grid-bad-root", "grid={nope.x: [1]}", bad=["nope.x"], allowed=["backbone"]),
     V("grid-empty", "grid={train.epochs: []}", bad=["train.epochs"], allowed=["no values"]),
