@@ -158,14 +158,16 @@ def _bn_masking_hurts(cells, smn, results):
 
 @_on_smn
 def _frozen_layers(cells, smn, results):
-    """BNs frozen - another choice of frozen layers, between cells whose settings differ only in what is
-    masked (``train.mask.selector``, ``train.mask.include_bn``)."""
+    """BNs frozen - another choice of frozen layers (Table 5b's: nothing frozen, biases frozen, or the BNs masked
+    too), between cells whose settings differ only in what is masked (``train.mask.selector``,
+    ``train.mask.include_bn``); a selector that masks other layers (a regex naming a stage) is no such choice."""
     lab = smn.apply(frozen_label, axis=1)
     key = smn["config"].map(lambda c: _setting_without(c, "train.mask.selector", "train.mask.include_bn"))
     return _pairs(cells, results, [(f"BNs frozen - {other} frozen", smn[(lab == "BNs") & (key == k)],
                                     smn[(lab == other) & (key == k)])
                                    for k in sorted(set(key[lab == "BNs"]))
-                                   for other in sorted(set(lab[key == k]) - {"BNs"})])
+                                   for other in sorted(set(lab[key == k]))
+                                   if other in ("none", "biases") or other.endswith(" +BN")])
 
 
 @_on_smn
