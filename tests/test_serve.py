@@ -424,14 +424,14 @@ def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_po
     env.pop("RAY_ADDRESS", None)
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     base = f"http://127.0.0.1:{port}"
-    model = TaskBank(store["root"]).load("t0")
-    x = model.preprocess(store["images"][:2])
-    want_feats, want = model.embed(x), model.classify(x)
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", store["root"], "--port", str(port),
                                  "--max-tasks-per-replica", "2", "--replica-cpus", "0.5"], cwd=REPO, env=env,
                                 stdout=out, stderr=err, start_new_session=True)
         try:
+            model = TaskBank(store["root"]).load("t0")  # the expected answers, while the server starts
+            x = model.preprocess(store["images"][:2])
+            want_feats, want = model.embed(x), model.classify(x)
             deadline = time.time() + 240
             while True:  # the deadline covers imports, Ray's start, the deployments and the replica's backbone load
                 assert proc.poll() is None, err_path.read_text()[-3000:]
