@@ -407,6 +407,7 @@ def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_po
     Ctrl-C (SIGINT to the process group, as a terminal sends it) exits 0 without a traceback, frees the port and
     leaves no Ray process behind."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -473,3 +474,4 @@ def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_po
     print(f"port free and Ray gone {time.time() - deadline + 30:.1f} s after the exit")
     assert free, f"port {port} is still taken after smn serve exited"
     assert not left, f"Ray processes of smn serve still running: {left}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session logs (kept when the test fails)
