@@ -314,7 +314,8 @@ def _weight_context(weight: np.ndarray, units: int, k: int) -> np.ndarray:
     The quantiles cost about half of a decode, and a store decodes every task against the same backbone,
     so the result is kept in a small LRU keyed by the tensor's shape and the SHA-1 of its float32 bytes
     (hashing costs about a tenth of the computation; equal bytes give the same context, so a cached
-    context is exactly the one computed anew). The returned array is read-only.
+    context is exactly the one computed anew). The returned array is read-only, uint8 (one byte per weight:
+    a ResNet-50's contexts take 25 MB).
     """
     w = np.ascontiguousarray(weight, dtype=np.float32).reshape(units, k)
     key = (units, k, hashlib.sha1(w).digest())
@@ -325,7 +326,7 @@ def _weight_context(weight: np.ndarray, units: int, k: int) -> np.ndarray:
             return hit
     mag = np.abs(w)
     edges = np.quantile(mag, np.linspace(0.0, 1.0, _W_BINS + 1)[1:-1])
-    ctx = np.searchsorted(edges, mag).astype(np.int64) * 2 + (w > 0)
+    ctx = (np.searchsorted(edges, mag) * 2 + (w > 0)).astype(np.uint8)  # 0-15: a byte per weight in the cache
     ctx.flags.writeable = False
     with _CONTEXT_LOCK:
         _CONTEXT_CACHE[key] = ctx
@@ -436,7 +437,7 @@ class ContextMaskCodec(MaskCodec):
             return np.full(shape, ones == n, dtype=np.bool_)
         units, k = _units_view(shape)
         planes = mask.reshape(units, k).T.copy() if encoder is not None else np.empty((k, units), dtype=np.bool_)
-        wctx = (_weight_context(weight, units, k).T * _Z_LEVELS if weight is not None
+        wctx = (_weight_context(weight, units, k).T.astype(np.int64) * _Z_LEVELS if weight is not None
                 else np.zeros((k, units), dtype=np.int64))
         nctx = _W_BINS * 2 * _Z_LEVELS
         prior = _PRIOR * (ones / n)

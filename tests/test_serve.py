@@ -407,6 +407,7 @@ def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_po
     Ctrl-C (SIGINT to the process group, as a terminal sends it) exits 0 without a traceback, frees the port and
     leaves no Ray process behind."""
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -424,15 +425,16 @@ def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_po
     env.pop("RAY_ADDRESS", None)
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     base = f"http://127.0.0.1:{port}"
-    model = TaskBank(store["root"]).load("t0")
-    x = model.preprocess(store["images"][:2])
-    want_feats, want = model.embed(x), model.classify(x)
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", store["root"], "--port", str(port),
                                  "--max-tasks-per-replica", "2", "--replica-cpus", "0.5"], cwd=REPO, env=env,
                                 stdout=out, stderr=err, start_new_session=True)
+        started = time.time()
         try:
-            deadline = time.time() + 240
+            model = TaskBank(store["root"]).load("t0")  # the expected answers, while the server starts
+            x = model.preprocess(store["images"][:2])
+            want_feats, want = model.embed(x), model.classify(x)
+            deadline = started + 240
             while True:  # the deadline covers imports, Ray's start, the deployments and the replica's backbone load
                 assert proc.poll() is None, err_path.read_text()[-3000:]
                 assert time.time() < deadline, "smn serve did not answer in 240 s:\n" + err_path.read_text()[-3000:]
@@ -442,7 +444,7 @@ def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_po
                 except requests.RequestException:  # not listening yet, or the application still deploying
                     pass
                 time.sleep(0.5)
-            print(f"smn serve answered {time.time() - deadline + 240:.1f} s after its start")
+            print(f"smn serve answered {time.time() - started:.1f} s after its start")
             assert f"serving {store['root']} at {base}/v1/tasks" in out_path.read_text()
             r = requests.post(f"{base}/v1/tasks/t0/classify", data=store["images"][0], timeout=60)
             assert r.status_code == 200 and r.json()["label"] == want[0]["label"], r.text
@@ -472,3 +474,4 @@ def test_smn_serve_subprocess_answers_then_ctrl_c_exits_cleanly_and_frees_the_po
     print(f"port free and Ray gone {time.time() - deadline + 30:.1f} s after the exit")
     assert free, f"port {port} is still taken after smn serve exited"
     assert not left, f"Ray processes of smn serve still running: {left}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session logs (kept when the test fails)

@@ -34,7 +34,7 @@ def test_cached_weight_contexts_equal_fresh_ones_and_never_serve_other_weights()
     w = np.asarray(w_a[1], dtype=np.float32)
     mag = np.abs(w.reshape(-1, 9))
     fresh = np.searchsorted(np.quantile(mag, np.linspace(0, 1, 9)[1:-1]), mag) * 2 + (w.reshape(-1, 9) > 0)
-    assert np.array_equal(mask_codecs._weight_context(w_a[1], 512, 9), fresh)
+    assert np.array_equal(mask_codecs._weight_context(w_a[1], 512, 9).astype(np.int64), fresh)
     try:  # B's contexts are computed for B, not taken from A's cache entry of the same shape
         wrong = codec.decode(payload, SHAPES, w_b)
     except CodecError:
