@@ -46,7 +46,7 @@ def record_baseline(results: Path) -> None:
 
 def test_demo_ledger_metrics_equal_the_ones_before_the_move(ray_local, tmp_path):
     assert main(["run", str(REPO / "experiments" / "demo.yaml"), "--results", str(tmp_path), "--quiet",
-                 "seeds=[0]", "methods=[pretrained,pretrained_bn,smn]"]) == 0  # the controls (random_mask) have no baseline
+                 "seeds=[0]", "methods=[pretrained,pretrained_bn,smn]"]) == 0  # the controls have no baseline
     before = pd.read_csv(BASELINE).query("seed == 0")
     after = ledger_metrics(tmp_path)
     assert len(before) == len(pd.read_csv(BASELINE)) // 3  # every method has seed-0 rows

@@ -139,7 +139,8 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
     summary = RunSummary(total=len(cells) + later, skipped=len(cells) - len(todo), ran=0, failed={})
     echo(f"experiment {spec.name}: {len(cells) + later} cell{'' if len(cells) + later == 1 else 's'}" +
          (f" ({later} of them after the {len(waiting)} cell{'' if len(waiting) == 1 else 's'} they depend on)"
-          if later else "") + f", {summary['skipped']} already in the ledger, {len(todo)} to run" + (" now" if later else ""))
+          if later else "") + f", {summary['skipped']} already in the ledger, {len(todo)} to run"
+         + (" now" if later else ""))
     if not todo and not waiting:
         return summary
     start_ray_for(spec, layout, address, connect_timeout_s=connect_timeout_s)
