@@ -13,6 +13,7 @@ import torch
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.reports.baselines import fig3, fig7, lowshot, sparsity_blocks, table1, table8, table10
+from orchestrator.reports.intervals import t_interval
 from orchestrator.reports.registry import figures, mean_std, tables
 from orchestrator.spec.experiment import cell_id_of
 from smn_core.analysis import grouped_density
@@ -156,7 +157,8 @@ def test_table1_rows_sizes_and_values(results):
     bits = _metric(outcomes, "supervised_mask", "mask_bits")[0]
     assert row("Mask (supervised)")["Size (Mbit)"] == f"{bits / 1e6:.2f}"
     fft = pd.Series(_metric(outcomes, "fft", "classifier_top1"))
-    assert row("FFT")["digits"] == mean_std(fft.mean(), fft.std(), 2)
+    ci = t_interval(list(fft))  # two seeds: mean ± std and the 95 % interval of the mean
+    assert row("FFT")["digits"] == mean_std(fft.mean(), fft.std(), 2) + f" [{ci.lo:.3f}, {ci.hi:.3f}]"
     assert row("k-NN")["digits"] == mean_std(_metric(outcomes, "pretrained", "knn_top1")[0])
     assert row("k-NN (k=20)")["digits"] == mean_std(_metric(outcomes, "pretrained", "knn_dino_top1")[0])
     assert "table1" in tables() and "fig3" in figures()

@@ -139,13 +139,18 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
                          cells=cells)
     cells = expand_cells(spec) if cells is None else cells
     waiting = pending_references(spec)  # the cells that dependent cells (random-mask controls, ...) wait for
-    later = waiting_count(spec) if waiting else 0
+    if waiting:  # a rerun: the references in the ledger already make their dependent cells ready
+        densities = ledger.cell_metric(layout.results, spec.name, "density") if spec.name in ledger.list_experiments(
+            layout.results) else {}
+        cells, waiting = expand_cells(spec, densities), pending_references(spec, densities)
+    later = waiting_count(spec, densities) if waiting else 0
     done = completed_cells(layout, spec.name)
     todo = [c for c in cells if c.cell_id not in done]
     summary = RunSummary(total=len(cells) + later, skipped=len(cells) - len(todo), ran=0, failed={})
     echo(f"experiment {spec.name}: {len(cells) + later} cell{'' if len(cells) + later == 1 else 's'}" +
          (f" ({later} of them after the {len(waiting)} cell{'' if len(waiting) == 1 else 's'} they depend on)"
-          if later else "") + f", {summary['skipped']} already in the ledger, {len(todo)} to run" + (" now" if later else ""))
+          if later else "") + f", {summary['skipped']} already in the ledger, {len(todo)} to run"
+         + (" now" if later else ""))
     if not todo and not waiting:
         return summary
     start_ray_for(spec, layout, address, connect_timeout_s=connect_timeout_s)

@@ -49,7 +49,8 @@ _pretrain_task = ray.remote(_pretrain)
 
 def cell_jobs(cells: list[Cell], layout: ExperimentLayout, weights: dict[str, str]) -> list[CellJob]:
     """One :class:`orchestrator.engine.cell.CellJob` per cell (``weights``: ``{cell_id: pretrained artifact}``); a
-    random-mask control's job evaluates its SMN cell's mask redrawn (:class:`orchestrator.engine.control.RandomMaskStage`)."""
+    random-mask control's job evaluates its SMN cell's mask redrawn
+    (:class:`orchestrator.engine.control.RandomMaskStage`)."""
     return [CellJob(c.config, c.cell_id, c.label, dict(c.grid_values), layout, weights.get(c.cell_id),
                     stage=_control_stage(c.config)) for c in cells]
 

@@ -44,6 +44,7 @@ from smn_core.checkpoint import location_exists
 
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, filesystem
+from orchestrator.reports.intervals import t_interval
 from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
 from orchestrator.reports.settings import KEYS, setting_label
 
@@ -154,6 +155,12 @@ def _stat(values: pd.Series, fmt=None) -> str:
     return mean_std(v.mean(), v.std(), len(v))
 
 
+def _with_interval(v: pd.Series) -> str:
+    """``mean ± std`` over seeds and, with two seeds or more, the 95 % t-interval of the mean (``[lo, hi]``)."""
+    ci = t_interval(list(v))
+    return mean_std(v.mean(), v.std(), len(v)) + (f" [{ci.lo:.3f}, {ci.hi:.3f}]" if ci.known else "")
+
+
 def _pct(v: pd.Series) -> str:
     s = f"{100 * v.mean():.1f}%"
     return s + (f" ± {100 * v.std():.1f}" if len(v) > 1 else "")
@@ -192,7 +199,8 @@ _FROZEN = ("pretrained", "pretrained_bn")
 
 
 @register_table("table1", "Table 1: frozen k-NN / linear probe, FFT and supervised masking, with the storage a "
-                "task costs (Size, Mbit)")
+                "task costs (Size, Mbit); mean ± std [95 % interval] over seeds (differences with intervals, "
+                "a gain only when the interval excludes 0: the vs_frozen layout)")
 def table1(df: pd.DataFrame) -> pd.DataFrame:
     """Table 1 from ledger rows: index (Backbone, Method), columns ``Size (Mbit)`` and one per dataset.
 
@@ -227,7 +235,7 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
         row = {"Backbone": backbone, "Method": method, "order": g["order"].iloc[0],
                "Size (Mbit)": "n/a" if g["bits"].isna().all() else _mbit(g["bits"].mean())}
         for ds in datasets:
-            row[ds] = _stat(g.loc[g["data"] == ds, "value"])
+            row[ds] = _stat(g.loc[g["data"] == ds, "value"], _with_interval)
         out.append(row)
     frame = pd.DataFrame(out).sort_values(["Backbone", "order", "Method"], kind="stable").drop(columns="order")
     return frame.set_index(["Backbone", "Method"])

@@ -99,9 +99,9 @@ def vs_frozen(df: pd.DataFrame, compared: tuple[tuple[str, str], ...] = COMPARED
     ``collapsed`` (collapsed cells / cells). Empty when the ledger has no ``pretrained`` cell, or no cell has
     any of the ``compared`` metrics (``(metric, column name)``; :data:`VALIDATION` for ``vs_frozen_val``).
     """
+    if df.empty or not {m for m, _ in compared} & set(df["metric"].unique()) or not (df["method"] == "pretrained").any():
+        return pd.DataFrame()  # before the wide frame: most pages have no val_* metric
     cells = cell_frame(df)
-    if cells.empty or "pretrained" not in set(cells["method"]) or not any(m in cells for m, _ in compared):
-        return pd.DataFrame()
     results = df.attrs.get("results")
     cells = cells.assign(grid=cells["grid_json"].map(_grid_label), ref=cells["config"].map(reference_key))
     rows = []
