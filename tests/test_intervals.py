@@ -265,3 +265,17 @@ def test_vs_frozen_compares_smn_with_the_strongest_random_mask(tmp_path):
     assert set(vs[vs["Method"].str.startswith("random_mask")]["k-NN (k=20) vs random mask"]) == {""}
     assert set(vs["Method"]) >= {"random_mask (match=count)", "random_mask (match=magnitude)"}
     assert "vs random mask" in registry.tables()["vs_frozen"].description and pd.notna(smn["paired over"])
+
+
+@pytest.mark.unit
+def test_the_stored_t_quantiles_are_scipys():
+    """The 95 % quantiles a table uses without importing scipy: stored for df 1-99, Cornish-Fisher beyond."""
+    from scipy.special import stdtrit
+
+    from orchestrator.reports.intervals import t_quantile
+
+    for df in [*range(1, 300), 500, 1000, 3333, 10_000, 10**6]:
+        assert t_quantile(df) == pytest.approx(float(stdtrit(df, 0.975)), abs=1e-9, rel=0), df
+    for df in range(1, 100):
+        assert t_quantile(df) == float(stdtrit(df, 0.975))  # bit for bit: the tables print the same digits
+    assert t_quantile(4, 0.9) == pytest.approx(float(stdtrit(4, 0.95)))  # other levels: scipy itself
