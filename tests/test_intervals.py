@@ -305,3 +305,17 @@ def test_mcnemar_per_seed_and_combined_against_a_direct_count():
     assert intervals.mcnemar(a, a).p == 1.0
     with pytest.raises(ValueError, match="same"):
         intervals.mcnemar(a, b[:, :10])
+
+
+@pytest.mark.unit
+def test_the_stored_t_quantiles_are_scipys():
+    """The 95 % quantiles a table uses without importing scipy: stored for df 1-99, Cornish-Fisher beyond."""
+    from scipy.special import stdtrit
+
+    from orchestrator.reports.intervals import t_quantile
+
+    for df in [*range(1, 300), 500, 1000, 3333, 10_000, 10**6]:
+        assert t_quantile(df) == pytest.approx(float(stdtrit(df, 0.975)), abs=1e-9, rel=0), df
+    for df in range(1, 100):
+        assert t_quantile(df) == float(stdtrit(df, 0.975))  # bit for bit: the tables print the same digits
+    assert t_quantile(4, 0.9) == pytest.approx(float(stdtrit(4, 0.95)))  # other levels: scipy itself

@@ -56,11 +56,12 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     added, note = set(df.attrs.get(KEYS, ())), df.attrs.get(NOTE, "")
     df = pd.concat([df, _storage_rows(df)], ignore_index=True)
     df = df[df["metric"].isin(metrics)].copy()
-    grids = df["grid_json"].map(json.loads)
-    df["grid"] = grids.map(lambda g: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g.items() if k not in added))
+    grids = {text: json.loads(text) for text in df["grid_json"].unique()}  # a few distinct grids, many rows
+    df["grid"] = df["grid_json"].map({text: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g.items() if k not in added)
+                                      for text, g in grids.items()})
     by = ["experiment", "method", "backbone", "dataset", "grid"]
     if added:
-        df["setting"] = grids.map(lambda g: setting_label(g, added))
+        df["setting"] = df["grid_json"].map({text: setting_label(g, added) for text, g in grids.items()})
         by.append("setting")
     wide = metric_frame(df, metrics, by)
     if wide.empty:
