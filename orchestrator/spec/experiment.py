@@ -733,7 +733,9 @@ def check_spec(spec: ExperimentSpec) -> None:
             except ValueError as exc:
                 raise SpecError(str(exc)) from None
             if cfg.backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
-                raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
+                what = ("is a folder" if Path(ck).expanduser().is_dir() else "is not a regular file (a device, pipe "
+                        "or socket)" if Path(ck).expanduser().exists() else "does not exist")
+                raise SpecError(f"backbone.checkpoint {ck!r} {what}; allowed: a local weight file "
                                 "(.safetensors or a torch file)")
             if ck and "://" not in ck and cfg.backbone.weights in ("checkpoint", "pretrained"):
                 check_checkpoint(cfg.backbone.arch, ck)

@@ -20,8 +20,8 @@ from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_erro
 from orchestrator.engine.plain import run_experiment
 from orchestrator.engine.prepare import pretrain_artifact_path
 from orchestrator.engine.preflight import StorageUnreachable
-from orchestrator.engine.session import (ClusterTooSmall, ClusterUnreachable, check_local_fits, error_cause,
-                                         parse_address, probe_address)
+from orchestrator.engine.session import (ClusterTooSmall, ClusterUnreachable, check_auth_env, check_local_fits,
+                                         error_cause, parse_address, probe_address)
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.estimate import estimate_parts, estimate_text
@@ -90,12 +90,14 @@ def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
 
 def check_options(args, spec: ExperimentSpec) -> None:
     """The options of ``smn run`` that the spec does not hold: ``--track`` names known trackers and
-    ``--address`` / ``$RAY_ADDRESS`` is a Ray address (:func:`orchestrator.engine.session.parse_address`).
+    ``--address`` / ``$RAY_ADDRESS`` is a Ray address (:func:`orchestrator.engine.session.parse_address`), and
+    ``$RAY_AUTH_MODE`` / ``$RAY_AUTH_TOKEN_PATH`` are usable (:func:`orchestrator.engine.session.check_auth_env`).
 
     Raises:
         ValueError: naming the option, its value and what is allowed.
     """
     report_cli.tracking_section(spec, args)
+    check_auth_env()
     if args.address is not None:
         parse_address(args.address)
     elif os.environ.get("RAY_ADDRESS"):
