@@ -77,7 +77,8 @@ def test_remote_errors_carry_no_colour_codes(monkeypatch):
     makes that text plain."""
     import ray.exceptions
 
-    monkeypatch.setattr(ray.exceptions, "colorama", ray.exceptions.colorama)  # restored after the test
+    # Ray's own colorama (an earlier ensure_ray in this process may have replaced it); restored after the test
+    monkeypatch.setattr(ray.exceptions, "colorama", sys.modules["colorama"])
     error = ray.exceptions.RayTaskError("call", "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
                                         "ValueError: bad", ValueError("bad"), proctitle="ray::CellWorker.call")
     assert "\x1b[" in str(error)  # Ray's own formatting, before
