@@ -313,7 +313,8 @@ def load_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(p)!r} does not exist")
+        what = "is a folder, not a file" if p.is_dir() else "is not a regular file" if p.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint file {str(p)!r} {what}")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -848,7 +849,9 @@ def build_backbone(arch: str, weights: str = "pretrained", *, checkpoint: str | 
         raise ValueError(f"checkpoint={str(checkpoint)!r} conflicts with weights='random'; "
                          f"use weights='checkpoint' (or 'pretrained') to load it")
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint file {str(checkpoint)!r} does not exist")
+        c = Path(checkpoint)
+        what = "is a folder, not a file" if c.is_dir() else "is not a regular file" if c.exists() else "does not exist"
+        raise FileNotFoundError(f"checkpoint file {str(checkpoint)!r} {what}")
     ck = None if checkpoint is None else str(checkpoint)
     if family:
         check_arch(arch, weights, ck)

@@ -7,7 +7,7 @@ Each case asserts the exit code, a one-line message on stderr that names the bad
 allowed, no traceback, and that nothing in the workspace (results, store, specs) was written, moved or
 deleted (a listing with sizes, times and contents, before and after).
 
-``python -m tests.test_bad_inputs [--only harden] [--timeout S]`` prints the count of cases by verdict (clear
+``python -m tests.test_bad_inputs [--only harden|sweep2] [--timeout S]`` prints the count of cases by verdict (clear
 error, accepted then wrong, traceback, unclear, lost data, timeout) for the code it runs against.
 """
 
@@ -575,7 +575,138 @@ HARDEN_CASES = [  # issue 26: hangs, accepted-then-wrong, errors that blamed the
          ["unexpected key"], setup=_resnet20_checkpoint),
 ]
 
-CASES = SPEC_CASES + LOCATION_CASES + LEDGER_CASES + STORE_CASES + HARDEN_CASES
+def _fifo(ws: Path) -> None:
+    os.mkfifo(ws / "pipe.yaml")  # opening it for reading waits for a writer: forever
+
+
+def _key_file(ws: Path, text: str = "") -> None:
+    (ws / "key.txt").write_text(text)
+
+
+def _results_folder_without_ledger(ws: Path) -> None:
+    (ws / "empty").mkdir()
+
+
+def C(id_, *options, bad, allowed=(), code=2, env=None):
+    """A ``smn cascade`` case with these options on the base spec."""
+    return Case(id_, ["cascade", "{ws}/spec.yaml", *options], code, list(bad), list(allowed), env=dict(env or {}))
+
+
+def S(id_, *options, bad, allowed=(), code=2, setup=None):
+    """A ``smn serve`` case on the workspace's store (refused before any Ray starts)."""
+    return Case(id_, ["serve", "{ws}/store", *options], code, list(bad), list(allowed), setup=setup)
+
+
+SWEEP2_CASES = [  # issue 26, second sweep: options of the other commands, more spec fields, environment
+    Case("table-where-no-equals", ["table", "{ws}/results", "--where", "train.epochs"], 2, ["train.epochs"],
+         ["KEY=VALUE"]),
+    Case("table-where-unknown-key", ["table", "{ws}/results", "--where", "train.nope=1"], 2, ["train.nope"],
+         ["dotted config key"]),
+    Case("table-metrics-empty", ["table", "{ws}/results", "--metrics", ""], 2, ["--metrics"], ["knn_top1"]),
+    Case("table-metrics-commas", ["table", "{ws}/results", "--metrics", ",,"], 2, ["--metrics", "',,'"], ["knn_top1"]),
+    Case("table-experiment-empty", ["table", "{ws}/results", "--experiment", ""], 2, ["''"], ["demo"]),
+    Case("table-parquet-to-stdout", ["table", "{ws}/results", "--format", "parquet"], 2, ["parquet"], ["--out"]),
+    Case("table-out-into-ledger", ["table", "{ws}/results", "--format", "parquet", "--out",
+                                   "{ws}/results/demo/ledger/t.parquet"], 2, ["ledger"], ["outside"]),
+    Case("table-folder-without-ledger", ["table", "{ws}/empty"], 0, setup=_results_folder_without_ledger,
+         stdout=["no results"]),  # a valid control: an empty results folder
+    Case("report-unknown-experiment", ["report", "{ws}/results", "--experiment", "nope"], 2, ["nope"], ["demo"]),
+    Case("report-missing-folder", ["report", "{ws}/nope"], 2, ["{ws}/nope"], ["no ledger folder"]),
+    Case("report-docs-read-only", ["report", "{ws}/results", "--docs", f"{READ_ONLY}/d"], 2, [f"{READ_ONLY}/d"],
+         ["writ"]),
+    Case("report-docs-is-file", ["report", "{ws}/results", "--docs", "{ws}/spec.yaml"], 2, ["spec.yaml"],
+         ["is a file"]),
+    Case("report-out-into-ledger", ["report", "{ws}/results", "--out", "{ws}/results/demo/ledger"], 2, ["ledger"],
+         ["outside"]),
+    Case("plot-figure-empty", ["plot", "{ws}/results", "--figure", ""], 2, ["''"], ["list"]),
+    Case("plot-out-not-png", ["plot", "{ws}/results", "--figure", "fig8", "--out", "{ws}/f.txt"], 2, ["f.txt"],
+         [".png"]),
+    Case("ls-missing-folder", ["ls", "{ws}/nope"], 2, ["{ws}/nope"], ["does not exist"]),
+    Case("ls-is-file", ["ls", "{ws}/spec.yaml"], 2, ["spec.yaml"], ["folder"]),
+    Case("ls-bad-scheme", ["ls", "ftp://host/x"], 2, ["ftp://host/x"], ["s3://"]),
+    Case("compact-missing-folder", ["ledger", "compact", "{ws}/nope"], 2, ["{ws}/nope"], ["does not exist"]),
+    Case("compact-is-file", ["ledger", "compact", "{ws}/spec.yaml"], 2, ["spec.yaml"], ["folder"]),
+    Case("compact-unknown-experiment", ["ledger", "compact", "{ws}/results", "--experiment", "nope"], 2, ["nope"],
+         ["demo"]),
+    Case("compact-experiment-traversal", ["ledger", "compact", "{ws}/results", "--experiment", "../x"], 2, ["../x"],
+         ["demo"]),
+    Case("ledger-no-subcommand", ["ledger"], 2, ["ACTION"], ["smn ledger --help"]),
+    Case("store-init-checkpoint-without-file", ["store", "init", "{ws}/st2", "--arch", "cifar_resnet8", "--weights",
+                                                "checkpoint"], 2, ["--checkpoint"], ["--weights checkpoint"]),
+    Case("store-init-checkpoint-is-folder", ["store", "init", "{ws}/st2", "--arch", "cifar_resnet8", "--weights",
+                                             "checkpoint", "--checkpoint", "{ws}/results"], 2, ["results"],
+         ["is a folder"]),
+    Case("store-add-masks-and-cell", ["store", "add", "{ws}/store", "t9", "--masks", "{ws}/r20.safetensors",
+                                      "--results", "{ws}/results", "--experiment", "demo", "--cell", "c1"], 2,
+         ["--masks", "--cell"], ["either"]),
+    Case("store-add-nothing", ["store", "add", "{ws}/store", "t9"], 2, ["--masks"], ["--results"]),
+    Case("store-add-head-missing", ["store", "add", "{ws}/store", "t9", "--masks", "{ws}/r20.safetensors", "--head",
+                                    "{ws}/nohead.safetensors"], 2, ["nohead.safetensors"], ["no probe head file"]),
+    Case("store-add-state-missing", ["store", "add", "{ws}/store", "t9", "--masks", "{ws}/r20.safetensors",
+                                     "--state", "{ws}/nostate"], 2, ["nostate"], ["no final state"]),
+    Case("store-apply-unknown-task", ["store", "apply", "{ws}/store", "nope"], 2, ["nope"], ["stored tasks"]),
+    Case("store-export-unknown-task", ["store", "export", "{ws}/store", "nope", "{ws}/m.safetensors"], 2, ["nope"],
+         ["stored tasks"]),
+    Case("store-show-store-is-file", ["store", "show", "{ws}/spec.yaml", "t1"], 2, ["spec.yaml"],
+         ["smn store init"]),
+    Case("store-bench-repeats-word", ["store", "bench-codecs", "{ws}/store", "t1", "--repeats", "abc"], 2,
+         ["--repeats", "abc"], ["int"]),
+    Case("store-bench-no-results", ["store", "bench-codecs", "{ws}/store", "t1", "--fp32", "{ws}/no.safetensors"],
+         2, ["--results"], ["smn store bench-codecs --help"]),
+    Case("store-list-format-json", ["store", "list", "{ws}/store", "--format", "json"], 2, ["json"],
+         ["choose from"]),
+    S("serve-port-zero", "--port", "0", bad=["--port", "0"], allowed=["1-65535"]),
+    S("serve-port-huge", "--port", "70000", bad=["--port", "70000"], allowed=["1-65535"]),
+    S("serve-replicas-zero", "--replicas", "0", bad=["--replicas", "0"], allowed=[">= 1"]),
+    S("serve-public-host-without-key", "--host", "0.0.0.0", bad=["0.0.0.0"], allowed=["--api-key-file"]),
+    S("serve-key-file-missing", "--api-key-file", "{ws}/nokey.txt", bad=["nokey.txt"], allowed=["not readable"]),
+    S("serve-key-file-empty", "--api-key-file", "{ws}/key.txt", bad=["key.txt"], allowed=["empty"],
+      setup=_key_file),
+    S("serve-max-body-zero", "--max-body-bytes", "0", bad=["--max-body-bytes", "0"], allowed=[">= 1"]),
+    S("serve-replica-cpus-1e400", "--replica-cpus", "1e400", bad=["--replica-cpus"], allowed=["finite"]),
+    S("serve-address-syntax", "--address", "nohost", bad=["nohost"], allowed=["HOST:PORT"]),
+    Case("serve-missing-store", ["serve", "{ws}/nostore"], 2, ["nostore"], ["smn store init"]),
+    C("cascade-address-syntax", "--address", "nohost", bad=["nohost"], allowed=["HOST:PORT"]),
+    C("cascade-address-refused", "--address", "127.0.0.1:1", "--connect-timeout", "5", code=1, bad=["127.0.0.1:1"],
+      allowed=["refused"]),
+    C("cascade-ray-address-refused", "--connect-timeout", "5", code=1, bad=["RAY_ADDRESS", "127.0.0.1:1"],
+      allowed=["refused"], env={"RAY_ADDRESS": "127.0.0.1:1"}),
+    C("cascade-ray-address-syntax-dry-run", "--dry-run", bad=["RAY_ADDRESS", "http://x"], allowed=["ray://"],
+      env={"RAY_ADDRESS": "http://x"}),
+    C("cascade-connect-timeout-zero", "--connect-timeout", "0", bad=["'0'"], allowed=["0 < SECONDS"]),
+    C("cascade-without-smn-method", "methods=[pretrained]", bad=["pretrained"], allowed=["smn"]),
+    C("cascade-results-empty", "--results", "", bad=["--results ''"], allowed=["empty"]),
+    C("cascade-results-read-only", "--results", f"{READ_ONLY}/r", bad=[f"{READ_ONLY}/r"], allowed=["writ"]),
+    C("cascade-results-under-file", "--results", "{ws}/spec.yaml/r", bad=["spec.yaml"], allowed=["folder"]),
+    V("seed-float", "seeds=[1.5]", bad=["seeds", "1.5"], allowed=["integer"]),
+    V("image-size-1e400", "dataset.image_size=1e400", bad=["dataset.image_size"], allowed=["finite"]),
+    V("max-cells-word", "max_cells=many", bad=["max_cells", "many"], allowed=["integer"]),
+    V("max-cells-below-grid", "max_cells=2", "grid={train.epochs: [1, 2, 3]}", bad=["max_cells", "6"],
+      allowed=["max_cells"]),
+    V("label-fraction-zero", "dataset.label_fraction=0", bad=["label_fraction", "0"], allowed=["(0, 1]"]),
+    V("lowshot-above-one", "eval.lowshot_fractions=[1.5]", bad=["lowshot_fractions"], allowed=["(0, 1]"]),
+    V("selector-bad-regex", "train.mask.selector='re:['", bad=["'['"], allowed=["invalid"]),
+    V("checkpoint-dev-zero", "backbone.weights=checkpoint", "backbone.checkpoint=/dev/zero", bad=["/dev/zero"],
+      allowed=["not a regular file"]),
+    V("checkpoint-is-folder", "backbone.weights=checkpoint", "backbone.checkpoint={ws}/results", bad=["results"],
+      allowed=["is a folder"]),
+    V("parquet-root-dev-null", "dataset.source=parquet", "dataset.root=/dev/null", "dataset.classes=null",
+      bad=["/dev/null"], allowed=["train.parquet"]),
+    Case("spec-fifo", ["validate", "{ws}/pipe.yaml"], 2, ["pipe.yaml"], ["not a regular file"], setup=_fifo),
+    Case("spec-fifo-run", ["run", "{ws}/pipe.yaml", "--dry-run"], 2, ["pipe.yaml"], ["not a regular file"],
+         setup=_fifo),
+    V("name-empty", "name=''", bad=["name"], allowed=["letters"]),
+    V("name-too-long", "name=" + "a" * 300, bad=["name"], allowed=["at most 128 characters"]),
+    V("max-concurrent-zero", "resources.max_concurrent_cells=0", bad=["max_concurrent_cells", "0"],
+      allowed=["greater than or equal to 1"]),
+    V("max-retries-negative", "resources.max_retries=-1", bad=["max_retries", "-1"],
+      allowed=["greater than or equal to 0"]),
+    R("run-auth-mode-bogus", bad=["RAY_AUTH_MODE", "bogus"], allowed=["token"], env={"RAY_AUTH_MODE": "bogus"}),
+    R("run-token-path-is-folder", bad=["RAY_AUTH_TOKEN_PATH"], allowed=["file"],
+      env={"RAY_AUTH_TOKEN_PATH": "{ws}/results", "RAY_AUTH_MODE": "token"}),
+]
+
+CASES = SPEC_CASES + LOCATION_CASES + LEDGER_CASES + STORE_CASES + HARDEN_CASES + SWEEP2_CASES
 
 
 def _corrupt_task(ws: Path) -> None:
@@ -630,6 +761,9 @@ def listing(root: Path) -> dict[str, tuple]:
         for f in filenames:
             p = Path(dirpath, f)
             st = p.stat()
+            if not p.is_file():  # a pipe (reading it would wait for a writer) or a device
+                out[str(p.relative_to(root))] = ("special", st.st_mode, st.st_mtime_ns)
+                continue
             out[str(p.relative_to(root))] = ("file", st.st_size, st.st_mtime_ns,
                                              hashlib.sha256(p.read_bytes()).hexdigest())
     return out
@@ -664,7 +798,7 @@ def run_case(case: Case, ws: Path) -> Outcome:
     before = listing(ws)
     argv = [_fill(a, ws) for a in case.argv]
     saved_env = {k: os.environ.get(k) for k in case.env}
-    os.environ.update(case.env)
+    os.environ.update({k: _fill(v, ws) for k, v in case.env.items()})
     out, err = io.StringIO(), io.StringIO()
     code, exc = None, None
     cwd = os.getcwd()
@@ -774,7 +908,7 @@ def test_every_shipped_spec_still_validates(spec):
 @UNIT
 def test_there_are_at_least_80_cases():
     assert len(CASES) >= 80 and len({c.id for c in CASES}) == len(CASES)
-    assert len(HARDEN_CASES) >= 40  # issue 26
+    assert len(HARDEN_CASES) >= 40 and len(SWEEP2_CASES) >= 40  # issue 26: the two sweeps
 
 
 def main() -> None:  # pragma: no cover - the before/after count for the issue's note
@@ -790,7 +924,7 @@ def main() -> None:  # pragma: no cover - the before/after count for the issue's
     strict = "--loose" not in sys.argv
     limit = int(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 0
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
-    cases = HARDEN_CASES if only == "harden" else CASES
+    cases = {"harden": HARDEN_CASES, "sweep2": SWEEP2_CASES}.get(only, CASES)
     signal.signal(signal.SIGALRM, alarm)
     with tempfile.TemporaryDirectory() as tmp:
         template = build_template(Path(tmp) / "template")

@@ -71,6 +71,23 @@ def test_the_watchdog_leaves_at_once_when_the_session_ended_normally(tmp_path):
     assert time.monotonic() - t0 < 2
 
 
+@pytest.mark.unit
+def test_remote_errors_carry_no_colour_codes(monkeypatch):
+    """Ray heads a remote error's text with ANSI colours, which Ray Tune writes into each failed trial's
+    ``error.txt`` under the results folder (issue 26); :func:`plain_ray_errors` (called by ``ensure_ray``)
+    makes that text plain."""
+    import ray.exceptions
+
+    # Ray's own colorama (an earlier ensure_ray in this process may have replaced it); restored after the test
+    monkeypatch.setattr(ray.exceptions, "colorama", sys.modules["colorama"])
+    error = ray.exceptions.RayTaskError("call", "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+                                        "ValueError: bad", ValueError("bad"), proctitle="ray::CellWorker.call")
+    assert "\x1b[" in str(error)  # Ray's own formatting, before
+    ray_session.plain_ray_errors()
+    text = str(error)
+    assert "\x1b" not in text and text.startswith("ray::CellWorker.call() (pid=") and "ValueError: bad" in text
+
+
 # ----------------------------------------------------------------------------------- the outsider test
 
 

@@ -46,6 +46,8 @@ def test_grid_sweep_lands_each_cell_once_records_failures_and_orders_found_cells
     assert len(failures) == 1
     (rec,) = failures.values()
     assert "junk.pth" in rec["error"] and "cannot be loaded" in rec["error"] and rec["attempts"] == 2
+    tune_errors = list((tmp_path / "results" / "grid").rglob("error.txt"))  # Tune's record of the failed trial
+    assert tune_errors and not [p for p in tune_errors if "\x1b[" in p.read_text()]  # no colour codes (issue 26)
     assert "retrying" in text and "1 failed" in text and "best knn_top1" in text
     assert len(summary["failed"]) == 2  # the failed threshold cell, and its top-k cell that could not run
 

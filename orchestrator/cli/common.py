@@ -132,6 +132,20 @@ def _check_writable_folder(results: str) -> str:
     return results
 
 
+def _ledger_folder_above(path: str) -> str | None:
+    """The ledger folder (``<results>/<experiment>/ledger``: named ``ledger``, holding ``.parquet`` files) that
+    ``path`` is or lies in, else None."""
+    here = path
+    while True:
+        if os.path.basename(here) == "ledger" and os.path.isdir(here) and \
+                any(name.endswith(".parquet") for name in os.listdir(here)):
+            return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
 def check_output_path(out: str, *, option: str = "--out", folder: bool = False) -> str:
     """An output location (``--out`` of ``table`` / ``report`` / ``plot``), checked before any work: not empty;
     for a file, not a folder; its folder (or the nearest existing one above it) writable. A URI is left to
@@ -149,6 +163,10 @@ def check_output_path(out: str, *, option: str = "--out", folder: bool = False) 
     path = os.path.abspath(os.path.expanduser(out))
     if os.path.isdir(path) and not folder:
         raise ResultsError(f"{option} {out!r} is a folder; {allowed}")
+    ledger_dir = _ledger_folder_above(path)
+    if ledger_dir:
+        raise ResultsError(f"{option} {out!r} is inside the ledger folder {ledger_dir!r}, where every file is read as "
+                           f"ledger rows; {allowed}, outside <results>/<experiment>/ledger")
     if os.path.exists(path) and folder and not os.path.isdir(path):
         raise ResultsError(f"{option} {out!r} is a file; {allowed}")
     if os.path.exists(path) and not _writable(path):

@@ -65,6 +65,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     Joining has a deadline (:func:`orchestrator.engine.session.join_cluster`: ``connect_timeout_s``, default
     30 s; raises ``ClusterUnreachable``, or ValueError for a malformed address).
     """
+    ray_session.plain_ray_errors()  # no colour codes in remote errors (Tune's error.txt, failure records)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

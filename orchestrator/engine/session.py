@@ -34,7 +34,7 @@ from pathlib import Path
 __all__ = ["AUTH_ENV", "ClusterTooSmall", "ClusterUnreachable", "configure_auth", "token_path", "ensure_token_file",
            "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING", "CONNECT_TIMEOUT_S",
            "parse_address", "probe_address", "join_cluster", "loopback_node", "every_log_line", "dashboard_line",
-           "start_driver_watchdog", "watch_driver", "WATCHDOG_POLL_S"]
+           "start_driver_watchdog", "watch_driver", "WATCHDOG_POLL_S", "plain_ray_errors", "check_auth_env"]
 
 CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
@@ -273,6 +273,30 @@ def watch_driver(driver_pid: int, session_dir: str, node_pids: list[int], *,
     return len(victims)
 
 
+class _NoColour:
+    """Stands for colorama's ``Fore`` / ``Back`` / ``Style``: every colour is the empty string."""
+
+    def __getattr__(self, name: str) -> str:
+        return ""
+
+
+def plain_ray_errors() -> None:
+    """Keep ANSI colour codes out of the text of Ray's remote errors in this process.
+
+    ``RayTaskError.__str__`` heads a remote error with the task's name in cyan (colorama's codes, whatever
+    the output), and that text reaches files: Ray Tune writes it to each failed trial's ``error.txt`` and
+    its experiment state under ``<results>/<experiment>/tune/``, and the failure records and one-line
+    causes are made from it. Ray has no setting for this (``RAY_COLOR_PREFIX=0`` covers only the
+    ``(pid=...)`` prefix of forwarded worker logs), so ``ray.exceptions``' own reference to colorama is
+    replaced by colourless constants; other colorama users of the process are unaffected. Idempotent.
+    """
+    import types
+
+    import ray.exceptions
+
+    ray.exceptions.colorama = types.SimpleNamespace(Fore=_NoColour(), Back=_NoColour(), Style=_NoColour())
+
+
 def _connect_knobs(timeout_s: float) -> dict[str, str]:
     """Ray's own settings that bound a driver's connect to ``timeout_s`` in all (Ray 2.60: the GCS channel,
     the pubsub channel and the cluster-id request wait in turn, and the whole is tried
@@ -353,6 +377,23 @@ def ensure_token_file() -> Path | None:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     return path
+
+
+def check_auth_env() -> None:
+    """Before any work: ``$RAY_AUTH_MODE``, when set, is ``token`` or ``disabled`` (any case), and a token
+    file named by ``$RAY_AUTH_TOKEN_PATH`` that exists is a regular file.
+
+    Raises:
+        ValueError: naming the variable, its value and what is allowed (exit 2).
+    """
+    mode = os.environ.get(AUTH_ENV)
+    if mode is not None and mode.lower() not in ("token", "disabled"):
+        raise ValueError(f"{AUTH_ENV}={mode!r} is not an authentication mode; allowed: token (the default for a "
+                         "local Ray), disabled, or unset")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and os.path.exists(os.path.expanduser(path)) and not os.path.isfile(os.path.expanduser(path)):
+        raise ValueError(f"RAY_AUTH_TOKEN_PATH={path!r} is not a file; allowed: the path of a token file "
+                         "(created with mode 0600 if missing), or unset for ~/.ray/auth_token")
 
 
 def configure_auth(*, local: bool) -> str:

@@ -54,7 +54,7 @@ from orchestrator.spec.keys import config_hash
 __all__ = ["ExperimentLayout", "filesystem", "normalise_results", "check_experiment_name",
            "check_results_uri", "figure_location", "pretrain_artifact_path"]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # at most 128 characters: a folder name and its files fit
 
 
 def normalise_results(results: str | os.PathLike) -> str:
@@ -102,15 +102,15 @@ def check_results_uri(results: str) -> str:
 
 def check_experiment_name(experiment: str) -> str:
     """``experiment`` if it is a plain folder name: letters, digits, ``.``, ``_``, ``-``, starting with a
-    letter or digit, no ``..``; so that nothing a reader, a writer or quarantine does can reach outside
+    letter or digit, no ``..``, at most 128 characters; so that nothing a reader, a writer or quarantine does can reach outside
     the results folder. The one rule for experiment names (specs, layouts, ledger readers).
 
     Raises:
         ValueError: naming the value and what is allowed.
     """
     if not isinstance(experiment, str) or not _NAME.fullmatch(experiment) or ".." in experiment:
-        raise ValueError(f"experiment {experiment!r} is not a plain name; allowed: letters, digits, '.', '_', '-' "
-                         "(an experiment folder directly under the results folder)")
+        raise ValueError(f"experiment {experiment!r} is not a plain name; allowed: letters, digits, '.', '_', '-', "
+                         "at most 128 characters (an experiment folder directly under the results folder)")
     return experiment
 
 

@@ -42,7 +42,8 @@ def format_validation_error(exc: ValidationError, where: str, prefix: str = "") 
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key (check the spelling; see experiments/demo.yaml for the keys)"
         elif err["loc"] == ("name",) and err["type"] == "value_error":  # the name rule (check_experiment_name)
-            msg = f"must be letters, digits, '.', '_' or '-', starting with a letter or digit, without '..', got {given!r}"
+            msg = (f"must be letters, digits, '.', '_' or '-', starting with a letter or digit, without '..', at most "
+                   f"128 characters, got {given!r}"[:300])
         elif err["type"] == "too_short" and isinstance(given, list):
             msg = f"needs at least 1 item, got {given!r}"
         elif not isinstance(given, dict) and repr(given) not in msg:

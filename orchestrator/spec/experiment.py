@@ -724,7 +724,9 @@ def _check_backbone(backbone: BackboneSpec, model_checks: bool) -> None:
         except ValueError as exc:
             raise SpecError(str(exc)) from None
     if backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
-        raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
+        what = ("is a folder" if Path(ck).expanduser().is_dir() else "is not a regular file (a device, pipe "
+                "or socket)" if Path(ck).expanduser().exists() else "does not exist")
+        raise SpecError(f"backbone.checkpoint {ck!r} {what}; allowed: a local weight file "
                         "(.safetensors or a torch file)")
     if model_checks and ck and "://" not in ck and backbone.weights in ("checkpoint", "pretrained"):
         check_checkpoint(arch, ck)

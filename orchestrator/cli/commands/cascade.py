@@ -10,23 +10,24 @@ import time
 import ray
 
 from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_error
+from orchestrator.cli.commands.validate import load_checked
 from orchestrator.engine.cascade import plan_cascades, run_cascade
-from orchestrator.engine.session import ClusterUnreachable, error_cause, parse_address, probe_address
+from orchestrator.engine.session import (ClusterUnreachable, check_auth_env, error_cause, parse_address,
+                                         probe_address)
 from orchestrator.reports import registry
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.cascade import cascade_spec
-from orchestrator.spec.experiment import ExperimentSpec, SpecError, load_spec
+from orchestrator.spec.experiment import ExperimentSpec, SpecError
 
 __all__ = ["cascade", "run_spec"]
 
 
 def cascade(args) -> int:
-    """``smn cascade``: load the spec once, check ``--address`` (:func:`check_address`), then :func:`run_spec`."""
-    try:
-        spec = load_spec(args.spec, args.overrides)
-    except SpecError as exc:
-        print(f"smn: {exc}", file=sys.stderr)
+    """``smn cascade``: load the spec once, check ``--results`` (as ``smn run`` does) and ``--address``
+    (:func:`check_address`), then :func:`run_spec`."""
+    spec = load_checked(args, None if args.dry_run else "run")  # --results as `smn run` checks it
+    if spec is None:
         return EXIT_USAGE
     code = check_address(args)
     return run_spec(args, spec) if code is None else code
@@ -37,6 +38,10 @@ def check_address(args) -> int | None:
     too), and, for a real run, something answers there within ``--connect-timeout`` (a TCP probe,
     :func:`orchestrator.engine.session.probe_address`; exit 1 otherwise). Returns None when all is well,
     else the exit code after printing the one-line reason."""
+    try:
+        check_auth_env()
+    except ValueError as exc:
+        return usage_error(exc)
     address, what = args.address, "--address"
     if address is None and os.environ.get("RAY_ADDRESS"):
         address, what = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"

@@ -57,6 +57,9 @@ def _rows(results: str, experiment: str | None, metrics: str | None, layout: str
     """
     if layout is not None:
         return ledger.read_ledger(results, experiment)
+    if metrics is not None and not [m for m in metrics.split(",") if m.strip()]:
+        raise ValueError(f"--metrics {metrics!r} names no metric; allowed: comma-separated metric names such as "
+                         "knn_top1,density (or leave --metrics out for the default ones)")
     chosen = [m.strip() for m in metrics.split(",")] if metrics else list(tables.DEFAULT_METRICS)
     df = ledger.read_ledger(results, experiment, columns=list(TABLE_COLUMNS),
                             metrics=list(dict.fromkeys(chosen + list(STORAGE_METRICS))),
@@ -87,6 +90,8 @@ def plot(args) -> int:
     out = args.out
     if out is not None and (os.path.isdir(out) or out.endswith(("/", os.sep))):
         raise ValueError(f"--out {out!r} is a folder; allowed: a file name such as {args.figure}.png")
+    if out is not None and not out.lower().endswith(".png"):
+        raise ValueError(f"--out {out!r} is not a .png file; allowed: a file name such as {args.figure}.png")
     check_output_path(out if out is not None else figure_location(results, args.figure),
                       option="--out" if out is not None else "the figure (default --out)")
     ledger.check_experiment(results, args.experiment)

@@ -16,7 +16,7 @@ from smn_core.checkpoint import location_exists
 from orchestrator.cli.commands.validate import load_checked, print_cells
 from orchestrator.cli.common import EXIT_OK, EXIT_USAGE, usage_error
 from orchestrator.cli.report_args import tracking_section
-from orchestrator.engine.session import parse_address
+from orchestrator.engine.session import check_auth_env, parse_address
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, pretrain_artifact_path
 from orchestrator.spec.estimate import estimate_parts, estimate_text
@@ -97,12 +97,14 @@ def cell_rows(cells: list[Cell]) -> list[dict]:
 
 def check_options(args, spec: ExperimentSpec) -> None:
     """The options of ``smn run`` that the spec does not hold: ``--track`` names known trackers and
-    ``--address`` / ``$RAY_ADDRESS`` is a Ray address (:func:`orchestrator.engine.session.parse_address`).
+    ``--address`` / ``$RAY_ADDRESS`` is a Ray address (:func:`orchestrator.engine.session.parse_address`), and
+    ``$RAY_AUTH_MODE`` / ``$RAY_AUTH_TOKEN_PATH`` are usable (:func:`orchestrator.engine.session.check_auth_env`).
 
     Raises:
         ValueError: naming the option, its value and what is allowed.
     """
     tracking_section(spec, args)
+    check_auth_env()
     if args.address is not None:
         parse_address(args.address)
     elif os.environ.get("RAY_ADDRESS"):

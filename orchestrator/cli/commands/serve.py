@@ -9,16 +9,22 @@ than loopback without ``--api-key-file``, an unreadable or empty key file. The p
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 import socket
 import sys
 import time
+import warnings
 
-from ray import serve as ray_serve
+with warnings.catch_warnings():  # Ray Serve's own models use a pydantic API that pydantic 2 deprecates
+    warnings.filterwarnings("ignore", message="Using extra keyword arguments on `Field`")
+    from ray import serve as ray_serve
 
 from smn_core.mask_file import BackboneMismatchError, MaskFileError
 
 from orchestrator.cli.common import EXIT_OK, EXIT_USAGE
 from orchestrator.engine.plain import ensure_ray
+from orchestrator.engine.session import parse_address
 from orchestrator.serve.app import build_app, read_api_key
 from orchestrator.store.mask_store import MaskStore, StoreError
 
@@ -57,8 +63,14 @@ def check_serve_args(args) -> str | None:
             return f"{name} must be >= 1, got {value}"
     if not 1 <= args.port <= 65535:
         return f"--port must be in 1-65535, got {args.port}"
-    if args.replica_cpus < 0:
-        return f"--replica-cpus must be >= 0, got {args.replica_cpus}"
+    if not (math.isfinite(args.replica_cpus) and args.replica_cpus >= 0):
+        return f"--replica-cpus must be a finite number >= 0, got {args.replica_cpus}"
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            parse_address(address, what="--address" if args.address else "RAY_ADDRESS")
+        except ValueError as exc:
+            return str(exc)
     if not is_loopback(args.host) and not args.api_key_file:
         return (f"--host {args.host} is not a loopback address: binding it needs --api-key-file FILE (every request "
                 "must then send that bearer token); allowed without a key: 127.0.0.1, ::1, localhost")
