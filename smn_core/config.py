@@ -544,6 +544,10 @@ class DataSpec:
     labels (the paper does not say how long its low-shot runs trained); None means all. Unlabeled
     adaptation (SwAV) and the frozen backbone always see every training image, so
     :class:`CellConfig` resets it to None for them (their low-shot readout is ``eval.lowshot_fractions``).
+    ``val_fraction``: a stratified, seeded (``split_seed``) validation split carved out of the train split
+    (:func:`smn_core.data.train_val_split`); the cell trains on the rest, and reports ``val_knn_dino_top1``
+    (DINO's k-NN of the validation images against the remaining train images) after every epoch and at the
+    end (what a Tune scheduler acts on); None: no validation split.
     """
 
     source: str = "digits"
@@ -556,10 +560,13 @@ class DataSpec:
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     label_fraction: float | None = None
+    val_fraction: float | None = None
 
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self) -> None:
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"dataset.val_fraction must be in (0, 1) or null, got {self.val_fraction}")
         if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"dataset.label_fraction must be in (0, 1] or null, got {self.label_fraction}")
         if self.image_size is not None and self.image_size < 8:
@@ -698,5 +705,8 @@ class CellConfig:
             d.pop("train")
         if self.backbone.weights != "pipeline":
             d.pop("pretrain")
+        for section in (d.get("dataset"), (d.get("pretrain") or {}).get("dataset")):
+            if section is not None and section.get("val_fraction") is None:
+                section.pop("val_fraction", None)  # unset: the ids of cells made before the field stay the same
         return d
 

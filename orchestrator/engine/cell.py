@@ -332,12 +332,22 @@ def _finish(job: CellJob, outcome, device) -> dict[str, float] | None:
     return job.stage.finish(job, outcome, str(device)) if isinstance(job.stage, TrainingStage) else None
 
 
-def run_local(job: CellJob) -> dict[str, float]:
+def _then(first: Callable, second: Callable) -> Callable:
+    """An ``on_epoch_end`` hook that calls ``first`` then ``second`` with the same arguments."""
+    def both(epoch: int, metrics: dict, state_fn) -> None:
+        first(epoch, metrics, state_fn)
+        second(epoch, metrics, state_fn)
+    return both
+
+
+def run_local(job: CellJob, on_epoch: Callable | None = None) -> dict[str, float]:
     """Run one unit of work in this process (a warm pool worker, a Tune trial, a Ray task) and land it
     (:func:`land`).
 
     A :class:`Stage` runs as it is. A cell trains resuming from and writing epoch checkpoints to
-    ``checkpoints/<cell_id>/`` (their meta records this worker's ``node_id`` and ``pid``).
+    ``checkpoints/<cell_id>/`` (their meta records this worker's ``node_id`` and ``pid``); ``on_epoch``
+    (``f(epoch, metrics, state_fn)``, as :func:`smn_core.training.train`'s ``on_epoch_end``) is called after
+    each epoch's checkpoint is written (a Tune trial reports the epoch through it).
 
     Returns:
         The cell's metrics (``knn_top1``, ``linear_probe_top1``, ``density``, ``wall_s``, ...).
@@ -351,6 +361,8 @@ def run_local(job: CellJob) -> dict[str, float]:
     where = ({"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
              if ray.is_initialized() else None)
     resume, on_epoch_end = local_checkpointing(job.layout.checkpoint(job.cell_id), job.prefix, where)
+    if on_epoch is not None:
+        on_epoch_end = _then(on_epoch_end, on_epoch)
     dev = device()
     outcome = _train(job, dev, resume, on_epoch_end)
     return land(job, outcome, started, extra=_finish(job, outcome, dev))
@@ -413,9 +425,9 @@ def run_ddp(job: CellJob, resources) -> dict[str, float]:
     return metrics
 
 
-def run_job(job: CellJob, resources) -> dict[str, float]:
-    """:func:`run_ddp` when ``resources.workers > 1`` (a ``TorchTrainer``) and the job trains, else
-    :func:`run_local`."""
+def run_job(job: CellJob, resources, on_epoch: Callable | None = None) -> dict[str, float]:
+    """:func:`run_ddp` when ``resources.workers > 1`` (a ``TorchTrainer``, whose epochs Ray Train reports) and the
+    job trains, else :func:`run_local` (``on_epoch``: its per-epoch hook)."""
     if resources.workers > 1 and not isinstance(job.stage, Stage):
         return run_ddp(job, resources)
-    return run_local(job)
+    return run_local(job, on_epoch)
