@@ -22,7 +22,6 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -32,8 +31,9 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from benchmarks.s3_server import moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "docs" / "results" / "demo" / "ledger"
@@ -70,13 +70,23 @@ def clone_ledger(results: Path, n: int, experiment: str = "bench") -> Path:
     return results
 
 
-def measure(kind: str, arg, env: dict | None = None) -> dict:
+PYCACHE = Path(tempfile.gettempdir()) / "smn-bench-ledger-pycache"
+"""A private bytecode cache for the measured interpreters (``PYTHONPYCACHEPREFIX``): a pip install compiles the
+packages' bytecode once, while an environment with ``PYTHONDONTWRITEBYTECODE=1`` and no ``__pycache__`` in
+site-packages (this machine's) compiles pandas, scipy and duckdb from source in every process (about 2 s)."""
+
+
+def measure(kind: str, arg, env: dict | None = None, bytecode: bool = True) -> dict:
     """Wall time (s, from the parent, interpreter start included) and peak RSS (MB) of one fresh interpreter
-    running ``smn ARGV`` (kind ``smn``, ``arg`` a list) or Python code (kind ``py``)."""
+    running ``smn ARGV`` (kind ``smn``, ``arg`` a list) or Python code (kind ``py``); ``bytecode``: with the
+    warmed cache :data:`PYCACHE` (False: as the environment is, which may compile every module)."""
     payload = json.dumps(arg) if kind == "smn" else arg
+    base = {k: v for k, v in os.environ.items() if not (bytecode and k == "PYTHONDONTWRITEBYTECODE")}
+    if bytecode:
+        base["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _MEASURE, kind, payload], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=1800)
+                          env={**base, "PYTHONPATH": str(REPO), **(env or {})}, timeout=1800)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} {arg}: exit {proc.returncode}: {proc.stderr[-1500:]}")
@@ -90,37 +100,13 @@ def duckdb_query(folder: Path) -> str:
             f"read_parquet('{folder}/*.parquet') WHERE metric IN ('knn_top1', 'density') GROUP BY ALL\").fetchall()")
 
 
-class _Requests(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def gets(self) -> int:
-        return sum("GET /" in line for line in self.lines)
-
-
 def s3_gets(n: int) -> dict:
     """GET requests of ``smn table`` (in this process) on ``n`` cells in moto's S3, before / after compaction."""
-    from moto.server import ThreadedMotoServer
-
     from orchestrator.cli.commands.read import table_text
     from orchestrator.results import compact
 
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    requests = _Requests()
-    log = logging.getLogger("werkzeug")
-    log.addHandler(requests)
-    log.setLevel(logging.INFO)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
-                               access_key="test", secret_key="test", allow_bucket_creation=True)
-        fs.create_dir("bench")
+    with moto_s3("bench") as s3:
+        fs, requests = s3.fs, s3.requests
         with tempfile.TemporaryDirectory() as tmp:
             local = clone_ledger(Path(tmp), n) / "bench" / "ledger"
             def upload(p: Path) -> None:
@@ -129,7 +115,7 @@ def s3_gets(n: int) -> dict:
 
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 list(pool.map(upload, local.iterdir()))
-        uri = f"s3://test:test@bench/r?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+        uri = s3.uri("r")
         out = {}
         for when in ("before", "after"):
             if when == "after":
@@ -137,14 +123,11 @@ def s3_gets(n: int) -> dict:
             requests.lines.clear()
             t0 = time.perf_counter()
             text = table_text(uri, None, "markdown", None)
-            out[f"gets_{when}"] = requests.gets()
+            out[f"gets_{when}"] = requests.count("GET")
             out[f"table_s_{when}"] = round(time.perf_counter() - t0, 2)
             out[f"table_{when}"] = text
         assert out["table_before"] == out["table_after"], "compaction changed the table"
         return {k: v for k, v in out.items() if not k.startswith("table_") or k.startswith("table_s")}
-    finally:
-        log.removeHandler(requests)
-        server.stop()
 
 
 class _Figures(dict):
@@ -171,10 +154,16 @@ def run(cells: int, s3_cells: int, out_path: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         big, small = clone_ledger(tmp / "big", cells), clone_ledger(tmp / "small", 100)
+        out["uptime (load before)"] = {"load_1min": round(os.getloadavg()[0], 2), "cores": os.cpu_count()}
+        measure("smn", ["table", str(small)])  # fills the bytecode cache (not a figure)
         out["python -c pass"] = measure("py", "pass")
+        out["smn table, 100 cells, no bytecode cache"] = measure("smn", ["table", str(small)], bytecode=False)
         out["import floor: pandas, pyarrow.parquet, duckdb"] = measure("py", "import pandas, pyarrow.parquet, duckdb")
         out[f"smn table, {cells} cells"] = measure("smn", ["table", str(big)])
         out[f"DuckDB group-by, {cells} cells"] = measure("py", duckdb_query(big / "bench" / "ledger"))
+        mine, duck = out[f"smn table, {cells} cells"], out[f"DuckDB group-by, {cells} cells"]
+        out[f"ratio smn table / DuckDB, {cells} cells"] = {"time_x": round(mine["wall_s"] / duck["wall_s"], 2),
+                                                           "memory_x": round(mine["peak_mb"] / duck["peak_mb"], 2)}
         out[f"smn ls, {cells} cells"] = measure("smn", ["ls", str(big)])
         out["smn table, 100 cells"] = measure("smn", ["table", str(small)])
         out["smn ls, 100 cells"] = measure("smn", ["ls", str(small)])
@@ -182,12 +171,15 @@ def run(cells: int, s3_cells: int, out_path: str | None = None) -> dict:
         compact.compact(str(big), "bench")
         out[f"smn ledger compact, {cells} cells (in process)"] = {"wall_s": round(time.perf_counter() - t0, 2)}
         out[f"smn table, {cells} compacted cells"] = measure("smn", ["table", str(big)])
+        out[f"DuckDB group-by, {cells} compacted cells"] = measure(
+            "py", duckdb_query(big / "bench" / "ledger" / "_compacted"))
         out[f"smn ls, {cells} compacted cells"] = measure("smn", ["ls", str(big)])
         demo = tmp / "demo_results"
         shutil.copytree(DEMO.parent, demo / "demo")
         out["smn validate experiments/demo.yaml"] = measure("smn", ["validate", "experiments/demo.yaml"])
         out["smn run --dry-run, finished demo"] = measure(
             "smn", ["run", "experiments/demo.yaml", "--dry-run", "--results", str(demo)])
+        out["uptime (load after)"] = {"load_1min": round(os.getloadavg()[0], 2), "cores": os.cpu_count()}
     if s3_cells:
         out[f"S3 (moto) smn table, {s3_cells} cells"] = s3_gets(s3_cells)
     return out

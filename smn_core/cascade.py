@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import COVARIANCE_TYPES, MODES, SCALINGS
+
 if TYPE_CHECKING:  # scikit-learn is imported where it is used: expert workers start faster without it
     from sklearn.mixture import GaussianMixture
 
@@ -62,10 +64,6 @@ __all__ = [
     "restore_adapted_backbone",
     "embed_dataset",
 ]
-
-COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
-MODES = ("conditional", "unconditional")
-SCALINGS = ("whiten", "eigenvalue", "none")
 
 
 # ---------------------------------------------------------------------------------------------

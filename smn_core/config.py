@@ -44,6 +44,11 @@ __all__ = [
     "SELECTORS",
     "SELECTIVE",
     "HEAD_INITS",
+    "COVARIANCE_TYPES",
+    "MODES",
+    "SCALINGS",
+    "BUILTIN_BACKBONES",
+    "BUILTIN_DATASETS",
 ]
 
 
@@ -710,3 +715,18 @@ class CellConfig:
                 section.pop("val_fraction", None)  # unset: the ids of cells made before the field stay the same
         return d
 
+
+# --- the cascade's choices (smn_core.cascade; checked by orchestrator.spec.cascade) ---
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")  # the router's Gaussian mixture
+MODES = ("conditional", "unconditional")
+SCALINGS = ("whiten", "eigenvalue", "none")
+
+
+# --- names that smn_core's registries hold, for checks that must not import them (torch) ---
+BUILTIN_BACKBONES = ("cifar_resnet8", "cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
+                     "clip_vit_b32", "resnet18", "resnet50", "resnet50_dino", "resnet50_swav")
+"""The archs :mod:`smn_core.backbones` registers (a unit test checks they equal ``available_backbones()``)."""
+
+BUILTIN_DATASETS = ("cifar10", "cifar100", "digits", "dtd", "eurosat", "flowers102", "food101", "imagefolder",
+                    "parquet", "pets", "sun397")
+"""The dataset sources :mod:`smn_core.data` registers (a unit test checks they equal ``available_datasets()``)."""

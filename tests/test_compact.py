@@ -3,9 +3,7 @@ step, readers and resume see the same rows; run again, it finishes; on local dis
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.s3_server import moto_s3
 from orchestrator.cli.app import main as smn_main
 from orchestrator.results import compact, ledger
 from orchestrator.results.layout import ExperimentLayout
@@ -159,38 +158,14 @@ def test_a_ledger_that_is_a_file_and_a_missing_folder_are_refused(tmp_path, caps
     assert smn_main(["ledger", "compact", str(tmp_path / "nope")]) == 2
 
 
-class _Requests(logging.Handler):
-    """Counts the S3 server's requests by method (moto logs one line per request through werkzeug)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    def count(self, method: str) -> int:
-        return sum(f"{method} /" in line for line in self.lines)
-
-
 def test_compaction_on_s3_reads_the_same_rows_with_a_few_requests(tmp_path):
-    moto_server = pytest.importorskip("moto.server")
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    requests = _Requests()
-    log = logging.getLogger("werkzeug")
-    log.addHandler(requests)
-    log.setLevel(logging.INFO)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
-                               access_key="test", secret_key="test", allow_bucket_creation=True)
-        fs.create_dir("ledger-test")
+    pytest.importorskip("moto.server")
+    with moto_s3("ledger-test") as s3:
+        fs, requests = s3.fs, s3.requests
         for src in sorted(DEMO.glob("*.parquet")):
             with fs.open_output_stream(f"ledger-test/r/demo/ledger/{src.name}") as out:
                 out.write(src.read_bytes())
-        uri = (f"s3://test:test@ledger-test/r?endpoint_override={host}:{port}&scheme=http&region=us-east-1")
+        uri = s3.uri("r")
         want = _rows(_ledger(tmp_path))
         requests.lines.clear()
         pd.testing.assert_frame_equal(_rows(uri), want)
@@ -204,10 +179,6 @@ def test_compaction_on_s3_reads_the_same_rows_with_a_few_requests(tmp_path):
         keys = [i.path for i in fs.get_file_info(pafs.FileSelector("ledger-test/r", recursive=True))
                 if i.type == pafs.FileType.File]
         assert sorted(k.rsplit("/", 1)[-1].split("-")[0] for k in keys) == ["manifest.json", "part"]
-    finally:
-        log.removeHandler(requests)
-        log.setLevel(logging.ERROR)
-        server.stop()
 
 
 def _doc_blocks() -> list[str]:

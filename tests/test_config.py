@@ -50,3 +50,18 @@ def test_validation_still_runs_in_the_moved_dataclasses():
         TrainConfig(epochs=2, warmup_epochs=3)
     cell = CellConfig(method="fft", seed=3)
     assert (cell.train.objective, cell.train.adaptation, cell.train.seed) == ("supervised", "full", 3)
+
+
+def test_torch_free_name_lists_match_the_registries():
+    """``smn validate`` checks arch and dataset names against these lists, not the torch-importing registries."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from orchestrator.spec.experiment import DIGITS_CLASS_COUNTS
+    from smn_core.backbones import available_backbones
+    from smn_core.config import BUILTIN_BACKBONES, BUILTIN_DATASETS
+    from smn_core.data import available_datasets
+
+    assert sorted(BUILTIN_BACKBONES) == available_backbones()
+    assert sorted(BUILTIN_DATASETS) == available_datasets()
+    assert list(DIGITS_CLASS_COUNTS) == np.bincount(load_digits().target).tolist()

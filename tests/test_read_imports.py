@@ -44,3 +44,36 @@ def test_read_commands_never_import_torch(tmp_path):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["table " + r][0] == 0 and seen["ledger compact " + r][0] == 0, seen
     assert all(mods == [] for _, mods in seen.values()), seen
+
+
+def test_validate_and_dry_run_never_import_torch_ray_or_pandas(tmp_path):
+    """``smn validate`` and ``smn run --dry-run [--json]`` on the finished demo read the spec, the dataset's
+    metadata and the ledger's file names only (issue 27): 9 cells done, 0 to run, and none of torch,
+    torchvision, ray or pandas in the interpreter afterwards (the checks that build a model are left to
+    ``smn run``, which a ``selector-no-match-run`` case of tests/test_bad_inputs.py covers)."""
+    shutil.copytree(REPO / "docs" / "results" / "demo", tmp_path / "results" / "demo")
+    spec, r = str(REPO / "experiments" / "demo.yaml"), str(tmp_path / "results")
+    script = r"""
+import contextlib, io, json, sys
+from orchestrator.cli.app import main
+out = {}
+for argv in json.loads(sys.argv[1]):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+        code = main(argv)
+    out[argv[0] + (" --json" if "--json" in argv else "")] = [code, buf.getvalue(), sorted(
+        m for m in ("torch", "torchvision", "ray", "pandas", "sklearn") if m in sys.modules)]
+print(json.dumps(out))
+"""
+    argvs = [["validate", spec], ["run", spec, "--dry-run", "--results", r],
+             ["run", spec, "--dry-run", "--json", "--results", r]]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(code == 0 and mods == [] for code, _, mods in seen.values()), seen
+    assert "spec demo: valid, 9 cells" in seen["validate"][1] and "mask selector" in seen["validate"][1]
+    assert "9 cells: 9 done, 0 to run" in seen["run"][1]
+    summary = json.loads(seen["run --json"][1])
+    assert len(summary["done"]) == 9 and summary["to_run"] == [] and summary["estimate"]["total_s"] == 0

@@ -36,8 +36,8 @@ import smn_core
 from orchestrator.cli.cascade import add_parser as add_cascade_parser
 from orchestrator.cli.common import (EXIT_CODES, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, INTERRUPTED,
                                      ResultsError, add_spec_arguments, usage_error)
-from orchestrator.cli.report import add_parser as add_report_parser
-from orchestrator.cli.report import add_run_options
+from orchestrator.cli.report_args import add_parser as add_report_parser
+from orchestrator.cli.report_args import add_run_options
 from orchestrator.cli.serve import add_parser as add_serve_parser
 from orchestrator.cli.store import add_parser as add_store_parser
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dashboard", action="store_true",
                      help="start Ray's dashboard with a local Ray (on 127.0.0.1, under the run's token) and print "
                           "its address; joining a cluster, print the address of its dashboard")
-    # --- output and tracking options (orchestrator.cli.report): --json, --quiet, --track ---
+    # --- output and tracking options (orchestrator.cli.report_args): --json, --quiet, --track ---
     add_run_options(run)
     # --- end output and tracking options ---
 
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "their metadata, sizes) and list its cells with their ids.")
     val.add_argument("spec", help="experiment spec (YAML)")
     val.add_argument("overrides", nargs="*", metavar="key=value", default=[], help="override spec keys")
+    val.add_argument("--check-model", action="store_true",
+                     help="also build each backbone on the CPU to check that the mask selector selects something "
+                     "and that checkpoint files load, and check timm/ and open_clip/ names (imports torch: seconds; "
+                     "smn run does these checks before Ray starts)")
 
     tab = sub.add_parser("table", help="rebuild the results table from the ledger alone (reads only)",
                          description="Aggregate the Parquet ledger under DIR into a table (mean ± std over seeds). "

@@ -22,50 +22,21 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Iterator
+from typing import Iterator
 
 from orchestrator import echo as echo_line
 from orchestrator.cli.common import check_output_path, check_results_dir
 from orchestrator.cli.progress import knn_bank_note, plural, ray_log, run_progress
+from orchestrator.cli.report_args import add_parser, add_run_options, tracking_section  # noqa: F401 - re-exported
 from orchestrator.reports import registry, tables
 from orchestrator.reports.docs import write_docs
 from orchestrator.reports.page import build_report, ls_frame
-from orchestrator.reports.settings import setting_id
 from orchestrator.reports.tracking import sync
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
-from orchestrator.spec.tracking import track_flag
 
 __all__ = ["add_parser", "report", "ls", "add_run_options", "quiet_output", "finish_run", "finish_cascade", "track",
-           "tracking_section", "write_table", "dry_run_json", "cell_rows"]
-
-
-def add_parser(sub) -> None:
-    """Register ``smn report``, ``smn ls`` and ``smn ledger compact``."""
-    rep = sub.add_parser("report", help="write a results page (Markdown + self-contained HTML + PNGs) from the ledger",
-                         description="Every experiment under RESULTS with the tables and figures its cells support, "
-                         "seeds and mean ± std, failed and collapsed cells, and the environment: report.md and "
-                         "report.html (open it in a browser, send it to a co-author) in DIR.")
-    rep.add_argument("results", metavar="RESULTS", help="results folder or URI")
-    rep.add_argument("--experiment", default=None, help="only this experiment (default: all)")
-    rep.add_argument("--out", default=None, help="output folder (default: RESULTS/report, ./report for a URI)")
-    rep.add_argument("--docs", default=None, metavar="OUT", help="instead of the page: write the deterministic "
-                     "result pages of docs/ (OUT/<experiment>.md per experiment and OUT/README.md, no durations)")
-
-    ls = sub.add_parser("ls", help="list the experiments of a results folder (cells done / failed / collapsed)",
-                        description="One line per experiment under RESULTS: cells done, failed, collapsed, last update.")
-    ls.add_argument("results", metavar="RESULTS", help="results folder or URI")
-    ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-
-    led = sub.add_parser("ledger", help="maintain the ledger: merge cell files into a few Parquet parts",
-                         description="smn ledger compact RESULTS [--experiment NAME]: merge every finished cell file "
-                         "of an experiment into one Parquet part with an index of its cells (docs/ledger.md). Safe "
-                         "while a run lands cells; stopped, it is run again; readers see the same rows before and "
-                         "after.")
-    led_sub = led.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
-    comp = led_sub.add_parser("compact", help="merge finished cell files into a few Parquet parts per experiment")
-    comp.add_argument("results", metavar="RESULTS", help="results folder or URI")
-    comp.add_argument("--experiment", default=None, help="only this experiment (default: all)")
+           "tracking_section", "write_table"]
 
 
 def report(args) -> int:
@@ -114,17 +85,6 @@ def ls(args) -> int:
     return 0
 
 
-def add_run_options(run) -> None:
-    """``smn run`` options: ``--json``, ``--quiet``, ``--track``."""
-    out = run.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true",
-                     help="print one JSON summary object at the end (progress goes to stderr)")
-    out.add_argument("--quiet", action="store_true", help="print the final table only (no progress)")
-    run.add_argument("--track", default=None, metavar="mlflow,wandb",
-                     help="log every cell to MLflow (file store in RESULTS/mlruns) and / or W&B (offline); "
-                     "same as a spec's tracking: section")
-
-
 @contextlib.contextmanager
 def quiet_output(args, total: int | None = 0, name: str = "", resources=None) -> Iterator[None]:
     """While a run goes on: progress to stderr for ``--json`` (stdout keeps the summary object only),
@@ -141,14 +101,6 @@ def quiet_output(args, total: int | None = 0, name: str = "", resources=None) ->
     else:
         with run_progress(total, name, resources=resources):
             yield
-
-
-def tracking_section(spec, args) -> dict[str, Any] | None:
-    """The trackers of a run: the spec's ``tracking:`` section, with ``--track`` added."""
-    section = dict(getattr(spec, "tracking", None) or {})
-    if getattr(args, "track", None):
-        section.update({k: v for k, v in track_flag(args.track, args.results).items() if k not in section})
-    return section or None
 
 
 def track(spec, args, echo=echo_line) -> dict[str, int]:
@@ -213,24 +165,6 @@ def finish_cascade(args, spec, code: int) -> None:
     elif args.quiet:
         layout = registry.tables()["table3"]
         print(registry.render_frame(layout.build(rows), args.format, title=layout.description))
-
-
-def cell_rows(cells) -> list[dict]:
-    """Per cell of a run: its id, label, method, seed, grid values and setting id
-    (:func:`orchestrator.reports.settings.setting_id`: cells of one setting differ only in the seed)."""
-    rows = []
-    for c in cells:
-        config = c.config.to_dict()
-        rows.append({"cell_id": c.cell_id, "label": c.label, "method": config.get("method"),
-                     "seed": int(config.get("seed", 0)), "grid": c.grid_values,
-                     "setting": setting_id(json.dumps(config, sort_keys=True, default=str))})
-    return rows
-
-
-def dry_run_json(summary: dict) -> str:
-    """``smn run SPEC --dry-run --json``: the dry run's summary (cells to run as :func:`cell_rows`, cells done,
-    pretraining, the estimate in parts) as strict JSON (no NaN or Infinity)."""
-    return registry.dumps_strict(registry.strict(summary), indent=1)
 
 
 def write_table(frame, fmt: str, out: str | None) -> str:

@@ -13,7 +13,6 @@ other.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Callable
 
 import ray
@@ -25,8 +24,8 @@ from orchestrator.engine.cell import CellJob, log
 from orchestrator.engine.pool import WarmPool, run_bounded
 from orchestrator.engine.preflight import StorageUnreachable
 from orchestrator.results import ledger
-from orchestrator.results.layout import ExperimentLayout
-from orchestrator.spec.experiment import Cell, ExperimentSpec, config_hash
+from orchestrator.results.layout import ExperimentLayout, pretrain_artifact_path
+from orchestrator.spec.experiment import Cell, ExperimentSpec
 
 __all__ = ["RunSummary", "completed_cells", "pretrain_artifact_path", "prepare_pipeline_weights", "cell_jobs",
            "uses_tune", "echo_cell_done"]
@@ -34,16 +33,6 @@ __all__ = ["RunSummary", "completed_cells", "pretrain_artifact_path", "prepare_p
 
 class RunSummary(dict):
     """``{"total", "skipped", "ran", "failed": {cell_id: error}}`` of one run (plain or sweep)."""
-
-
-def _artifact_key(cell) -> str:
-    return config_hash({"arch": cell.backbone.arch, "pretrain": asdict(cell.pretrain), "seed": 0})
-
-
-def pretrain_artifact_path(results: str | ExperimentLayout, experiment: str, cell) -> str:
-    """Where the pipeline's pretrained backbone for ``cell`` (a ``CellConfig``) lives (a local path, or a URI
-    for URI results)."""
-    return ExperimentLayout.of(results, experiment).artifact(f"pretrain-{_artifact_key(cell)}.safetensors")
 
 
 def _pretrain(cell, out_path: str) -> dict[str, float]:

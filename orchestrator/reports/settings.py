@@ -21,7 +21,6 @@ Reads the ledger's columns only; imports neither torch nor ray.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,7 +28,7 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
-from orchestrator.spec.keys import config_hash, flatten
+from orchestrator.spec.keys import flatten, setting_config, setting_id
 
 __all__ = ["SEED_KEYS", "MAX_KEYS", "NOTE", "KEYS", "setting_config", "setting_id", "split_settings", "select",
            "parse_where", "diff_from", "setting_label", "DEFAULTS_FILE", "cell_defaults", "method_settings"]
@@ -45,21 +44,6 @@ KEYS = "setting_keys"
 """``DataFrame.attrs`` entries :func:`split_settings` sets: the one-line note and the grid keys it added."""
 
 _GROUP = ["experiment", "method", "backbone", "dataset", "grid_json"]
-
-
-def setting_config(config: dict) -> dict:
-    """``config`` (a resolved cell config) without its seed keys (:data:`SEED_KEYS`); a copy."""
-    out = copy.deepcopy(config)
-    out.pop("seed", None)
-    if isinstance(out.get("train"), dict):
-        out["train"].pop("seed", None)
-    return out
-
-
-def setting_id(config_json: str) -> str:
-    """The id of a cell's setting: :func:`orchestrator.spec.keys.config_hash` of its config without the seed
-    (16 hex digits); cells that differ only in the seed share it."""
-    return config_hash(setting_config(json.loads(config_json)))
 
 
 def _flat(config_json: str) -> dict[str, str]:

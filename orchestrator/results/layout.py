@@ -38,6 +38,7 @@ by :meth:`ExperimentLayout.of` and by every ledger reader.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -48,8 +49,10 @@ import pyarrow.fs as pafs
 
 from smn_core.checkpoint import location_join
 
+from orchestrator.spec.keys import config_hash
+
 __all__ = ["ExperimentLayout", "filesystem", "normalise_results", "check_experiment_name",
-           "check_results_uri", "figure_location"]
+           "check_results_uri", "figure_location", "pretrain_artifact_path"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -269,3 +272,11 @@ def figure_location(results: str, name: str) -> str:
     """
     _check_part(name, "figures")
     return location_join(os.fspath(results), "figures", f"{name}.png")
+
+
+def pretrain_artifact_path(results: str | ExperimentLayout, experiment: str, cell) -> str:
+    """Where the pipeline's pretrained backbone for ``cell`` (a ``CellConfig``) lives (a local path, or a URI
+    for URI results): ``artifacts/pretrain-<key>.safetensors``, the key a hash of the arch and the ``pretrain``
+    section, so cells that share them share one pretraining (read by ``smn run --dry-run`` without the engine)."""
+    key = config_hash({"arch": cell.backbone.arch, "pretrain": dataclasses.asdict(cell.pretrain), "seed": 0})
+    return ExperimentLayout.of(results, experiment).artifact(f"pretrain-{key}.safetensors")

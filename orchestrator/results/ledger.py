@@ -37,14 +37,11 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -52,6 +49,9 @@ import smn_core
 from smn_core.checkpoint import atomic_write
 
 from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
+
+if TYPE_CHECKING:  # pandas and duckdb are imported where they are used: listing done cells needs neither
+    import pandas as pd
 
 __all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "MANIFEST", "LedgerFiles", "write_cell", "read_ledger", "read_cell", "wide",
            "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures",
@@ -93,6 +93,8 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
     lay = ExperimentLayout.of(results, experiment)
     fs = lay.fs
     n = len(metrics)
+    import pandas as pd  # the writer runs in a worker that has it loaded already
+
     ms = lambda t: pd.Timestamp(t, unit="s", tz="UTC")  # noqa: E731
     table = pa.table({
         "cell_id": [cell_id] * n, "experiment": [experiment] * n, "method": [method] * n,
@@ -310,6 +312,8 @@ def _set_aside(lay: ExperimentLayout, path: str, reason: str, quarantine: bool) 
 
 def _connect():
     """A private in-memory DuckDB connection (threads: DuckDB's default, one per core)."""
+    import duckdb  # only a scan needs it (about 0.2 s to import)
+
     con = duckdb.connect(":memory:")
     con.execute("SET enable_progress_bar = false")
     return con
@@ -323,6 +327,8 @@ def _source(con, fs: pafs.FileSystem, paths: list[str], columns: list[str]):
     through ``pyarrow.dataset``, reading only ``columns``."""
     if isinstance(fs, pafs.LocalFileSystem):
         return con.read_parquet(paths, filename=True, file_row_number=True)
+    import pyarrow.dataset as pads  # object stores only; its import loads pandas (about 0.5 s)
+
     dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA)
     batches, names = [], []
     for tagged in dataset.scanner(columns=columns).scan_batches():
@@ -347,6 +353,37 @@ def _query_rows(con, columns: list[str], metrics: list[str] | None) -> pa.Table:
     return table.cast(pa.schema([*(pa.field(c, types[c]) for c in columns), pa.field("filename", pa.string())]))
 
 
+def _query_per_cell(con, columns: list[str], metrics: list[str] | None, shared: list[str]) -> pa.Table:
+    """:func:`_query_rows` with the ``shared`` columns (the same on every row of a cell, e.g. ``config_json``) read
+    once per cell file: DuckDB groups the rows by (experiment, cell, file), lists ``metric`` and ``value`` in row
+    order and keeps one value of each shared column; the lists are flattened back into rows here, and
+    ``config_json`` comes back dictionary-encoded (a pandas categorical), so a 3 KB config costs its bytes once
+    per distinct config, not once per row, in Arrow and in pandas. Same rows, same order as :func:`_query_rows`."""
+    types = {f.name: f.type for f in LEDGER_SCHEMA}
+    keys = ["experiment", "cell_id", "filename"]
+    listed = [c for c in columns if c not in shared and c not in keys]
+    value = lambda c: 'CAST("value" AS DOUBLE)' if c == "value" else f'"{c}"'  # noqa: E731
+    select = ", ".join([*(f'"{k}"' for k in keys), *(f'list({value(c)} ORDER BY file_row_number) AS "{c}"' for c in listed),
+                        *(f'any_value("{c}") AS "{c}"' for c in shared)])
+    where, params = "", {}
+    if metrics is not None:
+        where, params = "WHERE metric IN (SELECT unnest($metrics::VARCHAR[]))", {"metrics": list(metrics)}
+    groups = con.sql(f"SELECT {select} FROM src {where} GROUP BY ALL ORDER BY experiment, cell_id, filename",
+                     params=params).to_arrow_table()
+    row_of = pc.list_parent_indices(groups.column(listed[0]))  # the group (cell file) of every row
+    out = {}
+    for c in [*columns, "filename"]:
+        col = groups.column(c)
+        if c in listed:
+            out[c] = pc.list_flatten(col).cast(types[c])
+        elif c == "config_json":  # kilobytes a cell: once per distinct value, as a dictionary (pandas categorical)
+            enc = col.combine_chunks().cast(types[c]).dictionary_encode()
+            out[c] = pa.DictionaryArray.from_arrays(pc.take(enc.indices, row_of), enc.dictionary)
+        else:
+            out[c] = pc.take(col, row_of).cast(types.get(c, pa.string()))
+    return pa.table(out)
+
+
 def _suspects(table: pa.Table, cell_files: set[str]) -> set[str]:
     """Per-cell files that a footer check must clear (:func:`footer_problem`): those without a row in
     ``table``, those whose rows there hold more than one cell or only NaN values."""
@@ -360,8 +397,9 @@ def _suspects(table: pa.Table, cell_files: set[str]) -> set[str]:
 
 
 def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None,
-          quarantine: bool) -> tuple[pa.Table, set[str]]:
-    """Every row of the ledgers ``sets`` with ``columns`` of ``metrics``, in one query of one engine (DuckDB).
+          quarantine: bool, shared: tuple[str, ...] = ()) -> tuple[pa.Table, set[str]]:
+    """Every row of the ledgers ``sets`` with ``columns`` of ``metrics``, in one query of one engine (DuckDB);
+    the ``shared`` columns (per-cell values) read once per cell file, dictionary-encoded (:func:`_query_per_cell`).
 
     Files are checked without a second scan: a per-cell file with no row in the answer, rows of several cells
     or only NaN values gets a footer check (:func:`footer_problem`: no rows at all, every value NaN, a bad
@@ -374,6 +412,8 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
     Raises:
         FileNotFoundError: a file vanished (a compaction swapped it): the caller lists again.
     """
+    import duckdb  # for its error type (loaded by _connect anyway)
+
     fs = sets[0].layout.fs
     owner = {p: f.layout for f in sets for p in f.paths}
     cell_files = {p for f in sets for p in f.cell_files.values()}
@@ -386,7 +426,9 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
         con = _connect()
         try:
             _source(con, fs, active, read_cols).create_view("src", replace=True)
-            table = _query_rows(con, read_cols, metrics)
+            per_cell = [c for c in read_cols if c in shared and c not in ("experiment", "cell_id")]  # keys anyway
+            table = (_query_per_cell(con, read_cols, metrics, per_cell) if per_cell
+                     else _query_rows(con, read_cols, metrics))
         except (duckdb.Error, pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
@@ -473,7 +515,8 @@ def is_plain_name(name: str) -> bool:
 
 
 def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool = False,
-                columns: list[str] | None = None, metrics: list[str] | None = None) -> pd.DataFrame:
+                columns: list[str] | None = None, metrics: list[str] | None = None,
+                shared: tuple[str, ...] = ()) -> pd.DataFrame:
     """All rows of one experiment (or of every experiment under ``results``) as a DataFrame: compacted parts
     and per-cell files alike (:func:`ledger_files`), read by DuckDB with only ``columns`` and ``metrics``.
 
@@ -488,6 +531,9 @@ def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool
         columns: the ledger columns to read (None: all of :data:`LEDGER_SCHEMA`, in its order); the others
             are not read.
         metrics: only the rows of these metrics (None: all); the filter is pushed into the scan.
+        shared: columns of :data:`META_COLUMNS` to read once per cell file rather than once per row (a
+            cell's rows share them); ``config_json`` among them comes back as a pandas categorical (the generic
+            table reads so: at 10,000 cells the per-row copies of the config took most of its time and memory).
 
     Raises:
         ValueError: ``experiment`` is not a plain name
@@ -499,13 +545,16 @@ def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool
     unknown = [c for c in columns if c not in LEDGER_SCHEMA.names]
     if unknown:
         raise ValueError(f"ledger column(s) {', '.join(unknown)} not known; allowed: {', '.join(LEDGER_SCHEMA.names)}")
+    if not set(shared) <= set(META_COLUMNS):
+        raise ValueError(f"shared column(s) {', '.join(sorted(set(shared) - set(META_COLUMNS)))}; allowed: "
+                         f"{', '.join(META_COLUMNS)}")
     table = LEDGER_SCHEMA.empty_table().select(columns)
     for attempt in range(3):
         sets = [ledger_files(ExperimentLayout.of(results, name)) for name in names]
         if not any(f.paths for f in sets):
             break
         try:
-            table = _scan([f for f in sets if f.paths], columns, metrics, quarantine)[0]
+            table = _scan([f for f in sets if f.paths], columns, metrics, quarantine, tuple(shared))[0]
             break
         except FileNotFoundError:  # a compaction swapped files between the listing and the scan: list again
             if attempt == 2:
@@ -607,7 +656,7 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
         A DataFrame with a ``cell_id`` column, sorted by ``cell_id``; empty (no columns) for no rows.
     """
     if df.empty:
-        return pd.DataFrame()
+        return type(df)()  # an empty DataFrame, without importing pandas here
     values = df.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
     values.columns.name = None
     meta = df.groupby("cell_id")[[c for c in META_COLUMNS if c in df.columns]].first()

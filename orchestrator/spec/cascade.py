@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from smn_core.cascade import COVARIANCE_TYPES, MODES, SCALINGS
+from smn_core.config import COVARIANCE_TYPES, MODES, SCALINGS
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
 
 __all__ = ["RouterSpec", "ExpertsSpec", "CombinationSpec", "CascadeSpec", "cascade_spec"]

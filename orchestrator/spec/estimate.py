@@ -13,11 +13,14 @@ time per cell = training steps x seconds per step (evaluation and Ray start-up a
 * a ``weights: pipeline`` backbone adds its pretraining once.
 
 :func:`estimate_parts` (``smn run --dry-run [--json]``) adds what the per-cell figure leaves out and splits the
-run's wall time into its parts: Ray start-up (:data:`RAY_STARTUP_S`), pretraining (0 when the artifact is
-cached), training and evaluation of the cells still to run (an embedding pass over the train and test
-images, forward only: a third of a training step's cost per pixel, plus :data:`EVAL_FIXED_S` for the k-NN and
-the linear probe), divided over the cells that run at once on this machine (``os.cpu_count()`` over the CPUs
-a cell asks for; on GPUs: the GPUs seen, else one).
+run's wall time into its parts: Ray start-up (:data:`RAY_STARTUP_S`, plus :data:`WORKER_START_S` for the
+workers' imports), pretraining (0 when the artifact is cached), training (plus :data:`TRAIN_FIXED_S` per
+trained cell) and evaluation of the cells still to run (:data:`CELL_SETUP_S`, an embedding pass over the train
+and test images, forward only: a third of a training step's cost per pixel, the probe fits,
+:data:`EVAL_FIXED_S`), divided over the cells that run at once on this machine (``os.cpu_count()`` over the
+CPUs a cell asks for; on GPUs: the GPUs seen, else one). On the CPU every part but Ray's own start is scaled by
+:func:`load_factor`: the load other processes put on the cores now. A test runs a tiny spec through the CLI and
+checks that the measured wall time is within 2x of the estimate (``tests/test_estimate.py``).
 """
 
 from __future__ import annotations
@@ -28,18 +31,37 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 __all__ = ["CellEstimate", "estimate_cells", "estimate_text", "estimate_parts", "benchmark_step_times", "TRAIN_IMAGES",
-           "DEFAULT_S_PER_MPX", "ARCH_COST", "RAY_STARTUP_S", "EVAL_FIXED_S"]
+           "DEFAULT_S_PER_MPX", "ARCH_COST", "RAY_STARTUP_S", "WORKER_START_S", "EVAL_FIXED_S", "CELL_SETUP_S",
+           "PROBE_FIT_S", "TRAIN_FIXED_S", "PER_VIEW_S", "load_factor"]
 
 RAY_STARTUP_S = {"local": 10.0, "join": 2.0}
-"""Seconds to start a local Ray (head, dashboard, first workers) or to join a running cluster: defaults, stated
-as such in the estimate."""
+"""Seconds to start a local Ray (head, dashboard) or to join a running cluster: defaults, stated as such in the
+estimate."""
 
-EVAL_FIXED_S = 5.0
-"""Seconds of a cell's evaluation beside the embedding pass: k-NN at two k, the linear probe's C search
-(the demo's cells: 6-10 s of ``eval_seconds`` on one CPU core, the pass included)."""
+WORKER_START_S = 10.0
+"""Seconds until the warm workers can take a cell: Ray starts their processes, which import torch, torchvision,
+scikit-learn and ``smn_core`` (:func:`orchestrator.engine.pool.warm_imports`; 4-8 s each on an idle core,
+17-23 s at load 2.3 per core, measured on the 2-core dev machine). Part of "Ray start-up" in the estimate."""
+
+EVAL_FIXED_S = 0.3
+"""Seconds of a cell's evaluation beside the embedding pass and the probe fits: the k-NN votes at two k."""
+
+CELL_SETUP_S = 1.0
+"""Seconds a cell spends loading its data and building its backbone, before training or evaluation (the tiny
+test spec's cells: 0.9-1.1 s of ``wall_s`` outside ``train_seconds`` and ``eval_seconds``). Counted with the
+evaluation, which every cell has."""
+
+PROBE_FIT_S = 0.25
+"""Seconds of one logistic-regression fit per 1,000 train images (the demo's cells: 46 fits, 5-fold CV over 9
+C values, on 630 images in 6-9 s of ``eval_seconds``)."""
+
+TRAIN_FIXED_S = 0.5
+"""Seconds of a trained cell's set-up outside its steps: optimiser, head, the SwAV view-strength check."""
+
+PER_VIEW_S = 0.002
+"""Seconds per augmented view and step outside the backbone's FLOPs (PIL augmentation, collation, the small
+kernels of 32-px inputs; the demo's SwAV steps take about 5x the FLOP model's time without it)."""
 
 TRAIN_IMAGES = {"digits": 1797 * 0.7, "cifar10": 50_000, "cifar100": 50_000, "food101": 75_750, "eurosat": 18_900,
                 "sun397": 76_128, "tinyimagenet": 100_000, "imagenet": 1_281_167}
@@ -74,23 +96,24 @@ class CellEstimate:
         return self.steps * self.seconds_per_step
 
 
-def benchmark_step_times(path: str | None = None) -> pd.DataFrame:
-    """``train_step`` benchmark rows ``arch, px, batch, device, seconds`` (empty when there is no file)."""
+def benchmark_step_times(path: str | None = None) -> list[dict]:
+    """``train_step`` benchmark rows ``{arch, px, batch, device, seconds}`` in file order (empty when there is no
+    file). Read with pyarrow alone: the dry run stays clear of pandas' import."""
     path = path or os.environ.get("SMN_BENCHMARKS") or str(Path(__file__).resolve().parents[1] / "benchmarks" /
                                                             "results" / "benchmarks.parquet")
-    cols = ["arch", "px", "batch", "device", "seconds"]
     if not os.path.exists(path):
-        return pd.DataFrame(columns=cols)
-    df = pd.read_parquet(path)
-    df = df[(df["area"] == "train_step") & (df["status"] == "ok") & (df["unit"] == "s")]
+        return []
+    import pyarrow.parquet as pq  # only when a benchmark file is there
+
+    cols = pq.read_table(path, columns=["area", "name", "value", "unit", "device", "status"]).to_pydict()
     rows = []
-    for name, value, device in zip(df["name"], df["value"], df["device"]):
-        m = _NAME.match(name)
+    for area, name, value, unit, device, status in zip(*cols.values()):
+        m = _NAME.match(name or "") if (area, status, unit) == ("train_step", "ok", "s") else None
         if m:
             rows.append({"arch": m["arch"], "px": int(m["px"]), "batch": int(m["batch"]),
                          "device": "gpu" if "cuda" in str(device).lower() or "gpu" in str(device).lower() else "cpu",
                          "seconds": float(value)})
-    return pd.DataFrame(rows, columns=cols)
+    return rows
 
 
 def _train_images(dataset: dict) -> tuple[int, str]:
@@ -114,13 +137,20 @@ def _pixels_per_image(train: dict, size: int) -> int:
     return size * size
 
 
-def _step_seconds(arch: str, batch: int, pixels: int, device: str, bench: pd.DataFrame) -> tuple[float, str]:
-    rows = bench[(bench["arch"] == arch) & (bench["device"] == device)]
-    if len(rows):
-        r = rows.iloc[-1]
+def _views(train: dict) -> int:
+    """Augmented views per image and step: SwAV's multi-crop, else one."""
+    mc = train.get("multicrop") or {}
+    return int(mc.get("n_global", 2) + mc.get("n_local", 0)) if train.get("objective") == "swav" else 1
+
+
+def _step_seconds(arch: str, batch: int, pixels: int, device: str, bench: list[dict],
+                  views: int = 1) -> tuple[float, str]:
+    rows = [r for r in bench if r["arch"] == arch and r["device"] == device]
+    if rows:
+        r = rows[-1]
         return r["seconds"] * (batch / r["batch"]) * (pixels / (r["px"] ** 2)), f"benchmark ({device})"
     cost = ARCH_COST.get(arch, 1.0)
-    return DEFAULT_S_PER_MPX[device] * cost * batch * pixels / 1e6, "default"
+    return DEFAULT_S_PER_MPX[device] * cost * batch * pixels / 1e6 + PER_VIEW_S * batch * views, "default"
 
 
 def _steps(train: dict, dataset: dict) -> tuple[int, str]:
@@ -131,7 +161,7 @@ def _steps(train: dict, dataset: dict) -> tuple[int, str]:
     return int(train.get("epochs", 1)) * per_epoch, note
 
 
-def estimate_cells(spec, cells, bench: pd.DataFrame | None = None) -> tuple[list[CellEstimate], list[str]]:
+def estimate_cells(spec, cells, bench: list[dict] | None = None) -> tuple[list[CellEstimate], list[str]]:
     """Per-cell estimates of ``cells`` (from :func:`orchestrator.spec.experiment.expand_cells`) and notes (defaults
     used, pretraining)."""
     bench = benchmark_step_times() if bench is None else bench
@@ -151,7 +181,8 @@ def estimate_cells(spec, cells, bench: pd.DataFrame | None = None) -> tuple[list
             steps, note = _steps(train, d["dataset"])
         if note and note not in notes:
             notes.append(note)
-        s, source = _step_seconds(arch, int(train.get("batch_size", 64)), _pixels_per_image(train, size), device, bench)
+        s, source = _step_seconds(arch, int(train.get("batch_size", 64)), _pixels_per_image(train, size), device, bench,
+                                  _views(train))
         s /= max(1, res.workers)  # DDP splits each step's work (ideal scaling: a lower bound)
         pre = d.get("pretrain")
         if d["backbone"].get("weights") == "pipeline" and pre and arch not in pretrain_seen:
@@ -169,7 +200,7 @@ def estimate_cells(spec, cells, bench: pd.DataFrame | None = None) -> tuple[list
     return out, notes
 
 
-def estimate_text(spec, cells, bench: pd.DataFrame | None = None) -> str:
+def estimate_text(spec, cells, bench: list[dict] | None = None) -> str:
     """The cost estimate ``smn run --dry-run`` prints: a line per cell, the total in CPU- or GPU-hours."""
     est, notes = estimate_cells(spec, cells, bench)
     res = spec.resources
@@ -187,15 +218,30 @@ def estimate_text(spec, cells, bench: pd.DataFrame | None = None) -> str:
     return "\n".join(lines)
 
 
-def _eval_seconds(cell_dict: dict, device: str, bench: pd.DataFrame) -> float:
-    """One cell's evaluation: an embedding pass (forward only, about a third of a training step per pixel)
-    over the train and test images, plus :data:`EVAL_FIXED_S`."""
+def _eval_seconds(cell_dict: dict, device: str, bench: list[dict]) -> float:
+    """One cell's set-up and evaluation: :data:`CELL_SETUP_S`, an embedding pass (forward only, about a third of
+    a training step per pixel) over the train and test images, the probe fits (:data:`PROBE_FIT_S`: one, or one
+    per C and fold of ``probe_C_grid`` plus the refit, plus one per low-shot fraction) and :data:`EVAL_FIXED_S`."""
     data = cell_dict["dataset"]
     size = data.get("image_size") or 224
     train, _ = _train_images(data)
-    images = train / 0.7 if data.get("source") == "digits" else train * 1.2  # + the test split
+    test = data.get("max_test_samples") or train * (0.3 / 0.7 if data.get("source") == "digits" else 0.2)
     per_image, _ = _step_seconds(cell_dict["backbone"]["arch"], 1, size * size, device, bench)
-    return images * per_image / 3 + EVAL_FIXED_S
+    ev = cell_dict.get("eval") or {}
+    fits = 1 + len(ev.get("probe_C_grid") or []) * int(ev.get("probe_cv_folds", 5)) + len(
+        ev.get("lowshot_fractions") or [])
+    return CELL_SETUP_S + (train + test) * per_image / 3 + fits * PROBE_FIT_S * train / 1000 + EVAL_FIXED_S
+
+
+def load_factor(device: str) -> float:
+    """How much slower than on idle cores CPU work runs now: the 1-minute load average per core, at least 1
+    (``os.getloadavg``; 1 where there is none, and on GPUs). Other processes that keep the cores busy now will
+    most likely share them with the run."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 1.0
+    return 1.0 if device == "gpu" else max(1.0, load / (os.cpu_count() or 1))
 
 
 def _slots(spec, device: str) -> int:
@@ -206,7 +252,7 @@ def _slots(spec, device: str) -> int:
 
 
 def estimate_parts(spec, cells, *, done: set[str] | frozenset = frozenset(), pretrain_cached: bool = False,
-                   join: bool = False, bench: pd.DataFrame | None = None) -> dict:
+                   join: bool = False, bench: list[dict] | None = None) -> dict:
     """The wall-time estimate of ``smn run`` for the cells of ``cells`` not in ``done``, in parts.
 
     Args:
@@ -226,13 +272,16 @@ def estimate_parts(spec, cells, *, done: set[str] | frozenset = frozenset(), pre
     est, notes = estimate_cells(spec, todo, bench)
     slots = _slots(spec, device)
     by_id = {c.cell_id: c for c in todo}
-    train = sum(e.seconds for e in est if e.cell_id != "pretrain")
-    evaluation = sum(_eval_seconds(by_id[e.cell_id].config.to_dict(), device, bench) for e in est
-                     if e.cell_id != "pretrain")
-    pre = 0.0 if pretrain_cached else sum(e.seconds for e in est if e.cell_id == "pretrain")
-    parts = {"ray_startup_s": RAY_STARTUP_S["join" if join else "local"] if todo else 0.0,
-             "pretraining_s": pre if todo else 0.0, "training_s": train / slots, "evaluation_s": evaluation / slots}
+    cells_est = [e for e in est if e.cell_id != "pretrain"]
+    train = sum(e.seconds + (TRAIN_FIXED_S if e.steps else 0.0) for e in cells_est)
+    evaluation = sum(_eval_seconds(by_id[e.cell_id].config.to_dict(), device, bench) for e in cells_est)
+    pre = 0.0 if pretrain_cached else sum(e.seconds + TRAIN_FIXED_S for e in est if e.cell_id == "pretrain")
+    load = load_factor(device)
+    startup = RAY_STARTUP_S["join" if join else "local"] + WORKER_START_S * load
+    parts = {"ray_startup_s": startup if todo else 0.0, "pretraining_s": pre * load if todo else 0.0,
+             "training_s": train * load / slots, "evaluation_s": evaluation * load / slots}
     parts = {k: round(v, 1) for k, v in parts.items()}
     parts["total_s"] = round(sum(parts.values()), 1)
-    parts.update(concurrent_cells=slots, source=sorted({e.source for e in est}) or ["-"], notes=notes)
+    parts.update(concurrent_cells=slots, load_factor=round(load, 2), source=sorted({e.source for e in est}) or ["-"],
+                 notes=notes)
     return parts

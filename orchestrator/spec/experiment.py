@@ -30,7 +30,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from smn_core.config import METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec, PretrainSpec, TrainConfig
+from smn_core.config import (BUILTIN_BACKBONES, BUILTIN_DATASETS, METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec,
+                             PretrainSpec, TrainConfig)
 
 from orchestrator.results.layout import check_experiment_name
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
@@ -42,7 +43,7 @@ __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec
            "parse_overrides", "expand_cells", "pending_references", "search_cell", "cell_id_of", "config_hash", "FOUND",
            "EPOCH_METRICS",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
-           "TORCHVISION_FACTS"]
+           "TORCHVISION_FACTS", "DIGITS_CLASS_COUNTS"]
 
 FOUND = "found"
 _ROOTS = ("backbone", "dataset", "train", "eval", "pretrain")
@@ -330,9 +331,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None, model_checks: bool = True) -> ExperimentSpec:
     """Read and validate a spec file, applying ``key=value`` overrides first, then check it against what
-    exists (backbones, datasets and their metadata, sizes) with :func:`check_spec`.
+    exists (backbones, datasets and their metadata, sizes) with :func:`check_spec` (``model_checks``: its
+    checks that import torch; False for ``smn validate`` and ``--dry-run``).
 
     Raises:
         SpecError: missing file, bad YAML, duplicate key, unknown key, wrong type or value, or a spec that
@@ -372,7 +374,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experimen
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, f"spec {str(path)!r}")) from None
-    check_spec(spec)
+    check_spec(spec, model_checks)
     return spec
 
 
@@ -581,6 +583,13 @@ TORCHVISION_FACTS = {"cifar10": (10, 50_000), "cifar100": (100, 50_000), "dtd": 
 """``{source: (classes, training images)}`` of the torchvision datasets (published sizes; eurosat and
 sun397 are split by ``test_fraction`` from the whole)."""
 
+DIGITS_CLASS_COUNTS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
+"""Images per class (0-9) of scikit-learn's bundled digits (1,797 in all), so that a spec is checked without
+importing scikit-learn (a unit test compares them with ``load_digits()``)."""
+
+TIMM_OR_OPEN_CLIP = ("timm/", "open_clip/")
+"""Prefixes of the archs built by timm / open_clip, whose names are checked with ``model_checks`` only."""
+
 
 def dataset_facts(data: DataSpec, where: str = "dataset") -> DataFacts:
     """Check that ``data``'s source is known and its root exists, and read its metadata only (Parquet
@@ -589,18 +598,15 @@ def dataset_facts(data: DataSpec, where: str = "dataset") -> DataFacts:
     Raises:
         SpecError: an unknown source, a missing root, or a Parquet folder without the split's files.
     """
-    from smn_core.data import available_datasets
+    if data.source not in BUILTIN_DATASETS:  # a source registered elsewhere: ask the registry (imports torch)
+        from smn_core.data import available_datasets
 
-    sources = available_datasets()
-    if data.source not in sources:
-        raise SpecError(f"{where}.source {data.source!r} is not known; allowed: {', '.join(sources)}")
+        sources = available_datasets()
+        if data.source not in sources:
+            raise SpecError(f"{where}.source {data.source!r} is not known; allowed: {', '.join(sources)}")
     keep = 1.0 - data.test_fraction
     if data.source == "digits":
-        import numpy as np
-        from sklearn.datasets import load_digits
-
-        counts = np.bincount(load_digits().target)
-        per = {c: int(np.ceil(n * keep)) for c, n in enumerate(counts)}
+        per = {c: math.ceil(n * keep) for c, n in enumerate(DIGITS_CLASS_COUNTS)}
         return DataFacts([str(c) for c in range(10)], 10, sum(per.values()), per)
     if data.root is None:
         raise SpecError(f"{where}.root is missing: source {data.source!r} needs {where}.root, a data folder")
@@ -736,17 +742,41 @@ def check_cell_count(spec: ExperimentSpec) -> None:
                         f"{spec.max_cells:,} (set max_cells: N in the spec, at most {MAX_CELLS:,})")
 
 
-def check_spec(spec: ExperimentSpec) -> None:
+def _check_backbone(backbone: BackboneSpec, model_checks: bool) -> None:
+    """The arch is known and a local checkpoint exists; with ``model_checks`` also a timm / open_clip name and
+    its cached weights (:func:`smn_core.backbones.check_arch`) and the checkpoint's content
+    (:func:`check_checkpoint`), which import torch. A registered arch is checked against the torch-free
+    :data:`smn_core.config.BUILTIN_BACKBONES`; any other name loads the registry (torch), to name what is allowed."""
+    arch, ck = backbone.arch, backbone.checkpoint
+    deferred = isinstance(arch, str) and arch.startswith(TIMM_OR_OPEN_CLIP)
+    if arch not in BUILTIN_BACKBONES and (model_checks or not deferred):
+        from smn_core.backbones import check_arch
+
+        try:  # timm/<name>, open_clip/<name>:<tag>: the name exists, pretrained weights are in the local cache
+            check_arch(arch, backbone.weights, ck)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+    if backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
+        raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
+                        "(.safetensors or a torch file)")
+    if model_checks and ck and "://" not in ck and backbone.weights in ("checkpoint", "pretrained"):
+        check_checkpoint(arch, ck)
+
+
+def check_spec(spec: ExperimentSpec, model_checks: bool = True) -> None:
     """Everything about ``spec`` that can be known before any work starts: every cell validates, backbones
     and dataset sources exist, dataset roots exist, classes exist and batches fit the data (read from
     metadata only, never the images), search keys exist, the cascade section is valid and fits the data,
     and the number of seeds and cells is sane.
 
+    ``model_checks`` (default True; ``smn run`` before Ray starts) adds the checks that build or load a model
+    and so import torch: the mask selector selects something (:func:`check_selector`), a checkpoint file loads
+    into the arch (:func:`check_checkpoint`), and a ``timm/`` or ``open_clip/`` name exists with its weights
+    cached. ``smn validate`` and ``smn run --dry-run`` pass False and stay torch-free (issue 27).
+
     Raises:
         SpecError: one line naming the bad key or value and what is allowed.
     """
-    from smn_core.backbones import check_arch
-
     if len(spec.seeds) > MAX_SEEDS:
         raise SpecError(f"seeds: {len(spec.seeds)} seeds; allowed: <= {MAX_SEEDS:,}")
     check_cell_count(spec)
@@ -758,18 +788,9 @@ def check_spec(spec: ExperimentSpec) -> None:
         key = json.dumps([cfg.backbone.arch, cfg.backbone.weights, cfg.backbone.checkpoint], default=str)
         if key not in seen:
             seen.add(key)
-            ck = cfg.backbone.checkpoint
-            try:  # timm/<name>, open_clip/<name>:<tag>: the name exists, pretrained weights are in the local cache
-                check_arch(cfg.backbone.arch, cfg.backbone.weights, ck)
-            except ValueError as exc:
-                raise SpecError(str(exc)) from None
-            if cfg.backbone.weights == "checkpoint" and ck and "://" not in ck and not Path(ck).expanduser().is_file():
-                raise SpecError(f"backbone.checkpoint {ck!r} does not exist; allowed: a local weight file "
-                                "(.safetensors or a torch file)")
-            if ck and "://" not in ck and cfg.backbone.weights in ("checkpoint", "pretrained"):
-                check_checkpoint(cfg.backbone.arch, ck)
+            _check_backbone(cfg.backbone, model_checks)
         mask = cfg.train.mask if METHODS.get(cfg.method) and METHODS[cfg.method][1] == "mask" else None
-        if mask is not None:
+        if mask is not None and model_checks:
             key = json.dumps([cfg.backbone.arch, mask.selector, mask.stages, mask.include_bias, mask.include_bn],
                              default=str)
             if key not in seen:

@@ -59,7 +59,8 @@ def _rows(results: str, experiment: str | None, metrics: str | None, layout: str
         return ledger.read_ledger(results, experiment)
     chosen = [m.strip() for m in metrics.split(",")] if metrics else list(tables.DEFAULT_METRICS)
     df = ledger.read_ledger(results, experiment, columns=list(TABLE_COLUMNS),
-                            metrics=list(dict.fromkeys(chosen + list(STORAGE_METRICS))))
+                            metrics=list(dict.fromkeys(chosen + list(STORAGE_METRICS))),
+                            shared=tuple(c for c in TABLE_COLUMNS if c in ledger.META_COLUMNS))
     if metrics:
         unknown = [m for m in chosen if m not in set(df["metric"])]
         have = ledger.metric_names(results, experiment) if unknown else []
