@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from smn_core.config import (BUILTIN_BACKBONES, BUILTIN_DATASETS, METHODS, BackboneSpec, CellConfig, DataSpec, EvalSpec,
                              PretrainSpec, TrainConfig)
+from smn_core.model_names import check_timm_name
 
 from orchestrator.results.layout import check_experiment_name
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
@@ -748,6 +749,11 @@ def _check_backbone(backbone: BackboneSpec, model_checks: bool) -> None:
     (:func:`check_checkpoint`), which import torch. A registered arch is checked against the torch-free
     :data:`smn_core.config.BUILTIN_BACKBONES`; any other name loads the registry (torch), to name what is allowed."""
     arch, ck = backbone.arch, backbone.checkpoint
+    if isinstance(arch, str) and arch.startswith("timm/"):
+        try:  # torch-free: timm's names cached per version (smn_core.model_names), so a bad name costs no import
+            check_timm_name(arch[len("timm/"):])
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     deferred = isinstance(arch, str) and arch.startswith(TIMM_OR_OPEN_CLIP)
     if arch not in BUILTIN_BACKBONES and (model_checks or not deferred):
         from smn_core.backbones import check_arch
