@@ -31,3 +31,19 @@ def test_every_progress_function_defaults_to_it():
                  prepare.prepare_pipeline_weights, compact.compact_all, tracking.sync, report.track]
     for fn in functions:
         assert inspect.signature(fn).parameters["echo"].default is orchestrator.echo, fn.__qualname__
+
+
+def test_a_cells_rows_carry_its_ray_job(tmp_path):
+    """``ray_job_id`` / ``ray_submission_id`` are extra string columns of a cell's file; the ledger's readers
+    (and compaction) read the rows as before."""
+    import pyarrow.parquet as pq
+
+    from orchestrator.results import ledger
+
+    path = ledger.write_cell(str(tmp_path), "e", cell_id="0" * 16, method="smn", backbone="b", dataset="digits",
+                             seed=0, grid={}, config={}, metrics={"knn_top1": 0.5, "wall_s": 1.0}, started_at=0.0,
+                             finished_at=1.0, extra_columns={"ray_job_id": "02000000", "ray_submission_id": "smn-1"})
+    table = pq.read_table(path)
+    assert set(table.column("ray_job_id").to_pylist()) == {"02000000"}
+    assert set(table.column("ray_submission_id").to_pylist()) == {"smn-1"}
+    assert ledger.read_cell(ledger.ExperimentLayout.of(str(tmp_path), "e"), "0" * 16) == {"knn_top1": 0.5, "wall_s": 1.0}

@@ -162,5 +162,11 @@ def test_asha_stops_a_weak_trial_after_its_first_epoch_and_a_rerun_keeps_it(ray_
     df = ResultGrid(ExperimentAnalysis(str(run))).get_dataframe().set_index("config/train.swav.num_prototypes")
     assert df.loc[4, "training_iteration"] == 4 and df.loc[64, "training_iteration"] == 1  # 3 epochs + the end; 1
     assert sorted(Path(run).glob("*/checkpoint_*"))  # each epoch's report carried its checkpoint
+    import pyarrow.parquet as pq
+
+    for cid in wide["cell_id"]:  # the rows name the Ray job the cell ran in (a trial worker and the driver alike)
+        file = Path(ExperimentLayout.of(results, "asha").ledger_file(cid))
+        job = pq.read_table(file, columns=["ray_job_id"]).column(0).to_pylist()
+        assert set(job) == {ray_local.get_runtime_context().get_job_id()}
     again = run_experiment(load_spec(tiny_spec("asha", epochs=3, extra=ASHA), overrides), results, echo=lines.append)
     assert again["ran"] == 0 and again["skipped"] == 2

@@ -61,7 +61,7 @@ from orchestrator.results import per_image
 from orchestrator.results.curves import write_curves
 from orchestrator.results.layout import ExperimentLayout
 
-__all__ = ["Record", "Failure", "TrainInputs", "Stage", "TrainingStage", "CellJob", "device", "log",
+__all__ = ["Record", "Failure", "ray_job_columns", "SUBMISSION_ENV", "TrainInputs", "Stage", "TrainingStage", "CellJob", "device", "log",
            "local_checkpointing", "ddp_checkpointing", "land", "run_local", "fit_ddp", "run_ddp", "run_job"]
 
 @dataclass(frozen=True)
@@ -301,10 +301,28 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
     rec = job.ledger_record()
     ledger.write_cell(lay.results, lay.experiment, cell_id=job.cell_id, method=rec.method, backbone=rec.backbone,
                       dataset=rec.dataset, seed=rec.seed, grid=job.grid, config=rec.config, metrics=metrics,
-                      started_at=now if started is None else started, finished_at=time.time())
+                      started_at=now if started is None else started, finished_at=time.time(),
+                      extra_columns=ray_job_columns())
     if trained:
         delete_checkpoint(lay.checkpoint(job.cell_id))  # the cell has landed: its epoch checkpoints are spent
     return metrics
+
+
+SUBMISSION_ENV = "SMN_RAY_SUBMISSION_ID"
+"""The variable through which the driver of a ``ray job submit`` passes its submission id to its workers
+(:func:`orchestrator.engine.plain.ensure_ray`), for :func:`ray_job_columns`."""
+
+
+def ray_job_columns() -> dict[str, str]:
+    """The Ray job a cell ran in, for its ledger rows: ``ray_job_id`` (``ray.get_runtime_context().get_job_id()``,
+    the driver's Ray job) and, under ``ray job submit``, ``ray_submission_id`` (the id ``ray job submit`` prints
+    and ``ray job logs`` takes); ``{}`` outside Ray."""
+    if not ray.is_initialized():
+        return {}
+    out = {"ray_job_id": ray.get_runtime_context().get_job_id()}
+    if os.environ.get(SUBMISSION_ENV):
+        out["ray_submission_id"] = os.environ[SUBMISSION_ENV]
+    return out
 
 
 def _save_probe(location: str, cell_id: str, head: Mapping) -> None:
