@@ -49,7 +49,8 @@ from orchestrator.engine.cell import CellJob, Failure, land, run_job
 from orchestrator.engine.prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
-from orchestrator.spec.experiment import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
+from orchestrator.spec.experiment import (EPOCH_METRICS, Cell, ExperimentSpec, SpecError, expand_cells,
+                                          pending_references, search_cell)
 
 __all__ = ["run_sweep", "SweepProgress", "grid_param_space", "epoch_reporter", "scheduler_of"]
 
@@ -170,7 +171,9 @@ def _search_trial(config: dict, *, spec: ExperimentSpec, space: list[str], layou
     job = CellJob(cell.config, cell.cell_id, cell.label, dict(cell.grid_values), layout, pipeline_weights)
     metrics = ledger.read_cell(layout, cell.cell_id)
     if metrics is None:
-        metrics = run_job(job, resources, epoch_reporter(cell.cell_id))
+        # Optuna takes every report as a step of its metric: per-epoch reports only when they carry it
+        per_epoch = epoch_reporter(cell.cell_id) if spec.search.metric in EPOCH_METRICS else None
+        metrics = run_job(job, resources, per_epoch)
     _report(metrics, job)
 
 
