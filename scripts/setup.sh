@@ -20,3 +20,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
     >/dev/null 2>&1 || echo "note: chromium not installed (apt-get failed); the browser test will skip"
 fi
 echo "smn is set up in .venv ($(.venv/bin/python -c 'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'))"
+# timm's model names, cached once per timm version (smn_core.model_names): a bad `timm/<name>` is refused
+# without importing timm (seconds)
+.venv/bin/python -c 'import timm; from smn_core.model_names import save_timm_names; save_timm_names(timm.list_models(), timm.__version__)' \
+  || echo "note: timm's model names not cached; the first timm/<name> check caches them"

@@ -35,6 +35,7 @@ Plain PyTorch; never imports ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import warnings
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD  # one definition of the ImageNet statistics
+from .model_names import check_timm_name, save_timm_names
 from .registry import Registry
 
 __all__ = [
@@ -679,7 +681,8 @@ def _split_open_clip(arch: str) -> tuple[str, str]:
 def check_arch(arch: str, weights: str = "pretrained", checkpoint: str | os.PathLike | None = None) -> None:
     """Check, without building anything, that :func:`build_backbone` knows ``arch`` and can find its weights.
 
-    Registered archs need only be known. ``timm/<name>`` needs ``timm.is_model(name)``;
+    Registered archs need only be known. ``timm/<name>`` needs ``timm.is_model(name)`` (read from the names
+    cached per timm version, :mod:`smn_core.model_names`, without importing timm; the first check caches them);
     ``open_clip/<name>:<tag>`` needs ``name`` in ``open_clip.list_models()``. With ``weights="pretrained"`` and
     no ``checkpoint``, their weights must be in the local Hugging Face cache (nothing is downloaded); the
     registered hub-dependent archs download as before and are not checked here.
@@ -691,12 +694,16 @@ def check_arch(arch: str, weights: str = "pretrained", checkpoint: str | os.Path
         arch = repr(arch)  # named in the not-known error below
     pretrained = weights == "pretrained" and checkpoint is None
     if arch.startswith(TIMM_PREFIX):
-        import timm
-
         name = arch[len(TIMM_PREFIX):]
-        if not name or not timm.is_model(name):
-            raise ValueError(f"backbone.arch {arch!r}: timm has no model {name!r}; allowed: a name from "
-                             f"timm.list_models() (e.g. timm/resnet18, timm/convnext_tiny, timm/vit_small_patch16_224)")
+        if check_timm_name(name) is None:  # no cached names for this timm: ask timm, and cache its names
+            import timm
+
+            with contextlib.suppress(OSError):  # a read-only home: the next check asks timm again
+                save_timm_names(timm.list_models(), timm.__version__)
+            if not name or not timm.is_model(name):
+                raise ValueError(f"backbone.arch {arch!r}: timm has no model {name!r}; allowed: a name from "
+                                 f"timm.list_models() (e.g. timm/resnet18, timm/convnext_tiny, "
+                                 f"timm/vit_small_patch16_224)")
         if pretrained:
             _timm_weights_file(name)
     elif arch.startswith(OPEN_CLIP_PREFIX):

@@ -23,6 +23,7 @@ method              objective    adaptation   meaning
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import warnings
@@ -65,7 +66,14 @@ __all__ = [
     "clip_text_classifier",
     "reestimate_batchnorm",
     "run_cell",
+    "VAL_METRIC",
+    "validation_top1",
 ]
+
+VAL_METRIC = "val_knn_dino_top1"
+"""The validation metric of a cell with ``dataset.val_fraction``: DINO's k-NN top-1 (``eval.knn_dino_k`` /
+``eval.knn_dino_temperature``) of the validation images against the remaining train images, after every
+epoch (in the epoch's metrics, its curve and ``on_epoch_end``) and at the end (a ledger metric)."""
 
 
 @dataclass
@@ -247,6 +255,35 @@ def evaluate_model(model: torch.nn.Module, train_ds: ImageDataset, test_ds: Imag
         per_image.update(correct)
     out["eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+def validation_top1(model: torch.nn.Module, bank_ds: ImageDataset, val_ds: ImageDataset, spec: EvalSpec, *,
+                    image_size: int, mean, std, device: str | torch.device = "cpu") -> float:
+    """:data:`VAL_METRIC`: DINO's weighted k-NN top-1 (``spec.knn_dino_k``, ``spec.knn_dino_temperature``) of the
+    images of ``val_ds`` against the bank ``bank_ds`` (the train images the cell trains on), in [0, 1].
+
+    ``model`` maps images ``(B, 3, image_size, image_size)`` to features ``(B, F)``; it is embedded in eval mode
+    and its modes are restored (:func:`smn_core.evaluation.compute_embeddings`). Torch's CPU random state is
+    restored afterwards, so a training run that validates after every epoch draws the same augmentations as
+    one that does not.
+    """
+    tf = eval_transform(image_size, mean, std)
+    with torch.random.fork_rng(devices=[]):
+        xb, yb = compute_embeddings(model, SeededViewDataset(bank_ds, tf), batch_size=spec.batch_size, device=device)
+        xv, yv = compute_embeddings(model, SeededViewDataset(val_ds, tf), batch_size=spec.batch_size, device=device)
+    correct = knn_correct(xb, yb, xv, yv, k=min(spec.knn_dino_k, len(bank_ds)), temperature=spec.knn_dino_temperature,
+                          num_classes=len(bank_ds.class_names))
+    return float(np.asarray(correct, dtype=np.float64).mean())
+
+
+def _with_validation(hook: Callable | None, check: Callable[[], float]) -> Callable:
+    """An ``on_epoch_end`` that adds :data:`VAL_METRIC` (``check()``) to the epoch's metrics (in place: the
+    history and the curves keep it) before it calls ``hook``."""
+    def on_epoch_end(epoch: int, metrics: dict, state_fn) -> None:
+        metrics[VAL_METRIC] = check()
+        if hook is not None:
+            hook(epoch, metrics, state_fn)
+    return on_epoch_end
 
 
 @torch.no_grad()
@@ -464,6 +501,9 @@ def run_cell(
     torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights)
     train_ds, test_ds = load_cell_data(cfg.dataset)
+    # with dataset.val_fraction, load_cell_data's second split is the held-out validation part of train: the
+    # per-epoch validation metric (for a Tune scheduler) reads it; the final evaluation reports it as val_*
+    val_ds = test_ds if cfg.dataset.val_fraction is not None else None
     size = _image_size(cfg.dataset, backbone)
     training = METHODS[cfg.method]
     head = None
@@ -474,17 +514,26 @@ def run_cell(
     metrics, head_features = _before_training(cfg, backbone, model, train_ds, size, fresh=resume is None and init_state
                                               is None, seeded=init_state is not None, train_subset=train_subset,
                                               device=device, progress=progress)
+    trained_dtype = getattr(torch, cfg.train.dtype) if training is not None else torch.float32
+    as_trained = model if trained_dtype == torch.float32 else _CastInput(model, trained_dtype)
+    check = None
+    if val_ds is not None:
+        check = functools.partial(validation_top1, as_trained, train_ds, val_ds, cfg.eval, image_size=size,
+                                  mean=backbone.mean, std=backbone.std, device=device)
     adapted = None
     if training is not None:
+        if check is not None:
+            on_epoch_end = _with_validation(on_epoch_end, check)
         adapted = _adapt(cfg, backbone, model, train_ds, size, train_subset=train_subset, head=head,
                          head_features=head_features, metrics=metrics, device=device,
                          train_kw=dict(resume=resume, init_state=init_state, on_epoch_end=on_epoch_end,
                                        progress=progress))
     per_image: dict[str, np.ndarray] | None = None
     probe_head: dict[str, Any] = {}
+    if check is not None and not evaluate:  # the evaluation below reports val_knn_dino_top1 itself
+        metrics[VAL_METRIC] = check()
     if evaluate:
-        trained_dtype = getattr(torch, cfg.train.dtype) if training is not None else torch.float32
-        eval_model = model if trained_dtype == torch.float32 else _CastInput(model, trained_dtype)
+        eval_model = as_trained
         per_image = {}
         with warnings.catch_warnings():  # recorded as knn_min_class_bank; the orchestrator's driver says it once
             warnings.simplefilter("ignore", SmallKnnBankWarning)

@@ -290,6 +290,14 @@ def test_readme_jobs_run_stop_resume_cascade_and_table(head):
     after = _ledger_files(results, sweep)
     assert set(after) == sweep_cells
     assert {c: after[c] for c in landed} == landed  # not rewritten
+    # each cell's rows name the job it ran in (docs/ledger.md): the stopped job's cells its submission id
+    import pyarrow.parquet as pq
+
+    jobs = {c: pq.read_table(Path(results) / sweep / "ledger" / f"{c}.parquet",
+                             columns=["ray_job_id", "ray_submission_id"]).to_pylist()[0] for c in after}
+    assert all(j["ray_job_id"] and j["ray_submission_id"] for j in jobs.values()), jobs
+    assert {jobs[c]["ray_submission_id"] for c in landed} == {"smn-sweep-1"}, jobs
+    assert len({jobs[c]["ray_job_id"] for c in after}) == 2, jobs  # the stopped job and the resumed one
     df = ledger.read_ledger(results, sweep)
     assert not df.duplicated(["cell_id", "metric"]).any()
     print(f"resumed sweep job: {time.time() - t0:.0f}s")

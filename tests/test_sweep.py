@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from orchestrator.results import ledger
@@ -121,3 +122,53 @@ def test_tune_sees_the_grid_axes_by_name(landed):
     for cid, protos in zip(df["config/cell_id"], df["config/train.swav.num_prototypes"]):
         assert json.loads(rows[cid]) == {"train.swav.num_prototypes": protos}
     assert df["knn_top1"].notna().all()  # the trials' reported metrics, beside their settings
+
+
+ASHA = """
+grid:
+  train.swav.num_prototypes: [4, 64]
+search: {scheduler: asha, metric: train_loss, mode: min, grace_epochs: 1, reduction_factor: 2}
+"""
+
+
+def test_asha_stops_a_weak_trial_after_its_first_epoch_and_a_rerun_keeps_it(ray_local, tiny_spec, tmp_path):
+    """Trials report every epoch (``tune.report`` with the epoch checkpoint); ASHA on ``train_loss`` stops the
+    second trial (64 prototypes: a SwAV loss well above the 4-prototype trial's, about log 64 against log 4) at its
+    first rung. The stopped cell lands with its last epoch's metrics (validation included), ``stopped_early``; a
+    rerun runs nothing."""
+    from pathlib import Path
+
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from orchestrator.results.curves import read_curves
+    from orchestrator.results.layout import ExperimentLayout
+
+    overrides = ["methods=[smn]", "dataset.val_fraction=0.25", "resources.max_concurrent_cells=1"]
+    spec = load_spec(tiny_spec("asha", epochs=3, extra=ASHA), overrides)
+    results = str(tmp_path / "results")
+    lines: list[str] = []
+    summary = run_experiment(spec, results, echo=lines.append)
+    text = "\n".join(lines)
+    assert summary["ran"] == 2 and summary.get("stopped") == 1 and not summary["failed"], text
+    assert "stopped by asha after epoch 1" in text and "stopped early" in text
+    wide = ledger.wide(ledger.read_ledger(results, "asha"))
+    wide = wide.set_index(wide["grid_json"].map(lambda g: json.loads(g)["train.swav.num_prototypes"]))
+    full, stopped = wide.loc[4], wide.loc[64]
+    assert stopped["stopped_early"] == 1 and stopped["scheduler_stopped"] == 1 and stopped["epochs_done"] == 1
+    assert 0 <= stopped["val_knn_dino_top1"] <= 1 and stopped["train_loss"] > full["train_loss"]
+    assert pd.isna(stopped.get("knn_top1")) and not pd.isna(full["knn_top1"])
+    assert full["stopped_early"] == 0 and 0 <= full["val_knn_dino_top1"] <= 1
+    curves = read_curves(ExperimentLayout.of(results, "asha"), full["cell_id"])
+    assert len(curves) == 3 and curves["val_knn_dino_top1"].between(0, 1).all()  # validated after every epoch
+    (run,) = Path(ExperimentLayout.of(results, "asha").tune).glob("sweep-*")
+    df = ResultGrid(ExperimentAnalysis(str(run))).get_dataframe().set_index("config/train.swav.num_prototypes")
+    assert df.loc[4, "training_iteration"] == 4 and df.loc[64, "training_iteration"] == 1  # 3 epochs + the end; 1
+    assert sorted(Path(run).glob("*/checkpoint_*"))  # each epoch's report carried its checkpoint
+    import pyarrow.parquet as pq
+
+    for cid in wide["cell_id"]:  # the rows name the Ray job the cell ran in (a trial worker and the driver alike)
+        file = Path(ExperimentLayout.of(results, "asha").ledger_file(cid))
+        job = pq.read_table(file, columns=["ray_job_id"]).column(0).to_pylist()
+        assert set(job) == {ray_local.get_runtime_context().get_job_id()}
+    again = run_experiment(load_spec(tiny_spec("asha", epochs=3, extra=ASHA), overrides), results, echo=lines.append)
+    assert again["ran"] == 0 and again["skipped"] == 2

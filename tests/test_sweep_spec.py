@@ -101,3 +101,48 @@ def test_grid_param_space_resolves_every_axis_for_cells_without_it():
     values = {c.cell_id: resolve({"cell_id": c.cell_id}) for c in cells}
     assert {v for c, v in values.items()} == {None, "all", "all_but_norm", "all_but_bias"}
     assert all(values[c.cell_id] is None for c in cells if c.config.method == "pretrained")
+
+
+VAL = "dataset.val_fraction=0.25"
+SCHEDULED = """
+grid:
+  train.swav.num_prototypes: [4, 64]
+search: {scheduler: asha, metric: val_knn_dino_top1, grace_epochs: 2}
+"""
+
+
+def test_a_grid_with_a_scheduler_is_a_tune_sweep_of_its_cells(tiny_spec):
+    """``search:`` beside a grid holds the scheduler only: the grid's cells are the trials, a validation split
+    is part of each cell (its id), and the default is no scheduler."""
+    from orchestrator.engine.prepare import uses_tune
+
+    spec = load_spec(tiny_spec("asha", extra=SCHEDULED), ["methods=[smn]", VAL])
+    assert spec.search.scheduler == "asha" and spec.search.grace_epochs == 2 and spec.search.space == {}
+    assert uses_tune(spec)
+    cells = expand_cells(spec)
+    assert len(cells) == 2 and all(c.config.dataset.val_fraction == 0.25 for c in cells)
+    plain = load_spec(tiny_spec("plain"), ["methods=[smn]"])
+    assert plain.dataset.val_fraction is None
+    assert "val_fraction" not in expand_cells(plain)[0].config.to_dict()["dataset"]  # old cell ids stay
+    assert {c.cell_id for c in expand_cells(load_spec(tiny_spec("v"), ["methods=[smn]", "dataset.val_fraction=0.25"]))} \
+        != {c.cell_id for c in expand_cells(plain)}
+    assert load_spec(tiny_spec("none", extra=SCHEDULED.replace("scheduler: asha", "scheduler: none")),
+                     ["methods=[smn]", VAL]).search.scheduler == "none"
+
+
+@pytest.mark.parametrize("search, overrides, fragment", [
+    ("{scheduler: asha, metric: knn_top1}", [], "reported after every epoch"),
+    ("{scheduler: median, metric: val_knn_dino_top1}", ["dataset.val_fraction=null"], "needs dataset.val_fraction"),
+    ("{scheduler: hyperband, metric: train_loss}", [], "scheduler"),
+    ("{scheduler: asha, metric: train_loss, mode: min, grace_epochs: 0}", [], "grace_epochs"),
+])
+def test_scheduler_errors_name_the_problem(tiny_spec, search, overrides, fragment):
+    text = SCHEDULED.replace("search: {scheduler: asha, metric: val_knn_dino_top1, grace_epochs: 2}", f"search: {search}")
+    with pytest.raises(SpecError, match=fragment):
+        load_spec(tiny_spec("bad", extra=text), ["methods=[smn]", VAL, *overrides])
+
+
+def test_an_empty_search_needs_a_grid(tiny_spec):
+    with pytest.raises(SpecError, match="search.space is empty"):
+        load_spec(tiny_spec("empty", extra="search: {scheduler: asha, metric: train_loss, mode: min}\n"),
+                  ["methods=[smn]"])

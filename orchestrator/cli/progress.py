@@ -199,7 +199,7 @@ class RunProgress(io.TextIOBase):
             self.failed = int(m["failed"])
             if m["best"]:
                 self.best = float(m["best"])
-            if (c := re.search(r"<- (?:finished|FAILED) (.*)$", plain)) is not None:
+            if (c := re.search(r"<- (?:finished|stopped early|FAILED) (.*)$", plain)) is not None:
                 for key in [k for k in self.tasks if k != "pretrain"]:
                     if " ".join(_CELL_ID.sub("", key).split()) == c.group(1).strip():
                         self._finish_cell(key)

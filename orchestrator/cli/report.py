@@ -129,6 +129,7 @@ def finish_run(args, spec, summary: dict, started: float, table_text: str) -> No
         note = table.attrs.get("note", "") if not table.empty else ""
         obj = {"experiment": spec.name, "results": str(args.results), "total": summary.get("total"),
                "ran": summary.get("ran"), "skipped": summary.get("skipped"), "failed": summary.get("failed", {}),
+               "stopped": summary.get("stopped", 0),
                "wall_s": round(time.time() - started, 3), "tracking": tracked,
                "ledger": ExperimentLayout.of(args.results, spec.name).location("ledger"),
                "table": json.loads(tables.render(table, "json")) if not table.empty else [],
@@ -141,7 +142,8 @@ def finish_run(args, spec, summary: dict, started: float, table_text: str) -> No
     if args.quiet:
         return
     skipped = summary["skipped"]
-    print(f"\n{plural(summary['ran'], 'cell')} ran, {skipped} {'was' if skipped == 1 else 'were'} already done, "
+    stopped = f" ({summary['stopped']} stopped early by the scheduler)" if summary.get("stopped") else ""
+    print(f"\n{plural(summary['ran'], 'cell')} ran{stopped}, {skipped} {'was' if skipped == 1 else 'were'} already done, "
           f"{len(summary['failed'])} failed; {time.time() - started:.0f}s")
 
 

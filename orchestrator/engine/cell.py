@@ -61,7 +61,7 @@ from orchestrator.results import per_image
 from orchestrator.results.curves import write_curves
 from orchestrator.results.layout import ExperimentLayout
 
-__all__ = ["Record", "Failure", "TrainInputs", "Stage", "TrainingStage", "CellJob", "device", "log",
+__all__ = ["Record", "Failure", "ray_job_columns", "SUBMISSION_ENV", "TrainInputs", "Stage", "TrainingStage", "CellJob", "device", "log",
            "local_checkpointing", "ddp_checkpointing", "land", "run_local", "fit_ddp", "run_ddp", "run_job"]
 
 @dataclass(frozen=True)
@@ -301,10 +301,28 @@ def land(job: CellJob, result, started: float | None, *, extra: Mapping[str, flo
     rec = job.ledger_record()
     ledger.write_cell(lay.results, lay.experiment, cell_id=job.cell_id, method=rec.method, backbone=rec.backbone,
                       dataset=rec.dataset, seed=rec.seed, grid=job.grid, config=rec.config, metrics=metrics,
-                      started_at=now if started is None else started, finished_at=time.time())
+                      started_at=now if started is None else started, finished_at=time.time(),
+                      extra_columns=ray_job_columns())
     if trained:
         delete_checkpoint(lay.checkpoint(job.cell_id))  # the cell has landed: its epoch checkpoints are spent
     return metrics
+
+
+SUBMISSION_ENV = "SMN_RAY_SUBMISSION_ID"
+"""The variable through which the driver of a ``ray job submit`` passes its submission id to its workers
+(:func:`orchestrator.engine.plain.ensure_ray`), for :func:`ray_job_columns`."""
+
+
+def ray_job_columns() -> dict[str, str]:
+    """The Ray job a cell ran in, for its ledger rows: ``ray_job_id`` (``ray.get_runtime_context().get_job_id()``,
+    the driver's Ray job) and, under ``ray job submit``, ``ray_submission_id`` (the id ``ray job submit`` prints
+    and ``ray job logs`` takes); ``{}`` outside Ray."""
+    if not ray.is_initialized():
+        return {}
+    out = {"ray_job_id": ray.get_runtime_context().get_job_id()}
+    if os.environ.get(SUBMISSION_ENV):
+        out["ray_submission_id"] = os.environ[SUBMISSION_ENV]
+    return out
 
 
 def _save_probe(location: str, cell_id: str, head: Mapping) -> None:
@@ -332,12 +350,22 @@ def _finish(job: CellJob, outcome, device) -> dict[str, float] | None:
     return job.stage.finish(job, outcome, str(device)) if isinstance(job.stage, TrainingStage) else None
 
 
-def run_local(job: CellJob) -> dict[str, float]:
+def _then(first: Callable, second: Callable) -> Callable:
+    """An ``on_epoch_end`` hook that calls ``first`` then ``second`` with the same arguments."""
+    def both(epoch: int, metrics: dict, state_fn) -> None:
+        first(epoch, metrics, state_fn)
+        second(epoch, metrics, state_fn)
+    return both
+
+
+def run_local(job: CellJob, on_epoch: Callable | None = None) -> dict[str, float]:
     """Run one unit of work in this process (a warm pool worker, a Tune trial, a Ray task) and land it
     (:func:`land`).
 
     A :class:`Stage` runs as it is. A cell trains resuming from and writing epoch checkpoints to
-    ``checkpoints/<cell_id>/`` (their meta records this worker's ``node_id`` and ``pid``).
+    ``checkpoints/<cell_id>/`` (their meta records this worker's ``node_id`` and ``pid``); ``on_epoch``
+    (``f(epoch, metrics, state_fn)``, as :func:`smn_core.training.train`'s ``on_epoch_end``) is called after
+    each epoch's checkpoint is written (a Tune trial reports the epoch through it).
 
     Returns:
         The cell's metrics (``knn_top1``, ``linear_probe_top1``, ``density``, ``wall_s``, ...).
@@ -351,6 +379,8 @@ def run_local(job: CellJob) -> dict[str, float]:
     where = ({"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
              if ray.is_initialized() else None)
     resume, on_epoch_end = local_checkpointing(job.layout.checkpoint(job.cell_id), job.prefix, where)
+    if on_epoch is not None:
+        on_epoch_end = _then(on_epoch_end, on_epoch)
     dev = device()
     outcome = _train(job, dev, resume, on_epoch_end)
     return land(job, outcome, started, extra=_finish(job, outcome, dev))
@@ -413,9 +443,9 @@ def run_ddp(job: CellJob, resources) -> dict[str, float]:
     return metrics
 
 
-def run_job(job: CellJob, resources) -> dict[str, float]:
-    """:func:`run_ddp` when ``resources.workers > 1`` (a ``TorchTrainer``) and the job trains, else
-    :func:`run_local`."""
+def run_job(job: CellJob, resources, on_epoch: Callable | None = None) -> dict[str, float]:
+    """:func:`run_ddp` when ``resources.workers > 1`` (a ``TorchTrainer``, whose epochs Ray Train reports) and the
+    job trains, else :func:`run_local` (``on_epoch``: its per-epoch hook)."""
     if resources.workers > 1 and not isinstance(job.stage, Stage):
         return run_ddp(job, resources)
-    return run_local(job)
+    return run_local(job, on_epoch)

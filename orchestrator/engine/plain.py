@@ -22,6 +22,7 @@ running the same command again runs only the missing cells.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ import ray
 
 from orchestrator import echo as echo_line
 from orchestrator.engine import session as ray_session
-from orchestrator.engine.cell import CellJob, Failure, land, run_ddp, run_local
+from orchestrator.engine.cell import SUBMISSION_ENV, CellJob, Failure, land, run_ddp, run_local
 from orchestrator.engine.pool import WarmPool, pool_size, run_bounded
 from orchestrator.engine.preflight import check_results_location
 from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done,
@@ -73,7 +74,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     # workers must import this checkout's packages even when it is not pip-installed
     root = str(Path(__file__).resolve().parents[2])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                        **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ}}}
+                        **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ},
+                        **({SUBMISSION_ENV: sub} if (sub := submission_id()) else {})}}
     ray_session.every_log_line()  # no "[repeated 3x across cluster]": each worker line when it is printed
     if address:
         context = ray_session.join_cluster(address, runtime_env=env, timeout_s=connect_timeout_s, log_to_driver=True)
@@ -85,6 +87,17 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
         ray_session.start_driver_watchdog()  # the session ends within seconds of a killed driver
     if dashboard:
         echo(ray_session.dashboard_line(context))
+
+
+def submission_id() -> str | None:
+    """The submission id of the ``ray job submit`` job this driver runs as (the job's metadata, which Ray's job
+    supervisor passes to the driver in ``RAY_JOB_CONFIG_JSON_ENV_VAR``), or None (not a submitted job)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    sub = (config.get("metadata") or {}).get("job_submission_id") if isinstance(config, dict) else None
+    return str(sub) if sub else None
 
 
 _ddp_cell_task = ray.remote(num_cpus=0)(run_ddp)

@@ -30,8 +30,10 @@ file, not the whole ledger), so a cell another driver finished meanwhile is repo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import tempfile
 import time
 import uuid
 from typing import Any, Callable
@@ -39,14 +41,18 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
+from smn_core.checkpoint import delete_checkpoint, save_checkpoint
+from smn_core.config import METHODS
+
 from orchestrator import echo as echo_line
 from orchestrator.engine.cell import CellJob, Failure, land, run_job
 from orchestrator.engine.prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
-from orchestrator.spec.experiment import Cell, ExperimentSpec, SpecError, expand_cells, pending_references, search_cell
+from orchestrator.spec.experiment import (EPOCH_METRICS, Cell, ExperimentSpec, SpecError, expand_cells,
+                                          pending_references, search_cell)
 
-__all__ = ["run_sweep", "SweepProgress", "grid_param_space"]
+__all__ = ["run_sweep", "SweepProgress", "grid_param_space", "epoch_reporter", "scheduler_of"]
 
 _PROGRESS_METRIC = "knn_top1"
 
@@ -110,22 +116,51 @@ class SweepProgress(tune.Callback):
             self.failed += 1
         else:
             self.done += 1
-        self._echo(f"{self.line()}  <- {'FAILED' if failed else 'finished'} {self.label(trial.config)}")
+        # a landed cell's last report carries its wall_s; a trial the scheduler stopped reported an epoch last
+        stopped = not failed and "wall_s" not in (getattr(trial, "last_result", None) or {"wall_s": 0})
+        what = "FAILED" if failed else "stopped early" if stopped else "finished"
+        self._echo(f"{self.line()}  <- {what} {self.label(trial.config)}")
 
 
-def _report(metrics: dict[str, Any], cell_id: str) -> None:
+def _epochs(config) -> int:
+    """Epochs a cell trains (0 for a frozen method, whose config keeps no training)."""
+    return int(config.train.epochs) if METHODS[config.method] is not None else 0
+
+
+def _report(metrics: dict[str, Any], job: CellJob) -> None:
+    """The trial's last report: the landed cell's metrics, at ``epoch`` = its last epoch."""
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    tune.report({**clean, "cell_id": cell_id})
+    tune.report({**clean, "epoch": _epochs(job.config), "cell_id": job.cell_id})
+
+
+def epoch_reporter(cell_id: str) -> Callable[[int, dict, Callable], None]:
+    """The per-epoch hook of a Tune trial (:func:`orchestrator.engine.cell.run_local`'s ``on_epoch``): ``tune.report``
+    of the epoch's metrics (``epoch`` 1-based, ``train_loss``, ``density``, ``val_knn_dino_top1`` with a
+    validation split, ...) with the epoch's checkpoint, so Tune's scheduler can stop the trial after any epoch
+    (the report then ends the trial's thread) and Tune keeps the last checkpoint of each trial."""
+
+    # Ray Train logs "Checkpoint successfully created at: ..." at INFO for each report, into the run's console
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+
+    def on_epoch(epoch: int, metrics: dict, state_fn) -> None:
+        clean = {("train_loss" if k == "loss" else k): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and k != "epoch"}
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, *state_fn())
+            tune.report({**clean, "epoch": epoch + 1, "cell_id": cell_id},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    return on_epoch
 
 
 def _grid_trial(config: dict, *, jobs: dict[str, CellJob], resources) -> None:
     """Tune trial of a grid sweep: run cell ``jobs[config["cell_id"]]`` (or read it from its ledger file
-    when another driver finished it meanwhile) and report its metrics."""
+    when another driver finished it meanwhile), reporting every epoch, then its final metrics."""
     job = jobs[config["cell_id"]]
     metrics = ledger.read_cell(job.layout, job.cell_id)
     if metrics is None:
-        metrics = run_job(job, resources)
-    _report(metrics, job.cell_id)
+        metrics = run_job(job, resources, epoch_reporter(job.cell_id))
+    _report(metrics, job)
 
 
 def _search_trial(config: dict, *, spec: ExperimentSpec, space: list[str], layout: ExperimentLayout, resources,
@@ -133,11 +168,13 @@ def _search_trial(config: dict, *, spec: ExperimentSpec, space: list[str], layou
     """Tune trial of an Optuna search: build the cell of the proposed values, run it (or read it from
     the ledger when it is there already) and report its metrics."""
     cell = search_cell(spec, {k: config[k] for k in space})
+    job = CellJob(cell.config, cell.cell_id, cell.label, dict(cell.grid_values), layout, pipeline_weights)
     metrics = ledger.read_cell(layout, cell.cell_id)
     if metrics is None:
-        job = CellJob(cell.config, cell.cell_id, cell.label, dict(cell.grid_values), layout, pipeline_weights)
-        metrics = run_job(job, resources)
-    _report(metrics, cell.cell_id)
+        # Optuna takes every report as a step of its metric: per-epoch reports only when they carry it
+        per_epoch = epoch_reporter(cell.cell_id) if spec.search.metric in EPOCH_METRICS else None
+        metrics = run_job(job, resources, per_epoch)
+    _report(metrics, job)
 
 
 def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
@@ -146,6 +183,57 @@ def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
         # the trial only drives a TorchTrainer, whose workers ask for the real resources
         return {"cpu": 0.01}
     return {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
+
+
+def scheduler_of(spec: ExperimentSpec, max_epochs: int):
+    """Tune's trial scheduler for ``search.scheduler`` on ``search.metric``, with ``epoch`` (1-based, reported by
+    :func:`epoch_reporter`) as its time: ``ASHAScheduler`` (rungs from ``grace_epochs`` by ``reduction_factor``
+    up to ``max_epochs``; a trial past the last rung runs to its end and lands whole) or ``MedianStoppingRule``;
+    None for ``none`` or no search section (Tune's FIFO: every trial runs to its end)."""
+    s = spec.search
+    if s is None or s.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    if s.scheduler == "asha":
+        return ASHAScheduler(time_attr="epoch", metric=s.metric, mode=s.mode, max_t=max(max_epochs, s.grace_epochs),
+                             grace_period=s.grace_epochs, reduction_factor=s.reduction_factor, stop_last_trials=False)
+    return MedianStoppingRule(time_attr="epoch", metric=s.metric, mode=s.mode, grace_period=s.grace_epochs,
+                              min_samples_required=3)
+
+
+def _land_stopped(spec: ExperimentSpec, result_grid, job_of: Callable[[dict], CellJob | None], summary: RunSummary,
+                  echo: Callable[[str], None]) -> set[str]:
+    """Land every cell whose trial Tune's scheduler stopped: its last reported metrics (training and
+    validation; no test evaluation), ``stopped_early`` = 1, ``scheduler_stopped`` = 1 and ``epochs_done``, so that
+    a rerun does not run it again. Its epoch checkpoint is dropped (Tune keeps the last one in its run folder).
+    Returns the ids of the cells it landed (counted in ``summary["ran"]`` and ``summary["stopped"]``)."""
+    stopped: set[str] = set()
+    for r in result_grid:
+        job = job_of(r.config or {})
+        if job is None or r.error is not None or ledger.read_cell(job.layout, job.cell_id) is not None:
+            continue
+        last = {k: float(v) for k, v in (r.metrics or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _TUNE_KEYS}
+        done = int(last.pop("epoch", 0))
+        if done >= _epochs(job.config) or not last:
+            continue  # not a scheduler's stop (the trial ended without landing: recorded as a failure elsewhere)
+        last.update(stopped_early=1.0, scheduler_stopped=1.0, epochs_done=float(done))
+        started = (r.metrics or {}).get("timestamp", time.time()) - (r.metrics or {}).get("time_total_s", 0.0)
+        land(job, last, started)
+        delete_checkpoint(job.layout.checkpoint(job.cell_id))
+        summary["stopped"] = summary.get("stopped", 0) + 1
+        summary["ran"] += 1
+        stopped.add(job.cell_id)
+        echo(f"  stopped by {spec.search.scheduler} after epoch {done}: {job.prefix} "
+             f"({spec.search.metric} {last.get(spec.search.metric, math.nan):.3f})")
+    return stopped
+
+
+_TUNE_KEYS = {"timestamp", "time_this_iter_s", "time_total_s", "training_iteration", "pid", "time_since_restore",
+              "iterations_since_restore", "done", "should_checkpoint", "checkpoint_dir_name", "node_ip", "date",
+              "hostname", "experiment_tag", "trial_id", "lr", "seconds"}
+"""Keys of a Tune result that are Tune's bookkeeping (or an epoch's learning rate and duration), not cell metrics."""
 
 
 def _run_config(spec: ExperimentSpec, layout: ExperimentLayout, callbacks: list) -> tune.RunConfig:
@@ -157,14 +245,15 @@ def _run_config(spec: ExperimentSpec, layout: ExperimentLayout, callbacks: list)
     # resuming is the ledger's job (finished cells are skipped, running ones resume from checkpoints)
     name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     return tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0,
-                          failure_config=tune.FailureConfig(max_failures=spec.resources.max_retries))
+                          failure_config=tune.FailureConfig(max_failures=spec.resources.max_retries),
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))  # each trial's last epoch
 
 
 def _record_failures(spec: ExperimentSpec, layout: ExperimentLayout, result_grid, cell_of: Callable[[dict], Cell | None],
-                     summary: RunSummary, echo: Callable[[str], None]) -> None:
+                     summary: RunSummary, echo: Callable[[str], None], stopped: set[str] = frozenset()) -> None:
     for r in result_grid:
         cell = cell_of(r.config or {})
-        if cell is None:
+        if cell is None or cell.cell_id in stopped:
             continue
         if r.error is not None:
             err = f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1] if str(r.error).strip() else ''}"
@@ -181,6 +270,8 @@ def _quiet_tune() -> None:
     # Tune's own console output (configuration boxes, trial tables) would interleave with our
     # progress lines; the legacy reporter at verbose=0 prints nothing
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # a report with a checkpoint every epoch snapshots the experiment state often; Tune would warn each time
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 class _AxisValue:
@@ -224,11 +315,13 @@ def _grid_round(spec: ExperimentSpec, layout: ExperimentLayout, cells: list[Cell
     tuner = tune.Tuner(
         trainable,
         param_space=grid_param_space(cells),
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=True),
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=True,
+                                    scheduler=scheduler_of(spec, max(_epochs(c.config) for c in cells))),
         run_config=_run_config(spec, layout, [progress]),
     )
     grid = tuner.fit()
-    _record_failures(spec, layout, grid, lambda cfg: by_id.get(cfg.get("cell_id")), summary, echo)
+    stopped = _land_stopped(spec, grid, lambda cfg: jobs.get(cfg.get("cell_id")), summary, echo)
+    _record_failures(spec, layout, grid, lambda cfg: by_id.get(cfg.get("cell_id")), summary, echo, stopped)
 
 
 def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Callable[[str], None] = echo_line,
@@ -258,7 +351,7 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
             raise RuntimeError("run_sweep needs Ray: pass start_ray (orchestrator.engine.plain.start_ray_for) or call "
                                "ray.init first")
 
-    if spec.search is not None:
+    if spec.search is not None and spec.search.space:
         return _run_search(spec, layout, ready=ready, echo=echo)
     summary = RunSummary(total=0, skipped=0, ran=0, failed={})
     densities: dict[str, float] | None = None
@@ -352,10 +445,17 @@ def _run_search(spec: ExperimentSpec, layout: ExperimentLayout, *, ready: Callab
                              echo, spec.name)
     tuner = tune.Tuner(
         trainable, param_space=_search_space(spec),
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
-                                    max_concurrent_trials=spec.resources.max_concurrent_cells, reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining, scheduler=scheduler_of(spec, _epochs(
+                                        base.config)), max_concurrent_trials=spec.resources.max_concurrent_cells,
+                                    reuse_actors=True),
         run_config=_run_config(spec, layout, [progress]),
     )
     grid = tuner.fit()
-    _record_failures(spec, layout, grid, cell_of, summary, echo)
+
+    def job_of(cfg: dict) -> CellJob | None:
+        cell = cell_of(cfg)
+        return None if cell is None else CellJob(cell.config, cell.cell_id, cell.label, dict(cell.grid_values), layout)
+
+    stopped = _land_stopped(spec, grid, job_of, summary, echo)
+    _record_failures(spec, layout, grid, cell_of, summary, echo, stopped)
     return summary

@@ -21,7 +21,7 @@ from orchestrator.results.layout import ExperimentLayout
 
 __all__ = ["write_curves", "read_curves", "CURVE_COLUMNS"]
 
-CURVE_COLUMNS = ("loss", "density", "code_entropy", "lr", "train_top1", "seconds")
+CURVE_COLUMNS = ("loss", "density", "code_entropy", "lr", "train_top1", "seconds", "val_knn_dino_top1")
 """Per-epoch quantities kept (whichever the training loop recorded)."""
 
 

@@ -78,12 +78,14 @@ LEDGER_SCHEMA = pa.schema([
 
 def write_cell(results: str, experiment: str, *, cell_id: str, method: str, backbone: str, dataset: str, seed: int,
                grid: dict[str, Any], config: dict[str, Any], metrics: dict[str, float],
-               started_at: float, finished_at: float) -> str:
+               started_at: float, finished_at: float, extra_columns: dict[str, str] | None = None) -> str:
     """Write one cell's rows atomically; returns the file's path.
 
     Args:
         metrics: ``{metric name: value}``; every value must be a finite-or-nan float.
         started_at, finished_at: UNIX times in seconds.
+        extra_columns: string columns beyond :data:`LEDGER_SCHEMA`, the same on every row (``ray_job_id``,
+            ``ray_submission_id``: docs/ledger.md); readers ignore them unless they read the file's own columns.
 
     Raises:
         ValueError: if ``metrics`` is empty.
@@ -105,6 +107,8 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
         "started_at": [ms(started_at)] * n, "finished_at": [ms(finished_at)] * n,
         "host": [socket.gethostname()] * n, "smn_version": [smn_core.__version__] * n,
     }, schema=LEDGER_SCHEMA)
+    for name, value in (extra_columns or {}).items():
+        table = table.append_column(pa.field(name, pa.string()), pa.array([str(value)] * n, pa.string()))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     final = atomic_write(lay.ledger_file(cell_id), sink.getvalue().to_pybytes(), fs=fs)

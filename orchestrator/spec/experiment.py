@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from smn_core.config import (BUILTIN_BACKBONES, BUILTIN_DATASETS, CONTROLS, METHODS, BackboneSpec, CellConfig, DataSpec,
                              EvalSpec, PretrainSpec, TrainConfig)
+from smn_core.model_names import check_timm_name
 
 from orchestrator.results.layout import check_experiment_name
 from orchestrator.spec.base import Resources, SpecError, format_validation_error
@@ -41,7 +42,8 @@ from orchestrator.spec.keys import config_hash, flatten, split_assignments
 from orchestrator.spec.tracking import parse_tracking
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
-           "parse_overrides", "expand_cells", "pending_references", "waiting_count", "control_reference", "search_cell", "cell_id_of", "config_hash", "FOUND",
+           "parse_overrides", "expand_cells", "pending_references", "waiting_count", "control_reference", "search_cell",
+           "cell_id_of", "config_hash", "FOUND", "EPOCH_METRICS",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
            "TORCHVISION_FACTS", "DIGITS_CLASS_COUNTS"]
 
@@ -51,7 +53,10 @@ DEFAULT_MAX_CELLS = 10_000  # a spec's `max_cells` default
 MAX_CELLS = 1_000_000  # the highest `max_cells` a spec may set
 SHARED_DEFAULTS = "shared_defaults"  # method_overrides.shared_defaults: true keeps blocks of methods not run
 SEED_RANGE = (0, 2**32 - 1)  # numpy's and torch's seedable range
-SEARCH_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "train_loss", "density", "code_entropy")
+SEARCH_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "train_loss", "density", "code_entropy",
+                  "val_knn_dino_top1")
+EPOCH_METRICS = ("val_knn_dino_top1", "train_loss")
+"""The metrics a trial reports after every epoch as well as at its end: what ``search.scheduler`` acts on."""
 
 
 class SearchAxis(BaseModel):
@@ -78,8 +83,15 @@ class SearchAxis(BaseModel):
 
 
 class SearchSpec(BaseModel):
-    """An Optuna (TPE) search run as a Ray Tune sweep: ``num_samples`` trials (one cell each) over
-    ``space`` (dotted keys, like grid keys), maximising or minimising ``metric``."""
+    """How a Ray Tune sweep searches: an Optuna (TPE) search of ``num_samples`` trials (one cell each) over
+    ``space`` (dotted keys, like grid keys), maximising or minimising ``metric``; and ``scheduler``, Tune's
+    early stopping of trials on ``metric`` as each epoch reports it (``asha``: ``ASHAScheduler``, ``median``:
+    ``MedianStoppingRule``, after ``grace_epochs`` epochs; ``none``: every trial runs to its end).
+
+    Beside a ``grid``, the section holds no ``space``: the grid's cells are the trials and the scheduler stops
+    the weak ones early (docs/tune.md). A scheduler needs a metric reported after every epoch
+    (:data:`EPOCH_METRICS`): ``val_knn_dino_top1`` (with ``dataset.val_fraction``) or ``train_loss``.
+    """
 
     model_config = ConfigDict(extra="forbid")
     algorithm: Literal["optuna"] = "optuna"
@@ -87,7 +99,19 @@ class SearchSpec(BaseModel):
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(8, ge=1, description="trial budget (cells already in the ledger count)")
     seed: int = 0
-    space: dict[str, SearchAxis] = Field(min_length=1)
+    space: dict[str, SearchAxis] = Field(default_factory=dict)
+    scheduler: Literal["asha", "median", "none"] = Field(
+        "none", description="Tune's trial scheduler on `metric`, reported every epoch (asha, median or none)")
+    grace_epochs: int = Field(1, ge=1, description="epochs every trial runs before the scheduler may stop it")
+    reduction_factor: int = Field(3, ge=2, description="asha: the share of trials kept at each rung is 1/this")
+
+    @model_validator(mode="after")
+    def _scheduler_metric(self) -> "SearchSpec":
+        if self.scheduler != "none" and self.metric not in EPOCH_METRICS:
+            raise ValueError(f"search.scheduler {self.scheduler!r} acts on a metric reported after every epoch; "
+                             f"search.metric {self.metric!r} is not one: allowed {', '.join(EPOCH_METRICS)} "
+                             "(val_knn_dino_top1 needs dataset.val_fraction)")
+        return self
 
     @field_validator("space")
     @classmethod
@@ -142,7 +166,16 @@ class ExperimentSpec(BaseModel):
     def _search_alone(self) -> "ExperimentSpec":
         if self.search is not None:
             if self.grid:
-                raise ValueError("a spec has either a grid or a search, not both")
+                if self.search.space:
+                    raise ValueError("a spec has either a grid or a search space, not both (beside a grid, the "
+                                     "search section holds a scheduler only)")
+            elif not self.search.space:
+                raise ValueError("search.space is empty: give a search space, or a grid for search.scheduler")
+            if self.search.metric == "val_knn_dino_top1" and self.dataset.val_fraction is None:
+                raise ValueError("search.metric val_knn_dino_top1 needs dataset.val_fraction (the validation "
+                                 "split it is measured on), e.g. dataset.val_fraction=0.2")
+            if self.grid:
+                return self
             if (len(self.methods) != 1 or len(self.seeds) != 1 or METHODS[self.methods[0]] is None
                     or self.methods[0] in CONTROLS):
                 raise ValueError(f"a search needs exactly one trained method and one seed, got methods "
@@ -715,6 +748,11 @@ def _check_backbone(backbone: BackboneSpec, model_checks: bool) -> None:
     (:func:`check_checkpoint`), which import torch. A registered arch is checked against the torch-free
     :data:`smn_core.config.BUILTIN_BACKBONES`; any other name loads the registry (torch), to name what is allowed."""
     arch, ck = backbone.arch, backbone.checkpoint
+    if isinstance(arch, str) and arch.startswith("timm/"):
+        try:  # torch-free: timm's names cached per version (smn_core.model_names), so a bad name costs no import
+            check_timm_name(arch[len("timm/"):])
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     deferred = isinstance(arch, str) and arch.startswith(TIMM_OR_OPEN_CLIP)
     if arch not in BUILTIN_BACKBONES and (model_checks or not deferred):
         from smn_core.backbones import check_arch

@@ -59,6 +59,7 @@ def _run_cells(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
         layout = ExperimentLayout.of(args.results, spec.name)  # every location of the run, built once
         ours = not ray.is_initialized()  # this command starts (or joins) Ray: it stops it before the summary
         # --json: progress to stderr; --quiet: no progress; a terminal: bars (orchestrator.cli.progress)
+        ours = not ray.is_initialized()  # this command starts (or joins) Ray: it stops it before the summary
         with report_cli.quiet_output(args, len(cells), spec.name, spec.resources):
             if getattr(args, "dashboard", False):  # up before any work, so the address comes first
                 ensure_ray(args.address, connect_timeout_s=args.connect_timeout, dashboard=True)
