@@ -55,7 +55,8 @@ def run_timed_cell(cell: dict, device: str, evaluate: bool = True) -> dict:
     "pid": this process}``."""
     from pydantic import TypeAdapter
 
-    from smn_core.pipeline import CellConfig, run_cell
+    from smn_core.pipeline import run_cell
+    from smn_core.config import CellConfig
 
     cfg = TypeAdapter(CellConfig).validate_python(cell)
     epochs: list[float] = []

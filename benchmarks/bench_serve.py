@@ -58,7 +58,7 @@ FLIP = 0.01  # share of kept weights dropped (and of dropped weights kept) per d
 
 
 def _cell(method: str, seed: int, data: str):
-    from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec
     from smn_core.training import TrainConfig
 
     return CellConfig(method=method, seed=seed, backbone=BackboneSpec("cifar_resnet20", "checkpoint", str(CKPT)),

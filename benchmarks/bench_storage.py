@@ -58,7 +58,8 @@ def _short_run(s: Settings) -> tuple[str, str, list[np.ndarray], list[np.ndarray
     """A short real self-masking run on digits; returns its masks and the backbone weights."""
     from smn_core.augment import MultiCropConfig
     from smn_core.backbones import build_backbone
-    from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, run_cell
+    from smn_core.pipeline import run_cell
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
     from smn_core.swav import SwAVConfig
     from smn_core.training import TrainConfig
 

@@ -65,7 +65,8 @@ def train_masks(work: Path) -> list[Path]:
     from safetensors.torch import save_file
 
     from smn_core.augment import MultiCropConfig
-    from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, run_cell
+    from smn_core.pipeline import run_cell
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
     from smn_core.swav import SwAVConfig
     from smn_core.training import TrainConfig
 

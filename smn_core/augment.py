@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .config import MultiCropConfig
+from .config import MultiCropConfig, check_positive_int
 
 if TYPE_CHECKING:  # torchvision is imported where the transforms are built (its import takes seconds)
     from torchvision.transforms import v2
@@ -50,12 +50,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Inputs with image_size at or below this are treated as "small" (CIFAR-like, 32 px): no resize
 # + centre-crop at eval, a milder random-resized-crop scale for supervised training.
 SMALL_IMAGE_MAX = 64
-
-
-def _check_positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -97,7 +91,7 @@ def eval_transform(
     """
     from torchvision.transforms import v2
 
-    image_size = _check_positive_int(image_size, "image_size")
+    image_size = check_positive_int(image_size, "image_size")
     mean, std = _check_stats(mean, std)
     if image_size <= SMALL_IMAGE_MAX:
         geometry = [v2.Resize((image_size, image_size), antialias=True)]
@@ -122,7 +116,7 @@ def supervised_train_transform(
     """
     from torchvision.transforms import v2
 
-    image_size = _check_positive_int(image_size, "image_size")
+    image_size = check_positive_int(image_size, "image_size")
     mean, std = _check_stats(mean, std)
     scale = (0.35, 1.0) if image_size <= SMALL_IMAGE_MAX else (0.08, 1.0)
     return v2.Compose(
@@ -167,7 +161,7 @@ class MultiCropTransform:
             raise ValueError(f"config must be a MultiCropConfig, got {type(config).__name__}")
         mean, std = _check_stats(mean, std)
         self.config = config
-        self.image_size = _check_positive_int(image_size, "image_size")
+        self.image_size = check_positive_int(image_size, "image_size")
         global_size, local_size = config.sizes(self.image_size)
         self.sizes = [global_size] * config.n_global + [local_size] * config.n_local
         global_t = self._view_transform(global_size, config.global_scale, mean, std,

@@ -50,12 +50,14 @@ __all__ = [
     "SCALINGS",
     "BUILTIN_BACKBONES",
     "BUILTIN_DATASETS",
+    "check_positive_int",
 ]
 
 
 # --- SwAV multi-crop (smn_core.augment) ---
 
-def _check_positive_int(value: Any, what: str) -> int:
+def check_positive_int(value: Any, what: str) -> int:
+    """``value`` as an int, or a ValueError naming ``what`` when it is not an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what} must be a positive int, got {value!r}")
     return int(value)
@@ -129,8 +131,8 @@ class MultiCropConfig:
             raise ValueError(f"n_local must be an int >= 0, got {self.n_local!r}")
         for what in ("global_size", "local_size"):
             if getattr(self, what) is not None:
-                _check_positive_int(getattr(self, what), what)
-        _check_positive_int(self.local_size_floor, "local_size_floor")
+                check_positive_int(getattr(self, what), what)
+        check_positive_int(self.local_size_floor, "local_size_floor")
         try:
             low, high = (float(v) for v in self.blur_sigma)
         except (TypeError, ValueError):
@@ -157,7 +159,7 @@ class MultiCropConfig:
         Raises:
             ValueError: ``image_size`` not a positive int.
         """
-        image_size = _check_positive_int(image_size, "image_size")
+        image_size = check_positive_int(image_size, "image_size")
         global_size = self.global_size if self.global_size is not None else image_size
         if self.local_size is not None:
             local_size = self.local_size
@@ -174,7 +176,7 @@ class MultiCropConfig:
         Raises:
             ValueError: ``crop_size`` not a positive int.
         """
-        crop_size = _check_positive_int(crop_size, "crop_size")
+        crop_size = check_positive_int(crop_size, "crop_size")
         ratio = crop_size / (96.0 if local else 224.0)
         return self.blur_sigma[0] * ratio, self.blur_sigma[1] * ratio
 

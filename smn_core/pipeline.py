@@ -47,15 +47,7 @@ from .view_strength import view_similarity
 
 __all__ = [
     "SmallKnnBankWarning",
-    "METHODS",
-    "CONTROLS",
-    "BackboneSpec",
-    "DataSpec",
-    "EvalSpec",
-    "PretrainSpec",
-    "CellConfig",
     "CellOutcome",
-    "method_training",
     "load_cell_data",
     "eval_split_names",
     "prepare_backbone",
@@ -501,9 +493,7 @@ def run_cell(
     torch.manual_seed(cfg.seed)  # random initialisations (backbone, heads) depend on the cell's seed only
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights)
     train_ds, test_ds = load_cell_data(cfg.dataset)
-    # with dataset.val_fraction, load_cell_data's second split is the held-out validation part of train: the
-    # per-epoch validation metric (for a Tune scheduler) reads it; the final evaluation reports it as val_*
-    val_ds = test_ds if cfg.dataset.val_fraction is not None else None
+    val_ds = test_ds if cfg.dataset.val_fraction is not None else None  # load_cell_data held it out of train
     size = _image_size(cfg.dataset, backbone)
     training = METHODS[cfg.method]
     head = None

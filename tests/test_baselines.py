@@ -22,7 +22,8 @@ from smn_core.backbones import build_backbone
 from smn_core.checkpoint import save_tensors
 from smn_core.data import load_dataset
 from smn_core.masking import MaskConfig, attach_masks, iter_masked_tensors, score_parameters
-from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, run_cell
+from smn_core.pipeline import run_cell
+from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
 from smn_core.swav import SwAVConfig
 from smn_core.training import TrainConfig, build_adaptation_model, train
 

@@ -291,7 +291,8 @@ def test_restored_dispatcher_reproduces_its_evaluation_and_subset_training():
     subset only (its number of steps)."""
     from smn_core.augment import MultiCropConfig
     from smn_core.evaluation import knn_top1
-    from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, load_cell_data, run_cell
+    from smn_core.pipeline import load_cell_data, run_cell
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
     from smn_core.swav import SwAVConfig
     from smn_core.training import TrainConfig
 

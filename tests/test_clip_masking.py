@@ -18,7 +18,8 @@ from orchestrator.spec.experiment import cell_id_of
 from smn_core.backbones import build_backbone
 from smn_core.checkpoint import save_tensors
 from smn_core.masking import MaskConfig, attach_masks, iter_masked_tensors, score_parameters
-from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, clip_text_classifier, run_cell
+from smn_core.pipeline import clip_text_classifier, run_cell
+from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
 from smn_core.training import CosineClassifier, TrainConfig
 
 # tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast

@@ -75,7 +75,8 @@ def test_land_writes_failure_records_measurements_and_trained_cells(tmp_path):
 
     from orchestrator.engine.cell import CellJob, Failure, Record, land
     from smn_core.checkpoint import has_checkpoint, load_checkpoint, load_tensors, save_checkpoint
-    from smn_core.pipeline import BackboneSpec, CellConfig, CellOutcome
+    from smn_core.pipeline import CellOutcome
+    from smn_core.config import BackboneSpec, CellConfig
 
     lay = ExperimentLayout.of(str(tmp_path / "r"), "e")
     cfg = CellConfig(method="smn", backbone=BackboneSpec(arch="cifar_resnet8", weights="random"))

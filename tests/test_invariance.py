@@ -18,7 +18,8 @@ from orchestrator.spec.experiment import cell_id_of
 from smn_core.analysis import mask_agreement
 from smn_core.checkpoint import save_tensors
 from smn_core.masking import MaskConfig
-from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, run_cell
+from smn_core.pipeline import run_cell
+from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
 from smn_core.training import TrainConfig
 
 # tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast

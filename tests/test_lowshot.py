@@ -10,7 +10,8 @@ from sklearn.datasets import load_digits
 
 from smn_core.data import load_dataset
 from smn_core.evaluation import lowshot_linear_probe, per_class_sample
-from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, labelled_subset, lowshot_metric, run_cell
+from smn_core.pipeline import labelled_subset, lowshot_metric, run_cell
+from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
 from smn_core.training import TrainConfig
 
 # tiers per test: the slow ones run in the ray tier's process, so that `pytest -m unit` stays fast

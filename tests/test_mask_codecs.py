@@ -31,7 +31,8 @@ def learned():
     """Real learned masks: one supervised-masking step of the real CIFAR-10 ResNet-20 on 64 real CIFAR-10
     images (score lr 2000 so bits flip), plus the frozen backbone weights of the masked tensors."""
     from smn_core.backbones import build_backbone
-    from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, run_cell
+    from smn_core.pipeline import run_cell
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec
     from smn_core.training import TrainConfig
 
     ckpt = shared_path(*CIFAR_CKPT)

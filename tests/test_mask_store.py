@@ -38,7 +38,7 @@ def _backbone():
 
 
 def _cell(seed: int, bn_mode: str):
-    from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec
     from smn_core.training import TrainConfig
 
     return CellConfig(method="supervised_mask", seed=seed,

@@ -12,7 +12,8 @@ from orchestrator.results import ledger
 from orchestrator.engine.plain import run_experiment
 from orchestrator.spec.experiment import expand_cells, load_spec
 from smn_core.checkpoint import load_tensors
-from smn_core.pipeline import CellConfig, run_cell
+from smn_core.pipeline import run_cell
+from smn_core.config import CellConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -17,7 +17,8 @@ from torch import nn
 from smn_core.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig, MultiCropTransform
 from smn_core.data import ImageDataset
 from smn_core.masking import MaskConfig, attach_masks, mask_modules, score_parameters
-from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, evaluate_model, reestimate_batchnorm, run_cell
+from smn_core.pipeline import evaluate_model, reestimate_batchnorm, run_cell
+from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
 from smn_core.swav import SwAVConfig
 from smn_core.training import TrainConfig, build_adaptation_model, lr_factor, train
 from smn_core.view_strength import view_similarity

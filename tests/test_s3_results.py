@@ -125,7 +125,8 @@ def test_checkpoint_round_trip_on_s3(s3):
 def test_pipeline_weights_are_read_from_s3(s3):
     """``weights: pipeline`` with the pretraining artifact on S3 (prepare_backbone fetches it)."""
     from smn_core.backbones import build_backbone
-    from smn_core.pipeline import BackboneSpec, prepare_backbone
+    from smn_core.pipeline import prepare_backbone
+    from smn_core.config import BackboneSpec
 
     endpoint, _ = s3
     torch.manual_seed(1)

@@ -226,7 +226,8 @@ def test_store_add_from_a_cell_keeps_its_linear_probe_as_the_head(tmp_path):
     from orchestrator.serve.model import MaskedModel
     from orchestrator.spec.experiment import cell_id_of
     from smn_core.data import load_dataset
-    from smn_core.pipeline import BackboneSpec, CellConfig, DataSpec, EvalSpec, run_cell
+    from smn_core.pipeline import run_cell
+    from smn_core.config import BackboneSpec, CellConfig, DataSpec, EvalSpec
     from smn_core.training import TrainConfig
 
     root = str(shared_path("data", "cifar10"))

@@ -177,7 +177,7 @@ def test_json_records_write_no_nan_or_infinity():
 
 
 def test_cell_defaults_file_matches_the_cell_config():
-    from smn_core.pipeline import CellConfig
+    from smn_core.config import CellConfig
 
     expected = settings.setting_config(CellConfig(method="smn").to_dict())
     expected.pop("method")

@@ -11,7 +11,7 @@ import sys
 
 from orchestrator.results.layout import check_results_uri
 
-__all__ = ["seconds", "check_output_path", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_CODES", "INTERRUPTED", "ResultsError",
+__all__ = ["seconds", "check_output_path", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_CODES", "INTERRUPTED", "ResultsError", "runtime_error",
            "add_spec_arguments", "check_results_dir", "usage_error"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -60,6 +60,13 @@ def usage_error(exc: BaseException) -> int:
     and return :data:`EXIT_USAGE`."""
     print(f"smn: {' '.join(str(exc).split())}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def runtime_error(exc: BaseException) -> int:
+    """Print ``exc`` as one ``smn: <message>`` line on stderr and return :data:`EXIT_FAILED` (the run could not
+    be done: an unreachable cluster or storage, a cluster too small)."""
+    print(f"smn: {exc}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 class ResultsError(ValueError):

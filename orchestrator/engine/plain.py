@@ -35,7 +35,7 @@ from orchestrator.engine import session as ray_session
 from orchestrator.engine.cell import SUBMISSION_ENV, CellJob, Failure, land, run_ddp, run_local
 from orchestrator.engine.pool import WarmPool, pool_size, run_bounded
 from orchestrator.engine.preflight import check_results_location
-from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done,
+from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done, landed_references,
                                          prepare_pipeline_weights, uses_tune)
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.results import ledger
@@ -183,12 +183,7 @@ def run_experiment(spec: ExperimentSpec, results: str | ExperimentLayout, *, add
             _run_round(spec, layout, todo, summary, echo, pool, limit, last=not waiting)
             if not waiting:
                 break
-            densities = ledger.cell_metric(layout.results, spec.name, "density")
-            missing = waiting - densities.keys()
-            for ref in sorted(missing):
-                summary["failed"][f"{ref}:dependent"] = (f"reference cell {ref} did not land; the cells that depend "
-                                                         "on it (top-k at its found density, random-mask controls) "
-                                                         "cannot run")
+            densities, missing = landed_references(layout, spec.name, waiting, summary)
             new = [c for c in expand_cells(spec, densities) if c.cell_id not in seen]
             seen.update(c.cell_id for c in new)
             done = completed_cells(layout, spec.name)

@@ -29,7 +29,7 @@ from orchestrator.results.layout import ExperimentLayout, pretrain_artifact_path
 from orchestrator.spec.experiment import CONTROLS, Cell, ExperimentSpec, control_reference
 
 __all__ = ["RunSummary", "completed_cells", "pretrain_artifact_path", "prepare_pipeline_weights", "cell_jobs",
-           "uses_tune", "echo_cell_done"]
+           "uses_tune", "echo_cell_done", "landed_references"]
 
 
 class RunSummary(dict):
@@ -73,6 +73,19 @@ def completed_cells(results: str | ExperimentLayout, experiment: str) -> set[str
     except OSError as exc:
         raise StorageUnreachable(f"cannot read the ledger of {experiment!r} under results location {root!r} from "
                                  f"the driver: {exc}") from None
+
+
+def landed_references(layout: ExperimentLayout, experiment: str, waiting: set[str],
+                      summary: RunSummary) -> tuple[dict[str, float], set[str]]:
+    """After a round: ``(densities, missing)``, the density of every cell in the ledger (what the dependent
+    cells, top-k at a found density and random-mask controls, are expanded from) and the referenced cells of
+    ``waiting`` that did not land; each of those is recorded in ``summary["failed"]`` as ``<id>:dependent``."""
+    densities = ledger.cell_metric(layout.results, experiment, "density")
+    missing = waiting - densities.keys()
+    for ref in sorted(missing):
+        summary["failed"][f"{ref}:dependent"] = (f"reference cell {ref} did not land; the cells that depend on it "
+                                                 "(top-k at its found density, random-mask controls) cannot run")
+    return densities, missing
 
 
 def prepare_pipeline_weights(spec: ExperimentSpec, results: str | ExperimentLayout, cells: list[Cell],

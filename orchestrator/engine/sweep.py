@@ -46,7 +46,8 @@ from smn_core.config import METHODS
 
 from orchestrator import echo as echo_line
 from orchestrator.engine.cell import CellJob, Failure, land, run_job
-from orchestrator.engine.prepare import RunSummary, cell_jobs, completed_cells, echo_cell_done, prepare_pipeline_weights
+from orchestrator.engine.prepare import (RunSummary, cell_jobs, completed_cells, echo_cell_done, landed_references,
+                                         prepare_pipeline_weights)
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout
 from orchestrator.spec.experiment import (EPOCH_METRICS, Cell, ExperimentSpec, SpecError, expand_cells,
@@ -374,12 +375,8 @@ def run_sweep(spec: ExperimentSpec, results: str | ExperimentLayout, *, echo: Ca
             _grid_round(spec, layout, todo, summary, echo)
         if not waiting:
             break
-        densities = ledger.cell_metric(layout.results, spec.name, "density")
-        missing = waiting - densities.keys()
+        densities, missing = landed_references(layout, spec.name, waiting, summary)
         if missing:
-            for ref in sorted(missing):
-                summary["failed"][f"{ref}:found"] = (f"threshold cell {ref} has no density in the ledger; the top-k "
-                                                     "cells at its found density cannot run")
             echo(f"  {len(missing)} threshold cell(s) did not land; their top-k cells at the found density are skipped")
             if missing == waiting:
                 break

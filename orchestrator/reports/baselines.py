@@ -271,10 +271,7 @@ def _lowshot_points(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def _lowshot_frame(df: pd.DataFrame) -> pd.DataFrame:
-    cells = cell_frame(df)
-    if cells.empty:
-        return pd.DataFrame()
-    pts = _lowshot_points(cells)
+    pts = _lowshot_points(cell_frame(df))  # no cells: no points
     if pts.empty or not (pts["fraction"] < 1.0).any():
         return pd.DataFrame()
     return pts

@@ -136,6 +136,20 @@ def paired_seed_interval(a: Mapping[int, float], b: Mapping[int, float], level: 
     return t_interval([float(a[s]) - float(b[s]) for s in shared], level, "paired t over seeds")
 
 
+def _correctness_pair(correct_a, correct_b, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-image correctness arrays as ``(seeds, images)`` arrays of ``dtype``.
+
+    Raises:
+        ValueError: the arrays differ in shape, or hold no image.
+    """
+    a = np.atleast_2d(np.asarray(correct_a, dtype=dtype))
+    b = np.atleast_2d(np.asarray(correct_b, dtype=dtype))
+    if a.shape != b.shape or a.shape[1] == 0:
+        raise ValueError(f"per-image correctness of shapes {a.shape} and {b.shape}; allowed: the same "
+                         "(seeds, images) shape, at least one image")
+    return a, b
+
+
 def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, *, resamples: int = 2000, seed: int = 0,
                      level: float = LEVEL) -> Interval:
     """Accuracy difference ``a - b`` over the same test images and seeds, with a paired percentile bootstrap.
@@ -153,11 +167,7 @@ def paired_bootstrap(correct_a: np.ndarray, correct_b: np.ndarray, *, resamples:
     Raises:
         ValueError: the two arrays differ in shape, or hold no image.
     """
-    a = np.atleast_2d(np.asarray(correct_a, dtype=float))
-    b = np.atleast_2d(np.asarray(correct_b, dtype=float))
-    if a.shape != b.shape or a.shape[1] == 0:
-        raise ValueError(f"per-image correctness of shapes {a.shape} and {b.shape}; allowed: the same "
-                         "(seeds, images) shape, at least one image")
+    a, b = _correctness_pair(correct_a, correct_b, float)
     d = (a - b).mean(axis=0)  # per image, averaged over seeds
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, d.size, size=(resamples, d.size))
@@ -195,11 +205,7 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     """
     from scipy.stats import binomtest  # lazy: scipy.stats takes a second to import
 
-    a = np.atleast_2d(np.asarray(correct_a, dtype=bool))
-    b = np.atleast_2d(np.asarray(correct_b, dtype=bool))
-    if a.shape != b.shape or a.shape[1] == 0:
-        raise ValueError(f"per-image correctness of shapes {a.shape} and {b.shape}; allowed: the same "
-                         "(seeds, images) shape, at least one image")
+    a, b = _correctness_pair(correct_a, correct_b, bool)
     only_a = (a & ~b).sum(axis=1)
     only_b = (~a & b).sum(axis=1)
 

@@ -469,7 +469,8 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
     """
     from pydantic import TypeAdapter
 
-    from smn_core.pipeline import CellConfig, prepare_backbone
+    from smn_core.pipeline import prepare_backbone
+    from smn_core.config import CellConfig
 
     df = ledger.read_ledger(results, experiment)
     rows = df[df["cell_id"] == cell_id]

@@ -9,7 +9,7 @@ import time
 
 import ray
 
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, usage_error
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, runtime_error, usage_error
 from orchestrator.cli.commands.validate import load_checked
 from orchestrator.engine.cascade import plan_cascades, run_cascade
 from orchestrator.engine.session import (ClusterUnreachable, check_auth_env, error_cause, parse_address,
@@ -54,8 +54,7 @@ def check_address(args) -> int | None:
     except ValueError as exc:
         return usage_error(exc)
     except ClusterUnreachable as exc:
-        print(f"smn: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return runtime_error(exc)
     return None
 
 

@@ -15,7 +15,7 @@ from smn_core.checkpoint import location_join
 from orchestrator.cli import report as report_cli
 from orchestrator.cli.commands import cascade as cascade_cmd
 from orchestrator.cli.commands.read import table_text
-from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, usage_error
+from orchestrator.cli.common import EXIT_FAILED, EXIT_OK, runtime_error, usage_error
 from orchestrator.engine.plain import ensure_ray, run_experiment
 from orchestrator.engine.preflight import StorageUnreachable
 from orchestrator.engine.session import (ClusterTooSmall, ClusterUnreachable, check_local_fits, error_cause,
@@ -35,8 +35,7 @@ def launch(args, spec: ExperimentSpec) -> int:
             probe_address(args.address or os.environ["RAY_ADDRESS"], args.connect_timeout,
                           what="--address" if args.address else "RAY_ADDRESS")
         except ClusterUnreachable as exc:
-            print(f"smn: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            return runtime_error(exc)
     if spec.cascade is not None:  # the cascade's spec (paper Sec. 3.4): the same as `smn cascade SPEC`
         return _cascade(args, spec)
     return _run_cells(args, spec, expand_cells(spec))
@@ -68,8 +67,7 @@ def _run_cells(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
             if ours and ray.is_initialized():  # the workers' last forwarded lines come before the summary, not after
                 ray.shutdown()
     except (ClusterTooSmall, ClusterUnreachable, StorageUnreachable) as exc:
-        print(f"smn: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return runtime_error(exc)
     except ValueError as exc:
         return usage_error(exc)
     except RuntimeError as exc:
