@@ -30,7 +30,6 @@ def test_dry_run_estimate_is_within_2x_of_a_measured_run(tiny_spec, tmp_path):
     assert est["ray_startup_s"] > 0 and est["pretraining_s"] == 0  # random weights: no pretraining
     measured = last_json(_cli(["run", spec, "--json", "--results", results]))
     assert measured["ran"] == 2 and not measured["failed"]
-    ratio = measured["wall_s"] / est["total_s"]
     # the cells' own clocks: what the estimate calls training and evaluation (set-up included), per cell
     rows = ledger.read_ledger(results, "estimate", metrics=["train_seconds", "wall_s"])
     cells = rows.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="first")
@@ -38,9 +37,13 @@ def test_dry_run_estimate_is_within_2x_of_a_measured_run(tiny_spec, tmp_path):
     rest = (cells["wall_s"] - cells["train_seconds"].fillna(0)).sum() / est["concurrent_cells"]
     detail = (f"measured {measured['wall_s']:.1f} s (training {train:.1f} s, evaluation {rest:.1f} s per slot) vs "
               f"estimate {est}")
-    assert 0.5 <= ratio <= 2.0, detail
+    # the estimate scales its CPU parts by the load per core when it is made (load_factor); in the two-lane suite
+    # the other lane's load slows this run less than that, so the measured run must lie within 2x of the band
+    # between the idle estimate (total / load_factor) and the loaded one
+    idle = est["total_s"] / est["load_factor"]
+    assert 0.5 * idle <= measured["wall_s"] <= 2.0 * est["total_s"], detail
     # the rest of the wall time is start-up (workers importing torch), which the estimate counts as Ray's; the
     # cells' own 1-2 s are too short here to hold their parts to 2x (the demo's 82-108 s run: docs/commands.md)
     startup = measured["wall_s"] - max(cells["wall_s"])
-    assert 0.5 <= startup / est["ray_startup_s"] <= 2.0, detail
+    assert 0.5 * est["ray_startup_s"] / est["load_factor"] <= startup <= 2.0 * est["ray_startup_s"], detail
     assert train + rest < measured["wall_s"] and est["training_s"] > 0 and est["evaluation_s"] > 0, detail
