@@ -62,10 +62,9 @@ from orchestrator.engine.cell import (CellJob, Failure, Record, Stage, TrainingS
                                       run_local)
 from orchestrator.engine.plain import ensure_ray, run_experiment
 from orchestrator.engine.pool import WarmPool, pool_size, run_bounded
-from orchestrator.engine.prepare import pretrain_artifact_path
 from orchestrator.engine.session import check_cluster_fits, error_cause
 from orchestrator.results import ledger
-from orchestrator.results.layout import ExperimentLayout
+from orchestrator.results.layout import ExperimentLayout, pretrain_artifact_path
 from orchestrator.spec.cascade import CascadeSpec, RouterSpec, cascade_spec
 from orchestrator.spec.experiment import Cell, ExperimentSpec, config_hash, expand_cells
 

@@ -3,7 +3,7 @@
 
 * which cells the ledger holds already (:func:`completed_cells`; a rerun is a resume);
 * the pretrained-backbone artifacts that ``weights: pipeline`` cells need, built once each
-  (:func:`prepare_pipeline_weights`, at :func:`pretrain_artifact_path`);
+  (:func:`prepare_pipeline_weights`, at :func:`orchestrator.results.layout.pretrain_artifact_path`);
 * the :class:`orchestrator.engine.cell.CellJob` of each cell (:func:`cell_jobs`);
 * the summary a run returns (:class:`RunSummary`) and its per-cell line (:func:`echo_cell_done`).
 
@@ -28,7 +28,7 @@ from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, pretrain_artifact_path
 from orchestrator.spec.experiment import CONTROLS, Cell, ExperimentSpec, control_reference
 
-__all__ = ["RunSummary", "completed_cells", "pretrain_artifact_path", "prepare_pipeline_weights", "cell_jobs",
+__all__ = ["RunSummary", "completed_cells", "prepare_pipeline_weights", "cell_jobs",
            "uses_tune", "echo_cell_done", "landed_references"]
 
 

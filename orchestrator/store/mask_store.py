@@ -50,7 +50,7 @@ from smn_core.mask_file import (
 )
 
 from orchestrator.results import ledger
-from orchestrator.results.layout import ExperimentLayout, filesystem
+from orchestrator.results.layout import ExperimentLayout, filesystem, pretrain_artifact_path
 
 __all__ = ["MaskStore", "StoreLayout", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
            "task_from_masks_file", "task_from_cell", "load_fp32_weights", "HEAD_PREFIX",
@@ -488,8 +488,6 @@ def task_from_cell(results: str, experiment: str, cell_id: str, store: MaskStore
         raise BackboneMismatchError(f"cell {cell_id} used backbone {cfg.backbone.arch!r}, the store holds {store.arch!r}")
     pipeline_weights = None
     if cfg.backbone.weights == "pipeline":
-        from orchestrator.engine.prepare import pretrain_artifact_path  # the engine imports ray: only for this case
-
         pipeline_weights = pretrain_artifact_path(results, experiment, cfg)
     backbone = prepare_backbone(cfg.backbone, pipeline_weights=pipeline_weights).model
     h = backbone_hash(backbone)
