@@ -35,9 +35,9 @@ from orchestrator.results import ledger
 from orchestrator.results.per_image import root_of
 from orchestrator.reports.intervals import difference_text, stat_text
 from orchestrator.reports.registry import register_figure, register_table, save_figure
-from orchestrator.reports.settings import KEYS, MAX_KEYS, setting_label
+from orchestrator.reports.settings import KEYS, MAX_KEYS, SEED_KEYS, setting_label
 from orchestrator.reports.vs_frozen import paired_difference
-from orchestrator.spec.keys import flatten, setting_config, setting_id
+from orchestrator.spec.keys import flatten, setting_id
 
 __all__ = ["cells_frame", "mask_variant", "frozen_label", "selection_strategy", "setting_without", "row_labels",
            "Reference"]
@@ -107,12 +107,17 @@ def selection_strategy(row: pd.Series) -> tuple[str, str]:
     return "all", ("+".join(f"L{i}" for i in stages) + " only") if stages else sel
 
 
+def _flat_setting(config: dict) -> dict:
+    """``config`` as dotted keys without its seed keys (:data:`orchestrator.reports.settings.SEED_KEYS`)."""
+    return {k: v for k, v in flatten(config).items() if k not in SEED_KEYS}
+
+
 def setting_without(config: dict, *keys: str) -> str:
-    """``config``'s setting (without its seeds, :func:`orchestrator.spec.keys.setting_config`) minus the dotted
+    """``config``'s setting (without its seeds, :data:`orchestrator.reports.settings.SEED_KEYS`) minus the dotted
     ``keys`` (a key drops its whole sub-tree: ``"train"``), as canonical JSON: cells that differ only in those
     keys (and the seed) share it, so a comparison is of like with like."""
-    flat = flatten(setting_config(config))
-    kept = {k: v for k, v in flat.items() if not any(k == key or k.startswith(key + ".") for key in keys)}
+    kept = {k: v for k, v in _flat_setting(config).items()
+            if not any(k == key or k.startswith(key + ".") for key in keys)}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -124,21 +129,23 @@ def row_labels(frame: pd.DataFrame, row_key: str) -> pd.Series:
     """The row label of each cell: ``frame[row_key]``, followed, when the cells of one label and dataset ran
     with several settings, by the config keys that differ between those settings (``SMN (threshold)
     (include_bn=true, selector=conv)``; more than :data:`orchestrator.reports.settings.MAX_KEYS` keys: a short
-    setting id), so that no row pools settings. ``frame``: :func:`cells_frame` rows (``config``, ``dataset``)."""
+    setting id), so that no row pools settings. ``frame``: :func:`cells_frame` rows (``experiment``, ``config``,
+    ``grid``, ``dataset``)."""
     labels = frame[row_key].astype(str).copy()
+    grids = frame["experiment"] + "|" + frame["grid"].map(lambda g: json.dumps(g, sort_keys=True, default=str))
     for _, g in frame.groupby([row_key, "dataset"], sort=False):
-        flats = {i: {k: json.dumps(v, sort_keys=True, default=str) for k, v in flatten(setting_config(c)).items()}
-                 for i, c in g["config"].items()}
-        keys = sorted({k for f in flats.values() for k in f})
-        differ = [k for k in keys if len({f.get(k) for f in flats.values()}) > 1]
-        if not differ:
+        if grids[g.index].nunique() < 2:  # one experiment and grid: one setting (split_settings saw to that)
             continue
-        for i, f in flats.items():
-            cfg = g.at[i, "config"]
+        flats = {i: _flat_setting(c) for i, c in g["config"].items()}
+        texts = {i: {k: json.dumps(v, sort_keys=True, default=str) for k, v in f.items()} for i, f in flats.items()}
+        keys = sorted({k for f in texts.values() for k in f})
+        differ = [k for k in keys if len({f.get(k) for f in texts.values()}) > 1]
+        for i, flat in flats.items():
+            if not differ:
+                continue
             if len(differ) > MAX_KEYS:
-                suffix = f"setting={setting_id(json.dumps(cfg, sort_keys=True, default=str))[:8]}"
+                suffix = f"setting={setting_id(json.dumps(g.at[i, 'config'], sort_keys=True, default=str))[:8]}"
             else:
-                flat = flatten(setting_config(cfg))
                 suffix = ", ".join(f"{k.split('.')[-1]}={_value_text(flat.get(k, '-'))}" for k in differ)
             labels.at[i] = f"{labels.at[i]} ({suffix})"
     return labels
