@@ -336,7 +336,7 @@ def _nonempty(frame: pd.DataFrame, missing: str) -> pd.DataFrame:
 @register_figure("fig3", "Fig. 3: low-shot top-1 against the share of labels, per method")
 def fig3(df: pd.DataFrame, out: str) -> None:
     """Fig. 3: one panel per (backbone, dataset); x = share of training labels (log scale, %), y = test
-    top-1, one line per method (mean over seeds, error bars = std).
+    top-1, one line per method (mean over seeds, error bars = the 95 % t-interval of the mean; none for one seed).
 
     Raises:
         ValueError: if the ledger has no low-shot cell (``eval.lowshot_fractions`` / ``dataset.label_fraction``).
@@ -348,12 +348,14 @@ def fig3(df: pd.DataFrame, out: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, ((backbone, data), g) in zip(axes[0], panels):
         for series, s in g.groupby("series", sort=False):
-            agg = s.groupby("fraction")["value"].agg(["mean", "std"]).sort_index()
-            ax.errorbar(100 * agg.index.values, agg["mean"], yerr=agg["std"].fillna(0), marker="o", markersize=4,
+            cis = {f: t_interval(list(v)) for f, v in s.groupby("fraction")["value"]}
+            fracs = sorted(cis)
+            half = [cis[f].hi - cis[f].mean if cis[f].known else 0.0 for f in fracs]
+            ax.errorbar(100 * np.asarray(fracs), [cis[f].mean for f in fracs], yerr=half, marker="o", markersize=4,
                         capsize=2, label=series)
         ax.set_xscale("log")
         ax.set_xlabel("labels used (% of the training set)")
-        ax.set_ylabel("test top-1")
+        ax.set_ylabel("test top-1 (bars: 95 % interval over seeds)")
         ax.set_title(f"{backbone} on {data}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
