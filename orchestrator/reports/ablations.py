@@ -140,9 +140,7 @@ def row_labels(frame: pd.DataFrame, row_key: str) -> pd.Series:
         texts = {i: {k: json.dumps(v, sort_keys=True, default=str) for k, v in f.items()} for i, f in flats.items()}
         keys = sorted({k for f in texts.values() for k in f})
         differ = [k for k in keys if len({f.get(k) for f in texts.values()}) > 1]
-        for i, flat in flats.items():
-            if not differ:
-                continue
+        for i, flat in flats.items() if differ else ():
             if len(differ) > MAX_KEYS:
                 suffix = f"setting={setting_id(json.dumps(g.at[i, 'config'], sort_keys=True, default=str))[:8]}"
             else:
