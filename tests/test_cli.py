@@ -69,6 +69,16 @@ def test_dry_run_lists_the_controls_waiting_on_their_smn_cell(capsys, tmp_path):
     assert len(plan["to_run"]) == 6 and sorted((w["method"], w["waiting_on"]) for w in plan["waiting"]) == sorted(
         (m, cid) for m, _, cid in waits)
     assert not any(tmp_path.iterdir())
+    # top-k at the density SMN found: ready once the threshold cell's density is in the ledger (read from its rows)
+    import shutil
+
+    shutil.copytree(REPO / "docs" / "results" / "table2_masking_small", tmp_path / "t2" / "table2_masking_small")
+    spec = str(REPO / "experiments" / "table2_masking_small.yaml")
+    assert main(["run", spec, "--dry-run", "--results", str(tmp_path / "t2")]) == 0
+    assert "15 cells: 15 done, 0 to run now\n" in capsys.readouterr().out
+    assert main(["run", spec, "--dry-run", "--results", str(tmp_path / "fresh")]) == 0
+    out = capsys.readouterr().out
+    assert "12 to run now, 3 waiting on another cell" in out and out.count("topk_density=found") == 3
 
 
 @pytest.mark.cluster
