@@ -170,14 +170,18 @@ def test_table1_rows_sizes_and_values(results):
 def test_lowshot_table_and_fig3(results, tmp_path):
     path, outcomes = results
     t = lowshot(_ledger(path))
-    assert list(t.columns) == ["100%", "20%", "5%"]
+    assert list(t.columns) == ["100%", "100% vs frozen", "20%", "20% vs frozen", "5%", "5% vs frozen"]
     methods = list(t.index.get_level_values("Method"))
     assert methods == ["Linear probe (frozen)", "SMN + linear probe", "Mask (supervised)", "FFT"]
     frozen = t.loc[("cifar_resnet8", "digits", "Linear probe (frozen)")]
     assert frozen["5%"] == mean_std(_metric(outcomes, "pretrained", "lowshot_top1@0.05")[0])
+    assert frozen["5% vs frozen"] == "reference"
+    smn = t.loc[("cifar_resnet8", "digits", "SMN + linear probe")]  # one seed each: the difference, no interval
+    gain = _metric(outcomes, "smn", "lowshot_top1@0.05")[0] - _metric(outcomes, "pretrained", "lowshot_top1@0.05")[0]
+    assert smn["5% vs frozen"] == f"{100 * gain:+.1f} (1 seed)"
     fft = t.loc[("cifar_resnet8", "digits", "FFT")]
     assert fft["5%"] == mean_std(_metric(outcomes, "fft", "classifier_top1", 0.05)[0])
-    assert fft["20%"] == "-"  # supervised methods only where they were trained on that share
+    assert fft["20%"] == fft["20% vs frozen"] == "-"  # supervised methods only where they were trained on that share
     out = tmp_path / "fig3.png"
     fig3(_ledger(path), str(out))
     assert out.stat().st_size > 10_000
@@ -206,8 +210,9 @@ def test_sparsity_tables_and_fig7_from_masks(results, tmp_path):
     assert set(t8.index.get_level_values("Method")) == {"supervised_mask", "supervised_mask (label_fraction=0.05)",
                                                        "smn"}
     dens = pd.Series(_metric(outcomes, "supervised_mask", "density"))
+    ci = t_interval(list(dens))  # mean ± std [95 % interval] over the seeds, in %
     assert t8.loc[("cifar_resnet8", "supervised_mask"), "digits"] == (
-        f"{100 * dens.mean():.1f}% ± {100 * dens.std():.1f}")
+        f"{100 * dens.mean():.1f}% ± {100 * dens.std():.1f} [{100 * ci.lo:.1f}, {100 * ci.hi:.1f}]")
     with pytest.raises(ValueError, match="results folder"):
         bare = ledger.read_ledger(path)
         bare.attrs.clear()  # rows that do not say where they came from: the masks cannot be found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -47,6 +48,37 @@ def test_dry_run_lists_cells(capsys, tmp_path):
     assert "4 cells" in listing and listing.count("smn seed=") == 2
     assert estimate.count("smn seed=") == 2 and "CPU-hours" in estimate
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.unit
+def test_dry_run_lists_the_controls_waiting_on_their_smn_cell(capsys, tmp_path):
+    """The demo's random-mask controls cannot be named before their SMN cell has landed: the dry run counts
+    them apart (``waiting on another cell``) and lists each with the SMN cell it waits on; ``--json`` too."""
+    import re
+
+    spec = str(REPO / "experiments" / "demo.yaml")
+    assert main(["run", spec, "--dry-run", "--results", str(tmp_path), "seeds=[0,1]"]) == 0
+    out = capsys.readouterr().out.split("cost estimate")[0]
+    assert "6 cells: 0 done, 6 to run now, 4 waiting on another cell" in out
+    smn = dict(re.findall(r"^  ([0-9a-f]{16})  smn seed=(\d)", out, re.M))
+    waits = re.findall(r"^  \(after\)\s+(random_mask\S*) seed=(\d)\s+waiting on ([0-9a-f]{16})$", out, re.M)
+    assert sorted(waits) == sorted((m, seed, cid) for cid, seed in smn.items()
+                                   for m in ("random_mask", "random_mask_magnitude"))
+    assert main(["run", spec, "--dry-run", "--json", "--results", str(tmp_path), "seeds=[0,1]"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert len(plan["to_run"]) == 6 and sorted((w["method"], w["waiting_on"]) for w in plan["waiting"]) == sorted(
+        (m, cid) for m, _, cid in waits)
+    assert not any(tmp_path.iterdir())
+    # top-k at the density SMN found: ready once the threshold cell's density is in the ledger (read from its rows)
+    import shutil
+
+    shutil.copytree(REPO / "docs" / "results" / "table2_masking_small", tmp_path / "t2" / "table2_masking_small")
+    spec = str(REPO / "experiments" / "table2_masking_small.yaml")
+    assert main(["run", spec, "--dry-run", "--results", str(tmp_path / "t2")]) == 0
+    assert "15 cells: 15 done, 0 to run now\n" in capsys.readouterr().out
+    assert main(["run", spec, "--dry-run", "--results", str(tmp_path / "fresh")]) == 0
+    out = capsys.readouterr().out
+    assert "12 to run now, 3 waiting on another cell" in out and out.count("topk_density=found") == 3
 
 
 @pytest.mark.cluster

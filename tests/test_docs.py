@@ -1,8 +1,9 @@
 """README.md and docs/: every result number generated from a committed ledger, every link alive (issue 24).
 
 The result pages under ``docs/results/`` and the generated blocks of README.md and ``docs/*.md`` are
-regenerated here from the ledgers committed under ``docs/results/<experiment>/ledger/`` (copied alone into a
-temporary folder, so nothing else lying there locally takes part); a page that differs from its ledger
+regenerated here from the ledgers committed under ``docs/results/<experiment>/ledger/`` and the per-image
+correctness beside them (``<experiment>/per_image/``, where the cells stored it), copied alone into a
+temporary folder, so nothing else lying there locally takes part; a page that differs from its ledger
 fails, with the command that rewrites it.
 """
 
@@ -34,11 +35,12 @@ def _pages() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def ledgers(tmp_path_factory) -> Path:
-    """A results folder holding only the committed ledgers of docs/results (``<experiment>/ledger/*.parquet``)."""
+    """A results folder holding only the committed ledgers of docs/results (``<experiment>/ledger/*.parquet``) and
+    their per-image correctness (``<experiment>/per_image/*.parquet``, where committed)."""
     root = tmp_path_factory.mktemp("docs_results") / "docs" / "results"  # named as the pages' commands name it
     files = sorted(RESULTS.glob("*/ledger/*.parquet"))
     assert files, "docs/results has no committed ledger"
-    for f in files:
+    for f in files + sorted(RESULTS.glob("*/per_image/*.parquet")):
         dest = root / f.relative_to(RESULTS)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, dest)
@@ -245,3 +247,25 @@ def test_page_rows_drop_durations_and_the_results_folder():
     out = docs.page_rows(rows)
     assert list(out["metric"]) == ["knn_top1", "steps"]
     assert "results" not in out.attrs and rows.attrs["results"] == "somewhere"
+
+
+def test_pages_pair_over_images_where_the_cells_stored_them(tmp_path):
+    """A docs folder whose demo cells stored per-image correctness (``demo/per_image/``): the page's vs_frozen
+    pairs over images x seeds and shows the McNemar p-values, and the scorecard's evidence pairs over images (the
+    committed pages without such files pair over seeds: the test above)."""
+    import numpy as np
+
+    from orchestrator.results.layout import ExperimentLayout
+    from orchestrator.results.per_image import write_correctness
+
+    results = tmp_path / "docs" / "results"
+    shutil.copytree(RESULTS / "demo" / "ledger", results / "demo" / "ledger")
+    rows = docs.ledger.read_ledger(str(results), "demo")
+    lay, rng = ExperimentLayout.of(str(results), "demo"), np.random.default_rng(0)
+    for cid, method in zip(*(rows.drop_duplicates("cell_id")[k] for k in ("cell_id", "method"))):
+        correct = rng.random(269) < (0.9 if method == "smn" else 0.8)
+        write_correctness(lay, cid, {m: correct for m in ("knn_top1", "knn_dino_top1", "linear_probe_top1")})
+    vs = docs.registry.render_frame(docs.registry.tables()["vs_frozen"].build(docs.page_rows(rows)))
+    assert "images x seeds" in vs and "vs frozen: McNemar p" in vs and str(results) not in vs
+    card = docs.scorecard_page({"demo": rows})
+    assert "SMN - frozen, k-NN (k=20)" in card and "(images x seeds)" in card

@@ -323,3 +323,76 @@ def test_the_stored_t_quantiles_are_scipys():
     for df in range(1, 100):
         assert t_quantile(df) == float(stdtrit(df, 0.975))  # bit for bit: the tables print the same digits
     assert t_quantile(4, 0.9) == pytest.approx(float(stdtrit(4, 0.95)))  # other levels: scipy itself
+
+
+@pytest.mark.unit
+def test_vs_frozen_mcnemar_column_is_binomtest_on_the_discordant_images(tmp_path):
+    """Per-image files with designed disagreements beside the committed demo (its controls included): each
+    ``McNemar p`` entry is scipy's exact binomial test on the images only one side got right, summed over the
+    seeds (SMN vs frozen on SMN's row; SMN vs that control on a control's row); without the files, no column."""
+    from scipy.stats import binomtest
+
+    results = _demo_copy(tmp_path, controls=True)
+    rows = ledger.read_ledger(str(results), "demo")
+    assert not any("McNemar" in c for c in registry.tables()["vs_frozen"].build(rows).columns)
+    idx = np.arange(269)
+    wrong = {"pretrained": idx < 8, "pretrained_bn": idx < 8, "smn": (idx >= 20) & (idx < 26),
+             "random_mask": idx < 10, "random_mask_magnitude": (idx >= 40) & (idx < 45)}
+    lay = ExperimentLayout.of(str(results), "demo")
+    arrays = {}
+    for cid, method, seed in zip(*(rows.drop_duplicates("cell_id")[k] for k in ("cell_id", "method", "seed"))):
+        correct = ~(wrong[method] | ((idx >= 100) & (idx < 100 + int(seed)) if method == "smn" else wrong[method]))
+        arrays[(method, int(seed))] = correct
+        write_correctness(lay, cid, {m: correct for m in ("knn_top1", "knn_dino_top1", "linear_probe_top1")})
+
+    def p_of(a: str, b: str) -> str:
+        x = np.stack([arrays[(a, s)] for s in (0, 1, 2)])
+        y = np.stack([arrays[(b, s)] for s in (0, 1, 2)])
+        only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
+        return intervals.p_text(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+    vs = registry.tables()["vs_frozen"].build(ledger.read_ledger(str(results), "demo")).reset_index().set_index("Method")
+    col = "k-NN (k=20) vs frozen: McNemar p"
+    assert vs.at["smn", col] == p_of("smn", "pretrained") and 0.001 < float(vs.at["smn", col]) < 1
+    for control in ("random_mask", "random_mask_magnitude"):
+        assert vs.at[control, "k-NN (k=20) vs random mask: McNemar p"] == p_of("smn", control)
+    assert vs.at["frozen (pretrained)", col] == ""
+    assert "McNemar" in registry.tables()["vs_frozen"].description
+
+
+def _build(root, experiment: str, layout: str):
+    rows = ledger.read_ledger(str(root), experiment)
+    return registry.tables()[layout].build(rows)
+
+
+@pytest.mark.unit
+def test_ablation_layouts_show_intervals_and_the_difference_from_their_reference(tmp_path):
+    """The synthetic ledgers (:func:`_synthetic`): every entry is mean ± std [95 % interval]; Table 2 pairs top-k
+    with the threshold mask of the same setting, 5a with the most prototypes, 5b with the BNs frozen, 5c with the
+    frozen backbone, each difference the paired t-interval over seeds computed directly; settings that share a
+    row label (threshold with and without the BNs masked) get rows of their own."""
+    root = _synthetic(tmp_path)
+    t2 = _build(root, "t2", "table2")
+    gap = intervals.paired_seed_interval({0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.6, 1: 0.6, 2: 0.6})
+    assert t2.at["k-NN: top-k 50%", "digits vs SMN (threshold)"] == intervals.difference_text(gap)
+    assert t2.at["k-NN: top-k 50%", "digits"] == intervals.stat_text([0.70, 0.72, 0.71])
+    assert t2.at["k-NN: SMN (threshold)", "digits vs SMN (threshold)"] == "reference"
+    assert intervals.difference_text(gap).endswith(" gain") and "±" in t2.at["k-NN: top-k 50%", "digits"]
+    bn = _build(root, "t2bn", "table2")
+    assert {"k-NN: SMN (threshold) (include_bn=false)", "k-NN: SMN (threshold) (include_bn=true)"} <= set(bn.index)
+    assert bn.at["k-NN: top-k 50%", "digits vs SMN (threshold)"] == "-20.0 (same every seed)"  # vs BNs kept
+    t5a = _build(root, "t5a", "table5a")
+    fewer = intervals.paired_seed_interval({0: 0.6, 1: 0.6, 2: 0.6}, {0: 0.65, 1: 0.56, 2: 0.61})
+    assert list(t5a.index) == ["2", "100"] and t5a.at["2", "digits vs most"] == intervals.difference_text(fewer)
+    t5b = _build(root, "t2bn", "table5b")
+    masked = intervals.paired_seed_interval({0: 0.65, 1: 0.64, 2: 0.66}, {0: 0.7, 1: 0.7, 2: 0.7})
+    assert t5b.at["conv +BN", "digits vs BNs"] == intervals.difference_text(masked)
+    t5c = _build(root, "t1", "table5c")
+    smn = intervals.paired_seed_interval({0: 0.70, 1: 0.72, 2: 0.71}, {0: 0.60, 1: 0.61, 2: 0.63})
+    assert t5c.at["cifar_resnet8 (pipeline)", "digits vs frozen"] == intervals.difference_text(smn)
+    assert t5c.at["cifar_resnet8 (pipeline), frozen", "digits"] == intervals.stat_text([0.60, 0.61, 0.63])
+    t8 = _build(root, "t1", "table8").reset_index().set_index("Method")
+    assert t8.at["smn", "digits[5-9]"] == intervals.stat_text([0.9, 0.901, 0.902], digits=1, scale=100, unit="%")
+    t10 = _build(root, "t1", "table10").reset_index()
+    ci = intervals.t_interval([0.70, 0.72, 0.71])
+    assert f"[{ci.lo:.3f}, {ci.hi:.3f}]" in set(t10["95 % interval"])

@@ -83,6 +83,7 @@ def test_dry_run_marks_done_cells_and_cached_pretraining(tmp_path, capsys, monke
     monkeypatch.chdir(repo)
     fresh = _dry_run_json(capsys, tmp_path / "fresh")
     assert len(fresh["to_run"]) == 9 and fresh["done"] == [] and fresh["pretraining"]["cached"] is False
+    assert len(fresh["waiting"]) == 6  # the random-mask controls: after their SMN cell
     parts = fresh["estimate"]
     assert {"ray_startup_s", "pretraining_s", "training_s", "evaluation_s"} <= set(parts)
     assert all(parts[k] > 0 for k in ("ray_startup_s", "pretraining_s", "training_s", "evaluation_s"))
@@ -91,18 +92,24 @@ def test_dry_run_marks_done_cells_and_cached_pretraining(tmp_path, capsys, monke
     from .conftest import demo_cell_files
 
     shutil.copytree(repo / "docs" / "results" / "demo", tmp_path / "done" / "demo")
-    for f in set(demo_cell_files(controls=True)) - set(demo_cell_files()):  # the controls: not expanded yet
-        (tmp_path / "done" / "demo" / "ledger" / f.name).unlink()
     finished = _dry_run_json(capsys, tmp_path / "done")
-    assert len(finished["done"]) == 9 and finished["to_run"] == [] and finished["estimate"]["total_s"] == 0
-    # half done, pretraining cached: only the rest and no pretraining in the estimate
+    assert len(finished["done"]) == 15 and finished["to_run"] == finished["waiting"] == []
+    assert finished["estimate"]["total_s"] == 0
+    # half done, pretraining cached: only the rest and no pretraining in the estimate; a control of a landed SMN
+    # cell is to run now, one of an SMN cell still to run waits
+    import pyarrow.parquet as pq
+
     ledger_dir = tmp_path / "done" / "demo" / "ledger"
-    for p in sorted(ledger_dir.glob("*.parquet"))[:4]:
-        p.unlink()
+    for f in set(demo_cell_files(controls=True)) - set(demo_cell_files()):
+        (ledger_dir / f.name).unlink()
+    for f in demo_cell_files()[:4]:
+        (ledger_dir / f.name).unlink()
+    smn_left = sum(pq.read_table(f, columns=["method"])["method"][0].as_py() == "smn" for f in demo_cell_files()[4:])
     artifact = Path(finished["pretraining"]["artifacts"][0])
     artifact.parent.mkdir(parents=True)
     artifact.write_bytes(b"cached")
     half = _dry_run_json(capsys, tmp_path / "done")
-    assert len(half["to_run"]) == 4 and len(half["done"]) == 5 and half["pretraining"]["cached"] is True
+    assert len(half["to_run"]) == 4 + 2 * smn_left and len(half["done"]) == 5 and half["pretraining"]["cached"] is True
+    assert len(half["waiting"]) == 2 * (3 - smn_left)
     assert half["estimate"]["pretraining_s"] == 0 and 0 < half["estimate"]["training_s"] + half["estimate"][
         "evaluation_s"] < parts["training_s"] + parts["evaluation_s"]

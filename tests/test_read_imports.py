@@ -48,7 +48,8 @@ def test_read_commands_never_import_torch(tmp_path):
 
 def test_validate_and_dry_run_never_import_torch_ray_or_pandas(tmp_path):
     """``smn validate`` and ``smn run --dry-run [--json]`` on the finished demo read the spec, the dataset's
-    metadata and the ledger's file names only (issue 27): 9 cells done, 0 to run, and none of torch,
+    metadata and the ledger's file names only (issue 27): 15 cells done (the 6 random-mask controls too, ready
+    since their SMN cells landed), 0 to run, and none of torch,
     torchvision, ray or pandas in the interpreter afterwards (the checks that build a model are left to
     ``smn run``, which a ``selector-no-match-run`` case of tests/test_bad_inputs.py covers)."""
     shutil.copytree(REPO / "docs" / "results" / "demo", tmp_path / "results" / "demo")
@@ -73,7 +74,9 @@ print(json.dumps(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(code == 0 and mods == [] for code, _, mods in seen.values()), seen
-    assert "spec demo: valid, 9 cells" in seen["validate"][1] and "mask selector" in seen["validate"][1]
-    assert "9 cells: 9 done, 0 to run" in seen["run"][1]
+    assert "spec demo: valid, 9 cells; 6 waiting on another cell" in seen["validate"][1]
+    assert "mask selector" in seen["validate"][1] and "waiting on" in seen["validate"][1]
+    assert "15 cells: 15 done, 0 to run now\n" in seen["run"][1] and "waiting on" not in seen["run"][1]
     summary = json.loads(seen["run --json"][1])
-    assert len(summary["done"]) == 9 and summary["to_run"] == [] and summary["estimate"]["total_s"] == 0
+    assert len(summary["done"]) == 15 and summary["to_run"] == summary["waiting"] == []
+    assert summary["estimate"]["total_s"] == 0

@@ -44,7 +44,7 @@ from smn_core.checkpoint import location_exists
 
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, filesystem
-from orchestrator.reports.intervals import t_interval
+from orchestrator.reports.intervals import difference_text, paired_seed_interval, stat_text, t_interval
 from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
 from orchestrator.reports.settings import KEYS, setting_label
 
@@ -157,13 +157,12 @@ def _stat(values: pd.Series, fmt=None) -> str:
 
 def _with_interval(v: pd.Series) -> str:
     """``mean ± std`` over seeds and, with two seeds or more, the 95 % t-interval of the mean (``[lo, hi]``)."""
-    ci = t_interval(list(v))
-    return mean_std(v.mean(), v.std(), len(v)) + (f" [{ci.lo:.3f}, {ci.hi:.3f}]" if ci.known else "")
+    return stat_text(list(v))
 
 
 def _pct(v: pd.Series) -> str:
-    s = f"{100 * v.mean():.1f}%"
-    return s + (f" ± {100 * v.std():.1f}" if len(v) > 1 else "")
+    """A share in %: ``97.5% ± 0.6 [96.0, 99.0]`` (mean ± std [95 % interval] over seeds)."""
+    return stat_text(list(v), digits=1, scale=100.0, unit="%")
 
 
 def _mbit(bits: float) -> str:
@@ -277,25 +276,38 @@ def _lowshot_frame(df: pd.DataFrame) -> pd.DataFrame:
     return pts
 
 
-@register_table("lowshot", "Fig. 3 as a table: top-1 against the share of training labels (low-shot)")
+@register_table("lowshot", "Fig. 3 as a table: top-1 against the share of training labels (low-shot); mean ± std "
+                "[95 % interval]; vs frozen: paired difference in points from the frozen backbone's probe at the same "
+                "share, over seeds [95 % interval], a gain / loss only when it excludes 0")
 def lowshot(df: pd.DataFrame) -> pd.DataFrame:
-    """Low-shot numbers (Fig. 3): index (Backbone, Dataset, Method), one column per label share.
+    """Low-shot numbers (Fig. 3): index (Backbone, Dataset, Method), per label share a column (mean ± std
+    [95 % interval] over seeds) and ``<share> vs frozen``: the difference from ``Linear probe (frozen)`` of the
+    same backbone and data at that share, paired by seed (:func:`orchestrator.reports.intervals.paired_seed_interval`).
 
     Unlabeled adaptation (frozen backbone, SMN, STN) is read out by a linear probe on a per-class
     sample of the labels (``lowshot_top1@<fraction>``; 100 % is the full probe); supervised masking and
     FFT train on that share of labels (``dataset.label_fraction``) and report their head's top-1.
-    Mean ± std over seeds. Empty when the ledger has no low-shot cell.
+    Empty when the ledger has no low-shot cell.
     """
     pts = _lowshot_frame(df)
     if pts.empty:
         return pd.DataFrame()
     fracs = sorted(pts["fraction"].unique(), reverse=True)
     order = list(_UNLABELED.values()) + list(_LABELED.values())
+    frozen_name = _UNLABELED["pretrained"]
     out = []
     for (backbone, data, series), g in pts.groupby(["backbone", "data", "series"]):
-        row = {"Backbone": backbone, "Dataset": data, "Method": series, "order": order.index(series)}
+        row = {"Backbone": backbone, "Dataset": data, "Method": series,
+               "order": order.index(series) if series in order else len(order)}
+        frozen = pts[(pts["backbone"] == backbone) & (pts["data"] == data) & (pts["series"] == frozen_name)]
         for f in fracs:
-            row[f"{100 * f:g}%"] = _stat(g.loc[g["fraction"] == f, "value"])
+            mine = g[g["fraction"] == f]
+            row[f"{100 * f:g}%"] = _stat(mine["value"], _with_interval)
+            ref = frozen[frozen["fraction"] == f]
+            row[f"{100 * f:g}% vs frozen"] = (
+                "reference" if series == frozen_name else "-" if ref.empty or mine.empty else
+                difference_text(paired_seed_interval(dict(zip(mine["seed"], mine["value"])),
+                                                     dict(zip(ref["seed"], ref["value"])))))
         out.append(row)
     frame = pd.DataFrame(out).sort_values(["Backbone", "Dataset", "order"]).drop(columns="order")
     return frame.set_index(["Backbone", "Dataset", "Method"])
@@ -324,7 +336,7 @@ def _nonempty(frame: pd.DataFrame, missing: str) -> pd.DataFrame:
 @register_figure("fig3", "Fig. 3: low-shot top-1 against the share of labels, per method")
 def fig3(df: pd.DataFrame, out: str) -> None:
     """Fig. 3: one panel per (backbone, dataset); x = share of training labels (log scale, %), y = test
-    top-1, one line per method (mean over seeds, error bars = std).
+    top-1, one line per method (mean over seeds, error bars = the 95 % t-interval of the mean; none for one seed).
 
     Raises:
         ValueError: if the ledger has no low-shot cell (``eval.lowshot_fractions`` / ``dataset.label_fraction``).
@@ -336,12 +348,14 @@ def fig3(df: pd.DataFrame, out: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, ((backbone, data), g) in zip(axes[0], panels):
         for series, s in g.groupby("series", sort=False):
-            agg = s.groupby("fraction")["value"].agg(["mean", "std"]).sort_index()
-            ax.errorbar(100 * agg.index.values, agg["mean"], yerr=agg["std"].fillna(0), marker="o", markersize=4,
+            cis = {f: t_interval(list(v)) for f, v in s.groupby("fraction")["value"]}
+            fracs = sorted(cis)
+            half = [cis[f].hi - cis[f].mean if cis[f].known else 0.0 for f in fracs]
+            ax.errorbar(100 * np.asarray(fracs), [cis[f].mean for f in fracs], yerr=half, marker="o", markersize=4,
                         capsize=2, label=series)
         ax.set_xscale("log")
         ax.set_xlabel("labels used (% of the training set)")
-        ax.set_ylabel("test top-1")
+        ax.set_ylabel("test top-1 (bars: 95 % interval over seeds)")
         ax.set_title(f"{backbone} on {data}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -506,10 +520,11 @@ def _masked_cells(df: pd.DataFrame) -> pd.DataFrame:
     return cells[cells["density"].notna()]
 
 
-@register_table("table8", "Table 8: share of weights kept by the masks (density), per backbone, method and dataset")
+@register_table("table8", "Table 8: share of weights kept by the masks (density), per backbone, method and dataset; "
+                "mean ± std [95 % interval] over seeds")
 def table8(df: pd.DataFrame) -> pd.DataFrame:
     """Table 8 from the ledger's ``density``: index (Backbone, Method), one column per dataset, in %
-    (mean ± std over seeds). Other grid values are appended to the method's name."""
+    (mean ± std [95 % t-interval] over seeds). Other grid values are appended to the method's name."""
     cells = _masked_cells(df)
     if cells.empty:
         return pd.DataFrame()
@@ -667,11 +682,12 @@ def _without_seed(config: dict) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-@register_table("table10", "Table 10: the same cell over several seeds: each run, mean and std")
+@register_table("table10", "Table 10: the same cell over several seeds: each run, mean, the 95 % t-interval of the "
+                "mean and std")
 def table10(df: pd.DataFrame) -> pd.DataFrame:
     """Table 10 (App. H): for every group of cells that differ only in the seed (two seeds or more),
     one row per metric (k-NN, linear probe, and the head's top-1 for supervised runs) with each run
-    (R1.. in seed order), the mean, the sample std (ddof = 1, as every other table here) and the
+    (R1.. in seed order), the mean, its 95 % Student-t interval, the sample std (ddof = 1, as every other table here) and the
     population std (ddof = 0, which is what the paper's Table 10 reports: its DTD row 0.005 is the
     ddof = 0 std of its five runs)."""
     cells = cell_frame(df)
@@ -696,6 +712,8 @@ def table10(df: pd.DataFrame) -> pd.DataFrame:
             for i, x in enumerate(v.tolist(), 1):
                 row[f"R{i}"] = f"{x:.3f}"
             row["Mean"] = f"{v.mean():.3f}"
+            ci = t_interval(list(v))
+            row["95 % interval"] = f"[{ci.lo:.3f}, {ci.hi:.3f}]"
             row["STD (ddof=1)"] = f"{v.std(ddof=1):.3f}"
             row["STD (ddof=0)"] = f"{v.std(ddof=0):.3f}"
             out.append(row)
@@ -703,5 +721,6 @@ def table10(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     frame = pd.DataFrame(out)
     runs = sorted([c for c in frame.columns if re.fullmatch(r"R\d+", c)], key=lambda c: int(c[1:]))
-    frame = frame[["Dataset", "Method", "Metric", "seeds"] + runs + ["Mean", "STD (ddof=1)", "STD (ddof=0)"]]
+    frame = frame[["Dataset", "Method", "Metric", "seeds"] + runs + ["Mean", "95 % interval", "STD (ddof=1)",
+                                                                   "STD (ddof=0)"]]
     return frame.set_index(["Dataset", "Method", "Metric"])

@@ -11,6 +11,8 @@
   images summed over seeds).
 * :func:`verdict`: ``gain`` only when the interval lies above 0, ``loss`` when below, otherwise
   ``no clear difference``.
+* :func:`stat_text` / :func:`difference_text`: how every table writes a mean over seeds
+  (``mean ± std [lo, hi]``) and a paired difference (``+4.1 [+1.0, +7.2] gain``, in points).
 
 Numbers only (numpy; scipy.special only for a level other than 95 %); no pandas, torch or ray.
 """
@@ -25,7 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 __all__ = ["LEVEL", "Interval", "t_quantile", "t_interval", "paired_seed_interval", "paired_bootstrap", "verdict",
-           "McNemar", "mcnemar",
+           "McNemar", "mcnemar", "stat_text", "difference_text", "p_text",
            "GAIN", "LOSS", "UNCLEAR"]
 
 LEVEL = 0.95
@@ -226,3 +228,39 @@ def verdict(interval: Interval) -> str:
     if interval.hi < 0:
         return LOSS
     return UNCLEAR
+
+
+def stat_text(values: Sequence[float], digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+    """A mean over seeds as every table writes it: ``"0.685 ± 0.012 [0.655, 0.715]"`` (mean, sample std and the
+    95 % t-interval of the mean, :func:`t_interval`; values times ``scale``, ``unit`` after the mean:
+    ``"97.5% ± 0.6 [96.0, 99.0]"``); the mean alone for one value; ``"-"`` for none (NaN and None ignored)."""
+    ci = t_interval(values)
+    if not math.isfinite(ci.mean):
+        return "-"
+    text = f"{ci.mean * scale:.{digits}f}{unit}"
+    if not ci.known:
+        return text
+    v = np.asarray([x for x in values if x is not None and math.isfinite(float(x))], dtype=float)
+    return text + f" ± {float(v.std(ddof=1)) * scale:.{digits}f} [{ci.lo * scale:.{digits}f}, {ci.hi * scale:.{digits}f}]"
+
+
+def difference_text(d: Interval, scale: float = 100.0) -> str:
+    """A paired difference in points (``scale`` 100: accuracies 0-1): ``"+4.1 [+1.0, +7.2] gain"``, marked
+    ``gain`` / ``loss`` only when the interval excludes 0 (:func:`verdict`); ``"+1.2 (1 seed)"`` without an
+    interval; ``"+0.3 (same every seed)"`` when every seed gave the same difference (two deterministic
+    evaluations: the seeds say nothing of the test images' sampling); ``"-"`` without a value."""
+    if not math.isfinite(d.mean):
+        return "-"
+    if not d.known:
+        return f"{scale * d.mean:+.1f} (1 seed)"
+    if d.lo == d.hi:
+        return f"{scale * d.mean:+.1f} (same every seed)"
+    mark = {GAIN: " gain", LOSS: " loss"}.get(verdict(d), "")
+    return f"{scale * d.mean:+.1f} [{scale * d.lo:+.1f}, {scale * d.hi:+.1f}]{mark}"
+
+
+def p_text(p: float) -> str:
+    """A p-value for a table: ``"0.013"``, ``"<0.001"``, ``"-"`` for NaN."""
+    if not math.isfinite(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"

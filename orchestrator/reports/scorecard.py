@@ -15,13 +15,13 @@ stored their per-image correctness (:func:`orchestrator.reports.vs_frozen.paired
 Claim 8 (equivalent hyperparameters give the same masks) is judged on the share of identical mask bits the
 ``invariance`` layout measures from the exported masks (holds at >= 99.99 % for every equivalent pair, does
 not below 99 %); it needs the results folder (``rows.attrs["results"]``), so the docs page, built from the
-ledger files alone, cannot test it. Only comparisons inside one experiment are made (its cells share the
+ledger files alone, cannot test it. The paired differences read per-image correctness under
+:func:`orchestrator.results.per_image.root_of` (the docs page: ``docs/results/<experiment>/per_image/``). Only comparisons inside one experiment are made (its cells share the
 data, split and evaluation).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -30,11 +30,12 @@ from typing import Callable
 
 import pandas as pd
 
-from orchestrator.reports.ablations import frozen_label, mask_variant
+from orchestrator.reports.ablations import frozen_label, mask_variant, setting_without
 from orchestrator.reports.baselines import cell_frame, invariance
 from orchestrator.reports.intervals import GAIN, LOSS, Interval, t_interval, verdict
 from orchestrator.reports.settings import split_settings
 from orchestrator.reports.vs_frozen import paired_difference, reference_key
+from orchestrator.results.per_image import root_of
 
 __all__ = ["Claim", "Comparison", "CLAIMS", "HOLDS", "DOES_NOT", "INCONCLUSIVE", "scorecard", "claim_verdict"]
 
@@ -134,24 +135,10 @@ def _include_bn(cells: pd.DataFrame) -> pd.Series:
     return cells["config"].map(lambda c: bool(((c.get("train") or {}).get("mask") or {}).get("include_bn")))
 
 
-def _setting_without(config: dict, *keys: str) -> str:
-    """``config`` without its seeds and the dotted ``keys`` (``"train.mask.include_bn"``), as canonical JSON: the
-    cells that differ only in those keys share it, so a claim compares like with like."""
-    c = copy.deepcopy(config)
-    for key in ("seed", "train.seed", *keys):
-        *path, last = key.split(".")
-        node = c
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return json.dumps(c, sort_keys=True, default=str)
-
-
 @_on_smn
 def _bn_masking_hurts(cells, smn, results):
     """BNs kept - BNs masked, between cells whose settings differ only in ``train.mask.include_bn``."""
-    bn, key = _include_bn(smn), smn["config"].map(lambda c: _setting_without(c, "train.mask.include_bn"))
+    bn, key = _include_bn(smn), smn["config"].map(lambda c: setting_without(c, "train.mask.include_bn"))
     return _pairs(cells, results, [("BN kept - BN masked", smn[~bn & (key == k)], smn[bn & (key == k)])
                                    for k in sorted(set(key[bn]) & set(key[~bn]))])
 
@@ -162,7 +149,7 @@ def _frozen_layers(cells, smn, results):
     too), between cells whose settings differ only in what is masked (``train.mask.selector``,
     ``train.mask.include_bn``); a selector that masks other layers (a regex naming a stage) is no such choice."""
     lab = smn.apply(frozen_label, axis=1)
-    key = smn["config"].map(lambda c: _setting_without(c, "train.mask.selector", "train.mask.include_bn"))
+    key = smn["config"].map(lambda c: setting_without(c, "train.mask.selector", "train.mask.include_bn"))
     return _pairs(cells, results, [(f"BNs frozen - {other} frozen", smn[(lab == "BNs") & (key == k)],
                                     smn[(lab == other) & (key == k)])
                                    for k in sorted(set(key[lab == "BNs"]))
@@ -309,7 +296,7 @@ def scorecard(rows: pd.DataFrame) -> pd.DataFrame:
         experiment, what minus what, the difference in points with its 95 % interval and how it was paired;
         or which cells would test the claim), ``Verdict`` (holds / does not / inconclusive).
     """
-    results = rows.attrs.get("results")
+    results, paired_root = rows.attrs.get("results"), root_of(rows.attrs)
     per_exp = []
     if not rows.empty:
         rows = split_settings(rows)
@@ -322,7 +309,7 @@ def scorecard(rows: pd.DataFrame) -> pd.DataFrame:
         comps = []
         for part, cells in per_exp:
             try:
-                comps += claim.compare(part if claim.rows else cells, results)
+                comps += claim.compare(part, results) if claim.rows else claim.compare(cells, paired_root)
             except (KeyError, TypeError, ValueError):  # cells whose config lacks what the claim reads
                 continue
         evidence = "; ".join(_evidence_text(c) for c in comps) or f"no cells in these ledgers test it (needs {claim.untested})"

@@ -16,6 +16,11 @@ When the ledger holds random-mask control cells (methods ``random_mask`` and ``r
 the strongest random-mask setting (method and grid values) of the same grid values (:func:`_strongest_random`),
 in the same form; each control's row has there what SMN gains over that control (``smn +x [lo, hi]``).
 
+Where both sides stored per-image correctness, each comparison also gets an exact McNemar p-value
+(``<metric> vs frozen: McNemar p``, ``<metric> vs random mask: McNemar p``; on a control's row, SMN against that
+control): :func:`orchestrator.reports.intervals.mcnemar` with the seeds combined, i.e. of the test images only one
+side got right (summed over seeds), the two-sided binomial test that each side is that one with probability 1/2.
+
 A difference is marked ``gain`` only when its whole interval is above 0 (``loss`` below 0); one whose interval
 holds 0, or that has none (one seed), carries no mark, nor does a difference paired over seeds that is the
 same for every seed (two deterministic evaluations, e.g. the BN control against the frozen backbone: the
@@ -31,12 +36,13 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.reports.baselines import cell_frame
-from orchestrator.reports.intervals import Interval, paired_bootstrap, paired_seed_interval, t_interval, verdict
-from orchestrator.results.per_image import load_correctness
-from orchestrator.reports.registry import mean_std, register_table
+from orchestrator.reports.intervals import (Interval, difference_text, mcnemar, p_text, paired_bootstrap,
+                                            paired_seed_interval, stat_text)
+from orchestrator.results.per_image import load_correctness, root_of
+from orchestrator.reports.registry import register_table
 from orchestrator.spec.keys import config_hash
 
-__all__ = ["vs_frozen", "COMPARED", "paired_difference", "reference_key", "RANDOM", "RANDOMS", "MASKED", "vs_frozen_val", "VALIDATION"]
+__all__ = ["vs_frozen", "COMPARED", "paired_difference", "paired_correctness", "mcnemar_text", "MCNEMAR", "reference_key", "RANDOM", "RANDOMS", "MASKED", "vs_frozen_val", "VALIDATION"]
 
 COMPARED = (("knn_top1", "k-NN (k=200)"), ("knn_dino_top1", "k-NN (k=20)"), ("linear_probe_top1", "linear probe"))
 
@@ -51,58 +57,68 @@ def reference_key(config: dict) -> str:
     return config_hash({k: v for k, v in config.items() if k not in ("method", "train", "seed")})
 
 
+def paired_correctness(cells: pd.DataFrame, frozen: pd.DataFrame, metric: str,
+                       results: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-image correctness of ``cells`` and ``frozen`` on ``metric``, ``(seeds, images)`` bool each, over the
+    seeds both sides have a value for (rows in seed order), read under ``results``
+    (:func:`orchestrator.results.per_image.load_correctness`); None when ``results`` is None, no seed is shared,
+    or a cell of a shared seed stored no such file (or files of other lengths). Each frame: one row per cell with
+    ``experiment``, ``cell_id``, ``seed`` and ``metric``."""
+    if not results or metric not in cells or metric not in frozen:
+        return None
+    mine = {int(s): (e, c) for s, e, c, v in zip(cells["seed"], cells["experiment"], cells["cell_id"], cells[metric])
+            if pd.notna(v)}
+    ref = {int(s): (e, c) for s, e, c, v in zip(frozen["seed"], frozen["experiment"], frozen["cell_id"], frozen[metric])
+           if pd.notna(v)}
+    shared = sorted(set(mine) & set(ref))
+    if not shared:
+        return None
+    a = [load_correctness(results, *mine[s], metric) for s in shared]
+    b = [load_correctness(results, *ref[s], metric) for s in shared]
+    if any(x is None for x in a + b) or len({x.shape for x in a + b}) != 1:
+        return None
+    return np.stack(a), np.stack(b)
+
+
 def paired_difference(cells: pd.DataFrame, frozen: pd.DataFrame, metric: str, results: str | None) -> Interval:
     """``cells - frozen`` on ``metric`` (accuracy, 0-1): paired over images and seeds when every seed both
-    sides share has stored per-image correctness under ``results`` (:func:`load_correctness`), else paired
+    sides share has stored per-image correctness under ``results`` (:func:`paired_correctness`), else paired
     over seeds. Each frame: one row per cell with ``experiment``, ``cell_id``, ``seed`` and ``metric``."""
+    pair = paired_correctness(cells, frozen, metric, results)
+    if pair is not None:
+        return paired_bootstrap(*pair)
     mine = {int(s): v for s, v in zip(cells["seed"], cells[metric]) if pd.notna(v)}
     ref = {int(s): v for s, v in zip(frozen["seed"], frozen[metric]) if pd.notna(v)}
-    shared = sorted(set(mine) & set(ref))
-    if results and shared:
-        by_seed_a = dict(zip(cells["seed"].astype(int), zip(cells["experiment"], cells["cell_id"])))
-        by_seed_b = dict(zip(frozen["seed"].astype(int), zip(frozen["experiment"], frozen["cell_id"])))
-        a = [load_correctness(results, *by_seed_a[s], metric) for s in shared]
-        b = [load_correctness(results, *by_seed_b[s], metric) for s in shared]
-        if all(x is not None for x in a + b) and len({x.shape for x in a + b}) == 1:
-            return paired_bootstrap(np.stack(a), np.stack(b))
     return paired_seed_interval(mine, ref)
 
 
-def _diff_text(d: Interval) -> str:
-    if not np.isfinite(d.mean):
-        return "-"
-    mark = {"gain": " gain", "loss": " loss"}.get(verdict(d), "")
-    if not d.known:
-        return f"{100 * d.mean:+.1f} (1 seed)"
-    if d.lo == d.hi:  # both sides deterministic: the seeds say nothing of the test images' sampling
-        return f"{100 * d.mean:+.1f} (same every seed)"
-    return f"{100 * d.mean:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]{mark}"
-
-
-def _stat_text(values: pd.Series) -> str:
-    v = values.dropna()
-    if v.empty:
-        return "-"
-    ci = t_interval(list(v))
-    return mean_std(v.mean(), v.std(), len(v)) + (f" [{ci.lo:.3f}, {ci.hi:.3f}]" if ci.known else "")
+def mcnemar_text(cells: pd.DataFrame, other: pd.DataFrame, metric: str, results: str | None) -> str:
+    """The exact McNemar p-value of ``cells`` against ``other`` on ``metric``, the seeds combined
+    (:func:`orchestrator.reports.intervals.mcnemar`: the images only one side got right, summed over the shared
+    seeds, tested against Binomial(n, 1/2)); ``""`` when a side stored no per-image correctness."""
+    pair = paired_correctness(cells, other, metric, results)
+    return "" if pair is None else p_text(mcnemar(*pair).p)
 
 
 @register_table("vs_frozen", "Adapted vs frozen backbone: k-NN (k=200, k=20), linear probe (mean ± std [95 % "
                 "interval]); vs frozen (and vs random mask, when the ledger has that control) = paired difference "
-                "in points [95 % interval], marked gain / loss only when the interval excludes 0; collapsed cells")
+                "in points [95 % interval], marked gain / loss only when the interval excludes 0; McNemar p (where "
+                "the cells stored per-image correctness) = exact two-sided McNemar test, seeds combined: of the "
+                "test images only one of the two got right, are both equally likely to be the one; collapsed cells")
 def vs_frozen(df: pd.DataFrame, compared: tuple[tuple[str, str], ...] = COMPARED) -> pd.DataFrame:
     """One row per (backbone, dataset, method, setting) with a ``pretrained`` reference.
 
     Columns: for each metric of :data:`COMPARED`, ``<name>`` (mean ± std over seeds and the 95 % t-interval)
     and ``<name> vs frozen`` (:func:`paired_difference` in accuracy points, signed, with its 95 % interval and
-    ``gain`` / ``loss`` when the interval excludes 0); ``paired over`` (``images x seeds`` or ``seeds``);
+    ``gain`` / ``loss`` when the interval excludes 0), ``<name> vs frozen: McNemar p`` (:func:`mcnemar_text`; the
+    McNemar columns only when some comparison has per-image correctness); ``paired over`` (``images x seeds`` or ``seeds``);
     ``collapsed`` (collapsed cells / cells). Empty when the ledger has no ``pretrained`` cell, or no cell has
     any of the ``compared`` metrics (``(metric, column name)``; :data:`VALIDATION` for ``vs_frozen_val``).
     """
     if df.empty or not {m for m, _ in compared} & set(df["metric"].unique()) or not (df["method"] == "pretrained").any():
         return pd.DataFrame()  # before the wide frame: most pages have no val_* metric
     cells = cell_frame(df)
-    results = df.attrs.get("results")
+    results = root_of(df.attrs)
     cells = cells.assign(grid=cells["grid_json"].map(_grid_label), ref=cells["config"].map(reference_key))
     rows = []
     for (backbone, data), group in cells.groupby(["backbone", "data"], sort=False):
@@ -112,7 +128,14 @@ def vs_frozen(df: pd.DataFrame, compared: tuple[tuple[str, str], ...] = COMPARED
                           results, label=_grid_label(frozen["grid_json"].iloc[0]), compared=compared)
     if not rows:
         return pd.DataFrame()
-    return pd.DataFrame(rows).set_index(["Backbone", "Dataset", "Method"])
+    frame = pd.DataFrame(rows)
+    empty = [c for c in frame.columns if str(c).endswith(MCNEMAR) and not frame[c].fillna("").astype(bool).any()]
+    return frame.drop(columns=empty).set_index(["Backbone", "Dataset", "Method"])
+
+
+MCNEMAR = ": McNemar p"
+"""Suffix of the McNemar columns (``k-NN (k=20) vs frozen: McNemar p``): shown only when some row has a value,
+i.e. both sides of a comparison stored per-image correctness."""
 
 
 RANDOM = "random_mask"
@@ -136,21 +159,25 @@ def _strongest_random(randoms: pd.DataFrame, grid: str, metric: str) -> pd.DataF
 
 
 def _vs_random(method: str, grid: str, g: pd.DataFrame, others: pd.DataFrame, randoms: pd.DataFrame, metric: str,
-               results: str | None) -> str:
-    """The ``vs random mask`` cell of a row: an SMN / STN row against the strongest control
-    (:func:`_strongest_random`); a control's row says what SMN of the same grid values gains over it
-    (``smn +x [lo, hi]``, SMN minus this control); other rows nothing."""
+               results: str | None) -> tuple[str, str]:
+    """The ``vs random mask`` cell of a row and its McNemar p (:func:`mcnemar_text`): an SMN / STN row against
+    the strongest control (:func:`_strongest_random`); a control's row says what SMN of the same grid values gains
+    over it (``smn +x [lo, hi]``, SMN minus this control); other rows nothing."""
     if method in MASKED:
         control = _strongest_random(randoms, grid, metric)
-        return "" if control is None else _diff_text(paired_difference(g, control, metric, results))
+        if control is None:
+            return "", ""
+        return (difference_text(paired_difference(g, control, metric, results)),
+                mcnemar_text(g, control, metric, results))
     if method not in RANDOMS:
-        return ""
+        return "", ""
     smn = others[others["method"] == "smn"]
     same = smn[smn["grid"] == grid]
     smn = same if not same.empty else (smn if smn["grid"].nunique() == 1 else smn.iloc[0:0])
     if smn.empty or metric not in smn or smn[metric].dropna().empty:
-        return ""
-    return "smn " + _diff_text(paired_difference(smn, g, metric, results))
+        return "", ""
+    return ("smn " + difference_text(paired_difference(smn, g, metric, results)),
+            mcnemar_text(smn, g, metric, results))
 
 
 def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, results: str | None,
@@ -159,10 +186,10 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
     randoms = others[others["method"].isin(RANDOMS)]
     row = {"Backbone": backbone, "Dataset": data, "Method": "frozen (pretrained)" + (f" ({label})" if label else "")}
     for m, name in compared:
-        row[name] = _stat_text(frozen[m]) if m in frozen else "-"
-        row[f"{name} vs frozen"] = ""
+        row[name] = stat_text(frozen[m]) if m in frozen else "-"
+        row[f"{name} vs frozen"] = row[f"{name} vs frozen{MCNEMAR}"] = ""
         if not randoms.empty:
-            row[f"{name} vs random mask"] = ""
+            row[f"{name} vs random mask"] = row[f"{name} vs random mask{MCNEMAR}"] = ""
     row["paired over"] = ""
     row["collapsed"] = ""
     rows.append(row)
@@ -171,16 +198,18 @@ def _rows(backbone: str, data: str, frozen: pd.DataFrame, others: pd.DataFrame, 
         how = set()
         for m, name in compared:
             if m not in g or m not in frozen or g[m].dropna().empty:
-                row[name], row[f"{name} vs frozen"] = "-", "-"
+                row[name], row[f"{name} vs frozen"], row[f"{name} vs frozen{MCNEMAR}"] = "-", "-", ""
                 if not randoms.empty:
-                    row[f"{name} vs random mask"] = "-"
+                    row[f"{name} vs random mask"], row[f"{name} vs random mask{MCNEMAR}"] = "-", ""
                 continue
-            row[name] = _stat_text(g[m])
+            row[name] = stat_text(g[m])
             d = paired_difference(g, frozen, m, results)
-            row[f"{name} vs frozen"] = _diff_text(d)
+            row[f"{name} vs frozen"] = difference_text(d)
+            row[f"{name} vs frozen{MCNEMAR}"] = mcnemar_text(g, frozen, m, results)
             how.add("images x seeds" if d.method.startswith("paired bootstrap") else "seeds")
             if not randoms.empty:
-                row[f"{name} vs random mask"] = _vs_random(method, grid, g, others, randoms, m, results)
+                row[f"{name} vs random mask"], row[f"{name} vs random mask{MCNEMAR}"] = _vs_random(
+                    method, grid, g, others, randoms, m, results)
         row["paired over"] = ", ".join(sorted(how))
         collapsed = g["collapsed"].fillna(0) if "collapsed" in g else pd.Series(0.0, index=g.index)
         row["collapsed"] = f"{int((collapsed > 0).sum())}/{len(g)}" if method in ("smn", "stn") else ""

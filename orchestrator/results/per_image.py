@@ -7,8 +7,11 @@ image's prediction right). Parquet packs booleans as bits, so a 10 000-image tes
 Like the masks and curves, its place follows from the ledger's ``cell_id`` (no new ledger metric: a cell's
 metrics stay what they were); it is written before the ledger file, so a landed cell that evaluated has one.
 
-Ledgers written before this (the committed ``docs/results/``) have no such file: the tables then pair over
-seeds (:mod:`orchestrator.reports.vs_frozen`).
+Ledgers written before this have no such file: the tables then pair over seeds
+(:mod:`orchestrator.reports.vs_frozen`). The committed ``docs/results/<experiment>/`` keeps ``per_image/`` beside
+``ledger/`` (a few KB a cell), in the same place as any results folder: the pages, built from the ledger rows
+alone (:func:`orchestrator.reports.docs.page_rows` drops ``attrs["results"]`` so that no layout reads masks),
+still pair over images through :data:`ROOT` (:func:`root_of`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,21 @@ from smn_core.checkpoint import atomic_write
 
 from orchestrator.results.layout import ExperimentLayout
 
-__all__ = ["FOLDER", "location", "write_correctness", "load_correctness"]
+__all__ = ["FOLDER", "ROOT", "root_of", "location", "write_correctness", "load_correctness"]
 
 FOLDER = "per_image"
 """The folder of an experiment that holds the per-image files."""
+
+ROOT = "per_image_root"
+"""``DataFrame.attrs`` key of ledger rows: the results folder whose ``<experiment>/per_image/`` files the paired
+differences read, when ``attrs["results"]`` is not set (the docs pages: the ledger files and these files only)."""
+
+
+def root_of(attrs: Mapping) -> str | None:
+    """The results folder paired differences read per-image files from: ``attrs[ROOT]``, else
+    ``attrs["results"]`` (the folder :func:`orchestrator.results.ledger.read_ledger` read), else None."""
+    root = attrs.get(ROOT) or attrs.get("results")
+    return str(root) if root else None
 
 
 def location(layout: ExperimentLayout, cell_id: str) -> str:

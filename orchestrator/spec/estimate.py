@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from smn_core.config import CONTROLS
+
 __all__ = ["CellEstimate", "estimate_cells", "estimate_text", "estimate_parts", "benchmark_step_times", "TRAIN_IMAGES",
            "DEFAULT_S_PER_MPX", "ARCH_COST", "RAY_STARTUP_S", "WORKER_START_S", "EVAL_FIXED_S", "CELL_SETUP_S",
            "PROBE_FIT_S", "TRAIN_FIXED_S", "PER_VIEW_S", "load_factor"]
@@ -175,7 +177,7 @@ def estimate_cells(spec, cells, bench: list[dict] | None = None) -> tuple[list[C
         train = d.get("train") or {}
         arch = d["backbone"]["arch"]
         size = d["dataset"].get("image_size") or 224
-        if d["method"] == "pretrained" or not train:
+        if d["method"] == "pretrained" or d["method"] in CONTROLS or not train:  # a control is drawn, not trained
             steps, note = 0, ""
         else:
             steps, note = _steps(train, d["dataset"])

@@ -42,7 +42,7 @@ from orchestrator.spec.keys import config_hash, flatten, split_assignments
 from orchestrator.spec.tracking import parse_tracking
 
 __all__ = ["SpecError", "Resources", "SearchAxis", "SearchSpec", "ExperimentSpec", "Cell", "load_spec",
-           "parse_overrides", "expand_cells", "pending_references", "waiting_count", "control_reference", "search_cell",
+           "parse_overrides", "expand_cells", "pending_references", "waiting_count", "waiting_cells", "Waiting", "cell_label", "control_reference", "search_cell",
            "cell_id_of", "config_hash", "FOUND", "EPOCH_METRICS",
            "format_validation_error", "load_yaml", "check_spec", "dataset_facts", "DataFacts", "LIMITS",
            "TORCHVISION_FACTS", "DIGITS_CLASS_COUNTS"]
@@ -242,12 +242,29 @@ class Cell:
 
     @property
     def label(self) -> str:
-        def show(k: str, v: Any) -> str:
-            if isinstance(v, dict):
-                return ",".join(f"{kk}={vv}" for kk, vv in v.items())
-            return f"{k.split('.')[-1]}={v}"
-        grid = " ".join(show(k, v) for k, v in self.grid_values.items())
-        return f"{self.config.method}{(' ' + grid) if grid else ''} seed={self.config.seed}"
+        return cell_label(self.config.method, self.grid_values, self.config.seed)
+
+
+def cell_label(method: str, grid_values: dict[str, Any], seed: int) -> str:
+    """A cell's label: ``"smn mask=... seed=0"`` (method, grid values, seed)."""
+    def show(k: str, v: Any) -> str:
+        if isinstance(v, dict):
+            return ",".join(f"{kk}={vv}" for kk, vv in v.items())
+        return f"{k.split('.')[-1]}={v}"
+    grid = " ".join(show(k, v) for k, v in grid_values.items())
+    return f"{method}{(' ' + grid) if grid else ''} seed={seed}"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A dependent cell that cannot be expanded yet: its ``label`` (:func:`cell_label`), its ``method``, the
+    ``reference`` cell id it waits for, and whether it needs that cell's ``density`` (top-k at a found density)
+    or only its trained mask (a random-mask control)."""
+
+    label: str
+    method: str
+    reference: str
+    needs_density: bool
 
 
 _CELL_ADAPTER = TypeAdapter(CellConfig)
@@ -874,8 +891,8 @@ def control_reference(config: CellConfig) -> str:
 
 
 def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
-    """Yield ``(Cell | None, reference cell_id | None)`` for every grid point: a ready cell, or
-    (None, ref) for a dependent cell whose reference has not landed yet (a top-k cell at a found density, a
+    """Yield ``(Cell | None, Waiting | None)`` for every grid point: a ready cell, or
+    (None, :class:`Waiting`) for a dependent cell whose reference has not landed yet (a top-k cell at a found density, a
     random-mask control; ``densities`` holds the landed masked cells' densities)."""
     base = _base(spec)
     keys = list(spec.grid)
@@ -900,7 +917,7 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
                     yield Cell(ref_id, ref_cfg, grid_values), None
                     if ref_id not in (densities or {}):
                         _validate(raw, where)  # validate it now, before any work
-                        yield None, ref_id
+                        yield None, Waiting(cell_label(method, grid_values, seed), method, ref_id, False)
                         continue
                 if trained and _get_dotted(raw, "train.mask.topk_density") == FOUND:
                     if raw["train"]["mask"].get("mode") != "topk":
@@ -916,7 +933,7 @@ def _iter_cells(spec: ExperimentSpec, densities: dict[str, float] | None):
                     if density is None:
                         raw["train"]["mask"]["topk_density"] = 0.5  # validate the rest now, before any work
                         _validate(raw, where)
-                        yield None, ref_id
+                        yield None, Waiting(cell_label(method, grid_values, seed), method, ref_id, True)
                         continue
                     raw["train"]["mask"]["topk_density"] = float(density)
                 cfg = _validate(raw, where)
@@ -947,13 +964,23 @@ def pending_references(spec: ExperimentSpec, densities: dict[str, float] | None 
     """Cell ids of the cells some dependent cell still waits for: the threshold cells whose density a
     ``topk_density: found`` cell needs, the SMN cells whose trained mask a random-mask control draws from
     (not in ``densities``, the landed masked cells' ``density``)."""
-    return {ref for cell, ref in _iter_cells(spec, densities) if cell is None}
+    return {w.reference for w in waiting_cells(spec, densities)}
 
 
 def waiting_count(spec: ExperimentSpec, densities: dict[str, float] | None = None) -> int:
     """How many dependent cells (top-k at a found density, random-mask controls) still wait for their reference
     (:func:`pending_references`), counted before they can be expanded."""
-    return sum(cell is None for cell, _ in _iter_cells(spec, densities))
+    return len(waiting_cells(spec, densities))
+
+
+def waiting_cells(spec: ExperimentSpec, densities: dict[str, float] | None = None) -> list[Waiting]:
+    """The dependent cells (top-k at a found density, random-mask controls) that still wait for their reference
+    (not in ``densities``), each once, in expansion order (``smn run --dry-run`` lists them)."""
+    seen: dict[tuple[str, str], Waiting] = {}
+    for cell, waiting in _iter_cells(spec, densities):
+        if cell is None:
+            seen.setdefault((waiting.label, waiting.reference), waiting)
+    return list(seen.values())
 
 
 def search_cell(spec: ExperimentSpec, values: dict[str, Any]) -> Cell:

@@ -13,14 +13,14 @@ import sys
 
 from smn_core.checkpoint import location_exists
 
-from orchestrator.cli.commands.validate import load_checked, print_cells
+from orchestrator.cli.commands.validate import dry_run_cells, load_checked, print_cells, waiting_rows
 from orchestrator.cli.common import EXIT_OK, EXIT_USAGE, usage_error
 from orchestrator.cli.report_args import tracking_section
 from orchestrator.engine.session import check_auth_env, parse_address
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, pretrain_artifact_path
 from orchestrator.spec.estimate import estimate_parts, estimate_text
-from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells
+from orchestrator.spec.experiment import Cell, ExperimentSpec
 from orchestrator.spec.keys import setting_id
 
 __all__ = ["run", "check_options", "cell_rows"]
@@ -38,20 +38,24 @@ def run(args) -> int:
     except ValueError as exc:
         return usage_error(exc)
     if args.dry_run and spec.cascade is None:
-        return _dry_run(args, spec, expand_cells(spec))
+        return _dry_run(args, spec)
     from orchestrator.cli.commands.launch import launch  # reason: Ray, the engine and pandas load only for a run
 
     return launch(args, spec)
 
 
-def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
+def _dry_run(args, spec: ExperimentSpec) -> int:
     """``smn run --dry-run [--json]``: the cells, each marked done (its file or the compacted index holds it:
-    names only, no row read) or to run, whether the pipeline's pretraining is cached, and the estimate in parts
-    (:func:`orchestrator.spec.estimate.estimate_parts`). Writes nothing; ``--json``: one JSON object."""
-    done: set[str] = set()
+    names only, no row read) or to run now, the dependent cells still waiting on another cell
+    (:func:`orchestrator.cli.commands.validate.dry_run_cells`), whether the pipeline's pretraining is cached, and
+    the estimate in parts (:func:`orchestrator.spec.estimate.estimate_parts`, of the ready cells). Writes nothing;
+    ``--json``: one JSON object (``to_run``, ``done``, ``waiting``)."""
+    landed: set[str] = set()
     if "://" in str(args.results) or os.path.isdir(args.results):
         if spec.name in ledger.list_experiments(args.results):
-            done = ledger.ledger_files(ExperimentLayout.of(args.results, spec.name)).cells & {c.cell_id for c in cells}
+            landed = ledger.ledger_files(ExperimentLayout.of(args.results, spec.name)).cells
+    cells, waiting = dry_run_cells(spec, landed, args.results)
+    done = landed & {c.cell_id for c in cells}
     pipeline = [c for c in cells if c.config.backbone.weights == "pipeline" and c.config.pretrain is not None]
     artifacts = sorted({pretrain_artifact_path(args.results, spec.name, c.config) for c in pipeline})
     cached = bool(artifacts) and all(location_exists(a) for a in artifacts)
@@ -59,12 +63,12 @@ def _dry_run(args, spec: ExperimentSpec, cells: list[Cell]) -> int:
     todo = [c for c in cells if c.cell_id not in done]
     if getattr(args, "json", False):
         summary = {"experiment": spec.name, "results": str(args.results), "cells": len(cells),
-                   "to_run": cell_rows(todo), "done": sorted(done),
+                   "to_run": cell_rows(todo), "done": sorted(done), "waiting": waiting_rows(waiting),
                    "pretraining": {"needed": bool(artifacts), "cached": cached, "artifacts": artifacts},
                    "estimate": parts}
         print(json.dumps(summary, indent=1, allow_nan=False, ensure_ascii=False, default=str))  # strict JSON
         return EXIT_OK
-    print_cells(spec, cells, done)
+    print_cells(spec, cells, done, waiting)
     if artifacts:
         state = "not needed (every cell done)" if not todo else "cached" if cached else "to run"
         print(f"pretraining: {state} ({', '.join(artifacts)})")
