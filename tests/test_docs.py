@@ -269,3 +269,25 @@ def test_pages_pair_over_images_where_the_cells_stored_them(tmp_path):
     assert "images x seeds" in vs and "vs frozen: McNemar p" in vs and str(results) not in vs
     card = docs.scorecard_page({"demo": rows})
     assert "SMN - frozen, k-NN (k=20)" in card and "(images x seeds)" in card
+
+
+def test_committed_per_image_files_agree_with_their_ledgers():
+    """Each committed ``per_image/<cell>.parquet`` beside a docs ledger comes from the run that wrote the ledger
+    (or a rerun of the same cells): the share of images it marks correct is the ledger's accuracy, for every
+    cell and metric, and no file names a cell the ledger lacks."""
+    from orchestrator.results import ledger
+    from orchestrator.results.per_image import load_correctness
+
+    checked = 0
+    for folder in sorted(RESULTS.glob("*/per_image")):
+        experiment = folder.parent.name
+        cells = ledger.wide(ledger.read_ledger(str(RESULTS), experiment)).set_index("cell_id")
+        assert {p.name.split(".")[0] for p in folder.glob("*.parquet")} <= set(cells.index), experiment
+        for cell_id, c in cells.iterrows():
+            for metric in ("knn_top1", "knn_dino_top1", "linear_probe_top1"):
+                correct = load_correctness(str(RESULTS), experiment, cell_id, metric)
+                if correct is not None:
+                    assert correct.size == int(c["num_test"]), (experiment, cell_id, metric)
+                    assert correct.mean() == pytest.approx(c[metric], abs=1e-12), (experiment, cell_id, metric)
+                    checked += 1
+    assert checked, "no committed per-image file"
