@@ -31,7 +31,7 @@ def table_text(results: str | None, experiment: str | None, fmt: str, metrics: s
     if out is not None:
         check_output_path(out)
     ledger.check_experiment(results, experiment)
-    frame, title = tables.table_frame(_rows(results, experiment, metrics, layout), fmt, metrics, layout, where)
+    frame, title = tables.table_frame(_rows(results, experiment, metrics, layout, bool(where)), fmt, metrics, layout, where)
     if out is not None or fmt == "parquet":
         return write_table(frame, fmt, out)
     if frame is None or frame.empty:
@@ -39,18 +39,20 @@ def table_text(results: str | None, experiment: str | None, fmt: str, metrics: s
     return registry.render_frame(frame, fmt, title=title)
 
 
-TABLE_COLUMNS = ("cell_id", "experiment", "method", "backbone", "dataset", "seed", "grid_json", "config_json", "metric",
+TABLE_COLUMNS = ("cell_id", "experiment", "method", "backbone", "dataset", "seed", "grid_json", "setting_id", "metric",
                  "value")
-"""The ledger columns the generic table reads (a registered layout reads them all); ``config_json`` gives each
-cell's setting (:mod:`orchestrator.reports.settings`) and serves ``--where``."""
+"""The ledger columns the generic table reads (a registered layout reads them all): ``setting_id`` gives each
+cell's setting (:mod:`orchestrator.reports.settings`; derived from ``config_json`` for files without it), and
+``config_json`` (kilobytes a cell) is read as well only for ``--where``."""
 
 STORAGE_METRICS = ("storage_bits", "backbone_params")
 """The metrics behind the generic table's storage columns (:mod:`orchestrator.reports.tables`)."""
 
 
-def _rows(results: str, experiment: str | None, metrics: str | None, layout: str | None):
+def _rows(results: str, experiment: str | None, metrics: str | None, layout: str | None, where: bool = False):
     """The ledger rows a table needs: every column for a registered layout; for the generic table only
-    :data:`TABLE_COLUMNS` of the chosen metrics (and :data:`STORAGE_METRICS`), filtered in the scan.
+    :data:`TABLE_COLUMNS` (and ``config_json`` when ``where``) of the chosen metrics (and
+    :data:`STORAGE_METRICS`), filtered in the scan.
 
     Raises:
         ValueError: a chosen metric that the ledger does not hold (names the ones it does).
@@ -61,9 +63,10 @@ def _rows(results: str, experiment: str | None, metrics: str | None, layout: str
         raise ValueError(f"--metrics {metrics!r} names no metric; allowed: comma-separated metric names such as "
                          "knn_top1,density (or leave --metrics out for the default ones)")
     chosen = [m.strip() for m in metrics.split(",")] if metrics else list(tables.DEFAULT_METRICS)
-    df = ledger.read_ledger(results, experiment, columns=list(TABLE_COLUMNS),
+    columns = [*TABLE_COLUMNS, *(["config_json"] if where else [])]
+    df = ledger.read_ledger(results, experiment, columns=columns,
                             metrics=list(dict.fromkeys(chosen + list(STORAGE_METRICS))),
-                            shared=tuple(c for c in TABLE_COLUMNS if c in ledger.META_COLUMNS))
+                            shared=tuple(c for c in columns if c in (*ledger.META_COLUMNS, ledger.SETTING_ID)))
     if metrics:
         unknown = [m for m in chosen if m not in set(df["metric"])]
         have = ledger.metric_names(results, experiment) if unknown else []
