@@ -402,6 +402,9 @@ def _query_per_cell(con, columns: list[str], metrics: list[str] | None, shared: 
         elif c == "config_json":  # kilobytes a cell: once per distinct value, as a dictionary (pandas categorical)
             enc = col.combine_chunks().cast(_TYPES[c]).dictionary_encode()
             out[c] = pa.DictionaryArray.from_arrays(pc.take(enc.indices, row_of), enc.dictionary)
+        elif pa.types.is_string(_TYPES.get(c, pa.string())):  # through a dictionary: 20x faster than a string take
+            enc = col.combine_chunks().cast(pa.string()).dictionary_encode()
+            out[c] = pc.take(enc, row_of).cast(pa.string())
         else:
             out[c] = pc.take(col, row_of).cast(_TYPES.get(c, pa.string()))
     return pa.table(out)

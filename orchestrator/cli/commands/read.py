@@ -1,17 +1,32 @@
-"""``smn table`` and ``smn plot``: tables and figures from the ledger alone (reads only; never loads torch or ray)."""
+"""``smn table`` and ``smn plot``: tables and figures from the ledger alone (reads only; never loads torch or ray).
+
+The report modules (pandas, every layout) load on first use (:func:`_reports`): the generic table scans the ledger
+first, so that its peak memory is the scan's or the frame's, not both (issue 27)."""
 
 from __future__ import annotations
 
 import os
 
+from types import SimpleNamespace
+
 from orchestrator.cli.common import EXIT_OK, check_output_path, check_results_dir
-from orchestrator.cli.report import write_table
-from orchestrator.reports import registry, tables
-from orchestrator.reports.settings import parse_where
 from orchestrator.results import compact, ledger
 from orchestrator.results.layout import figure_location
 
 __all__ = ["table", "plot", "table_text", "ledger_command"]
+
+DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
+                   "code_entropy", "collapsed", "wall_s")
+"""The generic table's default metrics (:data:`orchestrator.reports.tables.DEFAULT_METRICS`, which a unit test
+compares with this copy: the scan is chosen before the report modules load)."""
+
+
+def _reports() -> SimpleNamespace:
+    """The report modules and the table writer, imported on first use (module docstring)."""
+    from orchestrator.cli.report import write_table  # reason: it loads pandas and every layout; a table scans first
+    from orchestrator.reports import registry, settings, tables  # reason: pandas and every layout, after the scan
+
+    return SimpleNamespace(registry=registry, settings=settings, tables=tables, write_table=write_table)
 
 
 def table_text(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
@@ -23,20 +38,24 @@ def table_text(results: str | None, experiment: str | None, fmt: str, metrics: s
     Raises:
         ResultsError: a missing results folder. ValueError: an unknown layout, experiment or metric.
     """
-    if layout == "list":
-        return tables.layout_list()
-    tables.check_layout(layout)
-    parse_where(where or [])
+    if layout is not None or where:  # checked before any work; the generic table loads them after its scan
+        rep = _reports()
+        if layout == "list":
+            return rep.tables.layout_list()
+        rep.tables.check_layout(layout)
+        rep.settings.parse_where(where or [])
     results = check_results_dir(results, "table")
     if out is not None:
         check_output_path(out)
     ledger.check_experiment(results, experiment)
-    frame, title = tables.table_frame(_rows(results, experiment, metrics, layout, bool(where)), fmt, metrics, layout, where)
+    rows = _rows(results, experiment, metrics, layout, bool(where))
+    rep = _reports()
+    frame, title = rep.tables.table_frame(rows, fmt, metrics, layout, where)
     if out is not None or fmt == "parquet":
-        return write_table(frame, fmt, out)
+        return rep.write_table(frame, fmt, out)
     if frame is None or frame.empty:
         return f"(no cell matches --where {' '.join(where)})" if where else "(no results in the ledger yet)"
-    return registry.render_frame(frame, fmt, title=title)
+    return rep.registry.render_frame(frame, fmt, title=title)
 
 
 TABLE_COLUMNS = ("cell_id", "experiment", "method", "backbone", "dataset", "seed", "grid_json", "setting_id", "metric",
@@ -62,7 +81,7 @@ def _rows(results: str, experiment: str | None, metrics: str | None, layout: str
     if metrics is not None and not [m for m in metrics.split(",") if m.strip()]:
         raise ValueError(f"--metrics {metrics!r} names no metric; allowed: comma-separated metric names such as "
                          "knn_top1,density (or leave --metrics out for the default ones)")
-    chosen = [m.strip() for m in metrics.split(",")] if metrics else list(tables.DEFAULT_METRICS)
+    chosen = [m.strip() for m in metrics.split(",")] if metrics else list(DEFAULT_METRICS)
     columns = [*TABLE_COLUMNS, *(["config_json"] if where else [])]
     df = ledger.read_ledger(results, experiment, columns=columns,
                             metrics=list(dict.fromkeys(chosen + list(STORAGE_METRICS))),
@@ -85,6 +104,7 @@ def table(args) -> int:
 def plot(args) -> int:
     """``smn plot``: draw a registered figure from the ledger into ``--out`` (default ``DIR/figures/NAME.png``,
     also for a URI ``DIR``); ``--figure list`` lists them."""
+    registry = _reports().registry
     if args.figure == "list":
         print(registry.figure_list())
         return EXIT_OK
