@@ -60,14 +60,14 @@ print(json.dumps({"code": code, "inner_s": time.time() - t0, "peak_mb": hwm / 10
 def clone_ledger(results: Path, n: int, experiment: str = "bench", setting_ids: bool = True) -> Path:
     """``results/<experiment>/ledger`` with ``n`` cells: the demo's cell files, round robin, under new ids;
     ``setting_ids``: with the ``setting_id`` column, as ``write_cell`` writes it (False: as the files are)."""
-    from orchestrator.results.ledger import SETTING_ID
+    from orchestrator.results.ledger import FULL_SCHEMA, SETTING_ID
     from orchestrator.spec.keys import setting_id
 
     src = [pq.read_table(p) for p in sorted(DEMO.glob("*.parquet"))]
     if setting_ids:
-        src = [t if SETTING_ID in t.column_names else t.append_column(
-            SETTING_ID, pa.array([setting_id(t.column("config_json")[0].as_py())] * t.num_rows, pa.string()))
-            for t in src]
+        src = [t if SETTING_ID in t.column_names else t.add_column(
+            FULL_SCHEMA.get_field_index(SETTING_ID), SETTING_ID,
+            pa.array([setting_id(t.column("config_json")[0].as_py())] * t.num_rows, pa.string())) for t in src]
     out = results / experiment / "ledger"
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):

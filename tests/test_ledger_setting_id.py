@@ -33,7 +33,8 @@ def _with_id(path: Path) -> None:
     """Give a cell file the setting id column, as ``write_cell`` writes it."""
     t = pq.read_table(path)
     sid = setting_id(t.column("config_json")[0].as_py())
-    pq.write_table(t.append_column(ledger.SETTING_ID, pa.array([sid] * t.num_rows, pa.string())), path)
+    pq.write_table(t.add_column(ledger.FULL_SCHEMA.get_field_index(ledger.SETTING_ID), ledger.SETTING_ID,
+                                pa.array([sid] * t.num_rows, pa.string())), path)
 
 
 def _pooled_cell(folder: Path) -> None:

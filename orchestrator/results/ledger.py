@@ -82,8 +82,10 @@ SETTING_ID = "setting_id"
 the resolved config without the seed), written since issue 27 so that a table can group cells by setting
 without reading the configs. Older files lack it: readers derive it from ``config_json`` (same value)."""
 
-FULL_SCHEMA = pa.schema([*LEDGER_SCHEMA, pa.field(SETTING_ID, pa.string())])
-"""What :func:`write_cell` and a compaction write: :data:`LEDGER_SCHEMA`, then :data:`SETTING_ID`."""
+FULL_SCHEMA = LEDGER_SCHEMA.insert(LEDGER_SCHEMA.get_field_index("grid_json") + 1, pa.field(SETTING_ID, pa.string()))
+"""What :func:`write_cell` and a compaction write: :data:`LEDGER_SCHEMA` with :data:`SETTING_ID` after ``grid_json``,
+so that the columns a table reads (``cell_id`` to ``value``) lie side by side in the file: one ranged read of a
+cell file on an object store, not two around ``config_json``."""
 
 
 def write_cell(results: str, experiment: str, *, cell_id: str, method: str, backbone: str, dataset: str, seed: int,
