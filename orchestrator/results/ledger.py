@@ -432,16 +432,17 @@ def _query(fs: pafs.FileSystem, paths: list[str], columns: list[str], metrics: l
 
     A ledger whose files all have the setting id is read in one strict scan (DuckDB binds the columns to the
     first file's). A file written before the column existed makes that scan fail on its name: when a later
-    file lacks it, the ledger is read again by the union of the files' columns (a read of every footer first);
-    when the first file lacks it, again without the column. Either way the files without an id get it from
-    their ``config_json``, read from them alone (:func:`_fill_setting_ids`). Each scan has a connection of its
-    own, closed before its rows are expanded."""
+    file lacks it, the ledger is read again by the union of the files' columns (a read of every footer first),
+    and the files without an id get it from their ``config_json``, read from them alone; when the first file
+    lacks it, the ledger is read again with ``config_json`` in place of the id (once per cell file), which gives
+    every id, as before the column existed (:func:`_fill_setting_ids`). Each scan has a connection of its own,
+    closed before its rows are expanded."""
     import duckdb  # for its error type (loaded by _connect anyway)
 
     attempts = [(columns, False)]
     while attempts:
         cols, union = attempts.pop(0)
-        own = [c for c in shared if c in cols]
+        own = [c for c in [*shared, *(["config_json"] if SETTING_ID in shared else [])] if c in cols]
         con = _connect()
         try:
             _source(con, fs, paths, cols, union).create_view("src", replace=True)
@@ -450,7 +451,7 @@ def _query(fs: pafs.FileSystem, paths: list[str], columns: list[str], metrics: l
             head = str(exc).split("Candidate")[0]
             if SETTING_ID not in cols or f'"{SETTING_ID}"' not in head:
                 raise
-            no_id = [c for c in cols if c != SETTING_ID]
+            no_id = list(dict.fromkeys([*(c for c in cols if c != SETTING_ID), "config_json"]))
             attempts = [(columns, True), (no_id, False)] if "schema mismatch" in head and not union else [(no_id, False)]
             continue
         finally:
