@@ -442,7 +442,7 @@ def _query(fs: pafs.FileSystem, paths: list[str], columns: list[str], metrics: l
     attempts = [(columns, False)]
     while attempts:
         cols, union = attempts.pop(0)
-        own = [c for c in [*shared, *(["config_json"] if SETTING_ID in shared else [])] if c in cols]
+        own = [c for c in dict.fromkeys([*shared, *(["config_json"] if SETTING_ID in shared else [])]) if c in cols]
         con = _connect()
         try:
             _source(con, fs, paths, cols, union).create_view("src", replace=True)
