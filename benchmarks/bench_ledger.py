@@ -11,8 +11,9 @@
 * ``smn validate experiments/demo.yaml`` and ``smn run experiments/demo.yaml --dry-run`` on a finished demo (the
   committed ledger of ``docs/results/demo``).
 
-The synthetic ledgers are the demo's nine real cell files (``docs/results/demo/ledger``) cloned under new cell
-ids, round robin. Run: ``python -m benchmarks.bench_ledger [--cells 10000] [--s3-cells 10000] [--out FILE.json]``;
+The synthetic ledgers are the demo's real cell files (``docs/results/demo/ledger``) cloned under new cell
+ids, round robin, with the ``setting_id`` column that ``write_cell`` writes since issue 27 (the committed files
+predate it); ``smn table`` on the same N cells without that column (as written before) is measured too. Run: ``python -m benchmarks.bench_ledger [--cells 10000] [--s3-cells 10000] [--out FILE.json]``;
 it prints a Markdown table and writes the figures as JSON.
 """
 
@@ -56,9 +57,17 @@ print(json.dumps({"code": code, "inner_s": time.time() - t0, "peak_mb": hwm / 10
 """
 
 
-def clone_ledger(results: Path, n: int, experiment: str = "bench") -> Path:
-    """``results/<experiment>/ledger`` with ``n`` cells: the demo's cell files, round robin, under new ids."""
+def clone_ledger(results: Path, n: int, experiment: str = "bench", setting_ids: bool = True) -> Path:
+    """``results/<experiment>/ledger`` with ``n`` cells: the demo's cell files, round robin, under new ids;
+    ``setting_ids``: with the ``setting_id`` column, as ``write_cell`` writes it (False: as the files are)."""
+    from orchestrator.results.ledger import FULL_SCHEMA, SETTING_ID
+    from orchestrator.spec.keys import setting_id
+
     src = [pq.read_table(p) for p in sorted(DEMO.glob("*.parquet"))]
+    if setting_ids:
+        src = [t if SETTING_ID in t.column_names else t.add_column(
+            FULL_SCHEMA.get_field_index(SETTING_ID), SETTING_ID,
+            pa.array([setting_id(t.column("config_json")[0].as_py())] * t.num_rows, pa.string())) for t in src]
     out = results / experiment / "ledger"
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -146,24 +155,36 @@ class _Figures(dict):
             Path(self.path).write_text(json.dumps(self, indent=1))
 
 
-def run(cells: int, s3_cells: int, out_path: str | None = None) -> dict:
-    """Every figure of the module docstring; ``{name: {...}}``, printed as they come."""
+def _median(runs: list[dict]) -> dict:
+    """The run of median wall time among ``runs`` (figures of :func:`measure`)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+
+
+def run(cells: int, s3_cells: int, out_path: str | None = None, repeat: int = 3) -> dict:
+    """Every figure of the module docstring; ``{name: {...}}``, printed as they come. ``repeat``: pairs of
+    (``smn table``, DuckDB's query) on the N cells, measured one pair after another; the figures are the
+    median run of each, with every run's time beside them."""
     from orchestrator.results import compact
 
     out = _Figures(out_path)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         big, small = clone_ledger(tmp / "big", cells), clone_ledger(tmp / "small", 100)
+        old = clone_ledger(tmp / "old", cells, setting_ids=False)
         out["uptime (load before)"] = {"load_1min": round(os.getloadavg()[0], 2), "cores": os.cpu_count()}
         measure("smn", ["table", str(small)])  # fills the bytecode cache (not a figure)
         out["python -c pass"] = measure("py", "pass")
         out["smn table, 100 cells, no bytecode cache"] = measure("smn", ["table", str(small)], bytecode=False)
         out["import floor: pandas, pyarrow.parquet, duckdb"] = measure("py", "import pandas, pyarrow.parquet, duckdb")
-        out[f"smn table, {cells} cells"] = measure("smn", ["table", str(big)])
-        out[f"DuckDB group-by, {cells} cells"] = measure("py", duckdb_query(big / "bench" / "ledger"))
-        mine, duck = out[f"smn table, {cells} cells"], out[f"DuckDB group-by, {cells} cells"]
-        out[f"ratio smn table / DuckDB, {cells} cells"] = {"time_x": round(mine["wall_s"] / duck["wall_s"], 2),
-                                                           "memory_x": round(mine["peak_mb"] / duck["peak_mb"], 2)}
+        pairs = [(measure("smn", ["table", str(big)]), measure("py", duckdb_query(big / "bench" / "ledger")))
+                 for _ in range(repeat)]  # side by side, one pair after another: the load moves both alike
+        mine, duck = _median([p[0] for p in pairs]), _median([p[1] for p in pairs])
+        out[f"smn table, {cells} cells"] = {**mine, "runs_s": [p[0]["wall_s"] for p in pairs]}
+        out[f"DuckDB group-by, {cells} cells"] = {**duck, "runs_s": [p[1]["wall_s"] for p in pairs]}
+        out[f"ratio smn table / DuckDB, {cells} cells"] = {
+            "time_x": round(mine["wall_s"] / duck["wall_s"], 2), "memory_x": round(mine["peak_mb"] / duck["peak_mb"], 2),
+            "time_x_per_pair": [round(a["wall_s"] / b["wall_s"], 2) for a, b in pairs]}
+        out[f"smn table, {cells} cells written before setting_id"] = measure("smn", ["table", str(old)])
         out[f"smn ls, {cells} cells"] = measure("smn", ["ls", str(big)])
         out["smn table, 100 cells"] = measure("smn", ["table", str(small)])
         out["smn ls, 100 cells"] = measure("smn", ["ls", str(small)])
@@ -191,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", type=int, default=10_000)
     p.add_argument("--s3-cells", type=int, default=10_000, help="0: skip the S3 figure")
     p.add_argument("--out", default=None, help="JSON file of the figures")
+    p.add_argument("--repeat", type=int, default=3, help="pairs of smn table and DuckDB on the N cells (median)")
     args = p.parse_args(argv)
-    run(args.cells, args.s3_cells, args.out)
+    if args.repeat < 1:
+        p.error(f"--repeat {args.repeat} is not allowed; allowed: 1 or more")
+    run(args.cells, args.s3_cells, args.out, args.repeat)
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator.results import ledger
 from orchestrator.reports import tables
+from orchestrator.spec.keys import setting_id
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +25,8 @@ def _write(results, cell_id, seed=0, method="smn", knn=0.5, experiment="exp"):
 def test_write_and_read_long_format(tmp_path):
     path = _write(tmp_path, "aaaa", knn=0.7)
     t = pq.read_table(path)
-    assert t.schema.equals(ledger.LEDGER_SCHEMA, check_metadata=False)
+    assert t.schema.equals(ledger.FULL_SCHEMA, check_metadata=False)
+    assert set(t.column("setting_id").to_pylist()) == {setting_id(t.column("config_json")[0].as_py())}
     df = ledger.read_ledger(str(tmp_path), "exp")
     assert sorted(df["metric"]) == ["density", "knn_top1"]
     assert df.loc[df["metric"] == "knn_top1", "value"].item() == pytest.approx(0.7)

@@ -16,6 +16,11 @@ one-line note (:data:`NOTE`) and the added keys (:data:`KEYS`).
 
 :func:`select` is ``smn table --where KEY=VALUE``: the cells whose resolved config holds that value.
 
+The setting id is the ledger's ``setting_id`` column when the rows have it (written since issue 27; derived
+from ``config_json`` by the reader for older files), else it is derived from ``config_json`` here. Rows read
+without ``config_json`` (``smn table``: the configs are kilobytes a cell) get the configs of one cell per setting
+from the ledger, and only for the groups that hold several settings (:func:`orchestrator.results.ledger.cell_configs`).
+
 Reads the ledger's columns only; imports neither torch nor ray.
 """
 
@@ -28,6 +33,7 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
+from orchestrator.results import ledger
 from orchestrator.spec.keys import flatten, setting_config, setting_id, split_assignments
 
 __all__ = ["SEED_KEYS", "MAX_KEYS", "NOTE", "KEYS", "setting_config", "setting_id", "split_settings", "select",
@@ -65,9 +71,35 @@ def setting_label(grid: dict[str, Any], keys: Iterable[str]) -> str:
     return ", ".join(f"{k.split('.')[-1]}={grid[k]}" for k in sorted(keys) if k in grid)
 
 
+def _ids(cells: pd.DataFrame) -> list[str]:
+    """The setting id of each row of ``cells``: its ``setting_id`` where set, else from its ``config_json``."""
+    stored = cells["setting_id"] if ledger.SETTING_ID in cells else [None] * len(cells)
+    configs = cells["config_json"] if "config_json" in cells else [None] * len(cells)
+    return [s if isinstance(s, str) and s else setting_id(c) for s, c in zip(stored, configs)]
+
+
+def _configs(df: pd.DataFrame, firsts: pd.DataFrame) -> list[str]:
+    """``config_json`` of each cell of ``firsts`` (rows with ``experiment`` and ``cell_id``): from ``df`` when it has
+    the column, else read from the ledger under ``df.attrs["results"]`` (:func:`ledger.cell_configs`).
+
+    Raises:
+        ValueError: neither is there (rows built by hand without configs).
+    """
+    if "config_json" in firsts:
+        return [str(c) for c in firsts["config_json"]]
+    if "results" not in df.attrs:
+        raise ValueError("ledger rows without config_json and without attrs['results']: cannot name the keys "
+                         "that differ between settings; allowed: rows from ledger.read_ledger")
+    wanted: dict[str, list[str]] = {}
+    for exp, cid in zip(firsts["experiment"], firsts["cell_id"]):
+        wanted.setdefault(exp, []).append(cid)
+    got = ledger.cell_configs(df.attrs["results"], wanted)
+    return [got[(exp, cid)] for exp, cid in zip(firsts["experiment"], firsts["cell_id"])]
+
+
 def split_settings(df: pd.DataFrame) -> pd.DataFrame:
-    """Ledger rows (long or one row per cell, with ``config_json`` and ``grid_json``) in which cells of
-    different settings never share (experiment, method, backbone, dataset, ``grid_json``).
+    """Ledger rows (long or one row per cell, with ``grid_json`` and ``setting_id`` or ``config_json``) in which
+    cells of different settings never share (experiment, method, backbone, dataset, ``grid_json``).
 
     Within each such group holding more than one setting (:func:`setting_id`), every cell's ``grid_json``
     gains the config keys whose values differ between the group's settings (their values in that cell; a key
@@ -76,18 +108,17 @@ def split_settings(df: pd.DataFrame) -> pd.DataFrame:
     lists the keys added. Rows are otherwise unchanged; a frame without a split comes back as it was (its
     attrs kept), so calling this twice is the same as once.
     """
-    if df.empty or "config_json" not in df or "grid_json" not in df:
+    if df.empty or "grid_json" not in df or ("config_json" not in df and ledger.SETTING_ID not in df):
         return df
-    cells = df.drop_duplicates("cell_id")[["cell_id", *_GROUP, "config_json"]]
-    ids = {c: setting_id(cfg) for c, cfg in zip(cells["cell_id"], cells["config_json"])}
-    cells = cells.assign(setting=cells["cell_id"].map(ids))
+    cells = df.drop_duplicates("cell_id")[["cell_id", *_GROUP, *(c for c in ("config_json", ledger.SETTING_ID) if c in df)]]
+    cells = cells.assign(setting=_ids(cells))
     new_grid: dict[str, str] = {}
     notes, added = list(df.attrs.get(NOTE, "").split("\n")) if df.attrs.get(NOTE) else [], set(df.attrs.get(KEYS, ()))
     for key, g in cells.groupby(_GROUP, sort=True):
         settings = g.drop_duplicates("setting")
         if len(settings) < 2:
             continue
-        flats = {s: _flat(c) for s, c in zip(settings["setting"], settings["config_json"])}
+        flats = {s: _flat(c) for s, c in zip(settings["setting"], _configs(df, settings))}
         keys = _differing(list(flats.values()))
         for cid, grid_json, setting in zip(g["cell_id"], g["grid_json"], g["setting"]):
             grid = json.loads(grid_json)

@@ -3,7 +3,8 @@
 A run lands one file per cell (``ledger/<cell_id>.parquet``): right for atomic landing and resume, costly to
 read by the thousand (one open, or one GET on an object store, per cell). :func:`compact` merges the
 finished cell files of an experiment into one part ``ledger/_compacted/part-<id>.parquet`` (rows sorted by
-cell, the ledger's schema) and records which cells each part holds in the index
+cell, :data:`orchestrator.results.ledger.FULL_SCHEMA`: the setting id too, derived from ``config_json`` for cell
+files and parts written before it existed, so that a table reads the compacted ledger without the configs) and records which cells each part holds in the index
 ``ledger/_compacted/manifest.json`` (``{"parts": {part name: [cell ids]}}``). When the index would list more
 than ``max_parts`` parts, every part is merged into the new one, so an experiment keeps a few files.
 
@@ -132,7 +133,7 @@ def compact(results: str, experiment: str, *, max_parts: int = MAX_PARTS,
     merge_all = len(index) + 1 > max_parts
     retired = sorted(index) if merge_all else []
     new_files = ledger.LedgerFiles(lay, files.cell_files, files.parts if merge_all else {})
-    table, bad = ledger.scan_files(new_files) if new_files.paths else (ledger.LEDGER_SCHEMA.empty_table(), set())
+    table, bad = ledger.scan_files(new_files) if new_files.paths else (ledger.FULL_SCHEMA.empty_table(), set())
     known = {c for name, ids in index.items() if name not in retired for c in ids}
     if known and table.num_rows:  # a renamed copy of a cell that a part holds already
         table = table.filter(pc.invert(pc.is_in(table.column("cell_id"), pa.array(sorted(known)))))

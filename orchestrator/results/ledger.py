@@ -49,11 +49,12 @@ import smn_core
 from smn_core.checkpoint import atomic_write
 
 from orchestrator.results.layout import ExperimentLayout, check_experiment_name, filesystem
+from orchestrator.spec import keys
 
 if TYPE_CHECKING:  # pandas and duckdb are imported where they are used: listing done cells needs neither
     import pandas as pd
 
-__all__ = ["LEDGER_SCHEMA", "META_COLUMNS", "MANIFEST", "LedgerFiles", "write_cell", "read_ledger", "read_cell", "wide",
+__all__ = ["LEDGER_SCHEMA", "SETTING_ID", "FULL_SCHEMA", "META_COLUMNS", "cell_configs", "MANIFEST", "LedgerFiles", "write_cell", "read_ledger", "read_cell", "wide",
            "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures",
            "cell_metric", "metric_names", "as_ledger_table", "ledger_files", "scan_files", "read_manifest", "schema_problem",
            "footer_problem"]
@@ -74,17 +75,28 @@ LEDGER_SCHEMA = pa.schema([
     ("host", pa.string()),
     ("smn_version", pa.string()),
 ])
+"""The columns every ledger file has (a file lacking one cannot be read as ledger rows)."""
+
+SETTING_ID = "setting_id"
+"""The per-cell column of the cell's setting id (:func:`orchestrator.spec.keys.setting_id` of its ``config_json``:
+the resolved config without the seed), written since issue 27 so that a table can group cells by setting
+without reading the configs. Older files lack it: readers derive it from ``config_json`` (same value)."""
+
+FULL_SCHEMA = LEDGER_SCHEMA.insert(LEDGER_SCHEMA.get_field_index("grid_json") + 1, pa.field(SETTING_ID, pa.string()))
+"""What :func:`write_cell` and a compaction write: :data:`LEDGER_SCHEMA` with :data:`SETTING_ID` after ``grid_json``,
+so that the columns a table reads (``cell_id`` to ``value``) lie side by side in the file: one ranged read of a
+cell file on an object store, not two around ``config_json``."""
 
 
 def write_cell(results: str, experiment: str, *, cell_id: str, method: str, backbone: str, dataset: str, seed: int,
                grid: dict[str, Any], config: dict[str, Any], metrics: dict[str, float],
                started_at: float, finished_at: float, extra_columns: dict[str, str] | None = None) -> str:
-    """Write one cell's rows atomically; returns the file's path.
+    """Write one cell's rows atomically (:data:`FULL_SCHEMA`: the setting id too); returns the file's path.
 
     Args:
         metrics: ``{metric name: value}``; every value must be a finite-or-nan float.
         started_at, finished_at: UNIX times in seconds.
-        extra_columns: string columns beyond :data:`LEDGER_SCHEMA`, the same on every row (``ray_job_id``,
+        extra_columns: string columns beyond :data:`FULL_SCHEMA`, the same on every row (``ray_job_id``,
             ``ray_submission_id``: docs/ledger.md); readers ignore them unless they read the file's own columns.
 
     Raises:
@@ -98,15 +110,17 @@ def write_cell(results: str, experiment: str, *, cell_id: str, method: str, back
     import pandas as pd  # the writer runs in a worker that has it loaded already
 
     ms = lambda t: pd.Timestamp(t, unit="s", tz="UTC")  # noqa: E731
+    config_json = json.dumps(config, sort_keys=True, default=str)
     table = pa.table({
         "cell_id": [cell_id] * n, "experiment": [experiment] * n, "method": [method] * n,
         "backbone": [backbone] * n, "dataset": [dataset] * n, "seed": [int(seed)] * n,
         "grid_json": [json.dumps(grid, sort_keys=True, default=str)] * n,
         "metric": list(metrics), "value": [float(v) for v in metrics.values()],
-        "config_json": [json.dumps(config, sort_keys=True, default=str)] * n,
+        "config_json": [config_json] * n,
         "started_at": [ms(started_at)] * n, "finished_at": [ms(finished_at)] * n,
         "host": [socket.gethostname()] * n, "smn_version": [smn_core.__version__] * n,
-    }, schema=LEDGER_SCHEMA)
+        SETTING_ID: [keys.setting_id(config_json)] * n,  # from the very text above: a reader deriving it agrees
+    }, schema=FULL_SCHEMA)
     for name, value in (extra_columns or {}).items():
         table = table.append_column(pa.field(name, pa.string()), pa.array([str(value)] * n, pa.string()))
     sink = pa.BufferOutputStream()
@@ -277,6 +291,8 @@ def schema_problem(schema: pa.Schema) -> str | None:
         t = schema.field(f.name).type
         if not any(test(t) for test in _FAMILIES[_family(f.type)]):
             return f"column {f.name!r} of type {t} does not cast to {f.type}"
+    if SETTING_ID in schema.names and not any(test(schema.field(SETTING_ID).type) for test in _FAMILIES["string"]):
+        return f"column {SETTING_ID!r} of type {schema.field(SETTING_ID).type} does not cast to string"
     return None
 
 
@@ -323,69 +339,154 @@ def _connect():
     return con
 
 
-def _source(con, fs: pafs.FileSystem, paths: list[str], columns: list[str]):
+def _source(con, fs: pafs.FileSystem, paths: list[str], columns: list[str], union: bool = False):
     """The DuckDB relation of the rows of ``paths`` with ``columns`` plus ``filename`` and ``file_row_number``.
 
     Local files are scanned by DuckDB's own Parquet reader (projection and filters pushed into it; columns
-    matched by name, types cast to the first file's); files on another ``pyarrow.fs`` filesystem (S3)
-    through ``pyarrow.dataset``, reading only ``columns``."""
+    matched by name, types cast to the first file's; ``union``: by the union of every file's columns, a column
+    a file lacks read as NULL, which costs a read of every footer before the scan); files on another
+    ``pyarrow.fs`` filesystem (S3) through ``pyarrow.dataset``, reading only ``columns`` (NULL where a file
+    lacks one of :data:`FULL_SCHEMA`'s optional columns)."""
     if isinstance(fs, pafs.LocalFileSystem):
-        return con.read_parquet(paths, filename=True, file_row_number=True)
+        return con.read_parquet(paths, filename=True, file_row_number=True, union_by_name=union)
     import pyarrow.dataset as pads  # object stores only; its import loads pandas (about 0.5 s)
 
-    dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=LEDGER_SCHEMA)
+    dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=FULL_SCHEMA)
     batches, names = [], []
     for tagged in dataset.scanner(columns=columns).scan_batches():
         batches.append(tagged.record_batch)
         names += [tagged.fragment.path] * tagged.record_batch.num_rows
-    table = pa.Table.from_batches(batches, pa.schema([LEDGER_SCHEMA.field(c) for c in columns]))
+    table = pa.Table.from_batches(batches, pa.schema([FULL_SCHEMA.field(c) for c in columns]))
     table = table.append_column("filename", pa.array(names, pa.string()))
     table = table.append_column("file_row_number", pa.array(np.arange(table.num_rows), pa.int64()))
     return con.from_arrow(table)
 
 
+_TYPES = {f.name: f.type for f in FULL_SCHEMA}
+
+
+def _metric_filter(metrics: list[str] | None) -> tuple[str, dict]:
+    """The ``WHERE`` clause of ``metrics`` (None: none) as a list of SQL literals (quotes doubled), which DuckDB
+    pushes into the Parquet scan (a parameter list, ``IN (SELECT unnest($m))``, is a join after a full scan:
+    50 % more memory at 10,000 cells)."""
+    if metrics is None:
+        return "", {}
+    if not metrics:
+        return "WHERE false", {}
+    return "WHERE metric IN (" + ", ".join("'" + str(m).replace("'", "''") + "'" for m in metrics) + ")", {}
+
+
 def _query_rows(con, columns: list[str], metrics: list[str] | None) -> pa.Table:
     """The rows of the view ``src`` with ``columns`` and ``filename`` (of ``metrics`` only, None: all), in the
-    order of a per-file read (experiment, cell, file, row), typed as :data:`LEDGER_SCHEMA`."""
-    types = {f.name: f.type for f in LEDGER_SCHEMA}
+    order of a per-file read (experiment, cell, file, row), typed as :data:`FULL_SCHEMA`."""
     select = ", ".join('CAST("value" AS DOUBLE) AS "value"' if c == "value" else f'"{c}"' for c in columns)
-    where, params = "", {}
-    if metrics is not None:
-        where, params = "WHERE metric IN (SELECT unnest($metrics::VARCHAR[]))", {"metrics": list(metrics)}
+    where, params = _metric_filter(metrics)
     table = con.sql(f"SELECT {select}, filename FROM src {where} "
                     "ORDER BY experiment, cell_id, filename, file_row_number", params=params).to_arrow_table()
-    return table.cast(pa.schema([*(pa.field(c, types[c]) for c in columns), pa.field("filename", pa.string())]))
+    return table.cast(pa.schema([*(pa.field(c, _TYPES[c]) for c in columns), pa.field("filename", pa.string())]))
 
 
 def _query_per_cell(con, columns: list[str], metrics: list[str] | None, shared: list[str]) -> pa.Table:
     """:func:`_query_rows` with the ``shared`` columns (the same on every row of a cell, e.g. ``config_json``) read
     once per cell file: DuckDB groups the rows by (experiment, cell, file), lists ``metric`` and ``value`` in row
-    order and keeps one value of each shared column; the lists are flattened back into rows here, and
+    order and keeps one value of each shared column (these groups are returned); the lists are flattened back into
+    rows by :func:`_expand`, and
     ``config_json`` comes back dictionary-encoded (a pandas categorical), so a 3 KB config costs its bytes once
     per distinct config, not once per row, in Arrow and in pandas. Same rows, same order as :func:`_query_rows`."""
-    types = {f.name: f.type for f in LEDGER_SCHEMA}
-    keys = ["experiment", "cell_id", "filename"]
-    listed = [c for c in columns if c not in shared and c not in keys]
+    keys_ = ["experiment", "cell_id", "filename"]
+    listed = [c for c in columns if c not in shared and c not in keys_]
     value = lambda c: 'CAST("value" AS DOUBLE)' if c == "value" else f'"{c}"'  # noqa: E731
-    select = ", ".join([*(f'"{k}"' for k in keys), *(f'list({value(c)} ORDER BY file_row_number) AS "{c}"' for c in listed),
+    select = ", ".join([*(f'"{k}"' for k in keys_), *(f'list({value(c)} ORDER BY file_row_number) AS "{c}"' for c in listed),
                         *(f'any_value("{c}") AS "{c}"' for c in shared)])
-    where, params = "", {}
-    if metrics is not None:
-        where, params = "WHERE metric IN (SELECT unnest($metrics::VARCHAR[]))", {"metrics": list(metrics)}
-    groups = con.sql(f"SELECT {select} FROM src {where} GROUP BY ALL ORDER BY experiment, cell_id, filename",
-                     params=params).to_arrow_table()
+    where, params = _metric_filter(metrics)
+    return con.sql(f"SELECT {select} FROM src {where} GROUP BY ALL ORDER BY experiment, cell_id, filename",
+                   params=params).to_arrow_table()
+
+
+def _expand(groups: pa.Table, columns: list[str], shared: list[str]) -> pa.Table:
+    """The rows of :func:`_query_per_cell`'s groups (one per cell file): the listed columns flattened, the shared
+    ones repeated (through a dictionary), typed as :data:`FULL_SCHEMA`; done after the DuckDB connection is
+    closed, so that the scan's memory is given back before these copies are made."""
+    listed = [c for c in columns if c not in shared and c not in ("experiment", "cell_id", "filename")]
     row_of = pc.list_parent_indices(groups.column(listed[0]))  # the group (cell file) of every row
     out = {}
     for c in [*columns, "filename"]:
         col = groups.column(c)
         if c in listed:
-            out[c] = pc.list_flatten(col).cast(types[c])
+            out[c] = pc.list_flatten(col).cast(_TYPES[c])
         elif c == "config_json":  # kilobytes a cell: once per distinct value, as a dictionary (pandas categorical)
-            enc = col.combine_chunks().cast(types[c]).dictionary_encode()
+            enc = col.combine_chunks().cast(_TYPES[c]).dictionary_encode()
             out[c] = pa.DictionaryArray.from_arrays(pc.take(enc.indices, row_of), enc.dictionary)
+        elif pa.types.is_string(_TYPES.get(c, pa.string())):  # through a dictionary: 20x faster than a string take
+            enc = col.combine_chunks().cast(pa.string()).dictionary_encode()
+            out[c] = pc.take(enc, row_of).cast(pa.string())
         else:
-            out[c] = pc.take(col, row_of).cast(types.get(c, pa.string()))
+            out[c] = pc.take(col, row_of).cast(_TYPES.get(c, pa.string()))
     return pa.table(out)
+
+
+def _query(fs: pafs.FileSystem, paths: list[str], columns: list[str], metrics: list[str] | None,
+           shared: list[str]) -> pa.Table:
+    """The rows of ``paths`` (:func:`_query_rows`, or :func:`_query_per_cell` with ``shared`` columns), with
+    :data:`SETTING_ID` filled in on every row when ``columns`` has it.
+
+    A ledger whose files all have the setting id is read in one strict scan (DuckDB binds the columns to the
+    first file's). A file written before the column existed makes that scan fail on its name: when a later
+    file lacks it, the ledger is read again by the union of the files' columns (a read of every footer first),
+    and the files without an id get it from their ``config_json``, read from them alone; when the first file
+    lacks it, the ledger is read again with ``config_json`` in place of the id (once per cell file), which gives
+    every id, as before the column existed (:func:`_fill_setting_ids`). Each scan has a connection of its own,
+    closed before its rows are expanded."""
+    import duckdb  # for its error type (loaded by _connect anyway)
+
+    attempts = [(columns, False)]
+    while attempts:
+        cols, union = attempts.pop(0)
+        own = [c for c in dict.fromkeys([*shared, *(["config_json"] if SETTING_ID in shared else [])]) if c in cols]
+        con = _connect()
+        try:
+            _source(con, fs, paths, cols, union).create_view("src", replace=True)
+            table = _query_per_cell(con, cols, metrics, own) if shared else _query_rows(con, cols, metrics)
+        except duckdb.Error as exc:
+            head = str(exc).split("Candidate")[0]
+            if SETTING_ID not in cols or f'"{SETTING_ID}"' not in head:
+                raise
+            no_id = list(dict.fromkeys([*(c for c in cols if c != SETTING_ID), "config_json"]))
+            attempts = [(columns, True), (no_id, False)] if "schema mismatch" in head and not union else [(no_id, False)]
+            continue
+        finally:
+            con.close()
+        table = _expand(table, cols, own) if shared else table
+        if SETTING_ID not in columns:
+            return table
+        if SETTING_ID not in cols:
+            table = table.append_column(SETTING_ID, pa.nulls(table.num_rows, pa.string()))
+        return _fill_setting_ids(fs, table).select([*columns, "filename"])
+    raise AssertionError("unreachable: the last attempt reads no setting id")
+
+
+def _fill_setting_ids(fs: pafs.FileSystem, table: pa.Table) -> pa.Table:
+    """``table`` (rows with ``filename`` and :data:`SETTING_ID`) with the setting ids that are NULL (files written
+    before the column) derived from each file's ``config_json`` (:func:`orchestrator.spec.keys.setting_id`): from
+    the rows' own ``config_json`` when the table has it, else from one read of that column of those files."""
+    sid = table.column(SETTING_ID)
+    if not sid.null_count:
+        return table
+    files = pc.unique(pc.filter(table.column("filename"), pc.is_null(sid))).to_pylist()
+    if "config_json" in table.column_names:
+        first = pc.index_in(pa.array(files), table.column("filename"))
+        configs = pc.take(table.column("config_json"), first).cast(pa.string()).to_pylist()
+    else:
+        con = _connect()
+        try:
+            _source(con, fs, files, ["config_json"]).create_view("configs", replace=True)
+            got = dict(con.sql("SELECT filename, any_value(config_json) FROM configs GROUP BY filename").fetchall())
+        finally:
+            con.close()
+        configs = [got[f] for f in files]
+    derived = pa.array([keys.setting_id(c) for c in configs], pa.string())
+    filled = pc.take(derived, pc.index_in(table.column("filename"), pa.array(files)))
+    return table.set_column(table.schema.get_field_index(SETTING_ID), SETTING_ID, pc.coalesce(sid, filled))
 
 
 def _suspects(table: pa.Table, cell_files: set[str]) -> set[str]:
@@ -427,12 +528,9 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
         active = [p for p in owner if p not in bad]
         if not active:
             break
-        con = _connect()
         try:
-            _source(con, fs, active, read_cols).create_view("src", replace=True)
             per_cell = [c for c in read_cols if c in shared and c not in ("experiment", "cell_id")]  # keys anyway
-            table = (_query_per_cell(con, read_cols, metrics, per_cell) if per_cell
-                     else _query_rows(con, read_cols, metrics))
+            table = _query(fs, active, read_cols, metrics, per_cell)
         except (duckdb.Error, pa.ArrowException, OSError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise
@@ -443,8 +541,6 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
                 _set_aside(owner[path], path, reason, quarantine)
             bad.update(found)
             continue
-        finally:
-            con.close()
         found = {p: r for p in _suspects(table, cell_files & set(active)) for r in [footer_problem(fs, p)] if r}
         for path, reason in found.items():
             _set_aside(owner[path], path, reason, quarantine)
@@ -452,13 +548,13 @@ def _scan(sets: list[LedgerFiles], columns: list[str], metrics: list[str] | None
         if found:
             table = table.filter(pc.invert(pc.is_in(table.column("filename"), pa.array(sorted(found)))))
         return table.select(columns), set(bad)
-    return LEDGER_SCHEMA.empty_table().select(columns), set(bad)
+    return FULL_SCHEMA.empty_table().select(columns), set(bad)
 
 
 def scan_files(files: LedgerFiles) -> tuple[pa.Table, set[str]]:
-    """Every row (all columns, typed as :data:`LEDGER_SCHEMA`) of the files ``files`` names, unique by
-    (cell, metric), in cell order; an unreadable file is skipped with a warning and left in place (what
-    :mod:`orchestrator.results.compact` merges).
+    """Every row (all columns, typed as :data:`FULL_SCHEMA`: the setting id derived for files without it) of the
+    files ``files`` names, unique by (cell, metric), in cell order; an unreadable file is skipped with a warning
+    and left in place (what :mod:`orchestrator.results.compact` merges).
 
     Returns:
         ``(rows, paths of the files skipped)``.
@@ -466,7 +562,7 @@ def scan_files(files: LedgerFiles) -> tuple[pa.Table, set[str]]:
     Raises:
         FileNotFoundError: a file vanished meanwhile.
     """
-    table, bad = _scan([files], list(LEDGER_SCHEMA.names), None, quarantine=False)
+    table, bad = _scan([files], list(FULL_SCHEMA.names), None, quarantine=False)
     if table.num_rows:
         table = table.append_column("_i", pa.array(np.arange(table.num_rows), pa.int64()))
         first = table.group_by(["experiment", "cell_id", "metric"], use_threads=False).aggregate([("_i", "min")])
@@ -533,9 +629,10 @@ def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool
 
     Args:
         columns: the ledger columns to read (None: all of :data:`LEDGER_SCHEMA`, in its order); the others
-            are not read.
+            are not read. :data:`SETTING_ID` may be one: files without it get it from their ``config_json``
+            (then read from those files alone), so a table can group by setting without the configs.
         metrics: only the rows of these metrics (None: all); the filter is pushed into the scan.
-        shared: columns of :data:`META_COLUMNS` to read once per cell file rather than once per row (a
+        shared: columns of :data:`META_COLUMNS` (or :data:`SETTING_ID`) to read once per cell file rather than once per row (a
             cell's rows share them); ``config_json`` among them comes back as a pandas categorical (the generic
             table reads so: at 10,000 cells the per-row copies of the config took most of its time and memory).
 
@@ -546,13 +643,14 @@ def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool
     """
     names = [check_experiment_name(experiment)] if experiment else list_experiments(results)
     columns = list(columns or LEDGER_SCHEMA.names)
-    unknown = [c for c in columns if c not in LEDGER_SCHEMA.names]
+    unknown = [c for c in columns if c not in FULL_SCHEMA.names]
     if unknown:
-        raise ValueError(f"ledger column(s) {', '.join(unknown)} not known; allowed: {', '.join(LEDGER_SCHEMA.names)}")
-    if not set(shared) <= set(META_COLUMNS):
-        raise ValueError(f"shared column(s) {', '.join(sorted(set(shared) - set(META_COLUMNS)))}; allowed: "
-                         f"{', '.join(META_COLUMNS)}")
-    table = LEDGER_SCHEMA.empty_table().select(columns)
+        raise ValueError(f"ledger column(s) {', '.join(unknown)} not known; allowed: {', '.join(FULL_SCHEMA.names)}")
+    allowed_shared = (*META_COLUMNS, SETTING_ID)
+    if not set(shared) <= set(allowed_shared):
+        raise ValueError(f"shared column(s) {', '.join(sorted(set(shared) - set(allowed_shared)))}; allowed: "
+                         f"{', '.join(allowed_shared)}")
+    table = FULL_SCHEMA.empty_table().select(columns)
     for attempt in range(3):
         sets = [ledger_files(ExperimentLayout.of(results, name)) for name in names]
         if not any(f.paths for f in sets):
@@ -582,6 +680,39 @@ def cell_metric(results: str, experiment: str, metric: str) -> dict[str, float]:
     the found density)."""
     df = read_ledger(results, experiment, columns=["cell_id", "experiment", "metric", "value"], metrics=[metric])
     return dict(zip(df["cell_id"], df["value"].astype(float)))
+
+
+def cell_configs(results: str, cells: dict[str, list[str]]) -> dict[tuple[str, str], str]:
+    """``{(experiment, cell_id): config_json}`` of a few cells (``cells``: ``{experiment: cell ids}``), reading
+    ``config_json`` from their own files or, for compacted cells, the parts that hold them (filtered on the cell
+    id in the scan); a table that groups by :data:`SETTING_ID` asks for one cell's config per setting only where
+    a group holds several settings, to name the keys that differ. A cell not in the ledger is left out.
+
+    Raises:
+        OSError: the storage cannot be read.
+    """
+    out: dict[tuple[str, str], str] = {}
+    for experiment, wanted in cells.items():
+        wanted = sorted(set(wanted))
+        for attempt in range(3):
+            files = ledger_files(ExperimentLayout.of(results, check_experiment_name(experiment)))
+            paths = sorted({files.cell_files[c] for c in wanted if c in files.cell_files}
+                           | {p for p, ids in files.parts.items() if set(ids) & set(wanted)})
+            if not paths:
+                break
+            con = _connect()
+            try:
+                _source(con, files.layout.fs, paths, ["cell_id", "config_json"]).create_view("src", replace=True)
+                rows = con.sql("SELECT cell_id, any_value(config_json) FROM src WHERE cell_id IN "
+                               "(SELECT unnest($ids::VARCHAR[])) GROUP BY cell_id", params={"ids": wanted}).fetchall()
+                out.update({(experiment, c): cfg for c, cfg in rows})
+                break
+            except FileNotFoundError:  # a compaction swapped files meanwhile: list again
+                if attempt == 2:
+                    raise
+            finally:
+                con.close()
+    return out
 
 
 def completed_cells(results: str, experiment: str) -> set[str]:

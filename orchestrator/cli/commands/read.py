@@ -1,17 +1,32 @@
-"""``smn table`` and ``smn plot``: tables and figures from the ledger alone (reads only; never loads torch or ray)."""
+"""``smn table`` and ``smn plot``: tables and figures from the ledger alone (reads only; never loads torch or ray).
+
+The report modules (pandas, every layout) load on first use (:func:`_reports`): the generic table scans the ledger
+first, so that its peak memory is the scan's or the frame's, not both (issue 27)."""
 
 from __future__ import annotations
 
 import os
 
+from types import SimpleNamespace
+
 from orchestrator.cli.common import EXIT_OK, check_output_path, check_results_dir
-from orchestrator.cli.report import write_table
-from orchestrator.reports import registry, tables
-from orchestrator.reports.settings import parse_where
 from orchestrator.results import compact, ledger
 from orchestrator.results.layout import figure_location
 
 __all__ = ["table", "plot", "table_text", "ledger_command"]
+
+DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
+                   "code_entropy", "collapsed", "wall_s")
+"""The generic table's default metrics (:data:`orchestrator.reports.tables.DEFAULT_METRICS`, which a unit test
+compares with this copy: the scan is chosen before the report modules load)."""
+
+
+def _reports() -> SimpleNamespace:
+    """The report modules and the table writer, imported on first use (module docstring)."""
+    from orchestrator.cli.report import write_table  # reason: it loads pandas and every layout; a table scans first
+    from orchestrator.reports import registry, settings, tables  # reason: pandas and every layout, after the scan
+
+    return SimpleNamespace(registry=registry, settings=settings, tables=tables, write_table=write_table)
 
 
 def table_text(results: str | None, experiment: str | None, fmt: str, metrics: str | None, layout: str | None = None,
@@ -23,34 +38,40 @@ def table_text(results: str | None, experiment: str | None, fmt: str, metrics: s
     Raises:
         ResultsError: a missing results folder. ValueError: an unknown layout, experiment or metric.
     """
-    if layout == "list":
-        return tables.layout_list()
-    tables.check_layout(layout)
-    parse_where(where or [])
+    if layout is not None or where:  # checked before any work; the generic table loads them after its scan
+        rep = _reports()
+        if layout == "list":
+            return rep.tables.layout_list()
+        rep.tables.check_layout(layout)
+        rep.settings.parse_where(where or [])
     results = check_results_dir(results, "table")
     if out is not None:
         check_output_path(out)
     ledger.check_experiment(results, experiment)
-    frame, title = tables.table_frame(_rows(results, experiment, metrics, layout), fmt, metrics, layout, where)
+    rows = _rows(results, experiment, metrics, layout, bool(where))
+    rep = _reports()
+    frame, title = rep.tables.table_frame(rows, fmt, metrics, layout, where)
     if out is not None or fmt == "parquet":
-        return write_table(frame, fmt, out)
+        return rep.write_table(frame, fmt, out)
     if frame is None or frame.empty:
         return f"(no cell matches --where {' '.join(where)})" if where else "(no results in the ledger yet)"
-    return registry.render_frame(frame, fmt, title=title)
+    return rep.registry.render_frame(frame, fmt, title=title)
 
 
-TABLE_COLUMNS = ("cell_id", "experiment", "method", "backbone", "dataset", "seed", "grid_json", "config_json", "metric",
+TABLE_COLUMNS = ("cell_id", "experiment", "method", "backbone", "dataset", "seed", "grid_json", "setting_id", "metric",
                  "value")
-"""The ledger columns the generic table reads (a registered layout reads them all); ``config_json`` gives each
-cell's setting (:mod:`orchestrator.reports.settings`) and serves ``--where``."""
+"""The ledger columns the generic table reads (a registered layout reads them all): ``setting_id`` gives each
+cell's setting (:mod:`orchestrator.reports.settings`; derived from ``config_json`` for files without it), and
+``config_json`` (kilobytes a cell) is read as well only for ``--where``."""
 
 STORAGE_METRICS = ("storage_bits", "backbone_params")
 """The metrics behind the generic table's storage columns (:mod:`orchestrator.reports.tables`)."""
 
 
-def _rows(results: str, experiment: str | None, metrics: str | None, layout: str | None):
+def _rows(results: str, experiment: str | None, metrics: str | None, layout: str | None, where: bool = False):
     """The ledger rows a table needs: every column for a registered layout; for the generic table only
-    :data:`TABLE_COLUMNS` of the chosen metrics (and :data:`STORAGE_METRICS`), filtered in the scan.
+    :data:`TABLE_COLUMNS` (and ``config_json`` when ``where``) of the chosen metrics (and
+    :data:`STORAGE_METRICS`), filtered in the scan.
 
     Raises:
         ValueError: a chosen metric that the ledger does not hold (names the ones it does).
@@ -60,10 +81,11 @@ def _rows(results: str, experiment: str | None, metrics: str | None, layout: str
     if metrics is not None and not [m for m in metrics.split(",") if m.strip()]:
         raise ValueError(f"--metrics {metrics!r} names no metric; allowed: comma-separated metric names such as "
                          "knn_top1,density (or leave --metrics out for the default ones)")
-    chosen = [m.strip() for m in metrics.split(",")] if metrics else list(tables.DEFAULT_METRICS)
-    df = ledger.read_ledger(results, experiment, columns=list(TABLE_COLUMNS),
+    chosen = [m.strip() for m in metrics.split(",")] if metrics else list(DEFAULT_METRICS)
+    columns = [*TABLE_COLUMNS, *(["config_json"] if where else [])]
+    df = ledger.read_ledger(results, experiment, columns=columns,
                             metrics=list(dict.fromkeys(chosen + list(STORAGE_METRICS))),
-                            shared=tuple(c for c in TABLE_COLUMNS if c in ledger.META_COLUMNS))
+                            shared=tuple(c for c in columns if c in (*ledger.META_COLUMNS, ledger.SETTING_ID)))
     if metrics:
         unknown = [m for m in chosen if m not in set(df["metric"])]
         have = ledger.metric_names(results, experiment) if unknown else []
@@ -82,6 +104,7 @@ def table(args) -> int:
 def plot(args) -> int:
     """``smn plot``: draw a registered figure from the ledger into ``--out`` (default ``DIR/figures/NAME.png``,
     also for a URI ``DIR``); ``--figure list`` lists them."""
+    registry = _reports().registry
     if args.figure == "list":
         print(registry.figure_list())
         return EXIT_OK
