@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.func import functional_call
 
 from smn_core.augment import eval_transform
-from smn_core.mask_file import check_against_backbone, pack_mask
+from smn_core.mask_file import backbone_shapes, check_against_backbone
 
 from orchestrator.store.mask_store import MaskStore
 
@@ -123,39 +123,40 @@ class TaskBank:
         self.backbone = self.store.switcher().reset().backbone.eval()  # hash-checked here, once
         self.input_size, self.mean, self.std = self.store.input_facts()
         self._base = {k: v.detach() for k, v in self.backbone.named_parameters()}
+        self._shapes = backbone_shapes(self.backbone)  # what each task is checked against, taken once
         self._lock = threading.Lock()
         self.transform = eval_transform(self.input_size, self.mean, self.std)
 
     def load(self, task: str) -> "MaskedModel":
-        """Read, verify and decode ``task`` and keep it bit-packed.
+        """Read, verify and decode ``task`` and keep it bit-packed (the cold task switch).
+
+        The masks are never unpacked here (:meth:`MaskStore.load_packed`: a ``zstd`` or ``none`` file's bytes are
+        the packed masks), the backbone's hash and shapes were taken once at construction, and ``alpha`` comes
+        from the file's kept-weight counts (:func:`smn_core.mask_file.mask_alpha`).
 
         Raises:
             StoreError: unknown task. MaskFileError: truncated or corrupted file. BackboneMismatchError: the
                 task belongs to another backbone (hash, names or shapes).
         """
-        mask = self.store.load(task)
-        check_against_backbone(mask, self.backbone, self.store.backbone_hash)
-        packed = {}
-        for name, m in mask.masks.items():
-            p = self._base[name]
-            mf = m.to(dtype=p.dtype)
-            alpha = torch.sqrt(torch.clamp(mf.mean(), min=1.0 / mf.numel()))  # as smn_core.mask_file._bake
-            packed[name] = (pack_mask(m), tuple(m.shape), alpha)
+        mask = self.store.load_packed(task)
+        check_against_backbone(mask, self._shapes, self.store.backbone_hash)
+        packed = {name: (bits, mask.shapes[name], mask.alpha(name)) for name, bits in mask.packed.items()}
         head, classes = None, None
         if mask.head:
             head = (mask.head["weight"].float().contiguous(), mask.head["bias"].float().contiguous())
             classes = _class_names(mask.spec, head[0].shape[0])
-        buffers = {k: v.clone() for k, v in mask.buffers.items()}
-        return MaskedModel(self, ResidentTask(task, packed, buffers, head, classes))
+        return MaskedModel(self, ResidentTask(task, packed, dict(mask.buffers), head, classes))
 
     def masked_state(self, task: ResidentTask) -> dict[str, torch.Tensor]:
         """The task's tensors for :func:`torch.func.functional_call`: masked weights ``W * M / alpha`` (new
-        tensors) and BN statistics; the backbone's own tensors are not touched."""
+        tensors, the arithmetic of :func:`smn_core.mask_file.apply_task_mask`; the bits are unpacked as uint8
+        and multiplied into one new tensor, divided in place) and BN statistics; the backbone's own tensors are
+        not touched."""
         out: dict[str, torch.Tensor] = {}
         for name, (bits, shape, alpha) in task.packed.items():
             w = self._base[name]
-            m = torch.from_numpy(np.unpackbits(bits, count=w.numel()).reshape(shape)).to(w.dtype)
-            out[name] = w * m / alpha
+            m = torch.from_numpy(np.unpackbits(bits, count=w.numel())).view(shape)
+            out[name] = torch.mul(w, m).div_(alpha)
         out.update(task.buffers)
         return out
 

@@ -36,12 +36,14 @@ from smn_core.mask_file import (
     BackboneMismatchError,
     MaskFileError,
     MaskSwitcher,
+    PackedTaskMask,
     TaskMask,
     TaskModel,
     backbone_hash,
     backbone_state,
     check_names_shapes,
     decode_mask_file,
+    decode_packed_mask_file,
     encode_mask_file,
     masks_file_identity,
     read_mask_header,
@@ -356,6 +358,12 @@ class MaskStore:
         """
         path = self._require(task)
         return decode_mask_file(_read(self.fs, path), weights=self.backbone_weights(), source=path)
+
+    def load_packed(self, task: str) -> PackedTaskMask:
+        """:meth:`load` with the masks left bit-packed (:func:`smn_core.mask_file.decode_packed_mask_file`): a
+        serving replica's cold task switch, which keeps the bits packed anyway. Same checks and errors."""
+        path = self._require(task)
+        return decode_packed_mask_file(_read(self.fs, path), weights=self.backbone_weights(), source=path)
 
     def apply(self, task: str) -> TaskModel:
         """A ready model for ``task``: the store's backbone (loaded once) with the task's masks, BN
