@@ -7,8 +7,8 @@ own mask codec ``"smn-ctx"`` (:class:`ContextMaskCodec`), the smallest.
 
 The default (:data:`DEFAULT_CODEC`) is ``"zstd"``: a store's tasks are served, and a task that is not resident
 is decoded on its first request. Learned masks through Zstandard decode in a fraction of a millisecond;
-``smn-ctx`` range-codes every bit, about 270 k binary decisions for a ResNet-20 task, which takes about
-10-15 ms, for files about 6 % smaller (``benchmarks/SERVE_RESULTS.md``). Use ``smn-ctx`` for archives.
+``smn-ctx`` range-codes every bit (about 270 k binary decisions for a ResNet-20 task: 10-20 ms on a CPU core)
+for files a few percent smaller (``benchmarks/SERVE_RESULTS.md``). Use ``smn-ctx`` for archives.
 
 Library codecs are byte compressors: a mask set is bit-packed (``numpy.packbits`` of the concatenated,
 row-major flattened masks; 1 bit per weight, zero padding at the very end only) and the bytes are
