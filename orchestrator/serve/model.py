@@ -21,19 +21,19 @@ Plain PyTorch + the store; never imports ray.
 
 from __future__ import annotations
 
-import io
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.func import functional_call
 
 from smn_core.augment import eval_transform
 from smn_core.mask_file import backbone_shapes, check_against_backbone
 
+from orchestrator.serve.images import ImageError, decode_image
 from orchestrator.store.mask_store import MaskStore
 
 __all__ = ["TaskBank", "MaskedModel", "ResidentTask", "NoHeadError", "ImageError", "decode_image"]
@@ -41,31 +41,6 @@ __all__ = ["TaskBank", "MaskedModel", "ResidentTask", "NoHeadError", "ImageError
 
 class NoHeadError(LookupError):
     """``classify`` on a task stored without a classification head."""
-
-
-class ImageError(ValueError):
-    """Bytes that are not a readable JPEG or PNG image."""
-
-
-def decode_image(data: bytes, formats: Sequence[str] = ("JPEG", "PNG")) -> Image.Image:
-    """An RGB ``PIL.Image`` from the bytes of a JPEG or PNG file.
-
-    Raises:
-        ImageError: empty bytes, bytes PIL cannot read, or an image of another format (names it).
-    """
-    if not data:
-        raise ImageError("the request body is empty; send the bytes of a JPEG or PNG image")
-    try:
-        img = Image.open(io.BytesIO(data))
-        fmt = img.format
-        if fmt not in formats:
-            raise ImageError(f"image format {fmt!r} is not accepted; allowed: {', '.join(formats)}")
-        return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageError):
-            raise
-        raise ImageError(f"the body ({len(data)} bytes) is not a readable JPEG or PNG image "
-                         f"({type(exc).__name__})") from None
 
 
 @dataclass
