@@ -73,9 +73,10 @@ def test_mask_alpha_is_bit_for_bit_the_alpha_of_the_applied_mask():
     ``apply_task_mask`` does, for empty, full and every kind of mask in between."""
     import torch
 
-    from smn_core.mask_file import mask_alpha
+    from smn_core.mask_file import mask_alpha, mask_alphas
 
     rng = np.random.default_rng(0)
+    cases = []
     for n in (1, 7, 432, 2304, 36864, 147456):
         for ones in {0, 1, n // 3, n - 1, n, *rng.integers(0, n + 1, 6).tolist()}:
             m = torch.zeros(n, dtype=torch.float32)
@@ -83,6 +84,9 @@ def test_mask_alpha_is_bit_for_bit_the_alpha_of_the_applied_mask():
             want = torch.sqrt(torch.clamp(m.mean(), min=1.0 / n))
             got = mask_alpha(int(ones), n)
             assert got.dtype == torch.float32 and got.view(torch.int32) == want.view(torch.int32), (n, ones)
+            cases.append((int(ones), n))
+    alphas = mask_alphas([k for k, _ in cases], [n for _, n in cases])  # the vectorised form a replica uses
+    assert alphas.view(torch.int32).tolist() == [mask_alpha(k, n).view(torch.int32).item() for k, n in cases]
     with pytest.raises(ValueError, match="cannot keep 5"):
         mask_alpha(5, 4)
 

@@ -21,6 +21,7 @@ Plain PyTorch + the store; never imports ray.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -31,7 +32,7 @@ from PIL import Image
 from torch.func import functional_call
 
 from smn_core.augment import eval_transform
-from smn_core.mask_file import backbone_shapes, check_against_backbone
+from smn_core.mask_file import backbone_shapes, check_against_backbone, mask_alphas
 
 from orchestrator.serve.images import ImageError, decode_image
 from orchestrator.store.mask_store import MaskStore
@@ -115,7 +116,9 @@ class TaskBank:
         """
         mask = self.store.load_packed(task)
         check_against_backbone(mask, self._shapes, self.store.backbone_hash)
-        packed = {name: (bits, mask.shapes[name], mask.alpha(name)) for name, bits in mask.packed.items()}
+        names = list(mask.packed)
+        alphas = mask_alphas([mask.ones[n] for n in names], [math.prod(mask.shapes[n]) for n in names])
+        packed = {n: (mask.packed[n], mask.shapes[n], alphas[i]) for i, n in enumerate(names)}
         head, classes = None, None
         if mask.head:
             head = (mask.head["weight"].float().contiguous(), mask.head["bias"].float().contiguous())
