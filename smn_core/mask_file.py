@@ -367,6 +367,16 @@ def masks_file_identity(data: bytes) -> tuple[str, str]:
     return str(meta.get("arch", "")), str(meta.get("backbone_hash", ""))
 
 
+_BIT_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount(packed: np.ndarray) -> int:
+    """Set bits in a uint8 array (``numpy.bitwise_count`` where numpy has it, numpy < 2 a byte table)."""
+    if hasattr(np, "bitwise_count"):
+        return int(np.bitwise_count(packed).sum())
+    return int(_BIT_COUNTS[packed].sum(dtype=np.int64))
+
+
 def _decoded(data: bytes, weights: Mapping[str, torch.Tensor] | None, source: str, packed: bool):
     """``(header, tensors, arrays)`` of a verified file: ``arrays`` the masks in the header's order, bool arrays
     (``packed=False``) or bit-packed uint8 ones (``packed=True``, :meth:`MaskCodec.decode_packed`); every
@@ -390,7 +400,7 @@ def _decoded(data: bytes, weights: Mapping[str, torch.Tensor] | None, source: st
     except CodecError as exc:
         raise MaskFileError(f"{source}: {exc}") from None
     for (name, shape, ones), arr in zip(header["entries"], arrays):
-        kept = int(np.bitwise_count(arr).sum()) if packed else int(arr.sum())
+        kept = _popcount(arr) if packed else int(arr.sum())
         if kept != ones:
             raise MaskFileError(f"{source}: mask {name!r} decodes to {kept} kept weights, the header says {ones}")
     return header, tensors, arrays
