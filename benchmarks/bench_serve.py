@@ -12,8 +12,8 @@ real CIFAR-10 test images. Two stores:
   keeps its real mask's density exactly). Synthetic flips add entropy a real mask would not have, so the
   store's size is an upper bound for real tasks.
 
-Each store is written with two codecs side by side: ``smn-ctx`` (the default: the context coder, smallest) and
-``zstd`` (bit-packed masks + Zstandard level 19: a little larger, decoded in well under a millisecond); the real
+Each store is written with two codecs side by side: ``zstd`` (the default: bit-packed masks + Zstandard level 19,
+decoded in well under a millisecond) and ``smn-ctx`` (the context coder: about 6 % smaller, slow to decode); the real
 tasks also with ``none`` (1 bit/weight). The cold task switch and the store size are measured on both, and the
 zstd 1,000-task store, whose size the size row gives, is also timed for its cold switch (one store, both
 figures). The throughput and latency rows serve the zstd stores (every task resident: the codec plays no part).
@@ -22,7 +22,8 @@ Figures (each row says what it is set against):
 
 * task switch: building a resident task's masked tensors (unpack + ``W * M / alpha``), and a task not yet
   resident (read, verify and decode its file, then build), against one forward of a batch of 32, and
-  against loading a fine-tuned fp32 copy from disk (safetensors, into the model);
+  against loading a fine-tuned fp32 copy from disk (safetensors, into the model); the zstd cold switch also
+  step by step (read, verify, decode, checks, build);
 * memory per resident task (bit-packed masks, BN statistics, head) against an fp32 copy;
 * the 1,000-task store on disk against 1,000 fp32 copies;
 * throughput, in process (:class:`orchestrator.serve.model.TaskBank`, batches of 32 requests): a uniform
@@ -124,7 +125,7 @@ def _images(n: int) -> list[bytes]:
 
 def build_stores(s: Settings, n_real: int, n_scale: int, log):
     """``({codec: store of the real tasks}, {codec: scale store}, real task names, fp32 bytes of one copy)``;
-    codecs ``smn-ctx`` (the default, smallest), ``zstd`` (packed bits + Zstandard: fast to decode) and, for the
+    codecs ``zstd`` (the default: packed bits + Zstandard, fast to decode), ``smn-ctx`` (the smallest) and, for the
     real tasks, ``none`` (1 bit/weight)."""
     from smn_core.backbones import build_backbone
 
@@ -186,10 +187,11 @@ def switch_rows(s: Settings, real: dict, scale: dict, names, fp32_bytes) -> list
     def fp32_load():
         target.load_state_dict({k: v for k, v in load_file(copy).items() if k in state}, strict=False)
 
-    rounds = 6 if s.quick else 20
+    rounds = 10 if s.quick else 60
     t = interleave({"resident": resident, "forward": forward, "fp32": fp32_load,
                     **{f"cold_{c}": cold(b, names) for c, b in banks.items()},
-                    "cold_scale_zstd": cold(scale_bank, scale_names)}, rounds)
+                    "cold_scale_zstd": cold(scale_bank, scale_names), **_cold_steps(real["zstd"], banks["zstd"], names),
+                    "fp32_read": lambda: load_file(copy)}, rounds)
     m = {k: median(v) for k, v in t.items()}
     mem = statistics.mean(md.task.nbytes for md in models)
     note = f"median of {rounds} interleaved; {len(names)} real tasks; CIFAR-10 ResNet-20 on 32x32"
@@ -216,7 +218,37 @@ def switch_rows(s: Settings, real: dict, scale: dict, names, fp32_bytes) -> list
                  notes=note + "; the copy is in the page cache", settings=s, repeats=rounds),
         compared(AREA, "memory per resident task (packed masks, BN stats, head)", mem / MB, "MB",
                  "one fp32 copy of the backbone", fp32_bytes / MB, ideal=1 / 25, notes=note, settings=s),
+        *[compared(AREA, f"cold switch of a zstd task, step by step: {what}", m[key], "s", fp32, m["fp32"],
+                   notes=note, settings=s, repeats=rounds) for key, what in _STEPS.items()],
+        compared(AREA, "the fp32 copy's own read (safetensors load_file, no load_state_dict)", m["fp32_read"], "s",
+                 fp32, m["fp32"], notes=note + "; the copy is in the page cache", settings=s, repeats=rounds),
     ]
+
+
+_STEPS = {"step_read": "1 read the file", "step_verify": "2 verify (header, length, SHA-256 checksum)",
+          "step_decode": "3 verify + decode to packed bits", "step_load": "4 = 1-3 + backbone checks + alpha (TaskBank.load)",
+          "step_build": "5 build W*M/alpha (masked_state)"}
+
+
+def _cold_steps(store, bank, names) -> dict:
+    """Timed parts of a cold task switch on ``store`` (its tasks cycled): the keys of :data:`_STEPS`."""
+    from smn_core.mask_file import decode_packed_mask_file, verify_mask_file
+
+    def read(n):
+        with store.fs.open_input_stream(store.files.task(n)) as f:
+            return f.read()
+
+    blobs = {n: read(n) for n in names}
+    resident = {n: bank.load(n) for n in names}
+    weights = store.backbone_weights()
+    it = iter(range(10**9))
+
+    def pick():
+        return names[next(it) % len(names)]
+
+    return {"step_read": lambda: read(pick()), "step_verify": lambda: verify_mask_file(blobs[pick()]),
+            "step_decode": lambda: decode_packed_mask_file(blobs[pick()], weights=weights),
+            "step_load": lambda: bank.load(pick()), "step_build": lambda: bank.masked_state(resident[pick()].task)}
 
 
 def store_size_rows(s: Settings, scale: dict, fp32_bytes) -> list[Row]:

@@ -3,7 +3,12 @@
 Paper App. C (Tables 6-7) compresses learned masks and, for comparison, fully fine-tuned fp32 weights
 with five off-the-shelf compressors (gzip, bz2, lzma, lz4, snappy). This module registers those five
 plus zstd (:data:`LIBRARY_CODECS`), ``"none"`` (bit-packed, uncompressed: 1 bit per weight), and our
-own default mask codec ``"smn-ctx"`` (:class:`ContextMaskCodec`).
+own mask codec ``"smn-ctx"`` (:class:`ContextMaskCodec`), the smallest.
+
+The default (:data:`DEFAULT_CODEC`) is ``"zstd"``: a store's tasks are served, and a task that is not resident
+is decoded on its first request. Learned masks through Zstandard decode in a fraction of a millisecond;
+``smn-ctx`` range-codes every bit (about 270 k binary decisions for a ResNet-20 task: 10-20 ms on a CPU core)
+for files a few percent smaller (``benchmarks/SERVE_RESULTS.md``). Use ``smn-ctx`` for archives.
 
 Library codecs are byte compressors: a mask set is bit-packed (``numpy.packbits`` of the concatenated,
 row-major flattened masks; 1 bit per weight, zero padding at the very end only) and the bytes are
@@ -35,6 +40,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import math
 import struct
 import threading
 import time
@@ -54,6 +60,7 @@ __all__ = [
     "CodecMeasurement",
     "LIBRARY_CODECS",
     "DEFAULT_CODEC",
+    "split_packed",
     "available_codecs",
     "get_codec",
     "register_codec",
@@ -67,8 +74,9 @@ __all__ = [
 
 #: The five compressors of paper App. C, plus zstd.
 LIBRARY_CODECS: tuple[str, ...] = ("gzip", "bz2", "lzma", "lz4", "snappy", "zstd")
-#: The codec new mask files use unless told otherwise.
-DEFAULT_CODEC = "smn-ctx"
+#: The codec new mask files (and ``smn store add``) use unless told otherwise: fast to decode on a cold task
+#: switch (module docstring); ``"smn-ctx"`` is the smallest.
+DEFAULT_CODEC = "zstd"
 
 
 class CodecError(ValueError):
@@ -118,6 +126,31 @@ def unpack_bits(data: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarr
     for s, n in zip(shapes, sizes):
         out.append(bits[start:start + n].reshape(s))
         start += n
+    return out
+
+
+def split_packed(data: bytes, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """:func:`pack_bits`' stream cut into one packed mask per shape: uint8 arrays of ``ceil(numel / 8)`` bytes,
+    each as :func:`numpy.packbits` packs that mask alone (zero-padded).
+
+    When every mask but the last has a multiple of 8 weights (every conv and linear weight of the zoo), the
+    arrays are read-only views of ``data``: nothing is unpacked or copied. Otherwise the stream is unpacked and
+    each mask packed again.
+
+    Raises:
+        CodecError: if ``data`` does not hold exactly ``ceil(total / 8)`` bytes.
+    """
+    sizes = [math.prod(int(d) for d in s) for s in shapes]
+    total = sum(sizes)
+    if len(data) != (total + 7) // 8:
+        raise CodecError(f"bit-packed masks of {total} weights need {(total + 7) // 8} bytes, got {len(data)}")
+    if any(n % 8 for n in sizes[:-1]):
+        return [np.packbits(m.reshape(-1)) for m in unpack_bits(data, shapes)]
+    buf = np.frombuffer(data, dtype=np.uint8)
+    out, start = [], 0
+    for n in sizes:
+        out.append(buf[start:start + (n + 7) // 8])
+        start += (n + 7) // 8
     return out
 
 
@@ -181,6 +214,19 @@ class MaskCodec:
                weights: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def decode_packed(self, payload: bytes, shapes: Sequence[tuple[int, ...]],
+                      weights: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Decode to bit-packed masks: per shape, a uint8 array of ``ceil(numel / 8)`` bytes, row-major, most
+        significant bit first, zero-padded (what :func:`numpy.packbits` gives for the flattened mask).
+
+        A serving replica keeps masks packed; this default packs :meth:`decode`'s masks, and a codec whose
+        payload already is the packed bits (:class:`ByteCodec`) overrides it to skip the unpacking.
+
+        Raises:
+            CodecError: a payload that does not decode to ``shapes``.
+        """
+        return [np.packbits(np.asarray(m, dtype=np.bool_).reshape(-1)) for m in self.decode(payload, shapes, weights)]
+
     def uses_weights(self, payload: bytes) -> bool:
         """Whether decoding ``payload`` needs the backbone weights."""
         return False
@@ -231,6 +277,15 @@ class ByteCodec(MaskCodec):
             raise CodecError(f"{self.name}: payload does not decompress ({type(exc).__name__}: {exc})") from None
         return unpack_bits(raw, shapes)
 
+    def decode_packed(self, payload, shapes, weights=None) -> list[np.ndarray]:
+        """The decompressed bytes are :func:`pack_bits`' stream: cut into one packed array per mask
+        (:func:`split_packed`), without unpacking any bit when the masks start on byte boundaries."""
+        try:
+            raw = self.decompress(bytes(payload))
+        except Exception as exc:  # each library raises its own error type on bad input
+            raise CodecError(f"{self.name}: payload does not decompress ({type(exc).__name__}: {exc})") from None
+        return split_packed(raw, shapes)
+
 
 @register_codec("none")
 def _none() -> ByteCodec:
@@ -275,8 +330,13 @@ def _zstd() -> ByteCodec:
     def compress(b: bytes) -> bytes:
         return zstandard.ZstdCompressor(level=19).compress(b)
 
+    local = threading.local()  # a decompression context per thread (one instance is not thread-safe); making
+    # one per call costs more than decompressing a ResNet-20 task
+
     def decompress(b: bytes) -> bytes:
-        return zstandard.ZstdDecompressor().decompress(b)
+        if not hasattr(local, "d"):
+            local.d = zstandard.ZstdDecompressor()
+        return local.d.decompress(b)
 
     return ByteCodec("zstd", "Zstandard, level 19 (zstandard package)", compress, decompress)
 

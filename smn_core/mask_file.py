@@ -5,8 +5,8 @@ task costs 1 bit per masked weight instead of a 32-bit fine-tuned copy (paper Ta
 App. C). This module defines the file that carries one task:
 
 * the masks, bit-packed (1 bit per weight) and coded by a codec of :mod:`smn_core.mask_codecs`
-  (``"smn-ctx"`` by default; ``"none"`` keeps plain ``numpy.packbits``), with each tensor's name,
-  shape and count of kept weights;
+  (``"zstd"`` by default, ``"smn-ctx"`` the smallest; ``"none"`` keeps plain ``numpy.packbits``), with
+  each tensor's name, shape and count of kept weights;
 * the learned linear head if the task has one (supervised masking), and the task's BatchNorm
   statistics when adaptation changed them (``bn_mode="adapt"``), so the applied model computes
   exactly what the trained masked model computed;
@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,11 @@ __all__ = [
     "backbone_state",
     "encode_mask_file",
     "decode_mask_file",
+    "decode_packed_mask_file",
+    "PackedTaskMask",
+    "mask_alpha",
+    "mask_alphas",
+    "backbone_shapes",
     "read_mask_header",
     "check_names_shapes",
     "verify_mask_file",
@@ -185,11 +191,7 @@ class TaskMask:
                                  f"{getattr(m, 'dtype', type(m).__name__)}")
         if not re.fullmatch(r"sha256:[0-9a-f]{64}", str(self.backbone_hash)):
             raise ValueError(f"backbone_hash {self.backbone_hash!r} is not of the form 'sha256:<64 hex digits>'")
-        if self.head:
-            w, b = self.head.get("weight"), self.head.get("bias")
-            if set(self.head) != {"weight", "bias"} or w is None or b is None or w.ndim != 2 or b.shape != (w.shape[0],):
-                raise ValueError("head must be {'weight': (C, F), 'bias': (C,)} of a linear classifier, got "
-                                 f"{ {k: tuple(v.shape) for k, v in self.head.items()} }")
+        _check_head(self.head)
 
     @property
     def num_weights(self) -> int:
@@ -202,13 +204,24 @@ class TaskMask:
         return sum(int(m.sum()) for m in self.masks.values()) / max(1, self.num_weights)
 
 
+def _check_head(head: Mapping[str, torch.Tensor]) -> None:
+    """ValueError unless ``head`` is empty or ``{"weight": (C, F), "bias": (C,)}``."""
+    if head:
+        w, b = head.get("weight"), head.get("bias")
+        if set(head) != {"weight", "bias"} or w is None or b is None or w.ndim != 2 or b.shape != (w.shape[0],):
+            raise ValueError("head must be {'weight': (C, F), 'bias': (C,)} of a linear classifier, got "
+                             f"{ {k: tuple(v.shape) for k, v in head.items()} }")
+
+
 def _checksum(meta: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     for name in sorted(tensors):
         a = np.ascontiguousarray(tensors[name])
-        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
-        h.update(a.tobytes())
+        # the text of json.dumps([name, dtype, shape]), built without the list encoder (a dtype string needs no
+        # escaping; tested equal), then the raw bytes without a copy
+        h.update(f'[{json.dumps(name)}, "{a.dtype.str}", [{", ".join(map(str, a.shape))}]]'.encode())
+        h.update(a.reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 
@@ -274,6 +287,13 @@ def read_mask_header(data: bytes, source: str = "mask file") -> dict[str, Any]:
         MaskFileError: if ``data`` does not start with a complete safetensors header of an
             ``smn-mask/1`` file.
     """
+    header = _read_header(data, source)
+    header.pop("_meta")
+    return header
+
+
+def _read_header(data: bytes, source: str) -> dict[str, Any]:
+    """:func:`read_mask_header` plus ``"_meta"``, the raw safetensors metadata (for the checksum)."""
     if len(data) < 8:
         raise MaskFileError(f"{source}: {len(data)} bytes, too short for a mask file (truncated?)")
     (n,) = struct.unpack_from("<Q", data, 0)
@@ -297,18 +317,19 @@ def read_mask_header(data: bytes, source: str = "mask file") -> dict[str, Any]:
             meta[key]  # noqa: B018 - presence check
     except (KeyError, TypeError, ValueError, IndexError, json.JSONDecodeError) as exc:
         raise MaskFileError(f"{source}: header metadata is incomplete or malformed ({type(exc).__name__}: {exc})") from None
-    total = sum(int(np.prod(s, dtype=np.int64)) for _, s, _ in entries)
+    total = sum(math.prod(s) for _, s, _ in entries)
     ones = sum(k for _, _, k in entries)
     return {"format": meta["format"], "codec": meta["codec"], "backbone_hash": meta["backbone_hash"],
             "arch": meta.get("arch", ""), "entries": entries, "spec": spec, "tensors": tensors,
             "checksum": meta["checksum"], "num_weights": total, "density": ones / total if total else float("nan"),
-            "file_bytes": 8 + n + sum(t["bytes"] for t in tensors.values())}
+            "file_bytes": 8 + n + sum(t["bytes"] for t in tensors.values()), "_meta": meta}
 
 
 def _verified(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, str], dict[str, torch.Tensor]]:
     """``(header, safetensors metadata, tensors)`` of a whole ``smn-mask/1`` file whose length and checksum
     hold; :class:`MaskFileError` otherwise."""
-    header = read_mask_header(data, source)
+    header = _read_header(data, source)
+    meta = header.pop("_meta")
     if len(data) != header["file_bytes"]:
         raise MaskFileError(f"{source}: {len(data)} bytes, the header describes {header['file_bytes']} (truncated or "
                             "trailing data): the file is corrupted")
@@ -316,7 +337,6 @@ def _verified(data: bytes, source: str) -> tuple[dict[str, Any], dict[str, str],
         tensors = _st_load(bytes(data))
     except Exception as exc:  # safetensors raises its own error types
         raise MaskFileError(f"{source}: not a readable safetensors file ({exc}): the file is corrupted") from None
-    meta = json.loads(bytes(data[8:8 + struct.unpack_from("<Q", data, 0)[0]]))["__metadata__"]
     if _checksum(meta, tensors) != header["checksum"]:
         raise MaskFileError(f"{source}: checksum mismatch: the file is corrupted")
     return header, meta, tensors
@@ -347,6 +367,51 @@ def masks_file_identity(data: bytes) -> tuple[str, str]:
     return str(meta.get("arch", "")), str(meta.get("backbone_hash", ""))
 
 
+_BIT_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount(packed: np.ndarray) -> int:
+    """Set bits in a uint8 array (``numpy.bitwise_count`` where numpy has it, numpy < 2 a byte table)."""
+    if hasattr(np, "bitwise_count"):
+        return int(np.bitwise_count(packed).sum())
+    return int(_BIT_COUNTS[packed].sum(dtype=np.int64))
+
+
+def _decoded(data: bytes, weights: Mapping[str, torch.Tensor] | None, source: str, packed: bool):
+    """``(header, tensors, arrays)`` of a verified file: ``arrays`` the masks in the header's order, bool arrays
+    (``packed=False``) or bit-packed uint8 ones (``packed=True``, :meth:`MaskCodec.decode_packed`); every
+    mask's count of kept weights checked against the header."""
+    header, _, tensors = _verified(data, source)
+    if "payload" not in tensors:
+        raise MaskFileError(f"{source}: no payload tensor")
+    names = [e[0] for e in header["entries"]]
+    shapes = [e[1] for e in header["entries"]]
+    ctx = None
+    codec = get_codec(header["codec"])
+    payload = tensors["payload"].tobytes()
+    try:
+        if codec.uses_weights(payload):
+            if weights is None:
+                raise ValueError(f"{source}: its masks were coded with the backbone's weights as context "
+                                 f"({header['codec']}); pass the backbone (hash {header['backbone_hash']}) to decode")
+            ctx = _weight_context(weights, names,
+                                  lambda m: BackboneMismatchError(f"{source}: the backbone has no tensors {m}"))
+        arrays = (codec.decode_packed if packed else codec.decode)(payload, shapes, ctx)
+    except CodecError as exc:
+        raise MaskFileError(f"{source}: {exc}") from None
+    for (name, shape, ones), arr in zip(header["entries"], arrays):
+        kept = _popcount(arr) if packed else int(arr.sum())
+        if kept != ones:
+            raise MaskFileError(f"{source}: mask {name!r} decodes to {kept} kept weights, the header says {ones}")
+    return header, tensors, arrays
+
+
+def _extras(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    head = {k[5:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("head.")}
+    buffers = {k[7:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("buffer.")}
+    return head, buffers
+
+
 def decode_mask_file(data: bytes, weights: Mapping[str, torch.Tensor] | None = None,
                      source: str = "mask file") -> TaskMask:
     """Parse, verify and decode the bytes of an ``smn-mask/1`` file.
@@ -362,33 +427,94 @@ def decode_mask_file(data: bytes, weights: Mapping[str, torch.Tensor] | None = N
             to the listed masks.
         ValueError: the payload needs backbone ``weights`` and none (or wrong ones) were given.
     """
-    header, meta, tensors = _verified(data, source)
-    if "payload" not in tensors:
-        raise MaskFileError(f"{source}: no payload tensor")
-    names = [e[0] for e in header["entries"]]
-    shapes = [e[1] for e in header["entries"]]
-    ctx = None
-    codec = get_codec(header["codec"])
-    payload = tensors["payload"].tobytes()
+    header, tensors, arrays = _decoded(data, weights, source, packed=False)
+    head, buffers = _extras(tensors)
     try:
-        if codec.uses_weights(payload):
-            if weights is None:
-                raise ValueError(f"{source}: its masks were coded with the backbone's weights as context "
-                                 f"({header['codec']}); pass the backbone (hash {header['backbone_hash']}) to decode")
-            ctx = _weight_context(weights, names,
-                                  lambda m: BackboneMismatchError(f"{source}: the backbone has no tensors {m}"))
-        arrays = codec.decode(payload, shapes, ctx)
-    except CodecError as exc:
-        raise MaskFileError(f"{source}: {exc}") from None
-    for (name, shape, ones), arr in zip(header["entries"], arrays):
-        if int(arr.sum()) != ones:
-            raise MaskFileError(f"{source}: mask {name!r} decodes to {int(arr.sum())} kept weights, the header says {ones}")
-    head = {k[5:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("head.")}
-    buffers = {k[7:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith("buffer.")}
-    try:
-        return TaskMask(masks={n: torch.from_numpy(a) for n, a in zip(names, arrays)},
+        return TaskMask(masks={e[0]: torch.from_numpy(a) for e, a in zip(header["entries"], arrays)},
                         backbone_hash=header["backbone_hash"], arch=header["arch"], spec=header["spec"],
                         head=head, buffers=buffers)
+    except ValueError as exc:
+        raise MaskFileError(f"{source}: {exc}") from None
+
+
+def mask_alpha(ones: int, numel: int) -> torch.Tensor:
+    """The float32 rescaling ``alpha = sqrt(max(ones / numel, 1 / numel))`` of a mask with ``ones`` kept weights
+    out of ``numel``, as a 0-d tensor, bit for bit the value :func:`apply_task_mask` computes from the mask
+    itself (``sqrt(clamp(mean(M), min=1/numel))``, :class:`smn_core.masking.ScoreMask`'s arithmetic): torch's
+    CPU mean of a float32 0/1 tensor is its sum (exact below 2**24 ones) divided by ``numel`` in float32.
+
+    Raises:
+        ValueError: ``numel`` < 1 or ``ones`` outside ``[0, numel]``.
+    """
+    return mask_alphas([ones], [numel])[0]
+
+
+def mask_alphas(ones: Sequence[int], numels: Sequence[int]) -> torch.Tensor:
+    """:func:`mask_alpha` of many masks at once: a float32 tensor of one alpha per ``(ones, numel)`` pair, each
+    bit for bit :func:`mask_alpha`'s (the same three IEEE float32 operations, in numpy, vectorised).
+
+    Raises:
+        ValueError: a ``numel`` < 1 or ``ones`` outside ``[0, numel]``.
+    """
+    k = np.asarray(ones, dtype=np.int64)
+    n = np.asarray(numels, dtype=np.int64)
+    bad = np.flatnonzero((n < 1) | (k < 0) | (k > n))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"a mask of {int(n[i])} weights cannot keep {int(k[i])}; allowed: 0 <= ones <= numel, numel >= 1")
+    mean = k.astype(np.float32) / n.astype(np.float32)
+    return torch.from_numpy(np.sqrt(np.maximum(mean, (1.0 / n).astype(np.float32))))
+
+
+@dataclass
+class PackedTaskMask:
+    """One task as a serving replica keeps it: the masks bit-packed (1 bit per weight), never unpacked.
+
+    Attributes:
+        packed: ``{parameter name: uint8 array of ceil(numel / 8) bytes}`` (:func:`pack_mask`'s layout); may be
+            read-only views of the decoded payload.
+        shapes: ``{parameter name: shape}``; ones: ``{parameter name: kept weights}`` (checked at decoding).
+        backbone_hash, arch, spec, head, buffers: as :class:`TaskMask`.
+    """
+
+    packed: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
+    ones: dict[str, int]
+    backbone_hash: str
+    arch: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_head(self.head)
+
+    def alpha(self, name: str) -> torch.Tensor:
+        """:func:`mask_alpha` of mask ``name`` (0-d float32)."""
+        return mask_alpha(self.ones[name], math.prod(self.shapes[name]))
+
+    def unpacked(self) -> TaskMask:
+        """The :class:`TaskMask` (bool masks) of the same task."""
+        return TaskMask({n: unpack_mask(p, self.shapes[n]) for n, p in self.packed.items()}, self.backbone_hash,
+                        self.arch, self.spec, self.head, self.buffers)
+
+
+def decode_packed_mask_file(data: bytes, weights: Mapping[str, torch.Tensor] | None = None,
+                            source: str = "mask file") -> PackedTaskMask:
+    """:func:`decode_mask_file` without unpacking: the masks stay bit-packed, the cheap path of a serving replica's
+    cold task switch. Byte codecs (``zstd``, ``none``, ...) hand over their decompressed bytes as they are
+    (:func:`smn_core.mask_codecs.split_packed`); ``smn-ctx`` decodes and packs. Same checks (length, checksum,
+    kept-weight counts) and the same errors as :func:`decode_mask_file`.
+    """
+    header, tensors, arrays = _decoded(data, weights, source, packed=True)
+    head, buffers = _extras(tensors)
+    entries = header["entries"]
+    if not entries:
+        raise MaskFileError(f"{source}: a task mask needs at least one mask tensor")
+    try:
+        return PackedTaskMask(packed={e[0]: a for e, a in zip(entries, arrays)}, shapes={e[0]: e[1] for e in entries},
+                              ones={e[0]: e[2] for e in entries}, backbone_hash=header["backbone_hash"],
+                              arch=header["arch"], spec=header["spec"], head=head, buffers=buffers)
     except ValueError as exc:
         raise MaskFileError(f"{source}: {exc}") from None
 
@@ -432,44 +558,65 @@ def task_mask_from_state(masks: Mapping[str, torch.Tensor], backbone: nn.Module,
                     head=head, buffers=buffers)
 
 
-def check_names_shapes(masks: Mapping[str, torch.Tensor], model: nn.Module,
+def backbone_shapes(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """``({name: shape} of :func:`backbone_state`, {name: shape} of the model's buffers)``: what
+    :func:`check_names_shapes` compares a task with. A replica that checks many tasks against one backbone
+    computes it once."""
+    return ({n: tuple(t.shape) for n, t in backbone_state(model).items()},
+            {n: tuple(b.shape) for n, b in model.named_buffers()})
+
+
+def check_names_shapes(masks: Mapping[str, torch.Tensor | tuple[int, ...]],
+                       model: nn.Module | tuple[Mapping[str, tuple[int, ...]], Mapping[str, tuple[int, ...]]],
                        buffers: Mapping[str, torch.Tensor] | None = None) -> None:
     """Check every mask (and buffer) names a tensor of ``model`` with the same shape.
+
+    Args:
+        masks: ``{name: mask tensor or its shape}``.
+        model: the backbone, or its :func:`backbone_shapes` computed once.
+        buffers: the task's BN statistics, or None.
 
     Raises:
         BackboneMismatchError: naming the first offending tensors and what the model has.
     """
-    state = backbone_state(model)
+    state, own = backbone_shapes(model) if isinstance(model, nn.Module) else model
     missing = [n for n in masks if n not in state]
     if missing:
         raise BackboneMismatchError(f"masks name tensors the backbone does not have: {missing[:5]} "
                                     f"(backbone has e.g. {list(state)[:5]})")
-    bad = [f"{n}: mask {tuple(m.shape)} vs backbone {tuple(state[n].shape)}"
-           for n, m in masks.items() if tuple(m.shape) != tuple(state[n].shape)]
+    shape_of = {n: tuple(m.shape) if isinstance(m, torch.Tensor) else tuple(m) for n, m in masks.items()}
+    bad = [f"{n}: mask {s} vs backbone {tuple(state[n])}" for n, s in shape_of.items() if s != tuple(state[n])]
     if bad:
         raise BackboneMismatchError(f"mask shapes differ from the backbone's: {bad[:5]}")
     if buffers:
-        own = dict(model.named_buffers())
-        bad = [n for n, b in buffers.items() if n not in own or tuple(own[n].shape) != tuple(b.shape)]
+        bad = [n for n, b in buffers.items() if n not in own or tuple(own[n]) != tuple(b.shape)]
         if bad:
             raise BackboneMismatchError(f"task BN statistics do not fit the backbone's buffers: {bad[:5]}")
 
 
-def check_against_backbone(task: TaskMask, model: nn.Module, model_hash: str | None = None) -> None:
+def check_against_backbone(task: "TaskMask | PackedTaskMask",
+                           model: nn.Module | tuple[Mapping[str, tuple[int, ...]], Mapping[str, tuple[int, ...]]],
+                           model_hash: str | None = None) -> None:
     """Refuse a task whose backbone is not ``model``: hash first, then names and shapes.
 
     Args:
+        task: a :class:`TaskMask` or a :class:`PackedTaskMask`.
+        model: the backbone, or its :func:`backbone_shapes` (then ``model_hash`` is required).
         model_hash: the model's :func:`backbone_hash` if already known (hashing is skipped).
 
     Raises:
         BackboneMismatchError: hash, names or shapes differ (the message gives both hashes).
+        ValueError: shapes given without ``model_hash``.
     """
+    if model_hash is None and not isinstance(model, nn.Module):
+        raise ValueError("check_against_backbone: pass model_hash with the backbone's shapes")
     h = model_hash or backbone_hash(model)
     if h != task.backbone_hash:
         raise BackboneMismatchError(
             f"mask belongs to backbone {task.backbone_hash} ({task.arch or 'arch unknown'}), "
             f"but this backbone hashes to {h}; refusing to apply it")
-    check_names_shapes(task.masks, model, task.buffers)
+    masks = task.shapes if isinstance(task, PackedTaskMask) else task.masks
+    check_names_shapes(masks, model, task.buffers)
 
 
 @torch.no_grad()

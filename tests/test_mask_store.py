@@ -267,7 +267,7 @@ def test_cli_add_from_finished_cell_export_and_codec_tables(run, tmp_path, capsy
     assert "cell 'nope' is not in the ledger" in capsys.readouterr().err
     assert main(["store", "list", store, "--format", "csv"]) == 0
     listing = capsys.readouterr().out
-    assert "t1,smn-ctx" in listing and "t2,smn-ctx" in listing and "t3" not in listing
+    assert "t1,zstd" in listing and "t2,zstd" in listing and "t3" not in listing  # the default codec
     assert main(["store", "show", store, "t1"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["spec"]["cell_id"] == cell_id and shown["has_head"] and shown["num_buffers"] > 0

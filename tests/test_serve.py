@@ -376,6 +376,56 @@ def test_serve_app_answers_every_path_error_and_interleaved_tasks(app, store, tm
 
 
 @pytest.mark.unit
+def test_the_gateway_imports_nothing_that_imports_torch():
+    """The gateway replica loads :mod:`orchestrator.serve.gateway` (the model side is in ``app.py``): no module of
+    this repo that it imports, followed transitively (parent packages included; what runs at import: module-level
+    statements, not function bodies nor ``if TYPE_CHECKING:``), imports torch, so a gateway starts without paying
+    for it. The walk does see torch where it is imported."""
+    import ast
+
+    def import_time_nodes(tree):
+        todo = list(tree.body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                todo.extend(node.orelse)
+                continue
+            yield node
+            todo.extend(ast.iter_child_nodes(node))
+
+    def third_party(start: str) -> set[str]:
+        seen, todo, found = set(), [start], set()
+        while todo:
+            mod = todo.pop()
+            parts = mod.split(".")
+            for i in range(1, len(parts) + 1):  # a module's parent packages run first
+                name = ".".join(parts[:i])
+                path = REPO / (name.replace(".", "/") + ".py")
+                path = path if path.is_file() else REPO / name.replace(".", "/") / "__init__.py"
+                if name in seen or not path.is_file():
+                    continue
+                seen.add(name)
+                for node in import_time_nodes(ast.parse(path.read_text())):
+                    if isinstance(node, ast.Import):
+                        names = [a.name for a in node.names]
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                    else:
+                        continue
+                    for n in names:
+                        if n.split(".")[0] in ("orchestrator", "smn_core"):
+                            todo.append(n)
+                        else:
+                            found.add(n.split(".")[0])
+        return found
+
+    assert "torch" in third_party("orchestrator.serve.app") and "fastapi" in third_party("orchestrator.serve.gateway")
+    assert "torch" not in third_party("orchestrator.serve.gateway")
+
+
+@pytest.mark.unit
 def test_serve_config_yaml_is_a_valid_serve_config_of_this_app():
     import yaml
     from ray.serve.schema import ServeDeploySchema

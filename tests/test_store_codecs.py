@@ -52,3 +52,58 @@ def test_zstd_round_trips_dense_masks_far_below_one_bit_per_weight():
     assert 8 * len(payload) / n < 0.35  # H(0.02) = 0.14 bits; 1 bit/weight uncompressed
     with pytest.raises(CodecError, match="zstd"):
         codec.decode(payload[:-3], SHAPES)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none", "smn-ctx"])
+def test_decode_packed_gives_each_mask_packed_alone_on_and_off_byte_boundaries(codec):
+    masks, weights = _masks_and_weights(3, density=0.9)
+    c = get_codec(codec)
+    for order in (range(len(SHAPES)), [3, 0, 1, 2]):  # (13,) last: byte-aligned views; in front: the repacking path
+        ms, ws, shapes = [masks[i] for i in order], [weights[i] for i in order], [SHAPES[i] for i in order]
+        payload = c.encode(ms, ws if codec == "smn-ctx" else None)
+        packed = c.decode_packed(payload, shapes, ws if codec == "smn-ctx" else None)
+        assert [p.dtype for p in packed] == [np.uint8] * len(ms)
+        assert all(np.array_equal(p, np.packbits(m.reshape(-1))) for p, m in zip(packed, ms))
+    with pytest.raises(CodecError, match="need"):
+        mask_codecs.split_packed(mask_codecs.pack_bits(masks)[:-1], SHAPES)
+
+
+def test_mask_alpha_is_bit_for_bit_the_alpha_of_the_applied_mask():
+    """alpha from the file's counts (no unpacking) equals ``sqrt(clamp(mean(M), 1/n))`` computed on the mask, as
+    ``apply_task_mask`` does, for empty, full and every kind of mask in between."""
+    import torch
+
+    from smn_core.mask_file import mask_alpha, mask_alphas
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for n in (1, 7, 432, 2304, 36864, 147456):
+        for ones in {0, 1, n // 3, n - 1, n, *rng.integers(0, n + 1, 6).tolist()}:
+            m = torch.zeros(n, dtype=torch.float32)
+            m[:ones] = 1.0
+            want = torch.sqrt(torch.clamp(m.mean(), min=1.0 / n))
+            got = mask_alpha(int(ones), n)
+            assert got.dtype == torch.float32 and got.view(torch.int32) == want.view(torch.int32), (n, ones)
+            cases.append((int(ones), n))
+    alphas = mask_alphas([k for k, _ in cases], [n for _, n in cases])  # the vectorised form a replica uses
+    assert alphas.view(torch.int32).tolist() == [mask_alpha(k, n).view(torch.int32).item() for k, n in cases]
+    with pytest.raises(ValueError, match="cannot keep 5"):
+        mask_alpha(5, 4)
+
+
+def test_checksum_text_is_the_json_of_name_dtype_shape():
+    """The checksum builds ``json.dumps([name, dtype, shape])`` by hand (speed): equal for odd names, 0-d arrays."""
+    import hashlib
+    import json
+
+    from smn_core.mask_file import _checksum
+
+    tensors = {'buffer.a"b\\c': np.arange(3, dtype=np.float32), "head.é": np.zeros((2, 0, 4), dtype=np.int64),
+               "payload": np.frombuffer(b"\x01\x02", dtype=np.uint8), "s": np.array(2.5)}
+    meta = {"format": "smn-mask/1", "checksum": "x"}
+    h = hashlib.sha256(json.dumps({"format": "smn-mask/1"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    assert _checksum(meta, tensors) == h.hexdigest()

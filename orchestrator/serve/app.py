@@ -3,9 +3,10 @@
 Two deployments (``smn serve`` and ``serve run serve_config.yaml`` build the same application with
 :func:`build_app` / :func:`app_builder`):
 
-* :class:`Gateway` (the HTTP ingress, a FastAPI app): checks the bearer token, the task name, the body size
-  and that the body is a JPEG or PNG image, then calls the model deployment with the task as Serve's
-  *multiplexed model id*, so Serve routes the request to a replica that already holds that task.
+* :class:`orchestrator.serve.gateway.Gateway` (the HTTP ingress, a FastAPI app, a process without torch):
+  checks the bearer token, the task name, the body size and that the body is a JPEG or PNG image, then calls
+  the model deployment with the task as Serve's *multiplexed model id*, so Serve routes the request to a
+  replica that already holds that task.
 * :class:`TaskModels` (``--replicas N``): each replica loads and hash-checks the backbone once
   (:class:`orchestrator.serve.model.TaskBank`) and keeps up to ``--max-tasks-per-replica M`` decoded tasks,
   bit-packed, in Serve's per-replica LRU (``@serve.multiplexed``). Requests are batched with
@@ -19,51 +20,27 @@ is corrupted or belongs to another backbone (the store's own message); 413 a bod
 """
 
 import asyncio
-import hmac
-from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from smn_core.mask_file import BackboneMismatchError, MaskFileError
 
-from orchestrator.serve.model import ImageError, MaskedModel, NoHeadError, TaskBank, decode_image
-from orchestrator.store.mask_store import MaskStore, StoreError, validate_task_name
+from orchestrator.serve.gateway import (DEFAULT_MAX_BODY_BYTES, GRACEFUL_WAIT_S, Gateway, error_body, read_api_key,
+                                        task_listing)
+from orchestrator.serve.images import ImageError, decode_image
+from orchestrator.serve.model import MaskedModel, TaskBank
+from orchestrator.store.mask_store import MaskStore, StoreError
 
 __all__ = ["Gateway", "TaskModels", "build_app", "app_builder", "read_api_key", "DEFAULT_MAX_BODY_BYTES",
            "MAX_BATCH_SIZE", "BATCH_WAIT_S"]
 
-#: Largest request body accepted (bytes); larger ones get 413.
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Most requests in one ``@serve.batch`` of a model replica, and how long a batch waits to fill (seconds).
 MAX_BATCH_SIZE, BATCH_WAIT_S = 32, 0.005
 _OPS = ("embed", "classify")
 
 
-def read_api_key(path: str | Path) -> str:
-    """The bearer token in ``path`` (surrounding whitespace stripped).
-
-    Raises:
-        ValueError: the file is missing, unreadable or empty (names the file).
-    """
-    p = Path(path)
-    try:
-        key = p.read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"--api-key-file {str(path)!r} is not readable ({exc.strerror or exc})") from None
-    if not key:
-        raise ValueError(f"--api-key-file {str(path)!r} is empty; put one token (a long random string) in it")
-    return key
-
-
-def _error(status: int, message: str) -> dict[str, Any]:
-    return {"status": status, "error": " ".join(str(message).split())}
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment(ray_actor_options={"num_cpus": 1}, graceful_shutdown_wait_loop_s=GRACEFUL_WAIT_S)
 class TaskModels:
     """One model replica: the backbone once, up to ``max_tasks`` resident tasks (Serve's LRU), batched
     masked forwards. Called by :class:`Gateway` with ``multiplexed_model_id=<task>``.
@@ -87,6 +64,14 @@ class TaskModels:
         bytes. Returns ``{"status": 200, ...}`` or ``{"status": 4xx, "error": ...}``; never raises."""
         return await self._batched((serve.get_multiplexed_model_id(), op, body))
 
+    async def tasks(self) -> dict[str, Any]:
+        """The store's task list for ``GET /v1/tasks`` (:func:`orchestrator.serve.gateway.task_listing`), read by a
+        replica so that the gateway never imports the store's torch side; 409 when a task file is unreadable."""
+        try:
+            return {"status": 200, **task_listing(self.bank.store, await asyncio.to_thread(self.bank.store.list))}
+        except MaskFileError as exc:
+            return error_body(409, exc)
+
     async def resident(self) -> int:
         """How many tasks this replica holds now (for tests and benchmarks)."""
         wrapper = getattr(self.load_task, "__serve_multiplex_wrapper", None)
@@ -102,9 +87,9 @@ class TaskModels:
             try:
                 model = await self.load_task(task)
             except StoreError as exc:
-                answer = _error(404, exc)
+                answer = error_body(404, exc)
             except (MaskFileError, BackboneMismatchError, ValueError) as exc:
-                answer = _error(409, exc)
+                answer = error_body(409, exc)
             else:
                 for i, result in zip(idx, await asyncio.to_thread(self._group, model, [items[i] for i in idx])):
                     out[i] = result
@@ -123,7 +108,7 @@ class TaskModels:
                 imgs.append(decode_image(body))
                 ok.append(i)
             except ImageError as exc:
-                results[i] = _error(400, exc)
+                results[i] = error_body(400, exc)
         if ok:
             feats = model.embed(model.preprocess(imgs))
             logits = model.logits_of(feats) if model.has_head else None
@@ -133,107 +118,12 @@ class TaskModels:
                 if op == "embed":
                     results[i] = {"status": 200, "task": model.name, "embedding": feats[j].tolist()}
                 elif answers is None:
-                    results[i] = _error(404, f"task {model.name!r} has no classification head, so /classify "
+                    results[i] = error_body(404, f"task {model.name!r} has no classification head, so /classify "
                                         "cannot answer; use /embed, or store the task with a head")
                 else:
                     results[i] = {"status": 200, "task": model.name, **answers[j],
                                   "logits": logits[j].tolist()}
         return results  # type: ignore[return-value]
-
-
-api = FastAPI(title="smn serve", description="Embed and classify images with the tasks of a mask store.")
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
-class Gateway:
-    """The HTTP ingress (see the module docstring for the endpoints and status codes).
-
-    Args:
-        models: handle of the :class:`TaskModels` deployment.
-        store: the mask store's location (read for the task list and names).
-        api_key_file: file holding the bearer token every request must carry; None: no token asked.
-        max_body_bytes: largest accepted body, >= 1.
-    """
-
-    def __init__(self, models: DeploymentHandle, store: str, api_key_file: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-        self.models = models
-        self.store = MaskStore(store)
-        self.key = read_api_key(api_key_file) if api_key_file else None
-        self.max_body_bytes = int(max_body_bytes)
-
-    def _denied(self, request: Request) -> JSONResponse | None:
-        if self.key is None:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key.encode()):
-            return None
-        return JSONResponse(_error(401, "missing or wrong bearer token; send 'Authorization: Bearer <key>'"),
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
-
-    async def _body(self, request: Request) -> bytes | JSONResponse:
-        too_big = JSONResponse(_error(413, f"the body exceeds {self.max_body_bytes} bytes"), status_code=413)
-        try:
-            if int(request.headers.get("content-length", "0")) > self.max_body_bytes:
-                return too_big
-        except ValueError:
-            return JSONResponse(_error(400, "the Content-Length header is not a number"), status_code=400)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @api.get("/v1/tasks")
-    async def tasks(self, request: Request) -> JSONResponse:
-        """The store's tasks: name, codec, bytes, bits per weight, density, whether it has a head."""
-        if (denied := self._denied(request)) is not None:
-            return denied
-        try:
-            infos = await asyncio.to_thread(self.store.list)
-        except MaskFileError as exc:
-            return JSONResponse(_error(409, exc), status_code=409)
-        return JSONResponse({"arch": self.store.arch, "backbone_hash": self.store.backbone_hash, "tasks": [
-            {"task": i.task, "codec": i.codec, "bytes": i.file_bytes, "bits_per_weight": i.bits_per_weight,
-             "density": i.density, "has_head": i.has_head} for i in infos]})
-
-    @api.post("/v1/tasks/{task}/embed")
-    async def embed(self, task: str, request: Request) -> JSONResponse:
-        """The task's feature vector of the image in the body: ``{"task", "embedding": [F floats]}``."""
-        return await self._infer(task, "embed", request)
-
-    @api.post("/v1/tasks/{task}/classify")
-    async def classify(self, task: str, request: Request) -> JSONResponse:
-        """The task head's answer for the image in the body: ``{"task", "label", "index", "score", "logits"}``."""
-        return await self._infer(task, "classify", request)
-
-    async def _infer(self, task: str, op: str, request: Request) -> JSONResponse:
-        if (denied := self._denied(request)) is not None:
-            return denied
-        try:
-            validate_task_name(task)
-            known = await asyncio.to_thread(self.store.has, task)
-        except StoreError as exc:
-            return JSONResponse(_error(404, exc), status_code=404)
-        if not known:
-            return JSONResponse(_error(404, f"task {task!r} is not in the store; GET /v1/tasks lists them"),
-                                status_code=404)
-        body = await self._body(request)
-        if isinstance(body, JSONResponse):
-            return body
-        try:
-            decode_image(body)
-        except ImageError as exc:
-            return JSONResponse(_error(400, exc), status_code=400)
-        try:
-            result = await self.models.options(multiplexed_model_id=task).infer.remote(op, body)
-        except Exception as exc:  # noqa: BLE001 - a replica that died or timed out: the gateway stays up
-            return JSONResponse(_error(503, f"the model replicas could not answer ({type(exc).__name__}: "
-                                       f"{str(exc)[:200]})"), status_code=503)
-        return JSONResponse(result, status_code=int(result.get("status", 200)))
 
 
 def build_app(store: str, *, replicas: int = 1, max_tasks: int = 16, api_key_file: str | None = None,

@@ -21,19 +21,20 @@ Plain PyTorch + the store; never imports ray.
 
 from __future__ import annotations
 
-import io
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.func import functional_call
 
 from smn_core.augment import eval_transform
-from smn_core.mask_file import check_against_backbone, pack_mask
+from smn_core.mask_file import backbone_shapes, check_against_backbone, mask_alphas
 
+from orchestrator.serve.images import ImageError, decode_image
 from orchestrator.store.mask_store import MaskStore
 
 __all__ = ["TaskBank", "MaskedModel", "ResidentTask", "NoHeadError", "ImageError", "decode_image"]
@@ -41,31 +42,6 @@ __all__ = ["TaskBank", "MaskedModel", "ResidentTask", "NoHeadError", "ImageError
 
 class NoHeadError(LookupError):
     """``classify`` on a task stored without a classification head."""
-
-
-class ImageError(ValueError):
-    """Bytes that are not a readable JPEG or PNG image."""
-
-
-def decode_image(data: bytes, formats: Sequence[str] = ("JPEG", "PNG")) -> Image.Image:
-    """An RGB ``PIL.Image`` from the bytes of a JPEG or PNG file.
-
-    Raises:
-        ImageError: empty bytes, bytes PIL cannot read, or an image of another format (names it).
-    """
-    if not data:
-        raise ImageError("the request body is empty; send the bytes of a JPEG or PNG image")
-    try:
-        img = Image.open(io.BytesIO(data))
-        fmt = img.format
-        if fmt not in formats:
-            raise ImageError(f"image format {fmt!r} is not accepted; allowed: {', '.join(formats)}")
-        return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageError):
-            raise
-        raise ImageError(f"the body ({len(data)} bytes) is not a readable JPEG or PNG image "
-                         f"({type(exc).__name__})") from None
 
 
 @dataclass
@@ -123,39 +99,42 @@ class TaskBank:
         self.backbone = self.store.switcher().reset().backbone.eval()  # hash-checked here, once
         self.input_size, self.mean, self.std = self.store.input_facts()
         self._base = {k: v.detach() for k, v in self.backbone.named_parameters()}
+        self._shapes = backbone_shapes(self.backbone)  # what each task is checked against, taken once
         self._lock = threading.Lock()
         self.transform = eval_transform(self.input_size, self.mean, self.std)
 
     def load(self, task: str) -> "MaskedModel":
-        """Read, verify and decode ``task`` and keep it bit-packed.
+        """Read, verify and decode ``task`` and keep it bit-packed (the cold task switch).
+
+        The masks are never unpacked here (:meth:`MaskStore.load_packed`: a ``zstd`` or ``none`` file's bytes are
+        the packed masks), the backbone's hash and shapes were taken once at construction, and ``alpha`` comes
+        from the file's kept-weight counts (:func:`smn_core.mask_file.mask_alpha`).
 
         Raises:
             StoreError: unknown task. MaskFileError: truncated or corrupted file. BackboneMismatchError: the
                 task belongs to another backbone (hash, names or shapes).
         """
-        mask = self.store.load(task)
-        check_against_backbone(mask, self.backbone, self.store.backbone_hash)
-        packed = {}
-        for name, m in mask.masks.items():
-            p = self._base[name]
-            mf = m.to(dtype=p.dtype)
-            alpha = torch.sqrt(torch.clamp(mf.mean(), min=1.0 / mf.numel()))  # as smn_core.mask_file._bake
-            packed[name] = (pack_mask(m), tuple(m.shape), alpha)
+        mask = self.store.load_packed(task)
+        check_against_backbone(mask, self._shapes, self.store.backbone_hash)
+        names = list(mask.packed)
+        alphas = mask_alphas([mask.ones[n] for n in names], [math.prod(mask.shapes[n]) for n in names])
+        packed = {n: (mask.packed[n], mask.shapes[n], alphas[i]) for i, n in enumerate(names)}
         head, classes = None, None
         if mask.head:
             head = (mask.head["weight"].float().contiguous(), mask.head["bias"].float().contiguous())
             classes = _class_names(mask.spec, head[0].shape[0])
-        buffers = {k: v.clone() for k, v in mask.buffers.items()}
-        return MaskedModel(self, ResidentTask(task, packed, buffers, head, classes))
+        return MaskedModel(self, ResidentTask(task, packed, dict(mask.buffers), head, classes))
 
     def masked_state(self, task: ResidentTask) -> dict[str, torch.Tensor]:
         """The task's tensors for :func:`torch.func.functional_call`: masked weights ``W * M / alpha`` (new
-        tensors) and BN statistics; the backbone's own tensors are not touched."""
+        tensors, the arithmetic of :func:`smn_core.mask_file.apply_task_mask`; the bits are unpacked as uint8
+        and multiplied into one new tensor, divided in place) and BN statistics; the backbone's own tensors are
+        not touched."""
         out: dict[str, torch.Tensor] = {}
         for name, (bits, shape, alpha) in task.packed.items():
             w = self._base[name]
-            m = torch.from_numpy(np.unpackbits(bits, count=w.numel()).reshape(shape)).to(w.dtype)
-            out[name] = w * m / alpha
+            m = torch.from_numpy(np.unpackbits(bits, count=w.numel())).view(shape)
+            out[name] = torch.mul(w, m).div_(alpha)
         out.update(task.buffers)
         return out
 

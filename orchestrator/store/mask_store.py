@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +35,14 @@ from smn_core.mask_file import (
     BackboneMismatchError,
     MaskFileError,
     MaskSwitcher,
+    PackedTaskMask,
     TaskMask,
     TaskModel,
     backbone_hash,
     backbone_state,
     check_names_shapes,
     decode_mask_file,
+    decode_packed_mask_file,
     encode_mask_file,
     masks_file_identity,
     read_mask_header,
@@ -51,33 +52,15 @@ from smn_core.mask_file import (
 
 from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, filesystem, pretrain_artifact_path
+from orchestrator.store.layout import STORE_FORMAT, TASK_SUFFIX, StoreError, StoreLayout, validate_task_name
+from orchestrator.store.layout import exists as _exists
 
 __all__ = ["MaskStore", "StoreLayout", "StoreError", "TaskInfo", "STORE_FORMAT", "TASK_SUFFIX", "validate_task_name",
            "task_from_masks_file", "task_from_cell", "load_fp32_weights", "HEAD_PREFIX",
            "read_probe_head", "with_probe_head"]
 
-STORE_FORMAT = "smn-store/1"
-TASK_SUFFIX = ".smnmask"
-_TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: Name of the classification head in each backbone family's checkpoints (for exported weights).
 HEAD_PREFIX = {"cifar_resnet": "linear", "resnet18": "fc", "resnet50": "fc"}
-
-
-class StoreError(ValueError):
-    """A store operation refused: no store there, store exists already, unknown or duplicate task."""
-
-
-def validate_task_name(task: str) -> str:
-    """Return ``task`` if it is a valid task name, else raise.
-
-    Raises:
-        StoreError: names must be 1-128 characters of letters, digits, ``.``, ``_``, ``-``, starting
-            with a letter or digit.
-    """
-    if not isinstance(task, str) or not _TASK_RE.fullmatch(task):
-        raise StoreError(f"task name {task!r} is not allowed; use 1-128 characters of letters, digits, '.', '_' "
-                         "or '-', starting with a letter or digit")
-    return task
 
 
 @dataclass(frozen=True)
@@ -100,50 +83,6 @@ class TaskInfo:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.file_bytes / max(1, self.num_weights)
-
-
-@dataclass(frozen=True)
-class StoreLayout:
-    """Where a store's files live (paths inside :attr:`fs`; see the module docstring).
-
-    Build it with :meth:`of` from the store's folder or URI.
-    """
-
-    fs: pafs.FileSystem
-    root: str
-
-    @classmethod
-    def of(cls, location: str) -> "StoreLayout":
-        """The layout of the store at ``location`` (a folder or a ``pyarrow.fs`` URI).
-
-        Raises:
-            ValueError: if the URI's filesystem is not supported by pyarrow.
-        """
-        fs, root = filesystem(str(location))
-        return cls(fs, root.rstrip("/"))
-
-    @property
-    def meta(self) -> str:
-        """``store.json``."""
-        return f"{self.root}/store.json"
-
-    @property
-    def backbone(self) -> str:
-        """``backbone.safetensors``."""
-        return f"{self.root}/backbone.safetensors"
-
-    @property
-    def tasks(self) -> str:
-        """The ``tasks/`` folder."""
-        return f"{self.root}/tasks"
-
-    def task(self, task: str) -> str:
-        """``tasks/<task>.smnmask`` (the name checked by :func:`validate_task_name`)."""
-        return f"{self.tasks}/{validate_task_name(task)}{TASK_SUFFIX}"
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def _read(fs: pafs.FileSystem, path: str) -> bytes:
@@ -356,6 +295,12 @@ class MaskStore:
         """
         path = self._require(task)
         return decode_mask_file(_read(self.fs, path), weights=self.backbone_weights(), source=path)
+
+    def load_packed(self, task: str) -> PackedTaskMask:
+        """:meth:`load` with the masks left bit-packed (:func:`smn_core.mask_file.decode_packed_mask_file`): a
+        serving replica's cold task switch, which keeps the bits packed anyway. Same checks and errors."""
+        path = self._require(task)
+        return decode_packed_mask_file(_read(self.fs, path), weights=self.backbone_weights(), source=path)
 
     def apply(self, task: str) -> TaskModel:
         """A ready model for ``task``: the store's backbone (loaded once) with the task's masks, BN

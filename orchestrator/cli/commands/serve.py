@@ -94,6 +94,10 @@ def serve(args) -> int:
     if problem:
         print(f"smn serve: {' '.join(problem.split())}", file=sys.stderr)
         return EXIT_USAGE
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # a Ray of its own: Serve's controller, proxy and replicas are actors with workers of their own, so the idle
+        # workers Ray starts ahead for a first driver (one per CPU) would only slow the replicas' start
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     ensure_ray(args.address)
     ray_serve.start(http_options={"host": args.host, "port": args.port})
     app = build_app(args.store, replicas=args.replicas, max_tasks=args.max_tasks, api_key_file=args.api_key_file,
