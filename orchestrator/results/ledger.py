@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # pandas and duckdb are imported where they are used: listing
 
 __all__ = ["LEDGER_SCHEMA", "SETTING_ID", "FULL_SCHEMA", "META_COLUMNS", "cell_configs", "MANIFEST", "LedgerFiles", "write_cell", "read_ledger", "read_cell", "wide",
            "completed_cells", "list_experiments", "check_experiment", "is_plain_name", "write_failure", "read_failures",
-           "cell_metric", "metric_names", "as_ledger_table", "ledger_files", "scan_files", "read_manifest", "schema_problem",
+           "cell_metric", "metric_names", "setting_stats", "SETTING_KEYS", "as_ledger_table", "ledger_files", "scan_files", "read_manifest", "schema_problem",
            "footer_problem"]
 
 LEDGER_SCHEMA = pa.schema([
@@ -667,6 +667,74 @@ def read_ledger(results: str, experiment: str | None = None, *, quarantine: bool
         df = df.drop_duplicates(keys, keep="first").reset_index(drop=True)
     df.attrs["results"] = str(results)
     return df
+
+
+SETTING_KEYS = ("experiment", "method", "backbone", "dataset", "grid_json", SETTING_ID)
+"""The columns :func:`setting_stats` groups by (with ``metric``): a table row's setting, before any split."""
+
+
+def setting_stats(results: str, experiment: str | None, metrics: list[str]) -> pa.Table | None:
+    """Per-setting statistics of the ledger's metrics, aggregated inside DuckDB in one scan (issue 27): the rows
+    that come back grow with the settings a table shows, not with the cells it reads.
+
+    One row per (:data:`SETTING_KEYS`, ``metric``) of ``metrics``: ``n_rows`` (rows), ``n`` (values that are not
+    NaN), ``mean``, ``std`` (sample std, NaN below two values), ``lo`` / ``hi`` (min / max), ``first_cell`` (the
+    smallest cell id) and ``cells_hash`` (a fingerprint of the set of cells, to tell whether two metrics of a
+    setting come from the same cells). NaN values are left out of ``n``, ``mean`` and ``std``, as pandas does.
+
+    Only an ordinary ledger is aggregated; None asks the caller for the per-cell read (:func:`read_ledger`),
+    which handles the rest: no files; files not on the local disk (an object store: the scan there goes through
+    ``pyarrow.dataset`` anyway); a file without :data:`SETTING_ID` (written before it), unreadable or of another
+    type (the strict scan fails); a row of another cell than the file's name (a renamed copy); a metric twice
+    for one cell; a per-cell file whose rows hold no number and whose footer says it cannot be read (the per-cell
+    read skips it with a warning). Cells whose rows disagree on their per-cell columns (``write_cell`` never
+    writes such files) are not detected: each row counts in its own setting.
+
+    Raises:
+        ValueError: ``experiment`` is not a plain name.
+        OSError: the storage cannot be listed.
+    """
+    import duckdb  # for its error type (loaded by _connect anyway)
+
+    names = [check_experiment_name(experiment)] if experiment else list_experiments(results)
+    sets = [f for f in (ledger_files(ExperimentLayout.of(results, n)) for n in names) if f.paths]
+    if not sets or not isinstance(sets[0].layout.fs, pafs.LocalFileSystem):
+        return None
+    named = {p: c for f in sets for c, p in f.cell_files.items()}
+    paths = [p for f in sets for p in f.paths]
+    where, _ = _metric_filter(metrics)
+    keys_ = ", ".join(f'"{k}"' for k in SETTING_KEYS)
+    con = _connect()
+    try:
+        stats = con.sql(
+            f"SELECT {keys_}, metric, count(*) AS n_rows, count(v) AS n, avg(v) AS mean, stddev_samp(v) AS std, "
+            "min(v) AS lo, max(v) AS hi, min(cell_id) AS first_cell, "
+            "count(DISTINCT hash(file_index, cell_id)) AS n_cells, sum(hash(cell_id)::HUGEINT)::VARCHAR AS cells_hash, "
+            "count(*) FILTER (WHERE own IS NOT NULL AND cell_id IS DISTINCT FROM own) AS foreign_rows, "
+            f"bitstring_agg(i, 0, {len(paths) - 1}) FILTER (WHERE v IS NOT NULL)::VARCHAR AS numbered "
+            f"FROM (SELECT {keys_}, metric, cell_id, file_index, file_index::BIGINT AS i, "
+            "list_extract($own::VARCHAR[], file_index::BIGINT + 1) AS own, "
+            'CASE WHEN isnan("value") THEN NULL ELSE CAST("value" AS DOUBLE) END AS v '
+            f"FROM read_parquet($paths) {where}) GROUP BY ALL",
+            params={"paths": paths, "own": [named.get(p) for p in paths]}).to_arrow_table()
+    except (duckdb.Error, pa.ArrowException, OSError):  # an old schema, a bad or vanished file: the per-cell read
+        return None
+    finally:
+        con.close()
+    if stats.num_rows == 0:
+        return stats
+    if (pc.any(pc.not_equal(stats.column("n_rows"), stats.column("n_cells"))).as_py()
+            or pc.any(pc.greater(stats.column("foreign_rows"), 0)).as_py()
+            or stats.column(SETTING_ID).null_count):
+        return None
+    numbered = np.zeros(len(paths), bool)
+    for bits in stats.column("numbered").drop_null().to_pylist():
+        numbered |= np.frombuffer(bits.encode(), np.uint8) == ord("1")
+    fs = sets[0].layout.fs
+    suspects = [p for i, p in enumerate(paths) if p in named and not numbered[i]]
+    if any(footer_problem(fs, p) for p in suspects):
+        return None
+    return stats.drop_columns(["n_cells", "foreign_rows", "numbered"])
 
 
 def metric_names(results: str, experiment: str | None = None) -> list[str]:
