@@ -687,8 +687,11 @@ def setting_stats(results: str, experiment: str | None, metrics: list[str]) -> p
     ``pyarrow.dataset`` anyway); a file without :data:`SETTING_ID` (written before it), unreadable or of another
     type (the strict scan fails); a row of another cell than the file's name (a renamed copy); a metric twice
     for one cell; a per-cell file whose rows hold no number and whose footer says it cannot be read (the per-cell
-    read skips it with a warning). Cells whose rows disagree on their per-cell columns (``write_cell`` never
-    writes such files) are not detected: each row counts in its own setting.
+    read skips it with a warning). Not detected (neither ``write_cell`` nor a compaction writes them): cells whose
+    rows disagree on their per-cell columns (each row counts in its own setting), a cell twice in a compacted part.
+
+    The checks cost no per-cell state in DuckDB beyond two bitmaps of the files per row (``bitstring_agg``): a set of
+    distinct cells per setting (``count(DISTINCT ...)``) took 27 MB at 10,000 cells.
 
     Raises:
         ValueError: ``experiment`` is not a plain name.
@@ -709,7 +712,8 @@ def setting_stats(results: str, experiment: str | None, metrics: list[str]) -> p
         stats = con.sql(
             f"SELECT {keys_}, metric, count(*) AS n_rows, count(v) AS n, avg(v) AS mean, stddev_samp(v) AS std, "
             "min(v) AS lo, max(v) AS hi, min(cell_id) AS first_cell, "
-            "count(DISTINCT hash(file_index, cell_id)) AS n_cells, sum(hash(cell_id)::HUGEINT)::VARCHAR AS cells_hash, "
+            "count(*) FILTER (WHERE own IS NOT NULL) AS own_rows, sum(hash(cell_id)::HUGEINT)::VARCHAR AS cells_hash, "
+            f"coalesce(bit_count(bitstring_agg(i, 0, {len(paths) - 1}) FILTER (WHERE own IS NOT NULL)), 0) AS own_files, "
             "count(*) FILTER (WHERE own IS NOT NULL AND cell_id IS DISTINCT FROM own) AS foreign_rows, "
             f"bitstring_agg(i, 0, {len(paths) - 1}) FILTER (WHERE v IS NOT NULL)::VARCHAR AS numbered "
             f"FROM (SELECT {keys_}, metric, cell_id, file_index, file_index::BIGINT AS i, "
@@ -723,7 +727,7 @@ def setting_stats(results: str, experiment: str | None, metrics: list[str]) -> p
         con.close()
     if stats.num_rows == 0:
         return stats
-    if (pc.any(pc.not_equal(stats.column("n_rows"), stats.column("n_cells"))).as_py()
+    if (pc.any(pc.not_equal(stats.column("own_rows"), stats.column("own_files"))).as_py()  # a metric twice in a file
             or pc.any(pc.greater(stats.column("foreign_rows"), 0)).as_py()
             or stats.column(SETTING_ID).null_count):
         return None
@@ -734,7 +738,7 @@ def setting_stats(results: str, experiment: str | None, metrics: list[str]) -> p
     suspects = [p for i, p in enumerate(paths) if p in named and not numbered[i]]
     if any(footer_problem(fs, p) for p in suspects):
         return None
-    return stats.drop_columns(["n_cells", "foreign_rows", "numbered"])
+    return stats.drop_columns(["own_rows", "own_files", "foreign_rows", "numbered"])
 
 
 def metric_names(results: str, experiment: str | None = None) -> list[str]:
