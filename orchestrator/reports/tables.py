@@ -25,6 +25,7 @@ from orchestrator.reports.intervals import t_interval, t_quantile
 from orchestrator.reports.settings import KEYS, NOTE, select, setting_label, split_settings
 from orchestrator.reports.registry import check_format, mean_std, metric_frame, register_table, render_frame
 from orchestrator.reports.registry import tables as registered_tables
+from orchestrator.results.ledger import SETTING_KEYS
 
 __all__ = ["DEFAULT_METRICS", "results_table", "stats_table", "display_table", "results_layout", "render", "table_frame",
            "check_layout", "layout_list", "per_seed_frame", "PER_SEED_METRICS", "INTERVAL_METRICS"]
@@ -95,14 +96,14 @@ def stats_table(stats, metrics: tuple[str, ...], results: str) -> pd.DataFrame |
     Returns:
         The table, or None where these statistics cannot give the per-cell table exactly (a setting whose cells
         differ in storage, or whose storage metrics are NaN or miss on some cells; two settings that would share
-        a table row; a metric of ``metrics`` that no row holds): the caller reads the rows then.
+        a table row; an empty setting column): the caller reads the rows then.
     """
-    from orchestrator.results.ledger import SETTING_KEYS  # reason: the reports import the ledger lazily elsewhere too
-
     stats = stats.to_pandas() if not isinstance(stats, pd.DataFrame) else stats
     if stats.empty:
         return pd.DataFrame()
     keys = list(SETTING_KEYS)
+    if stats[keys].isna().any(axis=None):  # a file with an empty setting column: the per-cell read says what it does
+        return None
     settings = stats.groupby(keys, sort=False)["first_cell"].min().reset_index().rename(columns={"first_cell": "cell_id"})
     settings.attrs["results"] = str(results)
     split = split_settings(settings)
