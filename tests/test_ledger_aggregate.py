@@ -71,3 +71,12 @@ def test_old_schema_and_odd_files_fall_back_to_the_per_cell_read(new_schema, mon
     assert ledger.setting_stats(str(copy), "demo", ["knn_top1"]) is None
     assert read.table_text(str(copy), "demo", "markdown", None) == _per_cell(monkeypatch, str(copy), "demo",
                                                                              "markdown", None)
+    first.with_name("0" * 16 + ".parquet").unlink()
+    assert ledger.setting_stats(str(copy), "demo", ["knn_top1"]) is not None
+    t = pq.read_table(first)  # every value NaN: the footer check finds it, the per-cell read skips it and says so
+    pq.write_table(t.set_column(t.schema.get_field_index("value"), "value", pa.array([float("nan")] * t.num_rows)), first)
+    assert ledger.setting_stats(str(copy), "demo", ["knn_top1"]) is None
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        got = read.table_text(str(copy), "demo", "markdown", None)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert got == _per_cell(monkeypatch, str(copy), "demo", "markdown", None)
