@@ -101,8 +101,10 @@ def _rows(results: str, experiment: str | None, metrics: str | None, layout: str
 
 AGGREGATED_FORMATS = ("markdown", "latex")
 """Formats whose generic table comes from per-setting statistics aggregated inside DuckDB (:func:`_aggregated`): they
-round every number, so DuckDB's summation order (last bits of a float) never shows; csv, json and parquet print the
-numbers whole and keep the per-cell read."""
+round every number to 1 or 3 decimals, so DuckDB's summation order (the last bits of a float) could show only in a
+mean within those bits of a rounding boundary (``tests/test_ledger_aggregate.py`` compares both reads on every
+committed ledger); csv, json and parquet print the numbers whole and keep the per-cell read. A ledger that the
+aggregation turns down after its scan (a bad file) is scanned twice."""
 
 
 def _aggregated(results: str, experiment: str | None, metrics: str | None):
