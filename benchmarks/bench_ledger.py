@@ -2,6 +2,8 @@
 
 * ``smn table`` on N cells (default 10,000) against DuckDB's own query over the same files (a group-by of two
   metrics: ``knn_top1`` and ``density`` by method): wall time and peak resident memory;
+* ``smn table --format csv`` on the N cells (CSV keeps the per-cell read; the Markdown table aggregates in DuckDB),
+  and ``smn table`` on the same cells written before the ``setting_id`` column (the per-cell read too);
 * ``smn table`` and ``smn ls`` on 100 cells;
 * ``smn table`` on the N cells after ``smn ledger compact`` (and the interpreter's start alone, ``python -c
   pass``, for reference);
@@ -185,6 +187,8 @@ def run(cells: int, s3_cells: int, out_path: str | None = None, repeat: int = 3)
             "time_x": round(mine["wall_s"] / duck["wall_s"], 2), "memory_x": round(mine["peak_mb"] / duck["peak_mb"], 2),
             "time_x_per_pair": [round(a["wall_s"] / b["wall_s"], 2) for a, b in pairs]}
         out[f"smn table, {cells} cells written before setting_id"] = measure("smn", ["table", str(old)])
+        out[f"smn table --format csv, {cells} cells (the per-cell read)"] = measure(
+            "smn", ["table", str(big), "--format", "csv"])
         out[f"smn ls, {cells} cells"] = measure("smn", ["ls", str(big)])
         out["smn table, 100 cells"] = measure("smn", ["table", str(small)])
         out["smn ls, 100 cells"] = measure("smn", ["ls", str(small)])

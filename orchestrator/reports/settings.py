@@ -110,9 +110,9 @@ def split_settings(df: pd.DataFrame) -> pd.DataFrame:
     """
     if df.empty or "grid_json" not in df or ("config_json" not in df and ledger.SETTING_ID not in df):
         return df
-    cells = df.drop_duplicates("cell_id")[["cell_id", *_GROUP, *(c for c in ("config_json", ledger.SETTING_ID) if c in df)]]
+    cells = df.drop_duplicates(["experiment", "cell_id"])[["cell_id", *_GROUP, *(c for c in ("config_json", ledger.SETTING_ID) if c in df)]]
     cells = cells.assign(setting=_ids(cells))
-    new_grid: dict[str, str] = {}
+    new_grid: dict[tuple[str, str], str] = {}  # by (experiment, cell id): two experiments may hold one cell id
     notes, added = list(df.attrs.get(NOTE, "").split("\n")) if df.attrs.get(NOTE) else [], set(df.attrs.get(KEYS, ()))
     for key, g in cells.groupby(_GROUP, sort=True):
         settings = g.drop_duplicates("setting")
@@ -120,7 +120,7 @@ def split_settings(df: pd.DataFrame) -> pd.DataFrame:
             continue
         flats = {s: _flat(c) for s, c in zip(settings["setting"], _configs(df, settings))}
         keys = _differing(list(flats.values()))
-        for cid, grid_json, setting in zip(g["cell_id"], g["grid_json"], g["setting"]):
+        for cid, grid_json, setting in zip(zip(g["experiment"], g["cell_id"]), g["grid_json"], g["setting"]):
             grid = json.loads(grid_json)
             if len(keys) <= MAX_KEYS:
                 grid.update({k: (json.loads(flats[setting][k]) if k in flats[setting] else None) for k in keys})
@@ -137,7 +137,7 @@ def split_settings(df: pd.DataFrame) -> pd.DataFrame:
     if not new_grid:
         return df
     out = df.copy()
-    out["grid_json"] = [new_grid.get(c, g) for c, g in zip(out["cell_id"], out["grid_json"])]
+    out["grid_json"] = [new_grid.get(c, g) for c, g in zip(zip(out["experiment"], out["cell_id"]), out["grid_json"])]
     out.attrs = {**df.attrs, NOTE: "\n".join(notes), KEYS: tuple(sorted(added))}
     return out
 

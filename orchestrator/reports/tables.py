@@ -25,8 +25,9 @@ from orchestrator.reports.intervals import t_interval, t_quantile
 from orchestrator.reports.settings import KEYS, NOTE, select, setting_label, split_settings
 from orchestrator.reports.registry import check_format, mean_std, metric_frame, register_table, render_frame
 from orchestrator.reports.registry import tables as registered_tables
+from orchestrator.results.ledger import SETTING_KEYS
 
-__all__ = ["DEFAULT_METRICS", "results_table", "display_table", "results_layout", "render", "table_frame",
+__all__ = ["DEFAULT_METRICS", "results_table", "stats_table", "display_table", "results_layout", "render", "table_frame",
            "check_layout", "layout_list", "per_seed_frame", "PER_SEED_METRICS", "INTERVAL_METRICS"]
 
 DEFAULT_METRICS = ("knn_top1", "knn_dino_top1", "linear_probe_top1", "density", "bits_per_weight", "x_smaller_than_fft",
@@ -63,7 +64,12 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     if added:
         df["setting"] = df["grid_json"].map({text: setting_label(g, added) for text, g in grids.items()})
         by.append("setting")
-    wide = metric_frame(df, metrics, by)
+    return _with_intervals(metric_frame(df, metrics, by), metrics, note)
+
+
+def _with_intervals(wide: pd.DataFrame, metrics: tuple[str, ...], note: str) -> pd.DataFrame:
+    """:func:`results_table`'s frame from ``(metric, mean|std|n)`` columns (:func:`metric_frame`): the 95 % interval
+    added, the metrics in the order of ``metrics``."""
     if wide.empty:
         return wide
     order = [m for m in metrics if m in wide.columns.get_level_values(0)]
@@ -77,15 +83,95 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     return out
 
 
+def stats_table(stats, metrics: tuple[str, ...], results: str) -> pd.DataFrame | None:
+    """:func:`results_table` of the ledger under ``results`` from its per-setting statistics
+    (:func:`orchestrator.results.ledger.setting_stats`, aggregated inside DuckDB) instead of its rows: the same rows,
+    columns, note and numbers up to the last bits of a float (DuckDB sums in another order than pandas), which the
+    Markdown and LaTeX tables round away; ``smn table`` uses it for those formats.
+
+    The settings are split as :func:`orchestrator.reports.settings.split_settings` splits cells (one cell's config
+    per setting, read only where a group holds several settings); the storage columns come from each setting's
+    ``storage_bits`` and ``backbone_params``, which must then be one value each over the same cells.
+
+    Returns:
+        The table, or None where these statistics cannot give the per-cell table exactly (a setting whose cells
+        differ in storage, or whose storage metrics are NaN or miss on some cells; two settings that would share
+        a table row; an empty setting column): the caller reads the rows then.
+    """
+    stats = stats.to_pandas() if not isinstance(stats, pd.DataFrame) else stats
+    if stats.empty:
+        return pd.DataFrame()
+    keys = list(SETTING_KEYS)
+    if stats[keys].isna().any(axis=None):  # a file with an empty setting column: the per-cell read says what it does
+        return None
+    settings = stats.groupby(keys, sort=False)["first_cell"].min().reset_index().rename(columns={"first_cell": "cell_id"})
+    settings.attrs["results"] = str(results)
+    split = split_settings(settings)
+    added, note = set(split.attrs.get(KEYS, ())), split.attrs.get(NOTE, "")
+    grid_of = dict(zip(map(tuple, settings[keys].to_numpy().tolist()), split["grid_json"]))
+    stats = stats.assign(grid_json=[grid_of[k] for k in map(tuple, stats[keys].to_numpy().tolist())])
+    derived = _storage_stats(stats, keys, metrics)
+    if derived is None:
+        return None
+    stats = stats[stats["metric"].isin(metrics)]
+    if stats.empty and derived.empty:
+        return pd.DataFrame()
+    grids = {text: json.loads(text) for text in set(stats["grid_json"]) | set(derived.get("grid_json", ()))}
+    by = ["experiment", "method", "backbone", "dataset", "grid"]
+    labels = {text: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g.items() if k not in added) for text, g in grids.items()}
+    settings_of = {t: setting_label(g, added) for t, g in grids.items()}
+    stats, derived = [frame.assign(grid=frame["grid_json"].map(labels),
+                                   **({"setting": frame["grid_json"].map(settings_of)} if added else {}))
+                      if len(frame) else frame for frame in (stats, derived)]
+    if added:
+        by.append("setting")
+    agg = stats.set_index(by + ["metric"])[["mean", "std", "n"]].astype({"n": "int64"})
+    if len(derived):
+        agg = pd.concat([agg, derived.groupby(by + ["metric"], dropna=False)["value"].agg(["mean", "std", "count"])
+                         .rename(columns={"count": "n"})])
+    if agg.index.has_duplicates:  # two settings in one table row: the per-cell read pools their values
+        return None
+    wide = agg.sort_index().unstack("metric")
+    wide.columns = wide.columns.swaplevel(0, 1)
+    return _with_intervals(wide.sort_index(axis=1), metrics, note)
+
+
+def _storage_stats(stats: pd.DataFrame, keys: list[str], metrics: tuple[str, ...]) -> pd.DataFrame | None:
+    """The rows of ``bits_per_weight`` and ``x_smaller_than_fft`` (those of ``metrics``), one per cell, of each setting
+    of ``stats`` (:func:`stats_table`) that holds ``storage_bits`` and ``backbone_params``: one value each, on every
+    cell (as :func:`_storage_rows` derives them per cell); None where a setting's storage is not that."""
+    store = stats[stats["metric"].isin(("storage_bits", "backbone_params"))]
+    wanted = [m for m in ("bits_per_weight", "x_smaller_than_fft") if m in metrics]
+    if store.empty:
+        return pd.DataFrame()
+    rows = []
+    for key, g in store.groupby(keys, sort=False):
+        by_metric = {m: r for m, r in zip(g["metric"], g.itertuples(index=False))}
+        sb, bp = by_metric.get("storage_bits"), by_metric.get("backbone_params")
+        if sb is None or bp is None or not all(r.n == r.n_rows and r.lo == r.hi for r in (sb, bp)) \
+                or sb.n != bp.n or sb.cells_hash != bp.cells_hash:
+            return None
+        bpw = pd.Series([sb.lo / bp.lo])
+        ratio = (32.0 / bpw).where(bpw > 0, float("inf"))
+        for name, value in (("bits_per_weight", bpw.iloc[0]), ("x_smaller_than_fft", ratio.iloc[0])):
+            if name in wanted:
+                rows.append((*key, name, value, sb.n))
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows, columns=[*keys, "metric", "value", "count"])
+    return frame.loc[frame.index.repeat(frame.pop("count"))].reset_index(drop=True)
+
+
 def _storage_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Derived ledger rows ``bits_per_weight`` and ``x_smaller_than_fft`` per cell (see module docstring)."""
+    cell = ["experiment", "cell_id"]  # a cell id is a config's hash: two experiments may hold the same one
     wide = df[df["metric"].isin(("storage_bits", "backbone_params"))].pivot_table(
-        index="cell_id", columns="metric", values="value", aggfunc="first")
+        index=cell, columns="metric", values="value", aggfunc="first")
     if wide.empty or not {"storage_bits", "backbone_params"} <= set(wide.columns):
         return df.iloc[0:0]
     bpw = wide["storage_bits"] / wide["backbone_params"]
     ratio = (32.0 / bpw).where(bpw > 0, float("inf"))
-    first = df.drop_duplicates("cell_id").set_index("cell_id")
+    first = df.drop_duplicates(cell).set_index(cell)
     rows = []
     for name, series in (("bits_per_weight", bpw), ("x_smaller_than_fft", ratio)):
         part = first.loc[series.index].copy()
