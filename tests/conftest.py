@@ -114,8 +114,10 @@ def _start_session_ray():
             break
         try:
             # address="local": always a fresh instance, never a cluster some other process started
+            from orchestrator.engine.plain import worker_runtime_env  # the product's workers' env and setup hook
+
             ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}})
+                     runtime_env=worker_runtime_env({"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}))
         except Exception as exc:  # noqa: BLE001 - only the startup timeout is retried
             ray.shutdown()
             if STARTUP_TIMEOUT not in str(exc) or attempt == 2:

@@ -88,6 +88,45 @@ def test_remote_errors_carry_no_colour_codes(monkeypatch):
     assert "\x1b" not in text and text.startswith("ray::CellWorker.call() (pid=") and "ValueError: bad" in text
 
 
+@pytest.mark.unit
+def test_a_worker_stopped_mid_gc_reports_no_systemexit(monkeypatch):
+    """Ray's SIGTERM handler raises SystemExit; raised inside a garbage-collection callback it cannot propagate
+    and Python reports it through ``sys.unraisablehook`` ("Exception ignored in: ..."). The workers' setup hook
+    drops that report only: any other unraisable exception still reaches the hook that was there before."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    ray_session.quiet_worker_exit()
+
+    class Dies:
+        def __init__(self, exc: BaseException):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    Dies(SystemExit(1))  # collected at once: its __del__ raises where nothing can catch it
+    assert seen == []
+    Dies(ValueError("kept"))
+    assert [type(u.exc_value) for u in seen] == [ValueError]
+    from orchestrator.engine.plain import worker_runtime_env
+
+    env = worker_runtime_env({"X": "1"})
+    assert env["worker_process_setup_hook"] == ray_session.WORKER_SETUP_HOOK and env["env_vars"]["X"] == "1"
+
+
+@pytest.mark.ray
+def test_every_worker_runs_the_setup_hook(ray_local):
+    """The session's Ray (started with :func:`worker_runtime_env`, as ``smn run`` starts its own) runs the hook
+    named by its module path in each worker before the worker's first task."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def hook_name() -> str:
+        return sys.unraisablehook.__qualname__
+
+    assert ray.get(hook_name.remote(), timeout=120) == "quiet_worker_exit.<locals>.hook"
+
+
 # ----------------------------------------------------------------------------------- the outsider test
 
 

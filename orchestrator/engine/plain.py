@@ -41,7 +41,7 @@ from orchestrator.results.layout import ExperimentLayout
 from orchestrator.results import ledger
 from orchestrator.spec.experiment import Cell, ExperimentSpec, expand_cells, pending_references, waiting_count
 
-__all__ = ["ensure_ray", "run_experiment", "RunSummary", "FORWARDED_ENV", "start_ray_for"]
+__all__ = ["ensure_ray", "run_experiment", "RunSummary", "FORWARDED_ENV", "start_ray_for", "worker_runtime_env"]
 
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
@@ -71,11 +71,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     ray_session.configure_auth(local=not address)
-    # workers must import this checkout's packages even when it is not pip-installed
-    root = str(Path(__file__).resolve().parents[2])
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-                        **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ},
-                        **({SUBMISSION_ENV: sub} if (sub := submission_id()) else {})}}
+    env = worker_runtime_env()
     ray_session.every_log_line()  # no "[repeated 3x across cluster]": each worker line when it is printed
     if address:
         context = ray_session.join_cluster(address, runtime_env=env, timeout_s=connect_timeout_s, log_to_driver=True)
@@ -87,6 +83,20 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
         ray_session.start_driver_watchdog()  # the session ends within seconds of a killed driver
     if dashboard:
         echo(ray_session.dashboard_line(context))
+
+
+def worker_runtime_env(env_vars: dict[str, str] | None = None) -> dict:
+    """The runtime_env of the Ray session :func:`ensure_ray` starts or joins, for every worker of the run:
+    ``PYTHONPATH`` names this checkout (workers import its packages even when it is not pip-installed), the
+    driver's ``RAY_AUTH_MODE`` and :data:`FORWARDED_ENV` variables, the ``ray job submit`` submission id, then
+    ``env_vars`` (overriding); and :func:`orchestrator.engine.session.quiet_worker_exit` as the workers' setup
+    hook (no "Exception ignored" traceback when Ray stops a worker)."""
+    root = str(Path(__file__).resolve().parents[2])
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+                         **{k: os.environ[k] for k in ("RAY_AUTH_MODE", *FORWARDED_ENV) if k in os.environ},
+                         **({SUBMISSION_ENV: sub} if (sub := submission_id()) else {}),
+                         **(env_vars or {})},
+            "worker_process_setup_hook": ray_session.WORKER_SETUP_HOOK}
 
 
 def submission_id() -> str | None:

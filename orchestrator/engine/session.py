@@ -34,7 +34,8 @@ from pathlib import Path
 __all__ = ["AUTH_ENV", "ClusterTooSmall", "ClusterUnreachable", "configure_auth", "token_path", "ensure_token_file",
            "check_cluster_fits", "check_local_fits", "error_cause", "DISABLED_WARNING", "CONNECT_TIMEOUT_S",
            "parse_address", "probe_address", "join_cluster", "loopback_node", "every_log_line", "dashboard_line",
-           "start_driver_watchdog", "watch_driver", "WATCHDOG_POLL_S", "plain_ray_errors", "check_auth_env"]
+           "start_driver_watchdog", "watch_driver", "WATCHDOG_POLL_S", "plain_ray_errors", "check_auth_env",
+           "WORKER_SETUP_HOOK", "quiet_worker_exit"]
 
 CONNECT_TIMEOUT_S = 30.0  # default of `smn run --connect-timeout`
 
@@ -496,6 +497,30 @@ def error_cause(error: object) -> str:
         if " " not in head and head.endswith(("Error", "Exception", "Interrupt", "Exit", "Unreachable", "Small")):
             return ln[:300]
     return (lines[-1] if lines else str(error))[:300]
+
+
+WORKER_SETUP_HOOK = "orchestrator.engine.session.quiet_worker_exit"  # the runtime_env's worker_process_setup_hook
+
+
+def quiet_worker_exit() -> None:
+    """Run in every Ray worker process of an smn run, before any of its tasks (Ray's ``worker_process_setup_hook``
+    of the run's runtime_env, :data:`WORKER_SETUP_HOOK`): drop the report of a ``SystemExit`` that Python could
+    not raise.
+
+    Ray stops a worker (the end of a run, a Tune trial's actor) with SIGTERM, and its handler raises
+    ``SystemExit``. When the signal lands while Python runs a garbage-collection callback (a ``WeakSet``'s), the
+    exception cannot propagate, and Python prints "Exception ignored in: ..." with a traceback, which Ray forwards
+    to the driver's console just before the run's summary. That exit is the one Ray asked for. Every other
+    unraisable exception still goes to the hook that was there before (Python's default: stderr).
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def every_log_line() -> None:
