@@ -46,7 +46,7 @@ from orchestrator.results import ledger
 from orchestrator.results.layout import ExperimentLayout, filesystem
 from orchestrator.reports.intervals import difference_text, paired_seed_interval, stat_text, t_interval
 from orchestrator.reports.registry import mean_std, register_figure, register_table, save_figure
-from orchestrator.reports.settings import KEYS, setting_label
+from orchestrator.reports.settings import KEYS, grid_text, setting_label
 
 __all__ = ["cell_frame", "load_cell_masks", "table1", "lowshot", "invariance", "table8", "sparsity_blocks",
            "table10", "fig3", "fig5", "fig6", "fig7"]
@@ -95,9 +95,7 @@ _DATASET_KEYS = ("dataset", "dataset.source", "dataset.root", "dataset.classes",
 def _setting(grid_json: str, drop: tuple[str, ...] = _DATASET_KEYS) -> str:
     """The grid values of a cell except the keys in ``drop`` (by default those naming the dataset,
     which tables show as columns), as ``k=v, ...``."""
-    grid = json.loads(grid_json)
-    keep = {k: v for k, v in grid.items() if k not in drop}
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(keep.items()))
+    return grid_text(grid_json, drop)
 
 
 def cell_frame(df: pd.DataFrame) -> pd.DataFrame:

@@ -129,7 +129,7 @@ def split_settings(df: pd.DataFrame) -> pd.DataFrame:
             new_grid[cid] = json.dumps(grid, sort_keys=True)
         shown = keys if len(keys) <= MAX_KEYS else ["setting"]
         added.update(shown)
-        where = key[1] + (f" ({key[0]}, {key[2]}, {key[3]}" + (f", {_grid_text(key[4])}" if key[4] != "{}" else "")
+        where = key[1] + (f" ({key[0]}, {key[2]}, {key[3]}" + (f", {grid_text(key[4])}" if key[4] != "{}" else "")
                           + ")")
         notes.append(f"{where}: {len(settings)} settings share method, backbone, dataset and grid; they differ in "
                      + ", ".join(keys) + ", so each is a row of its own"
@@ -142,8 +142,11 @@ def split_settings(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _grid_text(grid_json: str) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(json.loads(grid_json).items()))
+def grid_text(grid_json: str, drop: Iterable[str] = ()) -> str:
+    """The :func:`setting_label` of a cell's grid values (its ``grid_json``) but the keys in ``drop``: ``k=v, ...``
+    in key order, ``""`` for an empty grid."""
+    grid = json.loads(grid_json)
+    return setting_label(grid, [k for k in grid if k not in drop])
 
 
 def parse_where(conditions: Iterable[str]) -> list[tuple[str, Any]]:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.reports.intervals import t_interval, t_quantile
-from orchestrator.reports.settings import KEYS, NOTE, select, setting_label, split_settings
+from orchestrator.reports.settings import KEYS, NOTE, grid_text, select, setting_label, split_settings
 from orchestrator.reports.registry import check_format, mean_std, metric_frame, register_table, render_frame
 from orchestrator.reports.registry import tables as registered_tables
 from orchestrator.results.ledger import SETTING_KEYS
@@ -57,12 +57,11 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) 
     added, note = set(df.attrs.get(KEYS, ())), df.attrs.get(NOTE, "")
     df = pd.concat([df, _storage_rows(df)], ignore_index=True)
     df = df[df["metric"].isin(metrics)].copy()
-    grids = {text: json.loads(text) for text in df["grid_json"].unique()}  # a few distinct grids, many rows
-    df["grid"] = df["grid_json"].map({text: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g.items() if k not in added)
-                                      for text, g in grids.items()})
+    df["grid"] = df["grid_json"].map({text: grid_text(text, added) for text in df["grid_json"].unique()})  # few grids
     by = ["experiment", "method", "backbone", "dataset", "grid"]
     if added:
-        df["setting"] = df["grid_json"].map({text: setting_label(g, added) for text, g in grids.items()})
+        df["setting"] = df["grid_json"].map({text: setting_label(json.loads(text), added)
+                                             for text in df["grid_json"].unique()})
         by.append("setting")
     return _with_intervals(metric_frame(df, metrics, by), metrics, note)
 
@@ -118,7 +117,7 @@ def stats_table(stats, metrics: tuple[str, ...], results: str) -> pd.DataFrame |
         return pd.DataFrame()
     grids = {text: json.loads(text) for text in set(stats["grid_json"]) | set(derived.get("grid_json", ()))}
     by = ["experiment", "method", "backbone", "dataset", "grid"]
-    labels = {text: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in g.items() if k not in added) for text, g in grids.items()}
+    labels = {text: grid_text(text, added) for text in grids}
     settings_of = {t: setting_label(g, added) for t, g in grids.items()}
     stats, derived = [frame.assign(grid=frame["grid_json"].map(labels),
                                    **({"setting": frame["grid_json"].map(settings_of)} if added else {}))
@@ -299,7 +298,7 @@ def per_seed_frame(df: pd.DataFrame, metrics: tuple[str, ...] = PER_SEED_METRICS
     shown = [m for m in metrics if m in wide.columns]
     out = []
     for (exp, method, grid_json), g in wide.groupby(["experiment", "method", "grid_json"], sort=True):
-        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(json.loads(grid_json).items())) or "-"
+        label = grid_text(grid_json) or "-"
         head = {"experiment": exp, "method": method, "setting": label, "seed": f"mean of {len(g)}"}
         for m in shown:
             v = g[m].dropna()

@@ -40,15 +40,12 @@ from orchestrator.reports.intervals import (Interval, difference_text, mcnemar, 
                                             paired_seed_interval, stat_text)
 from orchestrator.results.per_image import load_correctness, root_of
 from orchestrator.reports.registry import register_table
+from orchestrator.reports.settings import grid_text
 from orchestrator.spec.keys import config_hash
 
 __all__ = ["vs_frozen", "COMPARED", "paired_difference", "paired_correctness", "mcnemar_text", "MCNEMAR", "reference_key", "RANDOM", "RANDOMS", "MASKED", "vs_frozen_val", "VALIDATION"]
 
 COMPARED = (("knn_top1", "k-NN (k=200)"), ("knn_dino_top1", "k-NN (k=20)"), ("linear_probe_top1", "linear probe"))
-
-
-def _grid_label(grid_json: str) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(json.loads(grid_json).items()))
 
 
 def reference_key(config: dict) -> str:
@@ -119,13 +116,13 @@ def vs_frozen(df: pd.DataFrame, compared: tuple[tuple[str, str], ...] = COMPARED
         return pd.DataFrame()  # before the wide frame: most pages have no val_* metric
     cells = cell_frame(df)
     results = root_of(df.attrs)
-    cells = cells.assign(grid=cells["grid_json"].map(_grid_label), ref=cells["config"].map(reference_key))
+    cells = cells.assign(grid=cells["grid_json"].map(grid_text), ref=cells["config"].map(reference_key))
     rows = []
     for (backbone, data), group in cells.groupby(["backbone", "data"], sort=False):
         frozen_all = group[group["method"] == "pretrained"]
         for ref_key, frozen in frozen_all.groupby("ref", sort=False):
             rows += _rows(backbone, data, frozen, group[(group["method"] != "pretrained") & (group["ref"] == ref_key)],
-                          results, label=_grid_label(frozen["grid_json"].iloc[0]), compared=compared)
+                          results, label=grid_text(frozen["grid_json"].iloc[0]), compared=compared)
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
